@@ -1,0 +1,117 @@
+"""One config object for a Llama-family decoder."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling ("rope_type": "llama3" in Hugging Face configs)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and options of a decoder; hashable, so it can be a static jit argument.
+
+    MHA, GQA and MQA differ only in `n_kv_heads`. `gated=True` with `activation="silu"`
+    is SwiGLU; `n_experts > 0` turns every FFN into a Mixtral-style mixture of experts;
+    `lora_adapters > 0` reserves room for that many LoRA adapters of rank `lora_rank`.
+    """
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    head_dim: int = 0  # 0 means dim // n_heads
+    activation: str = "silu"
+    gated: bool = True
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 2048
+    sliding_window: int = 0  # 0 means full attention
+    tie_embeddings: bool = False
+    attention_bias: bool = False
+    n_experts: int = 0
+    n_experts_per_token: int = 2
+    lora_adapters: int = 0
+    lora_rank: int = 8
+    lora_targets: tuple[str, ...] = ("q", "v")
+    bos_id: int = 1
+    eos_id: int = 2
+    dtype: str = "float32"
+    name: str = field(default="model", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        problems = []
+        for f in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            if getattr(self, f) <= 0:
+                problems.append(f"{f} must be positive, got {getattr(self, f)}")
+        if self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            problems.append(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.activation not in ACTIVATIONS:
+            problems.append(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.n_experts and not 0 < self.n_experts_per_token <= self.n_experts:
+            problems.append("n_experts_per_token must be in [1, n_experts]")
+        if bad := set(self.lora_targets) - set(LORA_TARGETS):
+            problems.append(f"unknown lora_targets {sorted(bad)}; known: {LORA_TARGETS}")
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["lora_targets"] = list(self.lora_targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+SHAPES: dict[str, ModelConfig] = {
+    # Llama-3.2-1B: the shape used to time decode against the memory-bandwidth floor.
+    "1b": ModelConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
+                      rope_theta=500000.0, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
+                      tie_embeddings=True, max_seq_len=4096, name="synthetic-1b"),
+    "tiny": ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                        max_seq_len=256, name="synthetic-tiny"),
+}

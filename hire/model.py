@@ -1,0 +1,240 @@
+"""A Llama-family decoder in Flax, read top to bottom.
+
+RoPE (plain or Llama-3 scaled), grouped-query attention over a KV cache indexed by absolute
+position, RMSNorm, a gated or plain FFN or a Mixtral-style mixture of experts, and optional
+LoRA adapters selected per batch row. Parameters live in the "params" collection, adapters
+in "lora"; both are plain pytrees.
+
+The cache is a tuple of (k, v) per layer, each [batch, length, n_kv_heads, head_dim]; the
+token at position p is written at index p. One forward pass serves prefill (many tokens),
+decode (one token) and block verification (a few tokens): new keys are scattered at their
+positions, then queries attend to every cached key at a position not after their own.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hire.config import ModelConfig
+
+KVCache = tuple[tuple[jax.Array, jax.Array], ...]
+
+
+class Lora(NamedTuple):
+    """Per-row adapter choice: `ids` [B] (clipped to a valid index) and `scale` [B] (0 for none)."""
+
+    ids: jax.Array
+    scale: jax.Array
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
+    shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+    dt = jnp.dtype(cfg.dtype)
+    return tuple((jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(cfg.n_layers))
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies [head_dim/2], with Llama-3 scaling when configured."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    low_wavelen = s.original_max_position / s.low_freq_factor
+    high_wavelen = s.original_max_position / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate x [B, T, H, D] by its positions [B, T] (Hugging Face's half-split layout)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.dtype(self.dtype))
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return w * x32.astype(x.dtype)
+
+
+class Linear(nn.Module):
+    """y = x W (+ b), plus each row's LoRA adapter: scale * (x A[id]) B[id]."""
+
+    features: int
+    cfg: ModelConfig
+    use_bias: bool = False
+    lora_target: str = ""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, lora: Lora | None) -> jax.Array:
+        dt = jnp.dtype(self.cfg.dtype)
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), dt)
+        y = x @ kernel
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), dt)
+        if self.cfg.lora_adapters and self.lora_target in self.cfg.lora_targets:
+            n, r = self.cfg.lora_adapters, self.cfg.lora_rank
+            a = self.variable("lora", "a", lambda: nn.initializers.normal(0.02)(
+                self.make_rng("params"), (n, x.shape[-1], r), dt))
+            b = self.variable("lora", "b", jnp.zeros, (n, r, self.features), dt)
+            if lora is not None:
+                delta = jnp.einsum("bti,bir->btr", x, a.value[lora.ids]) @ b.value[lora.ids]
+                y = y + lora.scale[:, None, None].astype(dt) * delta
+        return y
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, cache, lora, inv_freq):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        q = Linear(H * D, cfg, bias, "q", name="q")(x, lora).reshape(B, T, H, D)
+        k = Linear(K * D, cfg, bias, "k", name="k")(x, lora).reshape(B, T, K, D)
+        v = Linear(K * D, cfg, bias, "v", name="v")(x, lora).reshape(B, T, K, D)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+
+        if cache is None:  # attend within this call only
+            keys, values, key_pos = k, v, positions
+        else:  # write at each token's position, then attend over the whole cache
+            rows = jnp.arange(B)[:, None]
+            keys = cache[0].at[rows, positions].set(k, mode="drop")
+            values = cache[1].at[rows, positions].set(v, mode="drop")
+            cache = (keys, values)
+            key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (B, keys.shape[1]))
+
+        visible = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
+        if cfg.sliding_window:
+            visible &= key_pos[:, None, :] > positions[:, :, None] - cfg.sliding_window
+        qg = q.reshape(B, T, K, H // K, D)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(D)
+        scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(B, T, H * D)
+        return Linear(cfg.dim, cfg, False, "o", name="o")(out, lora), cache
+
+
+def activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    if cfg.activation == "silu":
+        return jax.nn.silu(x)
+    if cfg.activation == "relu":
+        return jax.nn.relu(x)
+    return jax.nn.gelu(x, approximate=cfg.activation == "gelu_tanh")
+
+
+class FFN(nn.Module):
+    """down(act(gate x) * up x) when gated (SwiGLU for silu), else down(act(up x))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, lora):
+        cfg = self.cfg
+        h = Linear(cfg.ffn_dim, cfg, False, "up", name="up")(x, lora)
+        if cfg.gated:
+            h = activation(cfg, Linear(cfg.ffn_dim, cfg, False, "gate", name="gate")(x, lora)) * h
+        else:
+            h = activation(cfg, h)
+        return Linear(cfg.dim, cfg, False, "down", name="down")(h, lora)
+
+
+class MoE(nn.Module):
+    """Mixtral: softmax router, top-k experts, weights renormalised over the chosen k.
+
+    Every expert runs on every token and unchosen experts get weight 0: simple and exact,
+    at the cost of reading all experts' weights per step.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, lora):
+        cfg = self.cfg
+        dt, E, F = jnp.dtype(cfg.dtype), cfg.n_experts, cfg.ffn_dim
+        router = self.param("router", nn.initializers.normal(0.02), (cfg.dim, E), dt)
+        probs = jax.nn.softmax((x @ router).astype(jnp.float32), axis=-1)
+        top, idx = jax.lax.top_k(probs, cfg.n_experts_per_token)
+        top = top / top.sum(-1, keepdims=True)
+        weights = jnp.sum(jax.nn.one_hot(idx, E, dtype=jnp.float32) * top[..., None], axis=-2).astype(dt)
+        init = nn.initializers.normal(0.02)
+        gate = self.param("gate", init, (E, cfg.dim, F), dt)
+        up = self.param("up", init, (E, cfg.dim, F), dt)
+        down = self.param("down", init, (E, F, cfg.dim), dt)
+        h = activation(cfg, jnp.einsum("btd,edf->btef", x, gate)) * jnp.einsum("btd,edf->btef", x, up)
+        return jnp.einsum("btef,efd,bte->btd", h, down, weights)
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, cache, lora, inv_freq):
+        cfg = self.cfg
+        h, cache = Attention(cfg, name="attn")(RMSNorm(cfg.norm_eps, cfg.dtype, name="attn_norm")(x),
+                                               positions, cache, lora, inv_freq)
+        x = x + h
+        y = RMSNorm(cfg.norm_eps, cfg.dtype, name="ffn_norm")(x)
+        x = x + (MoE(cfg, name="moe")(y, lora) if cfg.n_experts else FFN(cfg, name="ffn")(y, lora))
+        return x, cache
+
+
+class Transformer(nn.Module):
+    """tokens [B, T] at positions [B, T] -> logits [B, T, V] (or [B, V] at `logit_index`)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None,
+                 adapter: jax.Array | None = None, logit_index: jax.Array | None = None):
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        embed = self.param("embed", nn.initializers.normal(0.02), (cfg.vocab_size, cfg.dim), dt)
+        lora = None
+        if cfg.lora_adapters:
+            scale = self.variable("lora", "scale", jnp.ones, (cfg.lora_adapters,), jnp.float32).value
+            if adapter is not None:
+                lora = Lora(jnp.clip(adapter, 0, cfg.lora_adapters - 1), jnp.where(adapter >= 0, scale[jnp.clip(adapter, 0)], 0.0))
+        inv_freq = rope_frequencies(cfg)
+        x = embed[tokens]
+        new_cache = []
+        for i in range(cfg.n_layers):
+            x, c = Block(cfg, name=f"layers_{i}")(x, positions, None if cache is None else cache[i], lora, inv_freq)
+            new_cache.append(c)
+        x = RMSNorm(cfg.norm_eps, cfg.dtype, name="norm")(x)
+        if logit_index is not None:
+            x = x[jnp.arange(x.shape[0]), logit_index]
+        if cfg.tie_embeddings:
+            logits = x @ embed.T
+        else:
+            logits = x @ self.param("lm_head", nn.initializers.normal(0.02), (cfg.dim, cfg.vocab_size), dt)
+        return logits.astype(jnp.float32), (None if cache is None else tuple(new_cache))
+
+
+def init_params(cfg: ModelConfig, seed: int = 0) -> dict:
+    """Random variables {"params": ..., ["lora": ...]} for `cfg`."""
+    model = Transformer(cfg)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    adapter = jnp.zeros((1,), jnp.int32) if cfg.lora_adapters else None
+    return jax.jit(lambda: model.init(jax.random.PRNGKey(seed), tokens, tokens, None, adapter))()

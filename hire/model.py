@@ -5,8 +5,9 @@ position, RMSNorm, a gated or plain FFN or a Mixtral-style mixture of experts, a
 LoRA adapters selected per batch row. Parameters live in the "params" collection, adapters
 in "lora"; both are plain pytrees.
 
-The cache is a tuple of (k, v) per layer, each [batch, length, n_kv_heads, head_dim]; the
-token at position p is written at index p. One forward pass serves prefill (many tokens),
+The cache is a tuple of (k, v) per layer, each [batch, n_kv_heads, length, head_dim]; the
+token at position p is written at index p, and a step may attend over only the first `kv_len`
+entries when no position reaches further. One forward pass serves prefill (many tokens),
 decode (one token) and block verification (a few tokens): new keys are scattered at their
 positions, then queries attend to every cached key at a position not after their own.
 """
@@ -32,7 +33,7 @@ class Lora(NamedTuple):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
-    shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
     dt = jnp.dtype(cfg.dtype)
     return tuple((jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(cfg.n_layers))
 
@@ -105,7 +106,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, cache, lora, inv_freq):
+    def __call__(self, x, positions, cache, lora, inv_freq, kv_len=None):
         cfg = self.cfg
         B, T, _ = x.shape
         H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -115,24 +116,28 @@ class Attention(nn.Module):
         v = Linear(K * D, cfg, bias, "v", name="v")(x, lora).reshape(B, T, K, D)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, D]
         if cache is None:  # attend within this call only
             keys, values, key_pos = k, v, positions
-        else:  # write at each token's position, then attend over the whole cache
+        else:  # write at each token's position, then attend over the cache's first kv_len entries
             rows = jnp.arange(B)[:, None]
-            keys = cache[0].at[rows, positions].set(k, mode="drop")
-            values = cache[1].at[rows, positions].set(v, mode="drop")
+            keys = cache[0].at[rows, :, positions].set(k.transpose(0, 2, 1, 3), mode="drop")
+            values = cache[1].at[rows, :, positions].set(v.transpose(0, 2, 1, 3), mode="drop")
             cache = (keys, values)
-            key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (B, keys.shape[1]))
+            span = min(kv_len or keys.shape[2], keys.shape[2])
+            keys, values = keys[:, :, :span], values[:, :, :span]
+            key_pos = jnp.broadcast_to(jnp.arange(span), (B, span))
 
         visible = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
         if cfg.sliding_window:
             visible &= key_pos[:, None, :] > positions[:, :, None] - cfg.sliding_window
-        qg = q.reshape(B, T, K, H // K, D)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(D)
+        qg = q.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4).reshape(B, K, -1, D)  # [B, K, G*T, D]
+        scores = jnp.einsum("bkqd,bksd->bkqs", qg, keys, preferred_element_type=jnp.float32) / math.sqrt(D)
+        scores = scores.reshape(B, K, H // K, T, -1)
         scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(B, T, H * D)
+        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype).reshape(B, K, H // K * T, -1)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs, values).reshape(B, K, H // K, T, D)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)
         return Linear(cfg.dim, cfg, False, "o", name="o")(out, lora), cache
 
 
@@ -190,10 +195,10 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, cache, lora, inv_freq):
+    def __call__(self, x, positions, cache, lora, inv_freq, kv_len):
         cfg = self.cfg
         h, cache = Attention(cfg, name="attn")(RMSNorm(cfg.norm_eps, cfg.dtype, name="attn_norm")(x),
-                                               positions, cache, lora, inv_freq)
+                                               positions, cache, lora, inv_freq, kv_len)
         x = x + h
         y = RMSNorm(cfg.norm_eps, cfg.dtype, name="ffn_norm")(x)
         x = x + (MoE(cfg, name="moe")(y, lora) if cfg.n_experts else FFN(cfg, name="ffn")(y, lora))
@@ -201,13 +206,13 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """tokens [B, T] at positions [B, T] -> logits [B, T, V] (or [B, V] at `logit_index`)."""
+    """tokens [B, T] at positions [B, T] -> logits [B, T, V] (or [B, V] at `logit_index`), cache."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None,
-                 adapter: jax.Array | None = None, logit_index: jax.Array | None = None):
+                 adapter: jax.Array | None = None, logit_index: jax.Array | None = None, kv_len: int | None = None):
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         embed = self.param("embed", nn.initializers.normal(0.02), (cfg.vocab_size, cfg.dim), dt)
@@ -220,7 +225,8 @@ class Transformer(nn.Module):
         x = embed[tokens]
         new_cache = []
         for i in range(cfg.n_layers):
-            x, c = Block(cfg, name=f"layers_{i}")(x, positions, None if cache is None else cache[i], lora, inv_freq)
+            x, c = Block(cfg, name=f"layers_{i}")(x, positions, None if cache is None else cache[i], lora,
+                                      inv_freq, kv_len)
             new_cache.append(c)
         x = RMSNorm(cfg.norm_eps, cfg.dtype, name="norm")(x)
         if logit_index is not None:

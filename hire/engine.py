@@ -1,0 +1,143 @@
+"""A JetStream-shaped engine over a fixed number of KV-cache slots.
+
+`prefill` runs a prompt (padded to a length bucket) and samples its first token, `insert` copies
+that prompt's cache into a free slot, `generate` runs one decode step for every slot at once and
+`generate_steps` runs n of them inside one jitted `lax.scan` (no Python per token). Continuous
+batching sits on top: requests enter and leave slots between steps.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hire.checkpoint import LoadedModel
+from hire.model import KVCache, Transformer, init_cache
+from hire.sampling import RowSampling, SamplingParams, sample
+
+MIN_BUCKET = 16
+
+
+class Prefix(NamedTuple):
+    """A prefilled prompt, ready to insert: its cache, first token and per-row settings."""
+
+    cache: KVCache  # per layer (k, v): [1, bucket, n_kv_heads, head_dim]
+    token: jax.Array  # [1] first generated token
+    logprob: jax.Array  # [1]
+    length: jax.Array  # [1] prompt length, the position `token` will be written at
+    sampling: RowSampling
+    adapter: jax.Array  # [1]
+
+
+class DecodeState(NamedTuple):
+    """Everything decoding carries per slot."""
+
+    cache: KVCache  # per layer (k, v): [slots, max_len, n_kv_heads, head_dim]
+    tokens: jax.Array  # [slots] the last sampled token, fed next
+    positions: jax.Array  # [slots] its position
+    sampling: RowSampling
+    adapter: jax.Array  # [slots] LoRA adapter index, -1 for none
+
+
+class StepOutput(NamedTuple):
+    tokens: jax.Array  # [slots] (or [n, slots] from generate_steps)
+    logprobs: jax.Array
+
+
+def buckets(max_len: int) -> list[int]:
+    """Prompt lengths are padded up to one of these: powers of two, then max_len."""
+    out, b = [], MIN_BUCKET
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    return out + [max_len]
+
+
+def _adapter(model: Transformer, adapter: jax.Array) -> jax.Array | None:
+    return adapter if model.cfg.lora_adapters else None
+
+
+def _prefill(model: Transformer, variables, tokens, length, sampling, adapter) -> Prefix:
+    positions = jnp.arange(tokens.shape[1])[None]
+    cache = init_cache(model.cfg, 1, tokens.shape[1])
+    logits, cache = model.apply(variables, tokens, positions, cache, _adapter(model, adapter), length - 1)
+    token, logprob = sample(logits, sampling, length - 1)
+    return Prefix(cache, token, logprob, length, sampling, adapter)
+
+
+def _insert(prefix: Prefix, state: DecodeState, slot: jax.Array) -> DecodeState:
+    cache = tuple(tuple(jax.lax.dynamic_update_slice(c, p, (slot, 0, 0, 0)) for c, p in zip(layer, new))
+                  for layer, new in zip(state.cache, prefix.cache))
+    put = lambda whole, row: whole.at[slot].set(row[0])  # noqa: E731
+    return DecodeState(cache, put(state.tokens, prefix.token), put(state.positions, prefix.length),
+                       jax.tree.map(put, state.sampling, prefix.sampling), put(state.adapter, prefix.adapter))
+
+
+def _step(model: Transformer, variables, state: DecodeState, kv_len: int) -> tuple[DecodeState, StepOutput]:
+    logits, cache = model.apply(variables, state.tokens[:, None], state.positions[:, None], state.cache,
+                                _adapter(model, state.adapter), jnp.zeros_like(state.positions), kv_len)
+    tokens, logprobs = sample(logits, state.sampling, state.positions)
+    return state._replace(cache=cache, tokens=tokens, positions=state.positions + 1), StepOutput(tokens, logprobs)
+
+
+def _steps(model: Transformer, variables, state: DecodeState, n: int, kv_len: int) -> tuple[DecodeState, StepOutput]:
+    return jax.lax.scan(lambda s, _: _step(model, variables, s, kv_len), state, None, length=n)
+
+
+class Engine:
+    """Holds a model's weights and the compiled prefill / insert / generate functions."""
+
+    def __init__(self, model: LoadedModel, slots: int = 8, max_len: int | None = None):
+        self.cfg = model.cfg
+        self.variables = model.variables
+        self.tokenizer = model.tokenizer
+        self.slots = slots
+        self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        self.buckets = buckets(self.max_len)
+        net = Transformer(model.cfg)
+        self._prefill = jax.jit(functools.partial(_prefill, net))
+        self._insert = jax.jit(_insert, donate_argnums=1)
+        self._generate_steps = jax.jit(functools.partial(_steps, net), static_argnums=(2, 3), donate_argnums=1)
+
+    def init_state(self) -> DecodeState:
+        n = self.slots
+        return DecodeState(init_cache(self.cfg, n, self.max_len), jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.int32),
+                           RowSampling.of([SamplingParams(temperature=0.0, seed=0)] * n), jnp.full(n, -1, jnp.int32))
+
+    def check_prompt(self, tokens: list[int]) -> None:
+        """Raise ValueError, naming the field, for a prompt this engine cannot run."""
+        if not tokens:
+            raise ValueError("prompt: empty prompt")
+        if len(tokens) >= self.max_len:
+            raise ValueError(f"prompt: {len(tokens)} tokens leave no room to generate in a context of {self.max_len}")
+        bad = [t for t in tokens if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt: token ids {bad[:5]} outside the vocabulary [0, {self.cfg.vocab_size})")
+
+    def prefill(self, tokens: list[int], params: SamplingParams, adapter: int = -1) -> Prefix:
+        self.check_prompt(tokens)
+        bucket = next(b for b in self.buckets if b >= len(tokens))
+        padded = np.zeros((1, bucket), np.int32)
+        padded[0, : len(tokens)] = tokens
+        return self._prefill(self.variables, jnp.asarray(padded), jnp.array([len(tokens)], jnp.int32),
+                             RowSampling.of([params]), jnp.array([adapter], jnp.int32))
+
+    def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
+        return self._insert(prefix, state, jnp.int32(slot))
+
+    def generate(self, state: DecodeState, reach: int | None = None) -> tuple[DecodeState, StepOutput]:
+        """One decode step for every slot; outputs are [slots]."""
+        state, out = self.generate_steps(state, 1, reach)
+        return state, StepOutput(out.tokens[0], out.logprobs[0])
+
+    def generate_steps(self, state: DecodeState, n: int, reach: int | None = None) -> tuple[DecodeState, StepOutput]:
+        """n decode steps in one compiled loop; outputs are [n, slots].
+
+        `reach`, when the caller knows it, bounds every live slot's position after the n steps:
+        attention then reads only the cache up to the bucket holding it.
+        """
+        kv_len = next(b for b in self.buckets if b >= min(reach or self.max_len, self.max_len))
+        return self._generate_steps(self.variables, state, n, kv_len)

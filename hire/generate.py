@@ -1,0 +1,129 @@
+"""Generation on top of the engine: batch `generate` and token-by-token `stream`.
+
+Both run the same loop: prompts wait in a queue, enter free slots after prefill, and leave
+when they hit a stop token, a stop string, max_tokens or the end of the context; the engine
+decodes all slots `chunk` steps at a time.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hire.engine import Engine
+from hire.sampling import SamplingParams
+from hire.tokenizer import StreamDecoder
+
+
+@dataclass
+class Completion:
+    prompt_tokens: list[int]
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" or "length"
+    time_to_first_token: float = 0.0
+
+
+@dataclass
+class Event:
+    """One streamed token of request `index`; `finish_reason` is set on its last event."""
+
+    index: int
+    token: int
+    text: str
+    logprob: float
+    finish_reason: str | None
+
+
+class Request:
+    """Tracks one request's output and decides when it ends."""
+
+    def __init__(self, index: int, prompt: list[int], params: SamplingParams, adapter: int, engine: Engine):
+        engine.check_prompt(prompt)
+        self.index, self.params, self.adapter = index, params, adapter
+        self.out = Completion(prompt)
+        self.decoder = StreamDecoder(engine.tokenizer)
+        self.room = engine.max_len - len(prompt)
+        eos = engine.tokenizer.eos_id
+        self.stops = set(params.stop_ids) | ({eos} if eos is not None and not params.ignore_eos else set())
+        self.start = time.perf_counter()
+
+    def push(self, token: int, logprob: float) -> Event:
+        out = self.out
+        if not out.tokens and not out.finish_reason:
+            out.time_to_first_token = time.perf_counter() - self.start
+        if token in self.stops:
+            out.finish_reason = "stop"
+            return Event(self.index, token, "", logprob, "stop")
+        out.tokens.append(token)
+        if self.params.logprobs:
+            out.logprobs.append(logprob)
+        delta = self.decoder.push(token)
+        text = out.text + delta
+        hits = [i for i in (text.find(s, max(0, len(out.text) - len(s))) for s in self.params.stop_strings) if i >= 0]
+        if hits:
+            text, out.finish_reason = text[: min(hits)], "stop"
+        elif len(out.tokens) >= min(self.params.max_tokens, self.room):
+            out.finish_reason = "length"
+        delta, out.text = text[len(out.text):], text
+        return Event(self.index, token, delta, logprob, out.finish_reason)
+
+
+def run(engine: Engine, requests: Sequence[Request], chunk: int = 16) -> Iterator[Event]:
+    """Decode every request, yielding events as tokens arrive."""
+    queue = deque(requests)
+    live: dict[int, Request] = {}
+    state = engine.init_state()
+    while queue or live:
+        for slot in range(engine.slots):
+            if slot in live or not queue:
+                continue
+            req = queue.popleft()
+            prefix = engine.prefill(req.out.prompt_tokens, req.params, req.adapter)
+            event = req.push(int(prefix.token[0]), float(prefix.logprob[0]))
+            yield event
+            if event.finish_reason is None:
+                state = engine.insert(prefix, state, slot)
+                live[slot] = req
+        if not live:
+            continue
+        n = chunk
+        reach = max(len(r.out.prompt_tokens) + len(r.out.tokens) for r in live.values()) + n
+        state, out = engine.generate_steps(state, n, reach)
+        tokens, logprobs = np.asarray(out.tokens), np.asarray(out.logprobs)
+        for slot, req in list(live.items()):
+            for t in range(n):
+                event = req.push(int(tokens[t, slot]), float(logprobs[t, slot]))
+                yield event
+                if event.finish_reason:
+                    del live[slot]
+                    break
+
+
+def _requests(engine: Engine, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+              adapters: Sequence[int] | None) -> list[Request]:
+    params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    adapters = list(adapters) if adapters is not None else [-1] * len(prompts)
+    if not len(prompts) == len(params) == len(adapters):
+        raise ValueError("prompts, params and adapters differ in length")
+    encoded = [engine.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    return [Request(i, *args, engine) for i, args in enumerate(zip(encoded, params, adapters))]
+
+
+def generate(engine: Engine, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+             adapters: Sequence[int] | None = None, chunk: int = 16) -> list[Completion]:
+    """Complete every prompt (text or token ids, one params or one per prompt); results in order."""
+    requests = _requests(engine, prompts, params, adapters)
+    for _ in run(engine, requests, chunk):
+        pass
+    return [r.out for r in requests]
+
+
+def stream(engine: Engine, prompt: str | Sequence[int], params: SamplingParams, adapter: int = -1,
+           chunk: int = 1) -> Iterator[Event]:
+    """Yield one prompt's tokens and text deltas as they are decoded."""
+    return run(engine, _requests(engine, [prompt], params, [adapter]), chunk)

@@ -57,13 +57,15 @@ class ModelConfig:
     name: str = field(default="model", compare=False)
 
     def __post_init__(self) -> None:
-        if self.head_dim == 0:
-            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         problems = []
         for f in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             if getattr(self, f) <= 0:
                 problems.append(f"{f} must be positive, got {getattr(self, f)}")
-        if self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             problems.append(f"head_dim must be even for RoPE, got {self.head_dim}")

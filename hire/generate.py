@@ -46,7 +46,7 @@ class Request:
         engine.check_prompt(prompt)
         self.index, self.params, self.adapter = index, params, adapter
         self.out = Completion(prompt)
-        self.decoder = StreamDecoder(engine.tokenizer)
+        self.decoder = StreamDecoder(engine.tokenizer, prompt)
         self.room = engine.max_len - len(prompt)
         eos = engine.tokenizer.eos_id
         self.stops = set(params.stop_ids) | ({eos} if eos is not None and not params.ignore_eos else set())
@@ -58,16 +58,17 @@ class Request:
             out.time_to_first_token = time.perf_counter() - self.start
         if token in self.stops:
             out.finish_reason = "stop"
-            return Event(self.index, token, "", logprob, "stop")
+            out.text += (tail := self.decoder.flush())
+            return Event(self.index, token, tail, logprob, "stop")
         out.tokens.append(token)
         if self.params.logprobs:
             out.logprobs.append(logprob)
-        delta = self.decoder.push(token)
-        text = out.text + delta
+        last = len(out.tokens) >= min(self.params.max_tokens, self.room)
+        text = out.text + self.decoder.push(token) + (self.decoder.flush() if last else "")
         hits = [i for i in (text.find(s, max(0, len(out.text) - len(s))) for s in self.params.stop_strings) if i >= 0]
         if hits:
             text, out.finish_reason = text[: min(hits)], "stop"
-        elif len(out.tokens) >= min(self.params.max_tokens, self.room):
+        elif last:
             out.finish_reason = "length"
         delta, out.text = text[len(out.text):], text
         return Event(self.index, token, delta, logprob, out.finish_reason)
@@ -110,6 +111,8 @@ def _requests(engine: Engine, prompts: Sequence[str | Sequence[int]], params: Sa
     adapters = list(adapters) if adapters is not None else [-1] * len(prompts)
     if not len(prompts) == len(params) == len(adapters):
         raise ValueError("prompts, params and adapters differ in length")
+    if any(isinstance(p, str) and not p for p in prompts):
+        raise ValueError("prompt: empty prompt")
     encoded = [engine.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     return [Request(i, *args, engine) for i, args in enumerate(zip(encoded, params, adapters))]
 

@@ -1,0 +1,71 @@
+"""Decode benchmarks: measured speed against the memory-bandwidth floor of this machine."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hire.checkpoint import LoadedModel
+from hire.engine import Engine
+from hire.sampling import SamplingParams
+
+
+def measure_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
+    """Read bandwidth in GB/s: median time of a jitted reduction over `gib` GiB of float32."""
+    x = jnp.ones((int(gib * 2**30) // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        total(x).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return x.nbytes / statistics.median(times) / 1e9
+
+
+def weight_bytes(variables: dict) -> int:
+    return sum(a.nbytes for a in jax.tree.leaves(variables["params"]))
+
+
+def bench_decode(model: LoadedModel, batch: int, steps: int = 128, prompt_len: int = 16, repeats: int = 5,
+                 bandwidth_gbps: float | None = None) -> dict[str, Any]:
+    """Time `steps` greedy decode steps of `batch` slots in one compiled loop; median of `repeats`."""
+    cfg = model.cfg
+    max_len = min(cfg.max_seq_len, prompt_len + steps + 1)
+    engine = Engine(model, slots=batch, max_len=max_len)
+    prompt = list(np.random.default_rng(0).integers(0, cfg.vocab_size, prompt_len))
+    prefix = engine.prefill(prompt, SamplingParams(temperature=0.0, seed=0))
+
+    def run() -> float:
+        state = engine.init_state()
+        for slot in range(batch):
+            state = engine.insert(prefix, state, slot)
+        jax.block_until_ready(state)
+        start = time.perf_counter()
+        _, out = engine.generate_steps(state, steps, prompt_len + steps)
+        out.tokens.block_until_ready()
+        return time.perf_counter() - start
+
+    run()  # compile
+    seconds = statistics.median(run() for _ in range(repeats))
+    bandwidth = bandwidth_gbps or measure_bandwidth()
+    weights = weight_bytes(model.variables)
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    mean_context = prompt_len + (steps + 1) / 2
+    kv_bytes = int(batch * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * itemsize * mean_context)
+    ms_per_step = seconds / steps * 1e3
+    floor_ms = (weights + kv_bytes) / (bandwidth * 1e9) * 1e3
+    return {
+        "model": cfg.name, "batch": batch, "steps": steps, "prompt_len": prompt_len, "dtype": cfg.dtype,
+        "tokens_per_s": round(batch * steps / seconds, 1),
+        "ms_per_token": round(ms_per_step, 4),
+        "weight_bytes": weights, "kv_bytes_per_step": kv_bytes,
+        "bandwidth_gbps": round(bandwidth, 2),
+        "floor_ms_per_token": round(floor_ms, 4),
+        "ratio_to_floor": round(ms_per_step / floor_ms, 3),
+        "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+    }

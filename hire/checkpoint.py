@@ -1,0 +1,83 @@
+"""Find a model by name or path, load it whatever its format, and convert it to hire's own.
+
+Formats, told apart by the folder's content: hire's (config.json with "format": "hire"),
+Hugging Face's (config.json with "model_type") and llama2.c's (a model .bin and a tokenizer .bin).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from hire.config import ModelConfig
+from hire.formats import CheckpointError, read_json
+from hire.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: config, variables {"params": ..., ["lora": ...]} and tokenizer."""
+
+    cfg: ModelConfig
+    variables: dict
+    tokenizer: Tokenizer
+
+
+def model_dirs() -> list[Path]:
+    """Where bare model names are looked up: the folders in $HIRE_MODELS, then <repo>/models."""
+    env = os.environ.get("HIRE_MODELS", "")
+    return [*(Path(d).expanduser() for d in env.split(os.pathsep) if d), REPO / "models"]
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """An existing path as is (symlinks resolved), else a bare name found in model_dirs()."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path.resolve()
+    if len(path.parts) == 1:
+        for d in model_dirs():
+            if (d / path).exists():
+                return (d / path).resolve()
+        raise CheckpointError(f"no model {str(name_or_path)!r}: not a path, nor a name in "
+                              + ", ".join(map(str, model_dirs())))
+    raise CheckpointError(f"no such model path: {path}")
+
+
+def detect_format(path: Path) -> str:
+    """"hire", "hf" or "llama2c", for an existing model path."""
+    config = path / "config.json"
+    if config.is_file():
+        raw = read_json(config)
+        if raw.get("format") == "hire":
+            return "hire"
+        if "model_type" in raw:
+            return "hf"
+        raise CheckpointError(f"{config} has neither \"format\": \"hire\" nor a Hugging Face \"model_type\"")
+    if path.is_file() or any(path.glob("*.bin")):
+        return "llama2c"
+    raise CheckpointError(f"{path}: no config.json (hire or Hugging Face) and no llama2.c .bin; "
+                          "cannot tell what model this is")
+
+
+def load_model(path: str | Path, dtype: str | None = None) -> LoadedModel:
+    """Load a model by name or path; `dtype` ("float32", "bfloat16", "float16") overrides the stored one."""
+    path = resolve_model(path)
+    fmt = detect_format(path)
+    if fmt == "hire":
+        from hire.formats.native import load_native as load
+    elif fmt == "hf":
+        from hire.formats.hf import load_hf as load
+    else:
+        from hire.formats.llama2c import load_llama2c as load
+    return load(path, dtype)
+
+
+def convert(src: str | Path, dst: str | Path, dtype: str | None = None) -> LoadedModel:
+    """Load `src` in any format and save it to the folder `dst` in hire's format."""
+    from hire.formats.native import save_native
+
+    model = load_model(src, dtype)
+    save_native(dst, model.cfg, model.variables, model.tokenizer)
+    return model

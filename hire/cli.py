@@ -1,0 +1,133 @@
+"""The `hire` command line."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from hire.formats import CheckpointError
+
+MODEL_HELP = "Model folder (hire, Hugging Face or llama2.c format) or a name under models/ (default: 'default')."
+
+
+def _load(model: str, dtype: str | None):
+    from hire.checkpoint import load_model
+
+    try:
+        return load_model(model, dtype=dtype)
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """hire: LLM inference with HiRE approximate top-k sparsity and tandem transformers.
+
+    Compiled programs are cached in $HIRE_CACHE (default ~/.cache/hire/xla), so a second run
+    of the same model starts fast.
+    """
+    import jax
+
+    cache = os.environ.get("HIRE_CACHE", str(Path.home() / ".cache" / "hire" / "xla"))
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+
+
+@main.command()
+@click.option("--model", default="default", show_default=True, help=MODEL_HELP)
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens to generate at most.")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0), help="0 is greedy.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Keep the k likeliest tokens (0: all).")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Nucleus mass to keep.")
+@click.option("--seed", type=int, help="Sampling seed: the same seed gives the same text (random when left out).")
+@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable); it is not printed.")
+@click.option("--ignore-eos", is_flag=True, help="Keep going past the end-of-sequence token.")
+@click.option("--logprobs", is_flag=True, help="Print each token's id and log-probability to stderr at the end.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Cast weights to this dtype.")
+def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, logprobs, dtype) -> None:
+    """Continue PROMPT with a model, streaming the text to stdout."""
+    from hire.engine import Engine
+    from hire.generate import stream
+    from hire.sampling import SamplingParams
+
+    loaded = _load(model, dtype)
+    engine = Engine(loaded, slots=1)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed,
+                            stop_strings=stop, ignore_eos=ignore_eos, logprobs=logprobs)
+    try:
+        events = stream(engine, prompt, params)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--prompt") from None
+    sys.stdout.write(prompt)
+    start, count, record = time.perf_counter(), 0, []
+    for event in events:
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+        count += not (event.finish_reason == "stop" and not event.text)
+        record.append((event.token, round(event.logprob, 4)))
+        finish = event.finish_reason
+    seconds = time.perf_counter() - start
+    sys.stdout.write("\n")
+    click.echo(f"[{count} tokens in {seconds:.2f}s, {count / seconds:.1f} tokens/s, finish: {finish}, seed: {params.seed}]",
+               err=True)
+    if logprobs:
+        click.echo(json.dumps({"tokens_logprobs": record}), err=True)
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Cast weights to this dtype.")
+def convert(src, dst, dtype) -> None:
+    """Convert the model at SRC (any supported format) into hire's format at DST."""
+    from hire.checkpoint import convert as run
+
+    try:
+        loaded = run(src, dst, dtype)
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {dst} ({loaded.cfg.name}: {loaded.cfg.n_layers} layers, dim {loaded.cfg.dim}, {loaded.cfg.dtype})")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that print one JSON object per run."""
+
+
+@bench.command("decode")
+@click.option("--model", help=MODEL_HELP)
+@click.option("--shape", help="Time a synthetic model of this shape with random weights instead (e.g. 1b, tiny).")
+@click.option("--batch", default=(1,), multiple=True, type=click.IntRange(min=1), show_default=True,
+              help="Slots decoding together (repeatable: one run each).")
+@click.option("--steps", default=128, show_default=True, type=click.IntRange(min=1), help="Decode steps timed per run.")
+@click.option("--prompt-len", default=16, show_default=True, type=click.IntRange(min=1), help="Tokens prefilled per slot.")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Timed runs; the median is kept.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Weight dtype.")
+def bench_decode(model, shape, batch, steps, prompt_len, repeats, dtype) -> None:
+    """Decode speed: tokens/s, ms per token, and the ratio to the memory-bandwidth floor."""
+    from hire.bench import bench_decode as run, measure_bandwidth
+    from hire.checkpoint import LoadedModel
+    from hire.config import SHAPES
+    from hire.model import init_params
+
+    if (model is None) == (shape is None):
+        raise click.UsageError("give exactly one of --model and --shape")
+    if shape is not None:
+        if shape not in SHAPES:
+            raise click.BadParameter(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}", param_hint="--shape")
+        cfg = SHAPES[shape].replace(dtype=dtype or "float32")
+        loaded = LoadedModel(cfg, init_params(cfg), None)
+    else:
+        loaded = _load(model, dtype)
+    bandwidth = measure_bandwidth()
+    for b in batch:
+        click.echo(json.dumps(run(loaded, b, steps, prompt_len, repeats, bandwidth)))
+
+
+if __name__ == "__main__":
+    main()

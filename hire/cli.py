@@ -106,9 +106,11 @@ def bench() -> None:
               help="Slots decoding together (repeatable: one run each).")
 @click.option("--steps", default=128, show_default=True, type=click.IntRange(min=1), help="Decode steps timed per run.")
 @click.option("--prompt-len", default=16, show_default=True, type=click.IntRange(min=1), help="Tokens prefilled per slot.")
+@click.option("--chunk", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Steps per compiled loop; attention reads the cache as far as each loop reaches.")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Timed runs; the median is kept.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Weight dtype.")
-def bench_decode(model, shape, batch, steps, prompt_len, repeats, dtype) -> None:
+def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype) -> None:
     """Decode speed: tokens/s, ms per token, and the ratio to the memory-bandwidth floor."""
     from hire.bench import bench_decode as run, measure_bandwidth
     from hire.checkpoint import LoadedModel
@@ -126,7 +128,7 @@ def bench_decode(model, shape, batch, steps, prompt_len, repeats, dtype) -> None
         loaded = _load(model, dtype)
     bandwidth = measure_bandwidth()
     for b in batch:
-        click.echo(json.dumps(run(loaded, b, steps, prompt_len, repeats, bandwidth)))
+        click.echo(json.dumps(run(loaded, b, steps, prompt_len, chunk, repeats, bandwidth)))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ MIN_BUCKET = 16
 class Prefix(NamedTuple):
     """A prefilled prompt, ready to insert: its cache, first token and per-row settings."""
 
-    cache: KVCache  # per layer (k, v): [1, bucket, n_kv_heads, head_dim]
+    cache: KVCache  # per layer k [1, n_kv_heads, head_dim, bucket], v [1, n_kv_heads, bucket, head_dim]
     token: jax.Array  # [1] first generated token
     logprob: jax.Array  # [1]
     length: jax.Array  # [1] prompt length, the position `token` will be written at
@@ -35,7 +35,7 @@ class Prefix(NamedTuple):
 class DecodeState(NamedTuple):
     """Everything decoding carries per slot."""
 
-    cache: KVCache  # per layer (k, v): [slots, max_len, n_kv_heads, head_dim]
+    cache: KVCache  # per layer k [slots, n_kv_heads, head_dim, max_len], v [slots, n_kv_heads, max_len, head_dim]
     tokens: jax.Array  # [slots] the last sampled token, fed next
     positions: jax.Array  # [slots] its position
     sampling: RowSampling

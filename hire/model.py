@@ -5,8 +5,9 @@ position, RMSNorm, a gated or plain FFN or a Mixtral-style mixture of experts, a
 LoRA adapters selected per batch row. Parameters live in the "params" collection, adapters
 in "lora"; both are plain pytrees.
 
-The cache is a tuple of (k, v) per layer, each [batch, n_kv_heads, length, head_dim]; the
-token at position p is written at index p, and a step may attend over only the first `kv_len`
+The cache is a tuple of (k, v) per layer: k [batch, n_kv_heads, head_dim, length] (stored
+transposed, so both attention products are plain matrix products) and v [batch, n_kv_heads,
+length, head_dim]; the token at position p is written at index p, and a step may attend over only the first `kv_len`
 entries when no position reaches further. One forward pass serves prefill (many tokens),
 decode (one token) and block verification (a few tokens): new keys are scattered at their
 positions, then queries attend to every cached key at a position not after their own.
@@ -33,9 +34,10 @@ class Lora(NamedTuple):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
-    shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+    k_shape = (batch, cfg.n_kv_heads, cfg.head_dim, length)
+    v_shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
     dt = jnp.dtype(cfg.dtype)
-    return tuple((jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(cfg.n_layers))
+    return tuple((jnp.zeros(k_shape, dt), jnp.zeros(v_shape, dt)) for _ in range(cfg.n_layers))
 
 
 def rope_frequencies(cfg: ModelConfig) -> jax.Array:
@@ -116,23 +118,22 @@ class Attention(nn.Module):
         v = Linear(K * D, cfg, bias, "v", name="v")(x, lora).reshape(B, T, K, D)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, D]
         if cache is None:  # attend within this call only
-            keys, values, key_pos = k, v, positions
+            keys, values, key_pos = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), positions
         else:  # write at each token's position, then attend over the cache's first kv_len entries
             rows = jnp.arange(B)[:, None]
-            keys = cache[0].at[rows, :, positions].set(k.transpose(0, 2, 1, 3), mode="drop")
-            values = cache[1].at[rows, :, positions].set(v.transpose(0, 2, 1, 3), mode="drop")
+            keys = cache[0].at[rows, :, :, positions].set(k, mode="drop")
+            values = cache[1].at[rows, :, positions].set(v, mode="drop")
             cache = (keys, values)
-            span = min(kv_len or keys.shape[2], keys.shape[2])
-            keys, values = keys[:, :, :span], values[:, :, :span]
+            span = min(kv_len or keys.shape[3], keys.shape[3])
+            keys, values = keys[..., :span], values[:, :, :span]
             key_pos = jnp.broadcast_to(jnp.arange(span), (B, span))
 
         visible = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
         if cfg.sliding_window:
             visible &= key_pos[:, None, :] > positions[:, :, None] - cfg.sliding_window
         qg = q.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4).reshape(B, K, -1, D)  # [B, K, G*T, D]
-        scores = jnp.einsum("bkqd,bksd->bkqs", qg, keys, preferred_element_type=jnp.float32) / math.sqrt(D)
+        scores = jnp.einsum("bkqd,bkds->bkqs", qg, keys, preferred_element_type=jnp.float32) / math.sqrt(D)
         scores = scores.reshape(B, K, H // K, T, -1)
         scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype).reshape(B, K, H // K * T, -1)

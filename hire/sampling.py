@@ -71,18 +71,32 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
     return jnp.where(logits >= jnp.maximum(cutoff, kth), logits, -jnp.inf)
 
 
-def sample(logits: jax.Array, rows: RowSampling, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Next token [B] and its log-probability under the unmodified model distribution.
+def argmax(x: jax.Array) -> jax.Array:
+    """First index of the maximum along the last axis, as two plain reductions (XLA's CPU
+    argmax, a variadic reduce, is several times slower)."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1)
 
-    Row b's randomness is fold_in(key_b, position_b): a request's samples depend on its own
-    seed and positions only, never on which slot or batch it shares.
-    """
-    logits = logits.astype(jnp.float32)
+
+def _draw(logits: jax.Array, rows: RowSampling, positions: jax.Array) -> jax.Array:
     scaled = logits / jnp.maximum(rows.temperature, 1e-6)[:, None]
     needs_filter = jnp.any(rows.top_k > 0) | jnp.any(rows.top_p < 1)
     scaled = jax.lax.cond(needs_filter, filter_logits, lambda x, *_: x, scaled, rows.top_k, rows.top_p)
     keys = jax.vmap(jax.random.fold_in)(rows.key, positions)
-    drawn = jax.vmap(jax.random.categorical)(keys, scaled)
-    tokens = jnp.where(rows.temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:]))(keys)
+    drawn = argmax(scaled + noise)  # Gumbel-max: a draw from softmax(scaled)
+    return jnp.where(rows.temperature > 0, drawn, argmax(logits))
+
+
+def sample(logits: jax.Array, rows: RowSampling, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Next token [B] and its log-probability under the unmodified model distribution.
+
+    Row b's randomness is fold_in(key_b, position_b): a request's samples depend on its own
+    seed and positions only, never on which slot or batch it shares. An all-greedy batch
+    skips the random draw.
+    """
+    logits = logits.astype(jnp.float32)
+    tokens = jax.lax.cond(jnp.any(rows.temperature > 0), _draw, lambda x, *_: argmax(x), logits, rows, positions)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], -1)[:, 0]
     return tokens, logprobs

@@ -112,7 +112,7 @@ def bench() -> None:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Weight dtype.")
 def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype) -> None:
     """Decode speed: tokens/s, ms per token, and the ratio to the memory-bandwidth floor."""
-    from hire.bench import bench_decode as run, measure_bandwidth
+    from hire.bench import bench_decode as run
     from hire.checkpoint import LoadedModel
     from hire.config import SHAPES
     from hire.model import init_params
@@ -126,9 +126,73 @@ def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype) 
         loaded = LoadedModel(cfg, init_params(cfg), None)
     else:
         loaded = _load(model, dtype)
-    bandwidth = measure_bandwidth()
     for b in batch:
-        click.echo(json.dumps(run(loaded, b, steps, prompt_len, chunk, repeats, bandwidth)))
+        click.echo(json.dumps(run(loaded, b, steps, prompt_len, chunk, repeats)))
+
+
+@main.command("train")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", help="Output folder, instead of the recipe's `out`.")
+@click.option("--until", type=click.IntRange(min=1),
+              help="Stop after this step (checkpointed there) without changing the schedule; run again to go on.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_command(config, out, until, quiet) -> None:
+    """Train a model from the recipe CONFIG (a .toml or .json file; see configs/ and docs/training.md).
+
+    Builds the corpus split, trains or reuses the BPE tokenizer, then trains on all local devices
+    (batch split over them) with a progress bar (tokens/s, loss, ETA) and periodic validation.
+    Checkpoints go to OUT/checkpoints: run the same command again after a kill and it continues
+    from the newest one, along the same loss curve. Ctrl-C or SIGTERM checkpoints before stopping.
+    When the last step is done the model is saved in hire's format to OUT/model, ready for
+    `hire generate --model OUT/model`. Prints a JSON summary (losses, tokens/s, step time).
+    """
+    import dataclasses
+
+    from hire.train import train as run
+    from hire.train_config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+        if out:
+            cfg = dataclasses.replace(cfg, out=out)
+        summary = run(cfg, until=until, progress=not quiet)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(summary))
+    if summary["stopped_by"]:
+        click.echo(f"stopped by {summary['stopped_by']} at step {summary['step']}; run the same command to resume",
+                   err=True)
+        sys.exit(1)
+
+
+@main.command("eval")
+@click.option("--model", default="default", show_default=True, help=MODEL_HELP)
+@click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="UTF-8 text file to score.")
+@click.option("--context", type=click.IntRange(min=2), help="Window length in tokens (default and at most: the model's max_seq_len).")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Windows per forward pass.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Cast weights to this dtype.")
+def eval_command(model, text_file, context, batch, dtype) -> None:
+    """Score a text file with a model: print one JSON object.
+
+    The text is tokenized (with BOS) and cut into non-overlapping windows of the model's context;
+    every token after the first is predicted. Keys: tokens (predicted), loss (mean nats per token),
+    perplexity (exp loss), next_token_accuracy (argmax hits), bits_per_byte (of the UTF-8 text),
+    windows, context. A progress bar goes to stderr.
+    """
+    import math
+
+    from hire.evaluate import evaluate
+
+    loaded = _load(model, dtype)
+    text = Path(text_file).read_text(encoding="utf-8")
+    context = min(context or loaded.cfg.max_seq_len, loaded.cfg.max_seq_len)
+    try:
+        result = evaluate(loaded, loaded.tokenizer.encode(text), context, batch)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--text") from None
+    result["bits_per_byte"] = result["loss"] * result["tokens"] / math.log(2) / max(len(text.encode()), 1)
+    click.echo(json.dumps(result))
 
 
 if __name__ == "__main__":

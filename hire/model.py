@@ -221,13 +221,14 @@ class Transformer(nn.Module):
         if cfg.lora_adapters:
             scale = self.variable("lora", "scale", jnp.ones, (cfg.lora_adapters,), jnp.float32).value
             if adapter is not None:
-                lora = Lora(jnp.clip(adapter, 0, cfg.lora_adapters - 1), jnp.where(adapter >= 0, scale[jnp.clip(adapter, 0)], 0.0))
+                ids = jnp.clip(adapter, 0, cfg.lora_adapters - 1)
+                lora = Lora(ids, jnp.where(adapter >= 0, scale[ids], 0.0))
         inv_freq = rope_frequencies(cfg)
         x = embed[tokens]
         new_cache = []
         for i in range(cfg.n_layers):
-            x, c = Block(cfg, name=f"layers_{i}")(x, positions, None if cache is None else cache[i], lora,
-                                      inv_freq, kv_len)
+            layer_cache = None if cache is None else cache[i]
+            x, c = Block(cfg, name=f"layers_{i}")(x, positions, layer_cache, lora, inv_freq, kv_len)
             new_cache.append(c)
         x = RMSNorm(cfg.norm_eps, cfg.dtype, name="norm")(x)
         if logit_index is not None:

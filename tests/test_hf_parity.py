@@ -22,9 +22,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from hire.checkpoint import LoadedModel
 from hire.config import RopeScaling
+from hire.engine import Engine
 from hire.formats import CheckpointError
 from hire.formats.hf import hf_config, load_hf
+from hire.generate import generate
 from hire.model import Transformer, init_cache
+from hire.sampling import SamplingParams
 
 TOL = 1e-4
 PROMPT_LEN, NEW_TOKENS = 40, 32
@@ -125,15 +128,10 @@ def test_decode_matches_full_sequence(case):
 def test_greedy_generation(case):
     expected = case.torch_model.generate(torch.tensor(case.prompt[None]), attention_mask=torch.ones(1, PROMPT_LEN),
                                          do_sample=False, max_new_tokens=NEW_TOKENS)[0, PROMPT_LEN:].tolist()
-    cache = init_cache(case.loaded.cfg, 1, PROMPT_LEN + NEW_TOKENS)
-    logits, cache = case.hire(case.prompt[None], np.arange(PROMPT_LEN)[None], cache, [PROMPT_LEN - 1])
-    out = [int(jnp.argmax(logits[0]))]
-    while len(out) < NEW_TOKENS:
-        pos = PROMPT_LEN + len(out) - 1
-        logits, cache = case.hire([[out[-1]]], [[pos]], cache)
-        out.append(int(jnp.argmax(logits[0, 0])))
-    assert out == expected
-    assert len(set(out)) > 1  # not a degenerate model
+    engine = Engine(case.loaded, slots=2, max_len=PROMPT_LEN + NEW_TOKENS + 8)
+    [out] = generate(engine, [case.prompt.tolist()], SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    assert out.tokens == expected
+    assert len(set(out.tokens)) > 1  # not a degenerate model
 
 
 def test_right_padded_batch(case):

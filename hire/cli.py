@@ -49,18 +49,34 @@ def main() -> None:
 @click.option("--ignore-eos", is_flag=True, help="Keep going past the end-of-sequence token.")
 @click.option("--logprobs", is_flag=True, help="Print each token's id and log-probability to stderr at the end.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Cast weights to this dtype.")
-def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, logprobs, dtype) -> None:
+@click.option("--lora", "loras", multiple=True, metavar="NAME=PATH",
+              help="Load the Hugging Face PEFT LoRA adapter in folder PATH as NAME (repeatable).")
+@click.option("--adapter", help="Generate with this loaded adapter (a NAME given to --lora); the base model if left out.")
+def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, logprobs, dtype, loras,
+             adapter) -> None:
     """Continue PROMPT with a model, streaming the text to stdout."""
     from hire.engine import Engine
     from hire.generate import stream
+    from hire.lora import load_adapters
     from hire.sampling import SamplingParams
 
-    loaded = _load(model, dtype)
+    loaded, names = _load(model, dtype), {}
+    if loras:
+        pairs = [spec.split("=", 1) for spec in loras]
+        if any(len(p) != 2 or not all(p) for p in pairs):
+            raise click.BadParameter("expected NAME=PATH", param_hint="--lora")
+        try:
+            loaded, names = load_adapters(loaded, dict(pairs))
+        except CheckpointError as e:
+            raise click.ClickException(str(e)) from None
+    if adapter is not None and adapter not in names:
+        raise click.BadParameter(f"no adapter {adapter!r} loaded; loaded: {sorted(names) or 'none'}",
+                                 param_hint="--adapter")
     engine = Engine(loaded, slots=1)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed,
                             stop_strings=stop, ignore_eos=ignore_eos, logprobs=logprobs)
     try:
-        events = stream(engine, prompt, params)
+        events = stream(engine, prompt, params, names.get(adapter, -1))
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--prompt") from None
     sys.stdout.write(prompt)

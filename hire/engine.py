@@ -107,8 +107,10 @@ class Engine:
         return DecodeState(init_cache(self.cfg, n, self.max_len), jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.int32),
                            RowSampling.of([SamplingParams(temperature=0.0, seed=0)] * n), jnp.full(n, -1, jnp.int32))
 
-    def check_prompt(self, tokens: list[int]) -> None:
-        """Raise ValueError, naming the field, for a prompt this engine cannot run."""
+    def check_request(self, tokens: list[int], adapter: int = -1) -> None:
+        """Raise ValueError, naming the field, for a prompt or adapter this engine cannot run."""
+        if not -1 <= adapter < self.cfg.lora_adapters:
+            raise ValueError(f"adapter: index {adapter} is not -1 (none) or one of the {self.cfg.lora_adapters} loaded")
         if not tokens:
             raise ValueError("prompt: empty prompt")
         if len(tokens) >= self.max_len:
@@ -118,7 +120,7 @@ class Engine:
             raise ValueError(f"prompt: token ids {bad[:5]} outside the vocabulary [0, {self.cfg.vocab_size})")
 
     def prefill(self, tokens: list[int], params: SamplingParams, adapter: int = -1) -> Prefix:
-        self.check_prompt(tokens)
+        self.check_request(tokens, adapter)
         bucket = next(b for b in self.buckets if b >= len(tokens))
         padded = np.zeros((1, bucket), np.int32)
         padded[0, : len(tokens)] = tokens

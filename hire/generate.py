@@ -43,7 +43,7 @@ class Request:
     """Tracks one request's output and decides when it ends."""
 
     def __init__(self, index: int, prompt: list[int], params: SamplingParams, adapter: int, engine: Engine):
-        engine.check_prompt(prompt)
+        engine.check_request(prompt, adapter)
         self.index, self.params, self.adapter = index, params, adapter
         self.out = Completion(prompt)
         self.decoder = StreamDecoder(engine.tokenizer, prompt)

@@ -104,6 +104,11 @@ def test_bad_prompts_are_named(engine, bad, field):
         generate(engine, [bad], SamplingParams(max_tokens=4))
 
 
+def test_unknown_adapter_is_named(engine):
+    with pytest.raises(ValueError, match="adapter"):
+        generate(engine, ["hi"], SamplingParams(max_tokens=4), adapters=[0])
+
+
 @pytest.mark.parametrize("kwargs, field", [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
                                            ({"top_p": 1.5}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
                                            ({"top_k": -2}, "top_k")])

@@ -45,13 +45,6 @@ ARCHS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def full_precision_matmuls():
-    """float32 matmuls at full precision on accelerators too (GPUs otherwise may use TF32)."""
-    with jax.default_matmul_precision("highest"):
-        yield
-
-
 @dataclass
 class Case:
     torch_model: torch.nn.Module

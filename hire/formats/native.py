@@ -16,8 +16,16 @@ from safetensors.numpy import load_file, save_file
 
 from hire.checkpoint import LoadedModel
 from hire.config import ModelConfig
-from hire.formats import (CheckpointError, build_config, check_variables, flatten, prepare_variables, read_json,
-                          unflatten, with_dtype)
+from hire.formats import (
+    CheckpointError,
+    build_config,
+    check_variables,
+    flatten,
+    prepare_variables,
+    read_json,
+    unflatten,
+    with_dtype,
+)
 from hire.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1

@@ -1,0 +1,68 @@
+"""The `hire` command line, run in-process with click's runner."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from hire.cli import main
+
+STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
+LILY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    monkeypatch.setenv("HIRE_CACHE", str(tmp_path / "xla"))
+
+    def invoke(*args: str):
+        return CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return invoke
+
+
+def test_generate_default_model_greedy(run):
+    result = run("generate", "--prompt", "Once upon a time", "--max-tokens", "30", "--temperature", "0")
+    assert result.exit_code == 0 and result.stdout.startswith(LILY)
+
+
+def test_generate_seeded_sampling_repeats(run):
+    args = ("generate", "--prompt", "The dog", "--max-tokens", "20", "--temperature", "1", "--seed", "5")
+    first, second = run(*args), run(*args)
+    assert first.exit_code == 0 and first.stdout == second.stdout
+
+
+def test_generate_stop_string(run):
+    result = run("generate", "--prompt", "Once upon a time", "--temperature", "0", "--stop", "Lily")
+    assert result.exit_code == 0 and result.stdout == "Once upon a time, there was a little girl named \n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/such/model"], "no such model"),
+    (["--prompt", ""], "empty prompt"),
+    (["--top-p", "0"], "top-p"),
+    (["--adapter", "x"], "no adapter 'x'"),
+    (["--lora", "oops"], "NAME=PATH"),
+])
+def test_generate_bad_input_is_named(run, args, message):
+    result = CliRunner().invoke(main, ["generate", "--prompt", "hi", *args])
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+
+
+def test_convert_then_generate(run, tmp_path):
+    out = tmp_path / "converted"
+    assert run("convert", str(STORIES), str(out)).exit_code == 0
+    result = run("generate", "--model", str(out), "--prompt", "Once upon a time", "--max-tokens", "30",
+                 "--temperature", "0")
+    assert result.stdout.startswith(LILY)
+
+
+def test_bench_decode_prints_one_json_per_batch(run):
+    result = run("bench", "decode", "--model", "default", "--batch", "1", "--batch", "4", "--steps", "8",
+                 "--repeats", "1")
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["batch"] for r in rows] == [1, 4]
+    for r in rows:
+        assert {"model", "tokens_per_s", "ms_per_token", "weight_bytes", "bandwidth_gbps", "floor_ms_per_token",
+                "ratio_to_floor"} <= set(r) and r["tokens_per_s"] > 0 and r["ratio_to_floor"] > 0

@@ -164,7 +164,10 @@ def train_command(config, out, until, quiet) -> None:
     """
     import dataclasses
 
-    from hire.train import train as run
+    try:
+        from hire.train import train as run
+    except ModuleNotFoundError as e:
+        raise click.ClickException(f"hire train needs {e.name}: pip install -e '.[train]'") from None
     from hire.train_config import ConfigError, load_config
 
     try:
@@ -185,7 +188,8 @@ def train_command(config, out, until, quiet) -> None:
 @click.option("--model", default="default", show_default=True, help=MODEL_HELP)
 @click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="UTF-8 text file to score.")
-@click.option("--context", type=click.IntRange(min=2), help="Window length in tokens (default and at most: the model's max_seq_len).")
+@click.option("--context", type=click.IntRange(min=2),
+              help="Window length in tokens (default and at most: the model's max_seq_len).")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Windows per forward pass.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Cast weights to this dtype.")
 def eval_command(model, text_file, context, batch, dtype) -> None:

@@ -22,19 +22,22 @@ def run(tmp_path, monkeypatch):
     return invoke
 
 
-def test_generate_default_model_greedy(run):
-    result = run("generate", "--prompt", "Once upon a time", "--max-tokens", "30", "--temperature", "0")
+def test_generate_named_model_greedy(run):
+    result = run("generate", "--model", "stories260K", "--prompt", "Once upon a time", "--max-tokens", "30",
+                 "--temperature", "0")
     assert result.exit_code == 0 and result.stdout.startswith(LILY)
 
 
 def test_generate_seeded_sampling_repeats(run):
-    args = ("generate", "--prompt", "The dog", "--max-tokens", "20", "--temperature", "1", "--seed", "5")
+    args = ("generate", "--model", "stories260K", "--prompt", "The dog", "--max-tokens", "20", "--temperature", "1",
+            "--seed", "5")
     first, second = run(*args), run(*args)
     assert first.exit_code == 0 and first.stdout == second.stdout
 
 
 def test_generate_stop_string(run):
-    result = run("generate", "--prompt", "Once upon a time", "--temperature", "0", "--stop", "Lily")
+    result = run("generate", "--model", "stories260K", "--prompt", "Once upon a time", "--temperature", "0",
+                 "--stop", "Lily")
     assert result.exit_code == 0 and result.stdout == "Once upon a time, there was a little girl named \n"
 
 
@@ -59,7 +62,7 @@ def test_convert_then_generate(run, tmp_path):
 
 
 def test_bench_decode_prints_one_json_per_batch(run):
-    result = run("bench", "decode", "--model", "default", "--batch", "1", "--batch", "4", "--steps", "8",
+    result = run("bench", "decode", "--model", "stories260K", "--batch", "1", "--batch", "4", "--steps", "8",
                  "--repeats", "1")
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["batch"] for r in rows] == [1, 4]

@@ -192,7 +192,9 @@ def train_command(config, out, until, quiet) -> None:
               help="Window length in tokens (default and at most: the model's max_seq_len).")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Windows per forward pass.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Cast weights to this dtype.")
-def eval_command(model, text_file, context, batch, dtype) -> None:
+@click.option("--reference", help="Also report `agreement`: how often this model's argmax equals the reference "
+              "model's (e.g. --model default-draft --reference default).")
+def eval_command(model, text_file, context, batch, dtype, reference) -> None:
     """Score a text file with a model: print one JSON object.
 
     The text is tokenized (with BOS) and cut into non-overlapping windows of the model's context;
@@ -205,10 +207,13 @@ def eval_command(model, text_file, context, batch, dtype) -> None:
     from hire.evaluate import evaluate
 
     loaded = _load(model, dtype)
+    ref = None if reference is None else _load(reference, dtype)
+    if ref is not None and ref.cfg.vocab_size != loaded.cfg.vocab_size:
+        raise click.BadParameter("the reference model has another vocabulary", param_hint="--reference")
     text = Path(text_file).read_text(encoding="utf-8")
-    context = min(context or loaded.cfg.max_seq_len, loaded.cfg.max_seq_len)
+    context = min(context or loaded.cfg.max_seq_len, loaded.cfg.max_seq_len, (ref or loaded).cfg.max_seq_len)
     try:
-        result = evaluate(loaded, loaded.tokenizer.encode(text), context, batch)
+        result = evaluate(loaded, loaded.tokenizer.encode(text), context, batch, reference=ref)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--text") from None
     result["bits_per_byte"] = result["loss"] * result["tokens"] / math.log(2) / max(len(text.encode()), 1)

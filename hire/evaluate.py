@@ -29,9 +29,11 @@ def windows(tokens: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray, n
 
 
 def evaluate(model: LoadedModel, tokens: np.ndarray, context: int, batch_size: int = 8,
-             progress: bool = True) -> dict[str, float | int]:
+             progress: bool = True, reference: LoadedModel | None = None) -> dict[str, float | int]:
     """Mean loss (nats), perplexity and next-token accuracy over every token of `tokens` after the first.
 
+    With a `reference` model (same tokenizer), also `agreement`: how often both models' argmax
+    agree, which bounds how many greedy drafts of `model` the reference would accept.
     Windows do not overlap, so each starts without context; the last batch is padded and masked.
     """
     if len(tokens) < 2:
@@ -42,15 +44,25 @@ def evaluate(model: LoadedModel, tokens: np.ndarray, context: int, batch_size: i
     positions = jnp.broadcast_to(jnp.arange(context), (batch_size, context))
 
     @jax.jit
-    def score(variables, x, y, m):
-        nll, correct = token_nll(Transformer(model.cfg).apply(variables, x, positions)[0], y)
-        return jnp.sum(nll * m), jnp.sum(correct * m)
+    def score(variables, ref_variables, x, y, m):
+        logits = Transformer(model.cfg).apply(variables, x, positions)[0]
+        nll, correct = token_nll(logits, y)
+        agree = 0
+        if reference is not None:
+            ref_logits = Transformer(reference.cfg).apply(ref_variables, x, positions)[0]
+            agree = jnp.sum((jnp.argmax(logits, -1) == jnp.argmax(ref_logits, -1)) * m)
+        return jnp.sum(nll * m), jnp.sum(correct * m), agree
 
-    total_nll, total_correct = 0.0, 0
+    ref_variables = None if reference is None else reference.variables
+    total_nll, total_correct, total_agree = 0.0, 0, 0
     for i in tqdm(range(0, len(inputs), batch_size), desc="eval", unit="batch", disable=not progress):
-        nll, correct = score(model.variables, *(a[i:i + batch_size] for a in (inputs, targets, mask)))
-        total_nll, total_correct = total_nll + float(nll), total_correct + int(correct)
+        batch = (a[i:i + batch_size] for a in (inputs, targets, mask))
+        nll, correct, agree = score(model.variables, ref_variables, *batch)
+        total_nll, total_correct, total_agree = total_nll + float(nll), total_correct + int(correct), total_agree + int(agree)
     count = int(mask.sum())
     loss = total_nll / count
-    return {"tokens": count, "loss": loss, "perplexity": math.exp(loss), "next_token_accuracy": total_correct / count,
-            "windows": n_windows, "context": context}
+    result = {"tokens": count, "loss": loss, "perplexity": math.exp(loss), "next_token_accuracy": total_correct / count,
+              "windows": n_windows, "context": context}
+    if reference is not None:
+        result["agreement"] = total_agree / count
+    return result

@@ -220,22 +220,24 @@ def test_lora_training_leaves_frozen_weights_untouched(reference, corpus, tmp_pa
 def test_eval_matches_direct_log_softmax(reference, tmp_path):
     tokenizer = load_tokenizer(reference[0] / "model")
     cfg = load_model(reference[0] / "model").cfg.replace(max_seq_len=24)
-    variables = jax.device_get(init_params(cfg, seed=2))
+    variables, ref_variables = (jax.device_get(init_params(cfg, seed=s)) for s in (2, 3))
     save_native(tmp_path / "m", cfg, variables, tokenizer)
+    save_native(tmp_path / "r", cfg, ref_variables, tokenizer)
     text = SHAKESPEARE.read_text()[:2000]
     (tmp_path / "t.txt").write_text(text)
     result = CliRunner().invoke(main, ["eval", "--model", str(tmp_path / "m"), "--text", str(tmp_path / "t.txt"),
-                                       "--batch", "3"])
+                                       "--batch", "3", "--reference", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     got = json.loads(result.stdout)
 
     ids = np.asarray(tokenizer.encode(text))
     forward = jax.jit(Transformer(cfg).apply)
-    nll, hits = [], []
+    nll, hits, agree = [], [], []
     for start in range(0, len(ids) - 1, 24):  # windows of 24 targets, each starting afresh at position 0
         y = ids[start + 1:start + 25]
-        logits = forward(variables, ids[None, start:start + len(y)], np.arange(len(y))[None])[0][0]
-        logits = np.asarray(logits, np.float64)
+        x = (ids[None, start:start + len(y)], np.arange(len(y))[None])
+        logits = np.asarray(forward(variables, *x)[0][0], np.float64)
+        agree += list(logits.argmax(-1) == np.asarray(forward(ref_variables, *x)[0][0]).argmax(-1))
         logp = logits - logits.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
         nll += list(-logp[np.arange(len(y)), y])
@@ -244,6 +246,7 @@ def test_eval_matches_direct_log_softmax(reference, tmp_path):
     assert got["loss"] == pytest.approx(np.mean(nll), rel=1e-5)
     assert got["perplexity"] == pytest.approx(np.exp(np.mean(nll)), rel=1e-4)
     assert got["next_token_accuracy"] == pytest.approx(np.mean(hits))
+    assert got["agreement"] == pytest.approx(np.mean(agree)) and 0 < got["agreement"] < 1
 
 
 @pytest.mark.parametrize("change, message", [

@@ -58,7 +58,8 @@ def evaluate(model: LoadedModel, tokens: np.ndarray, context: int, batch_size: i
     for i in tqdm(range(0, len(inputs), batch_size), desc="eval", unit="batch", disable=not progress):
         batch = (a[i:i + batch_size] for a in (inputs, targets, mask))
         nll, correct, agree = score(model.variables, ref_variables, *batch)
-        total_nll, total_correct, total_agree = total_nll + float(nll), total_correct + int(correct), total_agree + int(agree)
+        total_nll, total_correct, total_agree = (total_nll + float(nll), total_correct + int(correct),
+                                                 total_agree + int(agree))
     count = int(mask.sum())
     loss = total_nll / count
     result = {"tokens": count, "loss": loss, "perplexity": math.exp(loss), "next_token_accuracy": total_correct / count,

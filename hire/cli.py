@@ -23,6 +23,22 @@ def _load(model: str, dtype: str | None):
         raise click.ClickException(str(e)) from None
 
 
+def _load_with_adapters(model: str, dtype: str | None, loras: tuple[str, ...]):
+    """The model with the `--lora NAME=PATH` adapters loaded, and each adapter name's index."""
+    from hire.lora import load_adapters
+
+    loaded = _load(model, dtype)
+    if not loras:
+        return loaded, {}
+    pairs = [spec.split("=", 1) for spec in loras]
+    if any(len(p) != 2 or not all(p) for p in pairs):
+        raise click.BadParameter("expected NAME=PATH", param_hint="--lora")
+    try:
+        return load_adapters(loaded, dict(pairs))
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """hire: LLM inference with HiRE approximate top-k sparsity and tandem transformers.
@@ -57,18 +73,9 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, stop, i
     """Continue PROMPT with a model, streaming the text to stdout."""
     from hire.engine import Engine
     from hire.generate import stream
-    from hire.lora import load_adapters
     from hire.sampling import SamplingParams
 
-    loaded, names = _load(model, dtype), {}
-    if loras:
-        pairs = [spec.split("=", 1) for spec in loras]
-        if any(len(p) != 2 or not all(p) for p in pairs):
-            raise click.BadParameter("expected NAME=PATH", param_hint="--lora")
-        try:
-            loaded, names = load_adapters(loaded, dict(pairs))
-        except CheckpointError as e:
-            raise click.ClickException(str(e)) from None
+    loaded, names = _load_with_adapters(model, dtype, loras)
     if adapter is not None and adapter not in names:
         raise click.BadParameter(f"no adapter {adapter!r} loaded; loaded: {sorted(names) or 'none'}",
                                  param_hint="--adapter")
@@ -84,7 +91,7 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, stop, i
     for event in events:
         sys.stdout.write(event.text)
         sys.stdout.flush()
-        count += not (event.finish_reason == "stop" and not event.text)
+        count += not event.stop_token
         record.append((event.token, round(event.logprob, 4)))
         finish = event.finish_reason
     seconds = time.perf_counter() - start
@@ -218,6 +225,57 @@ def eval_command(model, text_file, context, batch, dtype, reference) -> None:
         raise click.BadParameter(str(e), param_hint="--text") from None
     result["bits_per_byte"] = result["loss"] * result["tokens"] / math.log(2) / max(len(text.encode()), 1)
     click.echo(json.dumps(result))
+
+
+@main.command("serve-grpc")
+@click.option("--model", default="default", show_default=True, help=MODEL_HELP)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on ('0.0.0.0': all).")
+@click.option("--port", default=50051, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free one.")
+@click.option("--slots", default=8, show_default=True, type=click.IntRange(min=1), help="Requests decoding together.")
+@click.option("--max-len", type=click.IntRange(min=2), help="Context length (default and at most: the model's).")
+@click.option("--queue-size", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Requests that may wait while every slot is busy; more get RESOURCE_EXHAUSTED.")
+@click.option("--chunk", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Decode steps between admissions (requests join and leave at these boundaries).")
+@click.option("--prefills", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Prompts prefilled at most between two decode chunks.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Cast weights to this dtype.")
+@click.option("--lora", "loras", multiple=True, metavar="NAME=PATH",
+              help="Serve the Hugging Face PEFT LoRA adapter in folder PATH as NAME (repeatable).")
+@click.option("--token", envvar="HIRE_TOKEN", help="Require 'authorization: Bearer TOKEN' on every call but health "
+              "checks (or set $HIRE_TOKEN).")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate chain: serve TLS.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key of --tls-cert.")
+@click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False),
+              help="PEM CA certificate(s): require client certificates it signed (mutual TLS).")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve Prometheus metrics on this port.")
+def serve_grpc(model, host, port, slots, max_len, queue_size, chunk, prefills, dtype, loras, token, tls_cert, tls_key,
+               tls_client_ca, metrics_port) -> None:
+    """Serve a model over gRPC (hire.v1.Inference and JetStream's Orchestrator) until Ctrl-C or SIGTERM.
+
+    Needs the grpc extra (pip install -e '.[grpc]'). See docs/serving.md.
+    """
+    import asyncio
+    import logging
+
+    from hire.engine import Engine
+
+    try:
+        from cluster.grpc_server import Options, serve
+        from cluster.requests import Served
+    except ModuleNotFoundError as e:
+        raise click.ClickException(f"hire serve-grpc needs {e.name}: pip install -e '.[grpc]'") from None
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if tls_client_ca and not tls_cert:
+        raise click.UsageError("--tls-client-ca needs --tls-cert and --tls-key")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("cluster", "hire"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    loaded, names = _load_with_adapters(model, dtype, loras)
+    served = Served(Engine(loaded, slots=slots, max_len=max_len), loaded.cfg.name, names)
+    options = Options(host, port, token, tls_cert, tls_key, tls_client_ca)
+    asyncio.run(serve(served, options, metrics_port, queue_size=queue_size, chunk=chunk, prefills=prefills))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Both run the same loop: prompts wait in a queue, enter free slots after prefill, and leave
 when they hit a stop token, a stop string, max_tokens or the end of the context; the engine
-decodes all slots `chunk` steps at a time.
+decodes all slots `chunk` steps at a time. `Request` holds the stopping rules and `Batch` the
+slots, shared with the server's scheduler (hire.scheduler).
 """
 from __future__ import annotations
 
@@ -30,13 +31,18 @@ class Completion:
 
 @dataclass
 class Event:
-    """One streamed token of request `index`; `finish_reason` is set on its last event."""
+    """One streamed token of request `index`; `finish_reason` is set on its last event.
+
+    `stop_token` marks a last event whose token is the stop token (EOS or a stop id): not part of
+    the completion's tokens, its text is what the decoder still held back.
+    """
 
     index: int
     token: int
     text: str
     logprob: float
     finish_reason: str | None
+    stop_token: bool = False
 
 
 class Request:
@@ -59,7 +65,7 @@ class Request:
         if token in self.stops:
             out.finish_reason = "stop"
             out.text += (tail := self.decoder.flush())
-            return Event(self.index, token, tail, logprob, "stop")
+            return Event(self.index, token, tail, logprob, "stop", stop_token=True)
         out.tokens.append(token)
         if self.params.logprobs:
             out.logprobs.append(logprob)
@@ -74,35 +80,67 @@ class Request:
         return Event(self.index, token, delta, logprob, out.finish_reason)
 
 
+class Batch:
+    """The engine's slots and the requests decoding in them: continuous batching's inner step.
+
+    `admit` prefills a request into a free slot, `step` decodes every slot `chunk` tokens and
+    pushes them to their requests, `drop` frees a slot at once. One thread drives a batch.
+    """
+
+    def __init__(self, engine: Engine, chunk: int):
+        self.engine, self.chunk = engine, chunk
+        self.state = engine.init_state()
+        self.live: dict[int, Request] = {}
+
+    def free_slots(self) -> list[int]:
+        return [slot for slot in range(self.engine.slots) if slot not in self.live]
+
+    def admit(self, req: Request, slot: int) -> Event:
+        """Prefill `req` into the free `slot`; returns its first event (it stays only if that is not its last)."""
+        prefix = self.engine.prefill(req.out.prompt_tokens, req.params, req.adapter)
+        event = req.push(int(prefix.token[0]), float(prefix.logprob[0]))
+        if event.finish_reason is None:
+            self.state = self.engine.insert(prefix, self.state, slot)
+            self.live[slot] = req
+        return event
+
+    def step(self) -> list[Event]:
+        """Decode `chunk` tokens in every slot; the live requests' events, each request's in order."""
+        n = self.chunk
+        reach = max(len(r.out.prompt_tokens) + len(r.out.tokens) for r in self.live.values()) + n
+        self.state, out = self.engine.generate_steps(self.state, n, reach)
+        tokens, logprobs = np.asarray(out.tokens), np.asarray(out.logprobs)
+        events = []
+        for slot, req in list(self.live.items()):
+            for t in range(n):
+                events.append(event := req.push(int(tokens[t, slot]), float(logprobs[t, slot])))
+                if event.finish_reason:
+                    del self.live[slot]
+                    break
+        return events
+
+    def drop(self, req: Request) -> None:
+        """Free `req`'s slot, if it holds one; its remaining tokens are never decoded."""
+        self.live = {slot: r for slot, r in self.live.items() if r is not req}
+
+
 def run(engine: Engine, requests: Sequence[Request], chunk: int = 16) -> Iterator[Event]:
     """Decode every request, yielding events as tokens arrive."""
-    queue = deque(requests)
-    live: dict[int, Request] = {}
-    state = engine.init_state()
-    while queue or live:
-        for slot in range(engine.slots):
-            if slot in live or not queue:
-                continue
-            req = queue.popleft()
-            prefix = engine.prefill(req.out.prompt_tokens, req.params, req.adapter)
-            event = req.push(int(prefix.token[0]), float(prefix.logprob[0]))
-            yield event
-            if event.finish_reason is None:
-                state = engine.insert(prefix, state, slot)
-                live[slot] = req
-        if not live:
-            continue
-        n = chunk
-        reach = max(len(r.out.prompt_tokens) + len(r.out.tokens) for r in live.values()) + n
-        state, out = engine.generate_steps(state, n, reach)
-        tokens, logprobs = np.asarray(out.tokens), np.asarray(out.logprobs)
-        for slot, req in list(live.items()):
-            for t in range(n):
-                event = req.push(int(tokens[t, slot]), float(logprobs[t, slot]))
-                yield event
-                if event.finish_reason:
-                    del live[slot]
-                    break
+    queue, batch = deque(requests), Batch(engine, chunk)
+    while queue or batch.live:
+        for slot in batch.free_slots()[: len(queue)]:
+            yield batch.admit(queue.popleft(), slot)
+        if batch.live:
+            yield from batch.step()
+
+
+def encode_prompt(engine: Engine, prompt: str | Sequence[int]) -> list[int]:
+    """A prompt's token ids: text is tokenized (with BOS), ids are taken as they are."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt: empty prompt")
+        return engine.tokenizer.encode(prompt)
+    return list(prompt)
 
 
 def _requests(engine: Engine, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
@@ -111,9 +149,7 @@ def _requests(engine: Engine, prompts: Sequence[str | Sequence[int]], params: Sa
     adapters = list(adapters) if adapters is not None else [-1] * len(prompts)
     if not len(prompts) == len(params) == len(adapters):
         raise ValueError("prompts, params and adapters differ in length")
-    if any(isinstance(p, str) and not p for p in prompts):
-        raise ValueError("prompt: empty prompt")
-    encoded = [engine.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    encoded = [encode_prompt(engine, p) for p in prompts]
     return [Request(i, *args, engine) for i, args in enumerate(zip(encoded, params, adapters))]
 
 

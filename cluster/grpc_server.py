@@ -1,0 +1,232 @@
+"""The asyncio gRPC server: hire.v1.Inference and JetStream's Orchestrator over one Scheduler.
+
+Every generation request is checked (cluster.requests), queued in the scheduler and streamed back
+as the engine decodes it; a bad field answers INVALID_ARGUMENT, a mode not implemented yet
+UNIMPLEMENTED, a full queue RESOURCE_EXHAUSTED. A call that ends early (client cancel, deadline)
+frees its slot before the next decode chunk. Standard health checking and reflection are served
+too; TLS and a bearer token are opt-in (see docs/serving.md).
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+import prometheus_client
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cluster.auth import BearerToken, server_credentials
+from cluster.metrics import Metrics
+from cluster.requests import Served, Work, from_decode, from_generate
+from hire.generate import Event, Request
+from hire.scheduler import QueueFull, Scheduler, Stream
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc, jetstream_pb2_grpc
+from protos import jetstream_pb2 as js
+
+log = logging.getLogger(__name__)
+
+STATUS = {ValueError: grpc.StatusCode.INVALID_ARGUMENT, NotImplementedError: grpc.StatusCode.UNIMPLEMENTED,
+          QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED}
+FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+SERVICES = (pb.DESCRIPTOR.services_by_name["Inference"].full_name,
+            js.DESCRIPTOR.services_by_name["Orchestrator"].full_name)
+
+
+@dataclass
+class Options:
+    """Where and how to listen. TLS when `tls_cert` and `tls_key` are set (mutual with `tls_client_ca`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port
+    token: str | None = None  # bearer token required on every call but health checks
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+
+
+class Generation:
+    """Runs generation calls through the scheduler: status codes, cancellation on call end, metrics."""
+
+    def __init__(self, served: Served, scheduler: Scheduler, metrics: Metrics):
+        self.served, self.scheduler, self.metrics = served, scheduler, metrics
+
+    async def events(self, rpc: str, check: Callable[[], Work],
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[tuple[Event, Request]]:
+        """Each event of the checked request, with the request (its `out` is complete at the last event).
+
+        Aborts the call with the status code of a bad request, a full queue or a failure.
+        """
+        start, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            with Stream(self.scheduler, *check()) as stream:
+                context.add_done_callback(lambda _: stream.cancel())
+                async for event in stream:
+                    yield event, stream.job.request
+            self.metrics.completed(stream.completion, time.perf_counter() - start)
+        except tuple(STATUS) as e:
+            code = next(c for kind, c in STATUS.items() if isinstance(e, kind))
+            await context.abort(code, str(e))
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed", rpc)
+            await context.abort(code, "internal error; see the server's log")
+        finally:
+            self.metrics.requests.labels(rpc, code.name).inc()
+
+    def count(self, rpc: str) -> None:
+        """Count a call that cannot fail (no generation)."""
+        self.metrics.requests.labels(rpc, grpc.StatusCode.OK.name).inc()
+
+
+class Inference(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, generation: Generation):
+        self.generation, self.served = generation, generation.served
+
+    def _events(self, rpc: str, request: pb.GenerateRequest, context) -> AsyncIterator[tuple[Event, Request]]:
+        return self.generation.events(rpc, lambda: from_generate(request, self.served), context)
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        async for _, req in self._events("Generate", request, context):
+            pass
+        out = req.out
+        return pb.GenerateResponse(request_id=_id(request), token_ids=out.tokens, text=out.text, logprobs=out.logprobs,
+                                   finish_reason=FINISH[out.finish_reason], usage=_usage(req))
+
+    async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
+        rid = _id(request)
+        async for event, req in self._events("GenerateStream", request, context):
+            ids = [] if event.stop_token else [event.token]
+            last = event.finish_reason is not None
+            yield pb.GenerateResponse(request_id=rid, token_ids=ids, text=event.text,
+                                      logprobs=[event.logprob] if ids and request.logprobs else [],
+                                      finish_reason=FINISH[event.finish_reason], usage=_usage(req) if last else None)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        self.generation.count("Tokenize")
+        return pb.TokenizeResponse(token_ids=self.served.engine.tokenizer.encode(request.text))
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
+        self.generation.count("GetModelInfo")
+        engine, tok = self.served.engine, self.served.engine.tokenizer
+        return pb.ModelInfo(name=self.served.name, vocab_size=engine.cfg.vocab_size, context_length=engine.max_len,
+                            slots=engine.slots, queue_size=self.generation.scheduler.queue_size,
+                            adapters=sorted(self.served.adapters), drafters=sorted(self.served.drafters),
+                            modes=[pb.DECODING_MODE_PLAIN], hire=False, dtype=engine.cfg.dtype,
+                            bos_id=-1 if tok.bos_id is None else tok.bos_id,
+                            eos_id=-1 if tok.eos_id is None else tok.eos_id)
+
+
+def _id(request: pb.GenerateRequest) -> str:
+    return request.request_id or uuid.uuid4().hex
+
+
+def _usage(req: Request) -> pb.Usage:
+    out = req.out
+    return pb.Usage(prompt_tokens=len(out.prompt_tokens), completion_tokens=len(out.tokens),
+                    time_to_first_token=out.time_to_first_token, seed=req.params.seed)
+
+
+class Orchestrator(jetstream_pb2_grpc.OrchestratorServicer):
+    """JetStream's API: greedy decoding; text requests get text and ids back, token requests ids only."""
+
+    def __init__(self, generation: Generation):
+        self.generation = generation
+
+    async def Decode(self, request: js.DecodeRequest, context) -> AsyncIterator[js.DecodeResponse]:
+        text = request.WhichOneof("content") != "token_content"
+        check = lambda: from_decode(request, self.generation.served)  # noqa: E731
+        async for event, _ in self.generation.events("Decode", check, context):
+            ids = [] if event.stop_token else [event.token]
+            if ids or (text and event.text):
+                sample = js.DecodeResponse.StreamContent.Sample(text=event.text if text else "", token_ids=ids)
+                yield js.DecodeResponse(stream_content=js.DecodeResponse.StreamContent(samples=[sample]))
+
+    async def HealthCheck(self, request: js.HealthCheckRequest, context) -> js.HealthCheckResponse:
+        self.generation.count("HealthCheck")
+        return js.HealthCheckResponse(is_live=self.generation.scheduler.alive)
+
+
+class GrpcServer:
+    """A started Scheduler behind a grpc.aio server; `start` and `stop` run on the serving event loop."""
+
+    def __init__(self, served: Served, options: Options | None = None, queue_size: int = 128, chunk: int = 4,
+                 prefills: int = 4):
+        self.options = options or Options()
+        self.served = served
+        self.scheduler = Scheduler(served.engine, queue_size, chunk, prefills)
+        self.metrics = Metrics(self.scheduler)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> int:
+        """Start the scheduler and listen; returns the port."""
+        opts = self.options
+        interceptors = [BearerToken(opts.token)] if opts.token else []
+        server = grpc.aio.server(interceptors=interceptors)
+        generation = Generation(self.served, self.scheduler, self.metrics)
+        inference_pb2_grpc.add_InferenceServicer_to_server(Inference(generation), server)
+        jetstream_pb2_grpc.add_OrchestratorServicer_to_server(Orchestrator(generation), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = f"[{opts.host}]:{opts.port}" if ":" in opts.host else f"{opts.host}:{opts.port}"
+        if opts.tls_cert or opts.tls_key:
+            if not (opts.tls_cert and opts.tls_key):
+                raise ValueError("TLS needs both a certificate and its key")
+            self.port = server.add_secure_port(address, server_credentials(opts.tls_cert, opts.tls_key,
+                                                                           opts.tls_client_ca))
+        else:
+            if not _loopback(opts.host):
+                log.warning("serving %s without TLS: traffic and any bearer token travel in clear", address)
+            self.port = server.add_insecure_port(address)
+        self.scheduler.start()
+        await server.start()
+        for name in ("", *SERVICES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        log.info("serving %s on %s:%d (%s%s)", self.served.name, opts.host, self.port,
+                 "TLS" if opts.tls_cert else "plaintext", ", bearer token" if opts.token else "")
+        return self.port
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Report NOT_SERVING, let calls in flight finish for `grace` seconds, then stop the scheduler."""
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        self.scheduler.stop()
+        log.info("stopped")
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def serve(served: Served, options: Options, metrics_port: int | None = None, **scheduling: int) -> None:
+    """Serve until SIGINT or SIGTERM, then stop gracefully (the `hire serve-grpc` command)."""
+    server = GrpcServer(served, options, **scheduling)
+    await server.start()
+    if metrics_port is not None:
+        prometheus_client.start_http_server(metrics_port, addr=options.host, registry=server.metrics.registry)
+    stopping = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    await server.stop()

@@ -1,0 +1,101 @@
+"""Client requests (hire.v1 GenerateRequest, JetStream DecodeRequest) checked and turned into engine work.
+
+A bad field raises ValueError and a mode that is not implemented yet NotImplementedError, each
+message starting with the field's name; transports map them to their status codes.
+"""
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from hire.engine import Engine
+from hire.generate import encode_prompt
+from hire.sampling import SamplingParams
+from protos import inference_pb2 as pb
+from protos import jetstream_pb2 as js
+
+MODES = {pb.DECODING_MODE_PLAIN: "plain", pb.DECODING_MODE_SPECULATIVE: "speculative",
+         pb.DECODING_MODE_TANDEM: "tandem"}
+
+
+@dataclass
+class Served:
+    """What a server serves: the engine, its LoRA adapters' and drafters' names, and the model's name."""
+
+    engine: Engine
+    name: str
+    adapters: Mapping[str, int] = field(default_factory=dict)  # name -> the engine's adapter index
+    drafters: Collection[str] = ()
+
+
+class Work(NamedTuple):
+    """A checked request, ready for Scheduler.submit."""
+
+    prompt: list[int]
+    params: SamplingParams
+    adapter: int
+
+
+def from_generate(msg: pb.GenerateRequest, served: Served) -> Work:
+    """Check a hire.v1 request: prompt, decoding mode, adapter, sampling, and max_tokens within the context."""
+    engine = served.engine
+    if msg.WhichOneof("prompt") == "tokens":
+        prompt = list(msg.tokens.ids)
+    else:
+        prompt = encode_prompt(engine, msg.text)
+    check_decoding(msg, served.drafters)
+    if msg.adapter and msg.adapter not in served.adapters:
+        raise ValueError(f"adapter: unknown adapter {msg.adapter!r}; loaded: {sorted(served.adapters) or 'none'}")
+    adapter = served.adapters.get(msg.adapter, -1) if msg.adapter else -1
+    engine.check_request(prompt, adapter)
+    if any(not s for s in msg.stop):
+        raise ValueError("stop: empty stop string")
+    check_token_ids("stop_token_ids", msg.stop_token_ids, engine.cfg.vocab_size)
+    room = engine.max_len - len(prompt)
+    optional = {name: getattr(msg, name) for name in ("temperature", "top_p", "seed", "max_tokens")
+                if msg.HasField(name)}
+    params = SamplingParams(**{"max_tokens": room, **optional}, top_k=msg.top_k, stop_ids=tuple(msg.stop_token_ids),
+                            stop_strings=tuple(msg.stop), logprobs=msg.logprobs, ignore_eos=msg.ignore_eos)
+    if params.max_tokens > room:
+        raise ValueError(f"max_tokens: {params.max_tokens} runs past the context: the prompt's {len(prompt)} tokens "
+                         f"leave {room} of {engine.max_len}")
+    return Work(prompt, params, adapter)
+
+
+def check_decoding(msg: pb.GenerateRequest, drafters: Collection[str]) -> None:
+    """Plain decoding without HiRE is all there is for now; anything else is refused, naming the field."""
+    if msg.mode not in MODES:
+        raise ValueError(f"mode: unknown decoding mode {msg.mode}")
+    mode = MODES[msg.mode]
+    if msg.drafter and msg.drafter not in drafters:
+        raise ValueError(f"drafter: unknown drafter {msg.drafter!r}; loaded: {sorted(drafters) or 'none'}")
+    if msg.mode == pb.DECODING_MODE_SPECULATIVE and not msg.drafter:
+        raise ValueError("drafter: speculative decoding needs a drafter")
+    if msg.gamma < 0 or (mode == "plain" and msg.gamma):
+        raise ValueError(f"gamma: {msg.gamma} is not a draft length (> 0, speculative and tandem modes only)")
+    if mode != "plain":
+        raise NotImplementedError(f"mode: {mode} decoding is not implemented yet")
+    if msg.hire:
+        raise NotImplementedError("hire: HiRE approximate top-k is not implemented yet")
+
+
+def check_token_ids(name: str, ids: Collection[int], vocab_size: int) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{name}: token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+
+
+def from_decode(msg: js.DecodeRequest, served: Served) -> Work:
+    """Check a JetStream request: greedy, max_tokens > 0 and cut at the end of the context, one sample."""
+    engine = served.engine
+    if msg.num_samples > 1:
+        raise NotImplementedError(f"num_samples: {msg.num_samples} samples per request are not supported; use 1")
+    if msg.WhichOneof("content") == "token_content":
+        prompt = list(msg.token_content.token_ids)
+    else:
+        prompt = encode_prompt(engine, msg.text_content.text)
+    engine.check_request(prompt)
+    if msg.max_tokens <= 0:
+        raise ValueError(f"max_tokens: must be > 0, got {msg.max_tokens}")
+    return Work(prompt, SamplingParams(temperature=0.0, max_tokens=msg.max_tokens), -1)

@@ -1,0 +1,200 @@
+"""Continuous batching for a server: one thread drives the engine, requests come and go between chunks.
+
+Requests wait in a queue: a request is refused (QueueFull) when `queue_size` already wait beyond
+the free slots. Before each decode chunk the scheduler thread frees the slots of cancelled
+requests, prefills up to `prefills` waiting requests into free slots (so prefill interleaves with
+decoding), then decodes every slot `chunk` tokens. Each request's events go to its own sink,
+called on the scheduler thread; `Stream` turns them into an asyncio iterator. The stopping rules
+are `hire.generate.Request`'s and the slots `hire.generate.Batch`'s, as in `generate`.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from hire.engine import Engine
+from hire.generate import Batch, Completion, Event, Request
+from hire.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[Event | Exception], None]
+
+
+class QueueFull(Exception):
+    """The queue already holds as many waiting requests as the scheduler allows."""
+
+
+@dataclass(eq=False)
+class Job:
+    """A submitted request and where its events go."""
+
+    request: Request
+    sink: Sink
+    cancelled: bool = False
+    done: bool = False
+
+
+class Scheduler:
+    """Owns an engine and its decode state; `submit` and `cancel` may be called from any thread."""
+
+    def __init__(self, engine: Engine, queue_size: int = 128, chunk: int = 4, prefills: int = 4):
+        if queue_size < 1 or chunk < 1 or prefills < 1:
+            raise ValueError("queue_size, chunk and prefills must be >= 1")
+        self.engine, self.queue_size, self.prefills = engine, queue_size, prefills
+        self._batch = Batch(engine, chunk)
+        self._waiting: deque[Job] = deque()
+        self._cancelled: list[Job] = []
+        self._running: dict[int, Job] = {}  # by request index: the jobs in (or entering) a slot
+        self._ids = itertools.count()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="hire-scheduler", daemon=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests not yet in a slot."""
+        return len(self._waiting)
+
+    @property
+    def busy_slots(self) -> int:
+        return len(self._batch.live)
+
+    def start(self) -> Scheduler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the thread; requests still waiting or decoding get a RuntimeError."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams, adapter: int, sink: Sink) -> Job:
+        """Queue a request. Raises ValueError naming the field the engine cannot run, QueueFull when full."""
+        job = Job(Request(next(self._ids), list(prompt), params, adapter, self.engine), sink)
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the scheduler has stopped")
+            if len(self._waiting) >= self.queue_size + self.engine.slots - len(self._running):
+                raise QueueFull(f"all {self.engine.slots} slots are busy and {self.queue_size} requests wait; "
+                                "retry later")
+            self._waiting.append(job)
+            self._cond.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """End `job` with no further events: out of the queue now, out of its slot before the next chunk."""
+        with self._cond:
+            if job.cancelled or job.done:
+                return
+            job.cancelled = True
+            if job in self._waiting:
+                self._waiting.remove(job)
+            else:
+                self._cancelled.append(job)
+                self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping or self._waiting or self._cancelled or self._batch.live)
+                if self._stopping:
+                    break
+                for job in self._cancelled:
+                    self._batch.drop(job.request)
+                    self._running.pop(job.request.index, None)
+                self._cancelled.clear()
+                slots = self._batch.free_slots()[: min(self.prefills, len(self._waiting))]
+                admitted = [(slot, self._waiting.popleft()) for slot in slots]
+                self._running.update((job.request.index, job) for _, job in admitted)
+            for slot, job in admitted:
+                self._admit(job, slot)
+            if self._batch.live:
+                self._step()
+        with self._cond:
+            left = [*self._waiting, *self._running.values()]
+            self._waiting.clear()
+        for job in left:
+            self._send(job, RuntimeError("the scheduler has stopped"))
+
+    def _admit(self, job: Job, slot: int) -> None:
+        try:
+            event = self._batch.admit(job.request, slot)
+        except Exception as e:  # noqa: BLE001 - one request the engine fails on must not stop the others
+            log.exception("prefill failed for request %d", job.request.index)
+            self._send(job, e)
+            return
+        self._send(job, event)
+
+    def _step(self) -> None:
+        try:
+            events = self._batch.step()
+        except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep serving
+            log.exception("decode step failed; failing the %d requests decoding", len(self._batch.live))
+            for req in self._batch.live.values():
+                self._send(self._running[req.index], e)
+            self._batch = Batch(self.engine, self._batch.chunk)  # the old state was donated to the failed call
+            return
+        for event in events:
+            self._send(self._running[event.index], event)
+
+    def _send(self, job: Job, item: Event | Exception) -> None:
+        if isinstance(item, Exception) or item.finish_reason is not None:
+            job.done = True
+            self._running.pop(job.request.index, None)
+        if job.cancelled:
+            return
+        try:
+            job.sink(item)
+        except Exception:  # noqa: BLE001 - e.g. the caller's event loop has closed
+            log.exception("request %d: its sink failed; cancelling it", job.request.index)
+            self.cancel(job)
+
+
+class Stream:
+    """A request submitted from an asyncio loop: `async for event in stream`; leaving `with` cancels it."""
+
+    def __init__(self, scheduler: Scheduler, prompt: Sequence[int], params: SamplingParams, adapter: int = -1):
+        loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Event | Exception] = asyncio.Queue()
+        self._scheduler, self._finished = scheduler, False
+        self.job = scheduler.submit(prompt, params, adapter,
+                                    lambda item: loop.call_soon_threadsafe(self._queue.put_nowait, item))
+
+    @property
+    def completion(self) -> Completion:
+        """The request's output so far (complete once the last event has arrived)."""
+        return self.job.request.out
+
+    def cancel(self) -> None:
+        self._scheduler.cancel(self.job)
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cancel()
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, Exception):
+            self._finished = True
+            raise item
+        self._finished = item.finish_reason is not None
+        return item

@@ -1,0 +1,405 @@
+"""The gRPC server on 127.0.0.1 with real clients: every RPC, bad requests, cancellation, deadlines,
+a full queue, 64 concurrent streams, bearer token, TLS, metrics and up-to-date generated stubs."""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import filecmp
+import ipaddress
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+from click.testing import CliRunner
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from cluster.grpc_server import GrpcServer, Options
+from cluster.requests import Served
+from hire.checkpoint import load_model
+from hire.cli import main
+from hire.engine import Engine
+from hire.generate import generate
+from hire.sampling import SamplingParams
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc, jetstream_pb2_grpc
+from protos import jetstream_pb2 as js
+
+REPO = Path(__file__).resolve().parents[1]
+CODE = grpc.StatusCode
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    """stories260K with every program the tests run compiled (so that timings hold in any test order)."""
+    engine = Engine(load_model("stories260K"), slots=8, max_len=128)
+    alone(engine, PROMPT, 120, ignore_eos=True)
+    return engine
+
+
+class Paced:
+    """The engine with every decode chunk held to `seconds`, so that tests can act while requests decode."""
+
+    def __init__(self, engine: Engine, seconds: float):
+        self._engine, self._seconds = engine, seconds
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def generate_steps(self, state, n: int, reach: int | None = None):
+        time.sleep(self._seconds)
+        return self._engine.generate_steps(state, n, reach)
+
+
+class Running:
+    """A GrpcServer serving from its own event-loop thread."""
+
+    def __init__(self, served: Served, options: Options, **scheduling: int):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = GrpcServer(served, options, **scheduling)
+        self.port = self._run(self.server.start())
+        self.scheduler = self.server.scheduler
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(f"127.0.0.1:{self.port}")
+
+    def close(self) -> None:
+        self._run(self.server.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
+@contextmanager
+def running(engine, options: Options | None = None, **scheduling: int) -> Iterator[Running]:
+    server = Running(Served(engine, "stories260K"), options or Options(port=0), **scheduling)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def server(engine) -> Iterator[Running]:
+    with running(engine) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def stub(server) -> Iterator[inference_pb2_grpc.InferenceStub]:
+    with server.channel() as channel:
+        yield inference_pb2_grpc.InferenceStub(channel)
+
+
+def greedy(max_tokens: int, prompt: str = PROMPT, **fields) -> pb.GenerateRequest:
+    return pb.GenerateRequest(text=prompt, temperature=0, max_tokens=max_tokens, **fields)
+
+
+def alone(engine: Engine, prompt: str | list[int], max_tokens: int, **params):
+    """The library's completion of one prompt decoding by itself."""
+    return generate(engine, [prompt], SamplingParams(temperature=0, max_tokens=max_tokens, **params), chunk=4)[0]
+
+
+def wait_for(condition, seconds: float = 10) -> None:
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.005)
+
+
+def test_generate_and_stream_match_the_library(engine, stub):
+    expected = alone(engine, PROMPT, 40, logprobs=True)
+    unary = stub.Generate(greedy(40, logprobs=True, request_id="r1"))
+    assert unary.request_id == "r1" and list(unary.token_ids) == expected.tokens and unary.text == expected.text
+    assert unary.finish_reason == pb.FINISH_REASON_LENGTH
+    assert unary.usage.prompt_tokens == len(expected.prompt_tokens) and unary.usage.completion_tokens == 40
+    assert unary.usage.time_to_first_token > 0 and list(unary.logprobs) == pytest.approx(expected.logprobs, abs=1e-6)
+    parts = list(stub.GenerateStream(greedy(40, logprobs=True)))
+    assert [t for p in parts for t in p.token_ids] == expected.tokens and "".join(p.text for p in parts) == unary.text
+    assert [lp for p in parts for lp in p.logprobs] == pytest.approx(expected.logprobs, abs=1e-6)
+    assert all(not p.HasField("usage") and not p.finish_reason for p in parts[:-1])
+    assert parts[-1].usage.completion_tokens == 40 and len({p.request_id for p in parts}) == 1
+
+
+def test_stop_ids_and_strings_with_a_tokens_prompt(engine, stub):
+    ids = engine.tokenizer.encode("The cat")
+    free = alone(engine, ids, 40)
+    k = next(i for i, t in enumerate(free.tokens) if i >= 5 and t not in free.tokens[:i])
+    parts = list(stub.GenerateStream(pb.GenerateRequest(tokens=pb.TokenIds(ids=ids), temperature=0, max_tokens=40,
+                                                        stop_token_ids=[free.tokens[k]])))
+    assert [t for p in parts for t in p.token_ids] == free.tokens[:k]  # the stop token itself is not returned
+    assert parts[-1].finish_reason == pb.FINISH_REASON_STOP and parts[-1].usage.completion_tokens == k
+    cut = free.text[20:24]
+    stopped = stub.Generate(greedy(40, "The cat", stop=[cut]))
+    assert stopped.finish_reason == pb.FINISH_REASON_STOP and stopped.text == free.text[: free.text.index(cut)]
+
+
+def test_seeded_sampling_replays(stub):
+    a, b = (stub.Generate(pb.GenerateRequest(text=PROMPT, temperature=1, top_p=0.9, seed=5, max_tokens=30))
+            for _ in range(2))
+    assert a.token_ids == b.token_ids and a.usage.seed == 5
+
+
+def test_tokenize_and_model_info(engine, stub):
+    assert list(stub.Tokenize(pb.TokenizeRequest(text=PROMPT)).token_ids) == engine.tokenizer.encode(PROMPT)
+    info = stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert (info.name, info.vocab_size, info.context_length, info.slots) == ("stories260K", 512, 128, 8)
+    assert list(info.modes) == [pb.DECODING_MODE_PLAIN] and not info.hire and not info.adapters
+    assert (info.bos_id, info.eos_id, info.dtype) == (1, 2, "float32")
+
+
+def test_jetstream_decode_and_health_check(engine, server):
+    expected = alone(engine, "The dog", 20)
+    with server.channel() as channel:
+        orchestrator = jetstream_pb2_grpc.OrchestratorStub(channel)
+        text = js.DecodeRequest(text_content=js.DecodeRequest.TextContent(text="The dog"), max_tokens=20)
+        samples = [r.stream_content.samples[0] for r in orchestrator.Decode(text)]
+        assert "".join(s.text for s in samples) == expected.text
+        assert [t for s in samples for t in s.token_ids] == expected.tokens
+        ids = js.DecodeRequest(token_content=js.DecodeRequest.TokenContent(token_ids=expected.prompt_tokens),
+                               max_tokens=20)
+        samples = [r.stream_content.samples[0] for r in orchestrator.Decode(ids)]
+        assert [t for s in samples for t in s.token_ids] == expected.tokens and not any(s.text for s in samples)
+        assert orchestrator.HealthCheck(js.HealthCheckRequest()).is_live
+
+
+def test_standard_health_and_reflection(server):
+    with server.channel() as channel:
+        check, serving = health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckResponse.SERVING
+        for service in ("", "hire.v1.Inference", "jetstream_proto.Orchestrator"):
+            assert check(health_pb2.HealthCheckRequest(service=service)).status == serving
+        ask = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo
+        listed = next(ask(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        assert {"hire.v1.Inference", "jetstream_proto.Orchestrator", "grpc.health.v1.Health",
+                "grpc.reflection.v1alpha.ServerReflection"} <= {s.name for s in listed.list_services_response.service}
+        found = next(ask(iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol="hire.v1.Inference")])))
+        assert found.file_descriptor_response.file_descriptor_proto
+
+
+BAD = [
+    (pb.GenerateRequest(text=""), CODE.INVALID_ARGUMENT, "prompt"),
+    (pb.GenerateRequest(), CODE.INVALID_ARGUMENT, "prompt"),
+    (pb.GenerateRequest(tokens=pb.TokenIds(ids=[])), CODE.INVALID_ARGUMENT, "prompt"),
+    (pb.GenerateRequest(tokens=pb.TokenIds(ids=[1, 512])), CODE.INVALID_ARGUMENT, "prompt"),
+    (pb.GenerateRequest(tokens=pb.TokenIds(ids=[1, -3])), CODE.INVALID_ARGUMENT, "prompt"),
+    (pb.GenerateRequest(tokens=pb.TokenIds(ids=[5] * 128)), CODE.INVALID_ARGUMENT, "prompt"),
+    (greedy(0), CODE.INVALID_ARGUMENT, "max_tokens"),
+    (greedy(-4), CODE.INVALID_ARGUMENT, "max_tokens"),
+    (greedy(126), CODE.INVALID_ARGUMENT, "max_tokens"),  # 5 prompt tokens leave 123
+    (pb.GenerateRequest(text=PROMPT, temperature=-0.5), CODE.INVALID_ARGUMENT, "temperature"),
+    (pb.GenerateRequest(text=PROMPT, top_p=0), CODE.INVALID_ARGUMENT, "top_p"),
+    (pb.GenerateRequest(text=PROMPT, top_p=1.5), CODE.INVALID_ARGUMENT, "top_p"),
+    (pb.GenerateRequest(text=PROMPT, top_k=-1), CODE.INVALID_ARGUMENT, "top_k"),
+    (greedy(4, adapter="french"), CODE.INVALID_ARGUMENT, "adapter"),
+    (greedy(4, stop=["the", ""]), CODE.INVALID_ARGUMENT, "stop"),
+    (greedy(4, stop_token_ids=[600]), CODE.INVALID_ARGUMENT, "stop_token_ids"),
+    (greedy(4, mode=pb.DECODING_MODE_SPECULATIVE, drafter="tiny", gamma=4), CODE.INVALID_ARGUMENT, "unknown drafter"),
+    (greedy(4, mode=pb.DECODING_MODE_SPECULATIVE), CODE.INVALID_ARGUMENT, "drafter"),
+    (greedy(4, mode=pb.DECODING_MODE_TANDEM, gamma=4), CODE.UNIMPLEMENTED, "mode"),
+    (greedy(4, mode=9), CODE.INVALID_ARGUMENT, "mode"),
+    (greedy(4, gamma=3), CODE.INVALID_ARGUMENT, "gamma"),
+    (greedy(4, hire=True), CODE.UNIMPLEMENTED, "hire"),
+]
+
+
+@pytest.mark.parametrize("request_, code, field", BAD, ids=[f"{b[2]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_requests_are_named_and_the_server_goes_on(stub, request_, code, field):
+    for call in (stub.Generate, lambda r: list(stub.GenerateStream(r))):
+        with pytest.raises(grpc.RpcError) as e:
+            call(request_)
+        assert e.value.code() == code and field in e.value.details()
+    assert stub.Generate(greedy(3)).usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize("request_, code, field", [
+    (js.DecodeRequest(max_tokens=5), CODE.INVALID_ARGUMENT, "prompt"),
+    (js.DecodeRequest(text_content=js.DecodeRequest.TextContent(text="Hi"), max_tokens=0), CODE.INVALID_ARGUMENT,
+     "max_tokens"),
+    (js.DecodeRequest(token_content=js.DecodeRequest.TokenContent(token_ids=[1, 9999]), max_tokens=5),
+     CODE.INVALID_ARGUMENT, "prompt"),
+    (js.DecodeRequest(text_content=js.DecodeRequest.TextContent(text="Hi"), max_tokens=5, num_samples=2),
+     CODE.UNIMPLEMENTED, "num_samples"),
+])
+def test_bad_jetstream_requests(server, request_, code, field):
+    with server.channel() as channel:
+        with pytest.raises(grpc.RpcError) as e:
+            list(jetstream_pb2_grpc.OrchestratorStub(channel).Decode(request_))
+    assert e.value.code() == code and field in e.value.details()
+
+
+def long_streams(stub, n: int, **call) -> list:
+    """n streams that would each decode for seconds on a paced server; returns once all have a token."""
+    streams = [stub.GenerateStream(greedy(100, ignore_eos=True), **call) for _ in range(n)]
+    for s in streams:
+        next(s)
+    return streams
+
+
+def test_cancel_frees_the_slot_at_once(engine):
+    # 1 s per chunk of 4 tokens: each long stream would hold its slot for 25 s; the newcomer
+    # must get in at the next chunk boundary. The bound leaves room for a loaded machine.
+    with running(Paced(engine, 1.0)) as server, server.channel() as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        streams = long_streams(stub, 8)
+        waiting = stub.GenerateStream(greedy(100, ignore_eos=True))
+        wait_for(lambda: server.scheduler.queue_depth == 1)
+        start = time.perf_counter()
+        streams[0].cancel()
+        next(waiting)
+        assert time.perf_counter() - start < 6
+        assert server.scheduler.busy_slots == 8  # the other seven still decode, beside the newcomer
+        for s in streams[1:] + [waiting]:
+            s.cancel()
+        wait_for(lambda: server.scheduler.busy_slots == 0)
+
+
+def test_deadline_ends_the_call_and_frees_its_slot(engine):
+    # 1 s per chunk of 4 tokens: the long streams would hold every slot for 25 s.
+    with running(Paced(engine, 1.0)) as server, server.channel() as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        start = time.perf_counter()
+        streams = long_streams(stub, 8, timeout=4)  # time to be admitted and start, far from 25 s
+        waiting = stub.Generate.future(greedy(3), timeout=30)
+        for s in streams:
+            with pytest.raises(grpc.RpcError) as e:
+                list(s)
+            assert e.value.code() == CODE.DEADLINE_EXCEEDED
+        assert waiting.result().usage.completion_tokens == 3 and time.perf_counter() - start < 15
+        wait_for(lambda: server.scheduler.busy_slots == 0)
+        assert stub.Generate(greedy(3), timeout=5).finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_full_queue_is_resource_exhausted(engine):
+    with running(Paced(engine, 0.05), queue_size=2) as server, server.channel() as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        streams = long_streams(stub, 8) + [stub.GenerateStream(greedy(3)) for _ in range(2)]
+        wait_for(lambda: server.scheduler.queue_depth == 2)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(greedy(3))
+        assert e.value.code() == CODE.RESOURCE_EXHAUSTED
+        for s in streams:
+            s.cancel()
+        wait_for(lambda: server.scheduler.busy_slots == server.scheduler.queue_depth == 0)
+        assert stub.Generate(greedy(3)).usage.completion_tokens == 3
+
+
+def test_64_concurrent_streams_equal_each_alone(engine, stub):
+    names, starts = ["Tom", "Lily", "The dog", "A bird", "Sam", "The king", "Mia", "A little fish"], \
+        ["went", "saw", "wanted", "found", "liked", "was", "had", "said"]
+    prompts = [f"{n} {s}" for n in names for s in starts]
+    lengths = [5 + (7 * i) % 60 for i in range(64)]
+    start = time.perf_counter()
+    calls = [stub.GenerateStream(greedy(m, p)) for p, m in zip(prompts, lengths)]
+    outs = [list(c) for c in calls]
+    seconds = time.perf_counter() - start
+    for p, m, parts in zip(prompts, lengths, outs):
+        expected = alone(engine, p, m)
+        assert [t for r in parts for t in r.token_ids] == expected.tokens
+        assert "".join(r.text for r in parts) == expected.text
+    print(f"\n64 concurrent streams, {sum(len(o) for o in outs)} responses: {seconds:.2f}s")
+
+
+def test_bearer_token(engine):
+    with running(engine, Options(port=0, token="s3cret")) as server, server.channel() as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", "s3cret"),)):
+            for call in (lambda: stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata),
+                         lambda: list(stub.GenerateStream(greedy(3), metadata=metadata))):
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                assert e.value.code() == CODE.UNAUTHENTICATED
+        good = (("authorization", "Bearer s3cret"),)
+        assert len(list(stub.GenerateStream(greedy(3), metadata=good))) == 3
+        assert stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=good).slots == 8
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())  # probes need no token
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def certificate(name: str, issuer: tuple | None = None) -> tuple[bytes, bytes, tuple]:
+    """A PEM certificate and key for `name` (and 127.0.0.1), signed by `issuer` (cert, key) or itself as a CA."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(subject).public_key(key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+               .add_extension(x509.SubjectAlternativeName([x509.DNSName(name),
+                                                           x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                              critical=False))
+    issuer_cert, issuer_key = issuer or (None, key)
+    cert = builder.issuer_name(issuer_cert.subject if issuer_cert else subject).sign(issuer_key, hashes.SHA256())
+    pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), pem_key, (cert, key)
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+def test_tls(engine, tmp_path, mutual):
+    ca_pem, _, ca = certificate("hire test CA")
+    server_pem, server_key, _ = certificate("localhost", ca)
+    client_pem, client_key, _ = certificate("client", ca)
+    for name, data in {"ca.pem": ca_pem, "server.pem": server_pem, "server.key": server_key}.items():
+        (tmp_path / name).write_bytes(data)
+    options = Options(port=0, tls_cert=str(tmp_path / "server.pem"), tls_key=str(tmp_path / "server.key"),
+                      tls_client_ca=str(tmp_path / "ca.pem") if mutual else None)
+    with running(engine, options) as server:
+        target = f"localhost:{server.port}"
+        with grpc.secure_channel(target, grpc.ssl_channel_credentials(ca_pem, client_key, client_pem)) as channel:
+            assert inference_pb2_grpc.InferenceStub(channel).Generate(greedy(3)).usage.completion_tokens == 3
+        refused = [grpc.insecure_channel(target)] + ([grpc.secure_channel(target, grpc.ssl_channel_credentials(ca_pem))]
+                                                     if mutual else [])
+        for channel in refused:
+            with channel, pytest.raises(grpc.RpcError) as e:
+                inference_pb2_grpc.InferenceStub(channel).Generate(greedy(3), timeout=5)
+            assert e.value.code() == CODE.UNAVAILABLE
+
+
+def test_metrics(stub, server):
+    registry = server.server.metrics.registry
+    value = lambda name, **labels: registry.get_sample_value(name, labels) or 0.0  # noqa: E731
+    before = value("hire_requests_total", rpc="Generate", status="OK"), value("hire_generated_tokens_total")
+    stub.Generate(greedy(7))
+    with pytest.raises(grpc.RpcError):
+        stub.Generate(greedy(0))
+    assert value("hire_requests_total", rpc="Generate", status="OK") == before[0] + 1
+    assert value("hire_generated_tokens_total") == before[1] + 7
+    assert value("hire_requests_total", rpc="Generate", status="INVALID_ARGUMENT") >= 1
+    for histogram in ("hire_time_to_first_token_seconds", "hire_time_per_output_token_seconds",
+                      "hire_request_latency_seconds"):
+        assert value(f"{histogram}_count") >= 1
+    assert value("hire_queue_depth") == 0 and value("hire_batch_occupancy") == 0
+    assert value("hire_speculative_acceptance_rate") == 0
+
+
+def test_generated_stubs_are_fresh(tmp_path):
+    subprocess.run(["bash", "scripts/gen_protos.sh", str(tmp_path)], cwd=REPO, check=True,
+                   env={**os.environ, "PYTHON": sys.executable})
+    fresh = sorted(p.name for p in (tmp_path / "protos").iterdir())
+    committed = sorted(p.name for p in (REPO / "protos").glob("*_pb2*.py*"))
+    assert fresh == committed, "run scripts/gen_protos.sh"
+    _, mismatch, errors = filecmp.cmpfiles(tmp_path / "protos", REPO / "protos", fresh, shallow=False)
+    assert not mismatch and not errors, f"stale: {mismatch + errors}; run scripts/gen_protos.sh"
+
+
+def test_serve_grpc_command_checks_tls_flags(tmp_path):
+    (tmp_path / "ca.pem").write_text("")
+    result = CliRunner().invoke(main, ["serve-grpc", "--tls-client-ca", str(tmp_path / "ca.pem")])
+    assert result.exit_code != 0 and "--tls-client-ca needs --tls-cert" in result.output

@@ -56,10 +56,13 @@ def main() -> None:
 @main.command()
 @click.option("--model", default="default", show_default=True, help=MODEL_HELP)
 @click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens to generate at most.")
+@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Tokens to generate at most.")
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0), help="0 is greedy.")
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Keep the k likeliest tokens (0: all).")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Nucleus mass to keep.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Keep the k likeliest tokens (0: all).")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Nucleus mass to keep.")
 @click.option("--seed", type=int, help="Sampling seed: the same seed gives the same text (random when left out).")
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable); it is not printed.")
 @click.option("--ignore-eos", is_flag=True, help="Keep going past the end-of-sequence token.")
@@ -67,7 +70,8 @@ def main() -> None:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Cast weights to this dtype.")
 @click.option("--lora", "loras", multiple=True, metavar="NAME=PATH",
               help="Load the Hugging Face PEFT LoRA adapter in folder PATH as NAME (repeatable).")
-@click.option("--adapter", help="Generate with this loaded adapter (a NAME given to --lora); the base model if left out.")
+@click.option("--adapter",
+              help="Generate with this loaded adapter (a NAME given to --lora); the base model if left out.")
 def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, logprobs, dtype, loras,
              adapter) -> None:
     """Continue PROMPT with a model, streaming the text to stdout."""
@@ -96,8 +100,8 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, stop, i
         finish = event.finish_reason
     seconds = time.perf_counter() - start
     sys.stdout.write("\n")
-    click.echo(f"[{count} tokens in {seconds:.2f}s, {count / seconds:.1f} tokens/s, finish: {finish}, seed: {params.seed}]",
-               err=True)
+    click.echo(f"[{count} tokens in {seconds:.2f}s, {count / seconds:.1f} tokens/s, finish: {finish}, "
+               f"seed: {params.seed}]", err=True)
     if logprobs:
         click.echo(json.dumps({"tokens_logprobs": record}), err=True)
 
@@ -114,7 +118,8 @@ def convert(src, dst, dtype) -> None:
         loaded = run(src, dst, dtype)
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"wrote {dst} ({loaded.cfg.name}: {loaded.cfg.n_layers} layers, dim {loaded.cfg.dim}, {loaded.cfg.dtype})")
+    cfg = loaded.cfg
+    click.echo(f"wrote {dst} ({cfg.name}: {cfg.n_layers} layers, dim {cfg.dim}, {cfg.dtype})")
 
 
 @main.group()
@@ -128,10 +133,12 @@ def bench() -> None:
 @click.option("--batch", default=(1,), multiple=True, type=click.IntRange(min=1), show_default=True,
               help="Slots decoding together (repeatable: one run each).")
 @click.option("--steps", default=128, show_default=True, type=click.IntRange(min=1), help="Decode steps timed per run.")
-@click.option("--prompt-len", default=16, show_default=True, type=click.IntRange(min=1), help="Tokens prefilled per slot.")
+@click.option("--prompt-len", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Tokens prefilled per slot.")
 @click.option("--chunk", default=32, show_default=True, type=click.IntRange(min=1),
               help="Steps per compiled loop; attention reads the cache as far as each loop reaches.")
-@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Timed runs; the median is kept.")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Timed runs; the median is kept.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Weight dtype.")
 def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype) -> None:
     """Decode speed: tokens/s, ms per token, and the ratio to the memory-bandwidth floor."""

@@ -122,7 +122,8 @@ def test_greedy_generation(case):
     expected = case.torch_model.generate(torch.tensor(case.prompt[None]), attention_mask=torch.ones(1, PROMPT_LEN),
                                          do_sample=False, max_new_tokens=NEW_TOKENS)[0, PROMPT_LEN:].tolist()
     engine = Engine(case.loaded, slots=2, max_len=PROMPT_LEN + NEW_TOKENS + 8)
-    [out] = generate(engine, [case.prompt.tolist()], SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    [out] = generate(engine, [case.prompt.tolist()], params)
     assert out.tokens == expected
     assert len(set(out.tokens)) > 1  # not a degenerate model
 
@@ -237,7 +238,8 @@ BASE = dict(model_type="llama", vocab_size=32, hidden_size=64, num_hidden_layers
                                             high_freq_factor=4.0, original_max_position_embeddings=8192)),
      dict(rope_theta=5e5, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192), n_kv_heads=4)),
     (dict(model_type="qwen2", sliding_window=4096, max_window_layers=28), dict(sliding_window=0, attention_bias=True)),
-    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=64, max_window_layers=0), dict(sliding_window=64)),
+    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=64, max_window_layers=0),
+     dict(sliding_window=64)),
     (dict(model_type="mistral", sliding_window=4096, eos_token_id=[7, 8], bos_token_id=5),
      dict(sliding_window=4096, eos_id=7, bos_id=5)),
     (dict(hidden_act="gelu_pytorch_tanh", torch_dtype="bfloat16", head_dim=32), dict(activation="gelu_tanh",

@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-if [ $# -eq 0 ]; then set -- --prompt "Once upon a time" --max-tokens 100 --temperature 0; fi
+if [ $# -eq 0 ]; then set -- --prompt "def parse_args(argv):" --max-tokens 100 --temperature 0.8 --seed 1; fi
 exec .venv/bin/hire generate "$@"

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from hire.checkpoint import load_model
 from hire.cli import main
 
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
@@ -69,3 +70,9 @@ def test_bench_decode_prints_one_json_per_batch(run):
     for r in rows:
         assert {"model", "tokens_per_s", "ms_per_token", "weight_bytes", "bandwidth_gbps", "floor_ms_per_token",
                 "ratio_to_floor"} <= set(r) and r["tokens_per_s"] > 0 and r["ratio_to_floor"] > 0
+
+
+def test_default_model_is_hires_own(run):
+    result = run("generate", "--prompt", "import os\n", "--max-tokens", "8", "--temperature", "0", "--ignore-eos")
+    assert result.exit_code == 0 and result.stdout.startswith("import os\n") and len(result.stdout) > 12
+    assert load_model("default").cfg.vocab_size == 16384

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from hire.formats import CheckpointError
+from hire.formats import DTYPES, CheckpointError
 
 MODEL_HELP = "Model folder (hire, Hugging Face or llama2.c format) or a name under models/ (default: 'default')."
 
@@ -67,7 +67,7 @@ def main() -> None:
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable); it is not printed.")
 @click.option("--ignore-eos", is_flag=True, help="Keep going past the end-of-sequence token.")
 @click.option("--logprobs", is_flag=True, help="Print each token's id and log-probability to stderr at the end.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Cast weights to this dtype.")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Cast weights to this dtype.")
 @click.option("--lora", "loras", multiple=True, metavar="NAME=PATH",
               help="Load the Hugging Face PEFT LoRA adapter in folder PATH as NAME (repeatable).")
 @click.option("--adapter",
@@ -109,7 +109,7 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, stop, i
 @main.command()
 @click.argument("src")
 @click.argument("dst", type=click.Path(file_okay=False))
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Cast weights to this dtype.")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Cast weights to this dtype.")
 def convert(src, dst, dtype) -> None:
     """Convert the model at SRC (any supported format) into hire's format at DST."""
     from hire.checkpoint import convert as run
@@ -139,7 +139,7 @@ def bench() -> None:
               help="Steps per compiled loop; attention reads the cache as far as each loop reaches.")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
               help="Timed runs; the median is kept.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Weight dtype.")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Weight dtype.")
 def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype) -> None:
     """Decode speed: tokens/s, ms per token, and the ratio to the memory-bandwidth floor."""
     from hire.bench import bench_decode as run
@@ -205,7 +205,7 @@ def train_command(config, out, until, quiet) -> None:
 @click.option("--context", type=click.IntRange(min=2),
               help="Window length in tokens (default and at most: the model's max_seq_len).")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Windows per forward pass.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Cast weights to this dtype.")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Cast weights to this dtype.")
 @click.option("--reference", help="Also report `agreement`: how often this model's argmax equals the reference "
               "model's (e.g. --model default-draft --reference default).")
 def eval_command(model, text_file, context, batch, dtype, reference) -> None:
@@ -246,7 +246,7 @@ def eval_command(model, text_file, context, batch, dtype, reference) -> None:
               help="Decode steps between admissions (requests join and leave at these boundaries).")
 @click.option("--prefills", default=4, show_default=True, type=click.IntRange(min=1),
               help="Prompts prefilled at most between two decode chunks.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Cast weights to this dtype.")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Cast weights to this dtype.")
 @click.option("--lora", "loras", multiple=True, metavar="NAME=PATH",
               help="Serve the Hugging Face PEFT LoRA adapter in folder PATH as NAME (repeatable).")
 @click.option("--token", envvar="HIRE_TOKEN", help="Require 'authorization: Bearer TOKEN' on every call but health "

@@ -207,7 +207,12 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """tokens [B, T] at positions [B, T] -> logits [B, T, V] (or [B, V] at `logit_index`), cache."""
+    """tokens [B, T] at positions [B, T] -> logits [B, T, V] (or [B, V] at `logit_index`), cache.
+
+    Applied with `mutable=["intermediates"]`, it also returns the residual stream [B, T, dim] as
+    intermediates "hidden_0" (the embeddings) to "hidden_{n_layers}" (the last block's output, before
+    the final norm): the representations a tandem drafter reads. Otherwise nothing is kept.
+    """
 
     cfg: ModelConfig
 
@@ -225,10 +230,12 @@ class Transformer(nn.Module):
                 lora = Lora(ids, jnp.where(adapter >= 0, scale[ids], 0.0))
         inv_freq = rope_frequencies(cfg)
         x = embed[tokens]
+        self.sow("intermediates", "hidden_0", x)
         new_cache = []
         for i in range(cfg.n_layers):
             layer_cache = None if cache is None else cache[i]
             x, c = Block(cfg, name=f"layers_{i}")(x, positions, layer_cache, lora, inv_freq, kv_len)
+            self.sow("intermediates", f"hidden_{i + 1}", x)
             new_cache.append(c)
         x = RMSNorm(cfg.norm_eps, cfg.dtype, name="norm")(x)
         if logit_index is not None:

@@ -13,7 +13,6 @@ import ipaddress
 import logging
 import signal
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cluster.auth import BearerToken, server_credentials
+from cluster.messages import decode_response, full_response, request_id, stream_response
 from cluster.metrics import Metrics
 from cluster.requests import Served, Work, from_decode, from_generate
 from hire.generate import Event, Request
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 STATUS = {ValueError: grpc.StatusCode.INVALID_ARGUMENT, NotImplementedError: grpc.StatusCode.UNIMPLEMENTED,
           QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED}
-FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 SERVICES = (pb.DESCRIPTOR.services_by_name["Inference"].full_name,
             js.DESCRIPTOR.services_by_name["Orchestrator"].full_name)
 
@@ -58,9 +57,10 @@ class Generation:
     def __init__(self, served: Served, scheduler: Scheduler, metrics: Metrics):
         self.served, self.scheduler, self.metrics = served, scheduler, metrics
 
-    async def events(self, rpc: str, check: Callable[[], Work],
-                     context: grpc.aio.ServicerContext) -> AsyncIterator[tuple[Event, Request]]:
-        """Each event of the checked request, with the request (its `out` is complete at the last event).
+    async def batches(self, rpc: str, check: Callable[[], Work],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[tuple[list[Event], Request]]:
+        """The checked request's events as they come (see Stream.batches), with the request (its `out` is
+        complete at the last event).
 
         Aborts the call with the status code of a bad request, a full queue or a failure.
         """
@@ -68,8 +68,8 @@ class Generation:
         try:
             with Stream(self.scheduler, *check()) as stream:
                 context.add_done_callback(lambda _: stream.cancel())
-                async for event in stream:
-                    yield event, stream.job.request
+                async for batch in stream.batches():
+                    yield batch, stream.job.request
             self.metrics.completed(stream.completion, time.perf_counter() - start)
         except tuple(STATUS) as e:
             code = next(c for kind, c in STATUS.items() if isinstance(e, kind))
@@ -84,35 +84,29 @@ class Generation:
             log.exception("%s failed", rpc)
             await context.abort(code, "internal error; see the server's log")
         finally:
-            self.metrics.requests.labels(rpc, code.name).inc()
+            self.metrics.request(rpc, code.name)
 
     def count(self, rpc: str) -> None:
         """Count a call that cannot fail (no generation)."""
-        self.metrics.requests.labels(rpc, grpc.StatusCode.OK.name).inc()
+        self.metrics.request(rpc, grpc.StatusCode.OK.name)
 
 
 class Inference(inference_pb2_grpc.InferenceServicer):
     def __init__(self, generation: Generation):
         self.generation, self.served = generation, generation.served
 
-    def _events(self, rpc: str, request: pb.GenerateRequest, context) -> AsyncIterator[tuple[Event, Request]]:
-        return self.generation.events(rpc, lambda: from_generate(request, self.served), context)
+    def _batches(self, rpc: str, request: pb.GenerateRequest, context) -> AsyncIterator[tuple[list[Event], Request]]:
+        return self.generation.batches(rpc, lambda: from_generate(request, self.served), context)
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        async for _, req in self._events("Generate", request, context):
+        async for _, req in self._batches("Generate", request, context):
             pass
-        out = req.out
-        return pb.GenerateResponse(request_id=_id(request), token_ids=out.tokens, text=out.text, logprobs=out.logprobs,
-                                   finish_reason=FINISH[out.finish_reason], usage=_usage(req))
+        return full_response(req, request_id(request))
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
-        rid = _id(request)
-        async for event, req in self._events("GenerateStream", request, context):
-            ids = [] if event.stop_token else [event.token]
-            last = event.finish_reason is not None
-            yield pb.GenerateResponse(request_id=rid, token_ids=ids, text=event.text,
-                                      logprobs=[event.logprob] if ids and request.logprobs else [],
-                                      finish_reason=FINISH[event.finish_reason], usage=_usage(req) if last else None)
+        rid = request_id(request)
+        async for batch, req in self._batches("GenerateStream", request, context):
+            yield stream_response(batch, req, rid)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         self.generation.count("Tokenize")
@@ -129,16 +123,6 @@ class Inference(inference_pb2_grpc.InferenceServicer):
                             eos_id=-1 if tok.eos_id is None else tok.eos_id)
 
 
-def _id(request: pb.GenerateRequest) -> str:
-    return request.request_id or uuid.uuid4().hex
-
-
-def _usage(req: Request) -> pb.Usage:
-    out = req.out
-    return pb.Usage(prompt_tokens=len(out.prompt_tokens), completion_tokens=len(out.tokens),
-                    time_to_first_token=out.time_to_first_token, seed=req.params.seed)
-
-
 class Orchestrator(jetstream_pb2_grpc.OrchestratorServicer):
     """JetStream's API: greedy decoding; text requests get text and ids back, token requests ids only."""
 
@@ -148,11 +132,9 @@ class Orchestrator(jetstream_pb2_grpc.OrchestratorServicer):
     async def Decode(self, request: js.DecodeRequest, context) -> AsyncIterator[js.DecodeResponse]:
         text = request.WhichOneof("content") != "token_content"
         check = lambda: from_decode(request, self.generation.served)  # noqa: E731
-        async for event, _ in self.generation.events("Decode", check, context):
-            ids = [] if event.stop_token else [event.token]
-            if ids or (text and event.text):
-                sample = js.DecodeResponse.StreamContent.Sample(text=event.text if text else "", token_ids=ids)
-                yield js.DecodeResponse(stream_content=js.DecodeResponse.StreamContent(samples=[sample]))
+        async for batch, req in self.generation.batches("Decode", check, context):
+            if out := decode_response(stream_response(batch, req, ""), text):
+                yield out
 
     async def HealthCheck(self, request: js.HealthCheckRequest, context) -> js.HealthCheckResponse:
         self.generation.count("HealthCheck")

@@ -14,7 +14,7 @@ import itertools
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from hire.engine import Engine
@@ -163,14 +163,19 @@ class Scheduler:
 
 
 class Stream:
-    """A request submitted from an asyncio loop: `async for event in stream`; leaving `with` cancels it."""
+    """A request submitted from an asyncio loop: `async for event in stream` (or `stream.batches()`);
+    leaving `with` cancels it."""
 
     def __init__(self, scheduler: Scheduler, prompt: Sequence[int], params: SamplingParams, adapter: int = -1):
         loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[Event | Exception] = asyncio.Queue()
+        self._items: deque[Event | Exception] = deque()
+        self._ready = asyncio.Event()
         self._scheduler, self._finished = scheduler, False
-        self.job = scheduler.submit(prompt, params, adapter,
-                                    lambda item: loop.call_soon_threadsafe(self._queue.put_nowait, item))
+        self.job = scheduler.submit(prompt, params, adapter, lambda item: loop.call_soon_threadsafe(self._put, item))
+
+    def _put(self, item: Event | Exception) -> None:
+        self._items.append(item)
+        self._ready.set()
 
     @property
     def completion(self) -> Completion:
@@ -186,15 +191,28 @@ class Stream:
     def __exit__(self, *exc) -> None:
         self.cancel()
 
-    def __aiter__(self) -> Stream:
-        return self
+    async def batches(self) -> AsyncIterator[list[Event]]:
+        """Every event that has arrived, as one list (never empty), until the last; raises the request's failure.
 
-    async def __anext__(self) -> Event:
-        if self._finished:
-            raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, Exception):
-            self._finished = True
-            raise item
-        self._finished = item.finish_reason is not None
-        return item
+        A consumer slower than the engine gets several tokens per item instead of falling behind.
+        """
+        while not self._finished:
+            await self._ready.wait()
+            batch = []
+            while self._items and not self._finished:
+                item = self._items.popleft()
+                if isinstance(item, Exception):
+                    self._finished = True
+                    if batch:
+                        yield batch
+                    raise item
+                batch.append(item)
+                self._finished = item.finish_reason is not None
+            if not self._items:
+                self._ready.clear()
+            yield batch
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        async for batch in self.batches():
+            for event in batch:
+                yield event

@@ -326,7 +326,7 @@ def test_bearer_token(engine):
                     call()
                 assert e.value.code() == CODE.UNAUTHENTICATED
         good = (("authorization", "Bearer s3cret"),)
-        assert len(list(stub.GenerateStream(greedy(3), metadata=good))) == 3
+        assert sum(len(r.token_ids) for r in stub.GenerateStream(greedy(3), metadata=good)) == 3
         assert stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=good).slots == 8
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())  # probes need no token
         assert health.status == health_pb2.HealthCheckResponse.SERVING

@@ -234,21 +234,33 @@ def eval_command(model, text_file, context, batch, dtype, reference) -> None:
     click.echo(json.dumps(result))
 
 
+def serving_options(command):
+    """The engine and scheduling flags `hire serve-grpc` and `hire serve` share."""
+    options = [
+        click.option("--slots", default=8, show_default=True, type=click.IntRange(min=1),
+                     help="Requests decoding together."),
+        click.option("--max-len", type=click.IntRange(min=2),
+                     help="Context length (default and at most: the model's)."),
+        click.option("--queue-size", default=128, show_default=True, type=click.IntRange(min=1),
+                     help="Requests that may wait while every slot is busy; more get RESOURCE_EXHAUSTED (HTTP 429)."),
+        click.option("--chunk", default=4, show_default=True, type=click.IntRange(min=1),
+                     help="Decode steps between admissions (requests join and leave at these boundaries)."),
+        click.option("--prefills", default=4, show_default=True, type=click.IntRange(min=1),
+                     help="Prompts prefilled at most between two decode chunks."),
+        click.option("--dtype", type=click.Choice(DTYPES), help="Cast weights to this dtype."),
+        click.option("--lora", "loras", multiple=True, metavar="NAME=PATH",
+                     help="Serve the Hugging Face PEFT LoRA adapter in folder PATH as NAME (repeatable)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command("serve-grpc")
 @click.option("--model", default="default", show_default=True, help=MODEL_HELP)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on ('0.0.0.0': all).")
 @click.option("--port", default=50051, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free one.")
-@click.option("--slots", default=8, show_default=True, type=click.IntRange(min=1), help="Requests decoding together.")
-@click.option("--max-len", type=click.IntRange(min=2), help="Context length (default and at most: the model's).")
-@click.option("--queue-size", default=128, show_default=True, type=click.IntRange(min=1),
-              help="Requests that may wait while every slot is busy; more get RESOURCE_EXHAUSTED.")
-@click.option("--chunk", default=4, show_default=True, type=click.IntRange(min=1),
-              help="Decode steps between admissions (requests join and leave at these boundaries).")
-@click.option("--prefills", default=4, show_default=True, type=click.IntRange(min=1),
-              help="Prompts prefilled at most between two decode chunks.")
-@click.option("--dtype", type=click.Choice(DTYPES), help="Cast weights to this dtype.")
-@click.option("--lora", "loras", multiple=True, metavar="NAME=PATH",
-              help="Serve the Hugging Face PEFT LoRA adapter in folder PATH as NAME (repeatable).")
+@serving_options
 @click.option("--token", envvar="HIRE_TOKEN", help="Require 'authorization: Bearer TOKEN' on every call but health "
               "checks (or set $HIRE_TOKEN).")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate chain: serve TLS.")
@@ -283,6 +295,99 @@ def serve_grpc(model, host, port, slots, max_len, queue_size, chunk, prefills, d
     served = Served(Engine(loaded, slots=slots, max_len=max_len), loaded.cfg.name, names)
     options = Options(host, port, token, tls_cert, tls_key, tls_client_ca)
     asyncio.run(serve(served, options, metrics_port, queue_size=queue_size, chunk=chunk, prefills=prefills))
+
+
+@main.command("serve")
+@click.option("--model", default="default", show_default=True, help=MODEL_HELP)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the proxies listen on ('0.0.0.0': all).")
+@click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, 65535),
+              help="OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health).")
+@click.option("--grpc-port", default=50051, show_default=True, type=click.IntRange(1, 65535),
+              help="gRPC: hire.v1.Inference and jetstream_proto.Orchestrator.")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Engine replicas, each holding the whole model (one CPU each by default).")
+@click.option("--address", help="Join this running Ray cluster ('auto': the local one) instead of starting one.")
+@click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs the embedded Ray may use (default: all).")
+@serving_options
+def serve_command(model, host, http_port, grpc_port, replicas, address, num_cpus, slots, max_len, queue_size, chunk,
+                  prefills, dtype, loras) -> None:
+    """Serve a model on Ray Serve (HTTP and gRPC) until Ctrl-C or SIGTERM.
+
+    Starts a local Ray in this process (or joins --address), deploys the application of deploy/serve.yaml
+    and serves the OpenAI-compatible HTTP API on --http-port and hire.v1.Inference / JetStream's Orchestrator
+    on --grpc-port. Needs the serve extra (pip install -e '.[serve]'). See docs/serving.md.
+    """
+    import logging
+
+    try:
+        from cluster.launch import serve_until_signal
+    except ModuleNotFoundError as e:
+        raise click.ClickException(f"hire serve needs {e.name}: pip install -e '.[serve]'") from None
+    pairs = [spec.split("=", 1) for spec in loras]
+    if any(len(p) != 2 or not all(p) for p in pairs):
+        raise click.BadParameter("expected NAME=PATH", param_hint="--lora")
+    from hire.checkpoint import detect_format, resolve_model
+
+    try:  # fail here, not inside a replica, on a model that is not there; pass replicas a path
+        model = str(resolve_model(model))
+        detect_format(Path(model))
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = dict(model=model, slots=slots, max_len=max_len, queue_size=queue_size, chunk=chunk, prefills=prefills,
+                dtype=dtype, lora={name: str(Path(path).resolve()) for name, path in pairs} or None, replicas=replicas)
+    serve_until_signal(args, host=host, http_port=http_port, grpc_port=grpc_port, address=address, num_cpus=num_cpus)
+
+
+@main.command("client")
+@click.argument("prompt")
+@click.option("--target", default="127.0.0.1:50051", show_default=True, help="HOST:PORT of a hire gRPC server.")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="At most this many tokens (default: to a stop).")
+@click.option("--temperature", default=1.0, show_default=True, type=float, help="0 is greedy.")
+@click.option("--top-k", default=0, show_default=True, type=int, help="Sample among the k likeliest (0: all).")
+@click.option("--top-p", type=float, help="Nucleus sampling mass.")
+@click.option("--seed", type=int, help="Sampling seed (random when left out; the one used is printed).")
+@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
+@click.option("--adapter", help="A LoRA adapter the server serves, by name.")
+@click.option("--no-stream", is_flag=True, help="One Generate call instead of streaming.")
+@click.option("--wait", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds to wait for a server that is still starting.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Deadline of the call in seconds.")
+@click.option("--token", envvar="HIRE_TOKEN", help="Bearer token (or set $HIRE_TOKEN).")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), help="PEM CA certificate: connect with TLS.")
+def client_command(prompt, target, max_tokens, temperature, top_k, top_p, seed, stop, adapter, no_stream, wait,
+                   timeout, token, tls_ca) -> None:
+    """Send PROMPT to a hire gRPC server (`hire serve` or `hire serve-grpc`) and print the completion.
+
+    The text streams to stdout; usage (tokens, time to first token, seed) goes to stderr.
+    """
+    try:
+        import grpc
+
+        from cluster.client import Client
+        from protos import inference_pb2 as pb
+    except ModuleNotFoundError as e:
+        raise click.ClickException(f"hire client needs {e.name}: pip install -e '.[grpc]'") from None
+    request = pb.GenerateRequest(text=prompt, temperature=temperature, top_k=top_k, stop=stop, adapter=adapter or "")
+    for name, value in (("max_tokens", max_tokens), ("top_p", top_p), ("seed", seed)):
+        if value is not None:
+            setattr(request, name, value)
+    client = Client(target, token, Path(tls_ca).read_bytes() if tls_ca else None, timeout)
+    try:
+        if wait:
+            client.wait(wait)
+        last = client.generate(request) if no_stream else None
+        for msg in [last] if last else client.stream(request):
+            click.echo(msg.text, nl=False)
+            last = msg
+        click.echo()
+        u = last.usage
+        click.echo(f"[{u.prompt_tokens} prompt + {u.completion_tokens} completion tokens, first token after "
+                   f"{u.time_to_first_token * 1000:.0f} ms, seed {u.seed}]", err=True)
+    except grpc.RpcError as e:
+        raise click.ClickException(f"{e.code().name}: {e.details()}") from None
+    finally:
+        client.close()
 
 
 if __name__ == "__main__":

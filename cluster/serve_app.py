@@ -1,0 +1,301 @@
+"""The Ray Serve application: an engine deployment behind an ingress that speaks HTTP and gRPC.
+
+- `EngineServer` owns one model: its engine, a continuous-batching Scheduler and the Ray metrics.
+  Its `generate` streams hire.v1 GenerateResponse messages for a hire.v1 or JetStream request.
+- `Ingress` (FastAPI) serves the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
+  both with SSE streaming, /v1/models, /health) and, through Ray Serve's gRPC proxy, the same
+  hire.v1.Inference and jetstream_proto.Orchestrator methods as `hire serve-grpc`. It reaches the
+  engine through a deployment handle.
+
+`build` is the application builder named by deploy/serve.yaml (`serve run deploy/serve.yaml`) and
+used by `hire serve`. Bad requests end as HTTP 400 (404 for an unknown model, 429 for a full queue)
+or INVALID_ARGUMENT / UNIMPLEMENTED / RESOURCE_EXHAUSTED, with a message that names the field.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.exceptions import RayTaskError
+from ray.serve.grpc_util import RayServegRPCContext
+from ray.serve.handle import DeploymentHandle
+
+from cluster import openai_api as oa
+from cluster.messages import decode_response, request_id, stream_response
+from cluster.metrics import RayMetrics
+from cluster.requests import Served, from_decode, from_generate
+from hire.checkpoint import load_model
+from hire.engine import Engine
+from hire.lora import load_adapters
+from hire.scheduler import QueueFull, Scheduler, Stream
+from protos import inference_pb2 as pb
+from protos import jetstream_pb2 as js
+
+log = logging.getLogger(__name__)
+
+# Servicers Serve's gRPC proxy registers (serve.start's grpc_options, or http/grpc_options in serve.yaml).
+GRPC_SERVICERS = ("protos.inference_pb2_grpc.add_InferenceServicer_to_server",
+                  "protos.jetstream_pb2_grpc.add_OrchestratorServicer_to_server")
+GRPC_STATUS = {ValueError: grpc.StatusCode.INVALID_ARGUMENT, NotImplementedError: grpc.StatusCode.UNIMPLEMENTED,
+               QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED}
+HTTP_STATUS = {oa.UnknownModel: 404, ValueError: 400, NotImplementedError: 400, QueueFull: 429}
+
+
+def cause(e: BaseException) -> BaseException:
+    """The exception a replica raised, out of Ray's wrapper."""
+    return e.cause if isinstance(e, RayTaskError) and e.cause is not None else e
+
+
+def kind_of(e: BaseException, table: dict):
+    """The entry of `table` for the first exception class `e` is an instance of, or None."""
+    return next((v for k, v in table.items() if isinstance(e, k)), None)
+
+
+class EngineServer:
+    """One model with its scheduler; calls arrive from the ingress through a handle."""
+
+    def __init__(self, model: str = "default", slots: int = 8, max_len: int | None = None, queue_size: int = 128,
+                 chunk: int = 4, prefills: int = 4, dtype: str | None = None, lora: dict[str, str] | None = None):
+        loaded = load_model(model, dtype=dtype)
+        names: dict[str, int] = {}
+        if lora:
+            loaded, names = load_adapters(loaded, lora)
+        self.served = Served(Engine(loaded, slots=slots, max_len=max_len), loaded.cfg.name, names)
+        self.scheduler = Scheduler(self.served.engine, queue_size, chunk, prefills).start()
+        self.metrics = RayMetrics(self.scheduler)
+        self._sampler: asyncio.Task | None = None
+        self.cancelled = 0
+
+    async def _sample_gauges(self) -> None:
+        while True:
+            self.metrics.sample()
+            await asyncio.sleep(1.0)
+
+    async def generate(self, request: pb.GenerateRequest | js.DecodeRequest) -> AsyncIterator[pb.GenerateResponse]:
+        """Check and run one request; each message holds every token ready when it was sent.
+
+        Raises ValueError / NotImplementedError naming the field, or QueueFull. Cancelling the call
+        (the client went away) frees the request's slot before the next decode chunk.
+        """
+        rpc = "Decode" if isinstance(request, js.DecodeRequest) else "Generate"
+        if self._sampler is None:  # on the replica's event loop, which __init__ may not run on
+            self._sampler = asyncio.get_running_loop().create_task(self._sample_gauges())
+        start, status = time.perf_counter(), "OK"
+        try:
+            if rpc == "Decode":
+                work, rid = from_decode(request, self.served), ""
+            else:
+                work, rid = from_generate(request, self.served), request_id(request)
+            with Stream(self.scheduler, *work) as stream:
+                async for batch in stream.batches():
+                    yield stream_response(batch, stream.job.request, rid)
+            self.metrics.completed(stream.completion, time.perf_counter() - start)
+        except BaseException as e:
+            if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
+                status, self.cancelled = "CANCELLED", self.cancelled + 1
+            else:
+                status = (kind_of(e, GRPC_STATUS) or grpc.StatusCode.INTERNAL).name
+            raise
+        finally:
+            self.metrics.request(rpc, status)
+
+    def info(self) -> pb.ModelInfo:
+        engine, tok = self.served.engine, self.served.engine.tokenizer
+        return pb.ModelInfo(name=self.served.name, vocab_size=engine.cfg.vocab_size, context_length=engine.max_len,
+                            slots=engine.slots, queue_size=self.scheduler.queue_size,
+                            adapters=sorted(self.served.adapters), drafters=sorted(self.served.drafters),
+                            modes=[pb.DECODING_MODE_PLAIN], hire=False, dtype=engine.cfg.dtype,
+                            bos_id=-1 if tok.bos_id is None else tok.bos_id,
+                            eos_id=-1 if tok.eos_id is None else tok.eos_id)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.served.engine.tokenizer.encode(text)
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text (for OpenAI logprobs)."""
+        return [self.served.engine.tokenizer.decode([i]) for i in ids]
+
+    def load(self) -> dict[str, int]:
+        """Slots in use, requests waiting, and generation calls cancelled so far (the client went away)."""
+        return {"busy_slots": self.scheduler.busy_slots, "queue_depth": self.scheduler.queue_depth,
+                "cancelled": self.cancelled}
+
+    def check_health(self) -> None:
+        """Serve's health probe: a replica whose scheduler thread died is restarted."""
+        if not self.scheduler.alive:
+            raise RuntimeError("the scheduler thread has stopped")
+
+
+app = FastAPI(title="hire", description="OpenAI-compatible completions served by hire on Ray Serve.")
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+    return JSONResponse(oa.error(f"{param}: {first.get('msg', 'invalid request')}", "invalid_request_error", param),
+                        status_code=400)
+
+
+def http_error(e: BaseException) -> JSONResponse:
+    """The OpenAI error response for a failed request (500 only for a server fault)."""
+    e = cause(e)
+    status = kind_of(e, HTTP_STATUS)
+    if status is None:
+        log.error("request failed", exc_info=e)
+        return JSONResponse(oa.error("internal error; see the server's log", "server_error"), status_code=500)
+    kind = {404: "not_found_error", 429: "rate_limit_error"}.get(status, "invalid_request_error")
+    return JSONResponse(oa.error(str(e), kind, oa.field_of(str(e)) if status != 429 else None), status_code=status)
+
+
+@serve.ingress(app)
+class Ingress:
+    """HTTP (OpenAI API) and gRPC (hire.v1 and JetStream) in front of an `EngineServer` handle."""
+
+    def __init__(self, engine: DeploymentHandle):
+        self.engine = engine
+        self._info: pb.ModelInfo | None = None
+
+    async def model_info(self) -> pb.ModelInfo:
+        if self._info is None:
+            self._info = await self.engine.info.remote()
+        return self._info
+
+    def _stream(self, request: pb.GenerateRequest | js.DecodeRequest):
+        return self.engine.generate.options(stream=True).remote(request)
+
+    # HTTP
+
+    @app.get("/health")
+    async def health(self) -> dict:
+        await self.engine.check_health.remote()
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(self) -> dict:
+        info = await self.model_info()
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "hire",
+                                            **({"parent": info.name} if name != info.name else {})}
+                                           for name in (info.name, *info.adapters)]}
+
+    @app.post("/v1/completions")
+    async def completions(self, body: oa.CompletionRequest):
+        return await self._openai(body, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: oa.ChatRequest):
+        return await self._openai(body, chat=True)
+
+    async def _openai(self, body: oa.CompletionRequest | oa.ChatRequest, chat: bool):
+        rid = oa.new_id(chat)
+        try:
+            info = await self.model_info()
+            responses = self._stream(oa.to_generate(body, info.name, list(info.adapters)))
+            first = await responses.__anext__()  # a bad request fails here, before any byte is sent
+        except Exception as e:  # noqa: BLE001 - every failure becomes an error response
+            return http_error(e)
+        if body.stream:
+            return StreamingResponse(self._sse(rid, body, chat, first, responses), media_type="text/event-stream")
+        try:
+            msgs = [first] + [m async for m in responses]
+        except Exception as e:  # noqa: BLE001
+            return http_error(e)
+        msg = oa.merge(msgs)
+        lp = await self._logprobs(msg, chat) if msg.logprobs else None
+        out = oa.body(rid, body.model, chat, False, [oa.choice(msg, chat, False, True, lp)])
+        return {**out, "usage": oa.usage(msg)}
+
+    async def _logprobs(self, msg: pb.GenerateResponse, chat: bool) -> dict:
+        return oa.logprobs(await self.engine.token_texts.remote(list(msg.token_ids)), list(msg.logprobs), chat)
+
+    async def _sse(self, rid: str, body, chat: bool, first: pb.GenerateResponse, rest) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per message, usage last when asked, then [DONE]."""
+        try:
+            msg, n = first, 0
+            while True:
+                lp = await self._logprobs(msg, chat) if msg.logprobs else None
+                chunk = oa.body(rid, body.model, chat, True, [oa.choice(msg, chat, True, n == 0, lp)])
+                yield f"data: {json.dumps(chunk)}\n\n"
+                if msg.finish_reason:
+                    break
+                msg, n = await rest.__anext__(), n + 1
+            if body.stream_options and body.stream_options.include_usage:
+                yield f"data: {json.dumps({**oa.body(rid, body.model, chat, True, []), 'usage': oa.usage(msg)})}\n\n"
+        except Exception as e:  # noqa: BLE001 - the status line is gone; report in the stream
+            yield f"data: {json.dumps(json.loads(http_error(e).body))}\n\n"
+        finally:
+            rest.cancel()
+        yield "data: [DONE]\n\n"
+
+    # gRPC, through Serve's proxy: the methods of hire.v1.Inference and jetstream_proto.Orchestrator
+
+    async def _grpc(self, request, context: RayServegRPCContext) -> AsyncIterator[pb.GenerateResponse]:
+        responses = self._stream(request)
+        try:
+            async for msg in responses:
+                yield msg
+        except Exception as e:  # noqa: BLE001 - every failure becomes a status
+            e = cause(e)
+            code = kind_of(e, GRPC_STATUS)
+            if code is None:
+                log.error("gRPC request failed", exc_info=e)
+            context.set_code(code or grpc.StatusCode.INTERNAL)
+            context.set_details(str(e) if code else "internal error; see the server's log")
+            raise e from None  # Serve's proxy answers with the status set above
+        finally:
+            responses.cancel()
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
+        msgs = [m async for m in self._grpc(request, grpc_context)]
+        out = oa.merge(msgs)
+        out.request_id = msgs[-1].request_id
+        return out
+
+    async def GenerateStream(self, request: pb.GenerateRequest,
+                             grpc_context: RayServegRPCContext) -> AsyncIterator[pb.GenerateResponse]:
+        async for msg in self._grpc(request, grpc_context):
+            yield msg
+
+    async def Tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        return pb.TokenizeResponse(token_ids=await self.engine.tokenize.remote(request.text))
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest) -> pb.ModelInfo:
+        return await self.model_info()
+
+    async def Decode(self, request: js.DecodeRequest,
+                     grpc_context: RayServegRPCContext) -> AsyncIterator[js.DecodeResponse]:
+        text = request.WhichOneof("content") != "token_content"
+        async for msg in self._grpc(request, grpc_context):
+            if out := decode_response(msg, text):
+                yield out
+
+    async def HealthCheck(self, request: js.HealthCheckRequest) -> js.HealthCheckResponse:
+        try:
+            await self.engine.check_health.remote()
+        except Exception:  # noqa: BLE001 - any failure means not live
+            return js.HealthCheckResponse(is_live=False)
+        return js.HealthCheckResponse(is_live=True)
+
+
+def build(args: dict) -> serve.Application:
+    """The application: `args` are EngineServer's keyword arguments (model, slots, max_len, ...) and
+    optionally `replicas`, the engine's replica count (serve.yaml may instead autoscale it).
+
+    Each engine replica admits up to slots + queue_size requests: it queues and batches them itself.
+    """
+    args = dict(args)
+    replicas = int(args.pop("replicas", 1))
+    slots, queue = int(args.get("slots", 8)), int(args.get("queue_size", 128))
+    engine = serve.deployment(EngineServer, name="engine", num_replicas=replicas,
+                              max_ongoing_requests=slots + queue + 16, health_check_period_s=5)
+    ingress = serve.deployment(Ingress, name="ingress", max_ongoing_requests=4 * replicas * (slots + queue),
+                               ray_actor_options={"num_cpus": 0})  # waits on the engine; needs no core of its own
+    return ingress.bind(engine.bind(**args))

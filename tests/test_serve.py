@@ -1,0 +1,205 @@
+"""The Ray Serve application on a real local Ray: the official `openai` client over HTTP (completions and
+chat, streamed and not), gRPC through Serve's proxy (every hire.v1 RPC and JetStream's Decode), bad
+requests answered 4xx / INVALID_ARGUMENT with the server still serving, a closed stream cancelled in
+the engine, and 64 concurrent streams equal to each request alone."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import openai
+import pytest
+import ray
+from ray import serve
+
+from cluster import launch
+from cluster.openai_api import ChatMessage, chat_prompt
+from hire.checkpoint import load_model
+from hire.engine import Engine
+from hire.generate import generate
+from hire.sampling import SamplingParams
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc, jetstream_pb2_grpc
+from protos import jetstream_pb2 as js
+
+MODEL, PROMPT = "stories260K", "Once upon a time"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ports():
+    http, grpc_port = free_port(), free_port()
+    launch.start({"model": MODEL, "slots": 8, "max_len": 512}, http_port=http, grpc_port=grpc_port, num_cpus=2)
+    yield http, grpc_port
+    launch.stop()
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(load_model(MODEL), slots=8, max_len=512)
+
+
+@pytest.fixture(scope="module")
+def client(ports) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{ports[0]}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def channel(ports):
+    with grpc.insecure_channel(f"127.0.0.1:{ports[1]}") as channel:
+        yield channel
+
+
+def alone(engine: Engine, prompt: str | list[int], max_tokens: int, **params):
+    return generate(engine, [prompt], SamplingParams(temperature=0.0, max_tokens=max_tokens, **params))[0]
+
+
+def engine_load() -> dict:
+    return serve.get_deployment_handle("engine", launch.APP).load.remote().result()
+
+
+def test_completions_match_the_library(engine, client):
+    expected = alone(engine, PROMPT, 40, logprobs=True)
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40, temperature=0, logprobs=1)
+    assert r.object == "text_completion" and r.choices[0].text == expected.text
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(expected.prompt_tokens), 40)
+    assert r.choices[0].logprobs.token_logprobs == pytest.approx(expected.logprobs, abs=1e-5)
+    assert "".join(r.choices[0].logprobs.tokens) == expected.text
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
+    assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 40
+    ids = client.completions.create(model=MODEL, prompt=expected.prompt_tokens, max_tokens=40, temperature=0)
+    assert ids.choices[0].text == expected.text  # a token-id prompt
+
+
+def test_chat_completions_match_the_library(engine, client):
+    messages = [{"role": "system", "content": "Tell a story."}, {"role": "user", "content": "A cat"}]
+    expected = alone(engine, chat_prompt([ChatMessage(**m) for m in messages]), 30)
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, temperature=0)
+    assert r.object == "chat.completion" and r.choices[0].message.content == expected.text
+    assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens == 30
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
+
+
+def test_models_health_and_seeded_sampling(ports, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/health") as r:
+        assert json.load(r) == {"status": "ok"}
+    a, b = (client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=1, top_p=0.9, seed=7)
+            for _ in range(2))
+    assert a.choices[0].text == b.choices[0].text
+
+
+@pytest.mark.parametrize("fields, status, param", [
+    ({"temperature": -1}, 400, "temperature"),
+    ({"top_p": 0}, 400, "top_p"),
+    ({"max_tokens": 0}, 400, "max_tokens"),
+    ({"max_tokens": 600}, 400, "max_tokens"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": "word " * 600}, 400, "prompt"),
+    ({"prompt": [1, 99999]}, 400, "prompt"),
+    ({"n": 2}, 400, "n"),
+    ({"stop": [""]}, 400, "stop"),
+    ({"model": "no-such-model"}, 404, "model"),
+    ({"temperature": "hot"}, 400, "temperature"),
+])
+def test_bad_completions_are_4xx_naming_the_field(ports, client, fields, status, param):
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 5, **fields}
+    request = urllib.request.Request(f"http://127.0.0.1:{ports[0]}/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request)
+    error = json.load(e.value)["error"]
+    assert e.value.code == status and error["param"] == param and error["message"]
+    assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3).usage.completion_tokens == 3
+
+
+def test_bad_chat_request_through_the_openai_client(client):
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model=MODEL, messages=[], max_tokens=5)
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], top_p=1.5)
+
+
+def test_grpc_through_the_serve_proxy(engine, channel):
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    expected = alone(engine, PROMPT, 25)
+    unary = stub.Generate(pb.GenerateRequest(text=PROMPT, temperature=0, max_tokens=25, request_id="r7"))
+    assert list(unary.token_ids) == expected.tokens and unary.text == expected.text and unary.request_id == "r7"
+    assert unary.finish_reason == pb.FINISH_REASON_LENGTH and unary.usage.completion_tokens == 25
+    parts = list(stub.GenerateStream(pb.GenerateRequest(text=PROMPT, temperature=0, max_tokens=25)))
+    assert [t for p in parts for t in p.token_ids] == expected.tokens and parts[-1].usage.completion_tokens == 25
+    assert list(stub.Tokenize(pb.TokenizeRequest(text=PROMPT)).token_ids) == engine.tokenizer.encode(PROMPT)
+    info = stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert (info.name, info.vocab_size, info.context_length, info.slots) == (MODEL, 512, 512, 8)
+    orchestrator = jetstream_pb2_grpc.OrchestratorStub(channel)
+    decoded = list(orchestrator.Decode(js.DecodeRequest(text_content=js.DecodeRequest.TextContent(text=PROMPT),
+                                                        max_tokens=25)))
+    assert "".join(r.stream_content.samples[0].text for r in decoded) == expected.text
+    assert orchestrator.HealthCheck(js.HealthCheckRequest()).is_live
+
+
+@pytest.mark.parametrize("request_, code, field", [
+    (pb.GenerateRequest(text=""), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    (pb.GenerateRequest(text=PROMPT, temperature=-1), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    (pb.GenerateRequest(text=PROMPT, max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    (pb.GenerateRequest(text=PROMPT, adapter="fr"), grpc.StatusCode.INVALID_ARGUMENT, "adapter"),
+    (pb.GenerateRequest(text=PROMPT, hire=True), grpc.StatusCode.UNIMPLEMENTED, "hire"),
+])
+def test_bad_grpc_requests_through_the_proxy(channel, request_, code, field):
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    for call in (stub.Generate, lambda r: list(stub.GenerateStream(r))):
+        with pytest.raises(grpc.RpcError) as e:
+            call(request_)
+        assert e.value.code() == code and e.value.details().startswith(field)
+    assert stub.Generate(pb.GenerateRequest(text=PROMPT, max_tokens=2)).usage.completion_tokens == 2
+
+
+def test_a_closed_stream_is_cancelled_in_the_engine(client):
+    before = engine_load()["cancelled"]
+    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=480, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()
+    deadline = time.monotonic() + 20
+    while engine_load()["cancelled"] == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    load = engine_load()
+    assert load["cancelled"] == before + 1 and load["busy_slots"] == 0
+
+
+def test_64_concurrent_streams_equal_each_alone(engine, ports):
+    prompts = [f"{name} {verb}" for name in ("Tom", "Lily", "The dog", "A bird", "Sam", "The king", "Mia", "A fish")
+               for verb in ("went", "saw", "wanted", "found", "liked", "was", "had", "said")]
+    lengths = [5 + (7 * i) % 60 for i in range(64)]
+
+    async def one(stub, prompt: str, n: int) -> list[int]:
+        call = stub.GenerateStream(pb.GenerateRequest(text=prompt, temperature=0, max_tokens=n))
+        return [t async for msg in call for t in msg.token_ids]
+
+    async def run() -> list[list[int]]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[1]}") as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            return await asyncio.gather(*(one(stub, p, n) for p, n in zip(prompts, lengths)))
+
+    for prompt, n, tokens in zip(prompts, lengths, asyncio.run(run())):
+        assert tokens == alone(engine, prompt, n).tokens
+
+
+def test_ray_is_really_there(ports):
+    assert ray.is_initialized() and {"engine", "ingress"} <= set(serve.status().applications[launch.APP].deployments)

@@ -292,10 +292,10 @@ def build(args: dict) -> serve.Application:
     Each engine replica admits up to slots + queue_size requests: it queues and batches them itself.
     """
     args = dict(args)
-    replicas = int(args.pop("replicas", 1))
+    replicas = {"num_replicas": int(args.pop("replicas"))} if "replicas" in args else {}
     slots, queue = int(args.get("slots", 8)), int(args.get("queue_size", 128))
-    engine = serve.deployment(EngineServer, name="engine", num_replicas=replicas,
-                              max_ongoing_requests=slots + queue + 16, health_check_period_s=5)
-    ingress = serve.deployment(Ingress, name="ingress", max_ongoing_requests=4 * replicas * (slots + queue),
+    engine = serve.deployment(EngineServer, name="engine", max_ongoing_requests=slots + queue + 16,
+                              health_check_period_s=5, **replicas)
+    ingress = serve.deployment(Ingress, name="ingress", max_ongoing_requests=16 * (slots + queue),
                                ray_actor_options={"num_cpus": 0})  # waits on the engine; needs no core of its own
     return ingress.bind(engine.bind(**args))

@@ -204,6 +204,7 @@ def _loopback(host: str) -> bool:
 async def serve(served: Served, options: Options, metrics_port: int | None = None, **scheduling: int) -> None:
     """Serve until SIGINT or SIGTERM, then stop gracefully (the `hire serve-grpc` command)."""
     server = GrpcServer(served, options, **scheduling)
+    await asyncio.to_thread(served.engine.warm_up, server.scheduler.chunk)
     await server.start()
     if metrics_port is not None:
         prometheus_client.start_http_server(metrics_port, addr=options.host, registry=server.metrics.registry)

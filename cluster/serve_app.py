@@ -33,7 +33,7 @@ from cluster.messages import decode_response, request_id, stream_response
 from cluster.metrics import RayMetrics
 from cluster.requests import Served, from_decode, from_generate
 from hire.checkpoint import load_model
-from hire.engine import Engine
+from hire.engine import Engine, use_compilation_cache
 from hire.lora import load_adapters
 from hire.scheduler import QueueFull, Scheduler, Stream
 from protos import inference_pb2 as pb
@@ -68,7 +68,9 @@ class EngineServer:
         names: dict[str, int] = {}
         if lora:
             loaded, names = load_adapters(loaded, lora)
+        use_compilation_cache()
         self.served = Served(Engine(loaded, slots=slots, max_len=max_len), loaded.cfg.name, names)
+        self.served.engine.warm_up(chunk)
         self.scheduler = Scheduler(self.served.engine, queue_size, chunk, prefills).start()
         self.metrics = RayMetrics(self.scheduler)
         self._sampler: asyncio.Task | None = None

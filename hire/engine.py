@@ -8,6 +8,8 @@ batching sits on top: requests enter and leave slots between steps.
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -143,3 +145,19 @@ class Engine:
         """
         kv_len = next(b for b in self.buckets if b >= min(reach or self.max_len, self.max_len))
         return self._generate_steps(self.variables, state, n, kv_len)
+
+    def warm_up(self, chunk: int) -> None:
+        """Compile prefill and insert for every prompt bucket, and `chunk`-step decoding for every attention
+        span, so that no request waits for a compilation (a server calls this before it takes requests)."""
+        state, params = self.init_state(), SamplingParams(temperature=0.0)
+        for b in self.buckets:
+            state = self.insert(self.prefill([0] * min(b, self.max_len - 1), params), state, 0)
+            state, _ = self.generate_steps(state, chunk, b)
+        jax.block_until_ready(state)
+
+
+def use_compilation_cache(folder: str | None = None) -> None:
+    """Keep compiled programs in `folder` (default $HIRE_CACHE or ~/.cache/hire/xla) across processes."""
+    folder = folder or os.environ.get("HIRE_CACHE", str(Path.home() / ".cache" / "hire" / "xla"))
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)

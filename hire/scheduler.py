@@ -61,6 +61,11 @@ class Scheduler:
         return self._thread.is_alive()
 
     @property
+    def chunk(self) -> int:
+        """Decode steps between admissions."""
+        return self._batch.chunk
+
+    @property
     def queue_depth(self) -> int:
         """Requests not yet in a slot."""
         return len(self._waiting)

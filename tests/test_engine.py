@@ -179,3 +179,12 @@ def test_lora_rows_pick_their_adapter_and_merge_equals_unmerged():
                     merged[layer][block][name]["kernel"] = kernel + 1.5 * ab["a"][adapter] @ ab["b"][adapter]
         plain = LoadedModel(model.cfg.replace(lora_adapters=0), {"params": merged}, None)
         np.testing.assert_allclose(forward(plain, TOKENS[:1], None)[0], mixed[adapter], atol=1e-5)
+
+
+def test_warm_up_compiles_every_program_a_request_needs(stories):
+    engine = Engine(stories, slots=2, max_len=64)
+    engine.warm_up(chunk=4)
+    compiled = [f._cache_size() for f in (engine._prefill, engine._insert, engine._generate_steps)]
+    prompts = [[1] * n for n in (3, 20, 40, 63)]  # every prompt bucket, decoding to the end of the context
+    generate(engine, prompts, SamplingParams(temperature=0.7, seed=1, ignore_eos=True), chunk=4)
+    assert [f._cache_size() for f in (engine._prefill, engine._insert, engine._generate_steps)] == compiled

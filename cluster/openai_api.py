@@ -88,12 +88,10 @@ def to_generate(body: CompletionRequest | ChatRequest, model: str, adapters: lis
     for name, default in (("n", 1), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
         if getattr(body, name) != default:
             raise NotImplementedError(f"{name}: only {default} is supported")
-    msg = pb.GenerateRequest(top_k=body.top_k, stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos,
-                             adapter=body.model if body.model != model else "")
+    msg = pb.GenerateRequest(ignore_eos=body.ignore_eos, adapter=body.model if body.model != model else "")
     msg.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop or [])
-    for name in ("temperature", "top_p", "seed"):
-        if getattr(body, name) is not None:
-            setattr(msg, name, getattr(body, name))
+    for name in ("temperature", "top_p", "seed", "top_k", "stop_token_ids"):
+        put(msg, name, getattr(body, name))
     if isinstance(body, ChatRequest):
         if body.top_logprobs:
             raise NotImplementedError("top_logprobs: only the sampled token's log-probability is available")
@@ -112,12 +110,24 @@ def to_generate(body: CompletionRequest | ChatRequest, model: str, adapters: lis
         if isinstance(prompt, str):
             msg.text = prompt
         else:
-            msg.tokens.ids.extend(prompt)
+            put(msg.tokens, "ids", prompt, "prompt")
         msg.logprobs = body.logprobs is not None
         max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETION_MAX_TOKENS
-    if max_tokens is not None:
-        msg.max_tokens = max_tokens
+    put(msg, "max_tokens", max_tokens)
     return msg
+
+
+def put(msg, name: str, value, field: str | None = None) -> None:
+    """Set (or extend) a field unless `value` is None; a value the field cannot hold is a ValueError naming it."""
+    if value is None:
+        return
+    try:
+        if isinstance(value, list):
+            getattr(msg, name).extend(value)
+        else:
+            setattr(msg, name, value)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{field or name}: {e}") from None
 
 
 def new_id(chat: bool) -> str:

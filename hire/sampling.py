@@ -28,10 +28,10 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.max_tokens > 0, f"max_tokens must be > 0, got {self.max_tokens}"),
+            (self.temperature >= 0, f"temperature: must be >= 0, got {self.temperature}"),
+            (self.top_k >= 0, f"top_k: must be >= 0, got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}"),
+            (self.max_tokens > 0, f"max_tokens: must be > 0, got {self.max_tokens}"),
         ]
         for ok, message in checks:
             if not ok:

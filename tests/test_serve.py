@@ -15,6 +15,8 @@ import grpc
 import openai
 import pytest
 import ray
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from ray import serve
 
 from cluster import launch
@@ -203,3 +205,37 @@ def test_64_concurrent_streams_equal_each_alone(engine, ports):
 
 def test_ray_is_really_there(ports):
     assert ray.is_initialized() and {"engine", "ingress"} <= set(serve.status().applications[launch.APP].deployments)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=30),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                    max_leaves=8)
+FIELDS = ("model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
+          "stop", "stop_token_ids", "ignore_eos", "stream", "stream_options", "n", "logprobs", "echo", "user")
+VALUES = {"model": st.sampled_from([MODEL, "other"]) | JSON, "prompt": st.text(max_size=40) | st.lists(
+    st.integers(-5, 600), max_size=20) | JSON, "messages": st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "robot"]), "content": st.text(max_size=20) | JSON}), max_size=3),
+    "max_tokens": st.integers(-2, 40) | JSON, "stream": st.booleans(), "temperature": st.floats(-1, 3) | JSON}
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+       body=st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=8).flatmap(
+           lambda d: st.fixed_dictionaries({k: VALUES.get(k, st.just(v)) for k, v in d.items()})),
+       raw=st.booleans())
+def test_no_request_body_gets_a_5xx(ports, route, body, raw):
+    data = json.dumps(body).encode() if not raw else json.dumps(body).encode()[:-1]  # raw: cut off, not JSON
+    request = urllib.request.Request(f"http://127.0.0.1:{ports[0]}{route}", data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            r.read()
+            status = r.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+        assert json.load(e)["error"]["message"]
+    assert status < 500, (route, body)
+
+
+def test_still_serving_after_the_fuzz(client):
+    assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3).usage.completion_tokens == 3

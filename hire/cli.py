@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from hire.formats import DTYPES, CheckpointError
+from hire.topk import METHODS
 
 MODEL_HELP = "Model folder (hire, Hugging Face or llama2.c format) or a name under models/ (default: 'default')."
 
@@ -46,11 +47,9 @@ def main() -> None:
     Compiled programs are cached in $HIRE_CACHE (default ~/.cache/hire/xla), so a second run
     of the same model starts fast.
     """
-    import jax
+    from hire.engine import use_compilation_cache
 
-    cache = os.environ.get("HIRE_CACHE", str(Path.home() / ".cache" / "hire" / "xla"))
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    use_compilation_cache()
 
 
 @main.command()
@@ -158,6 +157,60 @@ def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype) 
         loaded = _load(model, dtype)
     for b in batch:
         click.echo(json.dumps(run(loaded, b, steps, prompt_len, chunk, repeats)))
+
+
+@bench.command("topk")
+@click.option("--devices", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Devices the rows are sharded over (this many CPU host devices are made).")
+@click.option("--vocab", default=262144, show_default=True, type=click.IntRange(min=1),
+              help="Rows of the softmax weight (a multiple of --devices).")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Hidden states scored.")
+@click.option("--k", default=64, show_default=True, type=click.IntRange(min=1), help="Top-k size.")
+@click.option("--dim", default=2048, show_default=True, type=click.IntRange(min=1), help="Hidden size.")
+@click.option("--method", "methods", multiple=True, default=METHODS, show_default=True, type=click.Choice(METHODS),
+              help="Single-device top-k methods timed on the full logits (repeatable).")
+@click.option("--recall-target", default=0.99, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Expected DA-TOP-k recall that sets the per-shard candidate count k_local.")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Timed runs; the median is kept.")
+def bench_topk(devices, vocab, batch, k, dim, methods, recall_target, repeats) -> None:
+    """DA-TOP-k against all_gather-all-logits + exact top-k on sharded random logits, and the top-k methods."""
+    if vocab % devices or k > vocab:
+        raise click.BadParameter(f"needs a multiple of --devices ({devices}), at least --k", param_hint="--vocab")
+    # The JAX backend starts at the first device query, so the host device count still takes effect here.
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    import jax
+
+    from hire.topk import bench_topk as run
+
+    if jax.device_count() < devices:
+        raise click.ClickException(f"--devices {devices}, but JAX has {jax.device_count()} "
+                                   f"{jax.default_backend()} devices (was its backend started already?)")
+    click.echo(json.dumps(run(jax.devices()[:devices], vocab, batch, k, dim, methods, repeats, recall_target)))
+
+
+@bench.command("serving")
+@click.option("--model", default="default", show_default=True, help=MODEL_HELP)
+@click.option("--concurrency", default=(1, 8, 32, 64), multiple=True, type=click.IntRange(min=1), show_default=True,
+              help="Clients sending requests back to back (repeatable).")
+@click.option("--prompt-len", default=16, show_default=True, type=click.IntRange(min=1), help="Prompt tokens each.")
+@click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1), help="Output tokens each.")
+@click.option("--requests", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Requests per door and concurrency (at least twice the concurrency).")
+@click.option("--slots", default=64, show_default=True, type=click.IntRange(min=1), help="Engine slots.")
+@click.option("--max-len", default=256, show_default=True, type=click.IntRange(min=2), help="Context length.")
+def bench_serving(model, concurrency, prompt_len, max_tokens, requests, slots, max_len) -> None:
+    """Latency and throughput of the engine called directly, the gRPC server and Ray Serve (gRPC and HTTP).
+
+    Starts all of them on loopback (Ray locally) and prints one JSON object per concurrency. Needs the serve
+    extra. See docs/serving.md.
+    """
+    import asyncio
+
+    from cluster.bench_serving import run
+
+    asyncio.run(run(model, list(concurrency), prompt_len, max_tokens, requests, slots, max_len))
 
 
 @main.command("train")
@@ -389,6 +442,68 @@ def client_command(prompt, target, max_tokens, temperature, top_k, top_p, seed, 
     finally:
         client.close()
 
+
+@main.command("loadtest")
+@click.option("--target", help="grpc://HOST:PORT (hire.v1), jetstream://HOST:PORT (Orchestrator/Decode) or "
+              "http://HOST:PORT (OpenAI completions).")
+@click.option("--rate", "rates", multiple=True, type=click.FloatRange(min=0, min_open=True),
+              help="Open loop: Poisson arrivals at this many requests/s (repeat for a sweep).")
+@click.option("--concurrency", "concurrencies", multiple=True, type=click.IntRange(min=1),
+              help="Closed loop: this many clients, each sending its next request when the last ends (repeatable).")
+@click.option("--requests", type=click.IntRange(min=1), help="Requests per load (default 100 without --duration).")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Seconds per load (then in-flight "
+              "requests finish).")
+@click.option("--input-len", default="128", show_default=True,
+              help="Prompt tokens: N, uniform:LO:HI, normal:MEAN:STD or exponential:MEAN.")
+@click.option("--output-len", default="64", show_default=True, help="Output tokens, as --input-len.")
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False),
+              help="JSONL file of {\"prompt\": ..., \"max_tokens\": ...} to send instead of random token ids.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Workload and arrival times.")
+@click.option("--slo-ttft-ms", type=float, help="Goodput counts requests whose time to first token is within this.")
+@click.option("--slo-tpot-ms", type=float, help="... and whose time per output token is within this.")
+@click.option("--slo-e2e-ms", type=float, help="... and whose end-to-end latency is within this.")
+@click.option("--model", help="Model name for HTTP targets (default: the server's first).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Per-request deadline in seconds.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the JSON report here.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write latency and throughput against load (PNG).")
+@click.option("--compare", nargs=2, type=click.Path(exists=True, dir_okay=False), metavar="A.json B.json",
+              help="Compare two reports (B against A, run by run) instead of running a load.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def loadtest_command(target, rates, concurrencies, requests, duration, input_len, output_len, prompts, seed,
+                     slo_ttft_ms, slo_tpot_ms, slo_e2e_ms, model, timeout, out, plot, compare, no_progress) -> None:
+    """Load-test a hire server and print a JSON report (latency percentiles, throughput, goodput, errors).
+
+    \b
+    hire loadtest --target grpc://127.0.0.1:50051 --concurrency 1 --concurrency 8 --requests 64
+    hire loadtest --target http://127.0.0.1:8000 --rate 2 --rate 4 --duration 60 --plot load.png --out a.json
+    hire loadtest --compare a.json b.json
+    """
+    import asyncio
+
+    from cluster import loadtest as lt
+
+    if compare:
+        a, b = (json.loads(Path(p).read_text()) for p in compare)
+        click.echo(json.dumps(lt.compare(a, b), indent=1))
+        return
+    if not target:
+        raise click.UsageError("--target is needed (or --compare A B)")
+    if rates and concurrencies:
+        raise click.UsageError("--rate (open loop) and --concurrency (closed loop) do not mix in one run")
+    loads = [lt.Load(rate=r) for r in rates] or [lt.Load(concurrency=c) for c in concurrencies or (1,)]
+    try:
+        workload = lt.Workload(lt.Dist(input_len), lt.Dist(output_len), prompts and Path(prompts), seed=seed)
+        report = asyncio.run(lt.loadtest(target, loads, workload, requests or (None if duration else 100), duration,
+                                         lt.Slo(slo_ttft_ms, slo_tpot_ms, slo_e2e_ms), model, timeout,
+                                         not no_progress))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    text = json.dumps(report, indent=1)
+    click.echo(text)
+    if out:
+        Path(out).write_text(text + "\n")
+    if plot:
+        lt.plot(report, Path(plot))
 
 if __name__ == "__main__":
     main()

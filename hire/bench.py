@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hire.checkpoint import LoadedModel
+from hire.config import ModelConfig
 from hire.engine import Engine
 from hire.sampling import SamplingParams
+from hire.sparse import use_gather
 
 
 def measure_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
@@ -31,15 +33,30 @@ def weight_bytes(variables: dict) -> int:
     return sum(a.nbytes for a in jax.tree.leaves(variables["params"]))
 
 
-def bench_decode(model: LoadedModel, batch: int, steps: int = 128, prompt_len: int = 16, chunk: int = 32,
-                 repeats: int = 5) -> dict[str, Any]:
-    """Time `steps` greedy decode steps of `batch` slots; medians of `repeats`.
+def bytes_per_token(cfg: ModelConfig, variables: dict, batch: int) -> int:
+    """Weight bytes a decode step of `batch` tokens reads, per token.
 
-    Steps run `chunk` at a time in one compiled loop each, attention reading the cache only as
-    far as the chunk reaches, as `hire.generate.run` decodes. The memory bandwidth is measured
-    right before each timed run and each run is compared with its own floor, since this
-    machine's bandwidth drifts with its neighbours' load.
+    Dense: every weight. HiRE: its predictors, the gathered softmax rows and FFN groups (with ffn_union
+    at most min(groups, batch * candidates) groups a layer, the bound counted here) and every other weight;
+    a part that computes all rows at this batch size (hire.sparse.use_gather) reads all of its weight.
     """
+    total = weight_bytes(variables)
+    if not cfg.sparse:
+        return total // batch
+    params, itemsize = variables["params"], jnp.dtype(cfg.dtype).itemsize
+    total += sum(a.nbytes for a in jax.tree.leaves(variables.get("hire", {})))
+    if cfg.softmax != "dense" and use_gather(batch, cfg.softmax_candidates, cfg.vocab_size):
+        total -= (params["embed"] if cfg.tie_embeddings else params["lm_head"]).nbytes
+        total += batch * (cfg.softmax_candidates + cfg.tie_embeddings) * cfg.dim * itemsize
+    if cfg.ffn != "dense" and use_gather(batch, cfg.ffn_candidates, cfg.ffn_groups):
+        bundle = params["layers_0"]["ffn"]["bundle"]
+        groups = min(cfg.ffn_groups, batch * cfg.ffn_candidates) if cfg.ffn_union else batch * cfg.ffn_candidates
+        total += cfg.n_layers * (groups * bundle.nbytes // cfg.ffn_groups - bundle.nbytes)
+    return total // batch
+
+
+def _decode_timer(model: LoadedModel, batch: int, steps: int, prompt_len: int, chunk: int) -> Callable[[], float]:
+    """A function that times `steps` greedy decode steps of `batch` slots (compiled at its first call)."""
     cfg = model.cfg
     max_len = min(cfg.max_seq_len, prompt_len + steps + 1)
     engine = Engine(model, slots=batch, max_len=max_len)
@@ -58,16 +75,36 @@ def bench_decode(model: LoadedModel, batch: int, steps: int = 128, prompt_len: i
         out.tokens.block_until_ready()
         return time.perf_counter() - start
 
+    return run
+
+
+def bench_decode(model: LoadedModel, batch: int, steps: int = 128, prompt_len: int = 16, chunk: int = 32,
+                 repeats: int = 5, dense: LoadedModel | None = None) -> dict[str, Any]:
+    """Time `steps` greedy decode steps of `batch` slots; medians of `repeats`.
+
+    Steps run `chunk` at a time in one compiled loop each, attention reading the cache only as
+    far as the chunk reaches, as `hire.generate.run` decodes. The memory bandwidth is measured
+    right before each timed run and each run is compared with its own floor, since this
+    machine's bandwidth drifts with its neighbours' load. With `dense` (the same model without
+    HiRE), each repeat also times it right after, and `speedup` is the median of the paired ratios.
+    """
+    cfg = model.cfg
+    run = _decode_timer(model, batch, steps, prompt_len, chunk)
     weights = weight_bytes(model.variables)
+    read = bytes_per_token(cfg, model.variables, batch) * batch if cfg.sparse else weights  # per step
     itemsize = jnp.dtype(cfg.dtype).itemsize
     mean_context = prompt_len + (steps + 1) / 2
     kv_bytes = int(batch * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * itemsize * mean_context)
-    run()  # compile
-    bandwidths, seconds = zip(*((measure_bandwidth(repeats=3), run()) for _ in range(repeats)))
+    run_dense = dense and _decode_timer(dense, batch, steps, prompt_len, chunk)
+    for timer in (run, run_dense):
+        if timer:
+            timer()  # compile
+    bandwidths, seconds, dense_seconds = zip(*((measure_bandwidth(repeats=3), run(), run_dense and run_dense())
+                                               for _ in range(repeats)))
     bandwidth = statistics.median(bandwidths)
     ms_per_step = statistics.median(seconds) / steps * 1e3
-    floor_ms = (weights + kv_bytes) / (bandwidth * 1e9) * 1e3
-    ratio = statistics.median(s / steps * bw * 1e9 / (weights + kv_bytes) for s, bw in zip(seconds, bandwidths))
+    floor_ms = (read + kv_bytes) / (bandwidth * 1e9) * 1e3
+    ratio = statistics.median(s / steps * bw * 1e9 / (read + kv_bytes) for s, bw in zip(seconds, bandwidths))
     return {
         "model": cfg.name, "batch": batch, "steps": steps, "prompt_len": prompt_len, "chunk": chunk, "dtype": cfg.dtype,
         "tokens_per_s": round(batch / ms_per_step * 1e3, 1),
@@ -76,5 +113,95 @@ def bench_decode(model: LoadedModel, batch: int, steps: int = 128, prompt_len: i
         "bandwidth_gbps": round(bandwidth, 2),
         "floor_ms_per_token": round(floor_ms, 4),
         "ratio_to_floor": round(ratio, 3),
+        "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+    } | (_versus_dense(cfg, model.variables, dense, batch, steps, seconds, dense_seconds) if dense else {})
+
+
+def _versus_dense(cfg: ModelConfig, variables: dict, dense: LoadedModel, batch: int, steps: int,
+                  seconds: tuple[float, ...], dense_seconds: tuple[float, ...]) -> dict[str, Any]:
+    """HiRE's settings, the dense model's speed in the same run, and both models' weight bytes read per token."""
+    sparse_ffn = cfg.ffn != "dense"
+    return {
+        "softmax": cfg.softmax, "ffn": cfg.ffn, "softmax_candidates": cfg.softmax_candidates,
+        "ffn_candidates": cfg.ffn_candidates if sparse_ffn else None,
+        "ffn_groups": cfg.ffn_groups if sparse_ffn else None, "ffn_union": cfg.ffn_union,
+        "dense_tokens_per_s": round(batch * steps / statistics.median(dense_seconds), 1),
+        "speedup": round(statistics.median(d / s for d, s in zip(dense_seconds, seconds)), 3),
+        "bytes_per_token": bytes_per_token(cfg, variables, batch),
+        "dense_bytes_per_token": bytes_per_token(dense.cfg, dense.variables, batch),
+    }
+
+
+def text_prompts(tokens: list[int], batch: int, prompt_len: int) -> list[list[int]]:
+    """`batch` prompts of `prompt_len` tokens cut from evenly spaced places in a tokenized text."""
+    if len(tokens) < prompt_len:
+        raise ValueError(f"the text has {len(tokens)} tokens, fewer than a prompt of {prompt_len}")
+    starts = np.linspace(0, len(tokens) - prompt_len, batch).astype(int)
+    return [list(tokens[s:s + prompt_len]) for s in starts]
+
+
+def bench_speculative(model: LoadedModel, drafter: Any, prompts: list[list[int]], gamma: int, steps: int = 128,
+                      temperature: float = 0.0, chunk: int = 32, repeats: int = 5,
+                      speculator: Callable[[Engine, Any, int], Any] | None = None) -> dict[str, Any]:
+    """Speculative decoding (hire.speculative) against the large model alone, one slot per prompt, `steps`
+    tokens each (no stop token), in the same run: medians of `repeats` interleaved runs of each, `speedup`
+    the median of the paired ratios. Both include prefill; the large model alone decodes `chunk` steps per
+    compiled loop, the speculative one a block per call (a batch runs until its slowest row is done).
+    `speculator(engine, drafter, gamma)` replaces hire.speculative.Speculator (e.g. hire.tandem.TandemAlone).
+    `verified_per_block`: the mean block length the large model ran over (γ + 1 unless blocks end early)."""
+    from hire.speculative import SpecStats, Speculator
+
+    batch = len(prompts)
+    engine = Engine(model, slots=batch, max_len=min(model.cfg.max_seq_len, max(map(len, prompts)) + steps))
+    params = [SamplingParams(temperature=temperature, seed=i) for i in range(batch)]
+    spec = (speculator or Speculator)(engine, drafter, gamma)
+
+    def alone() -> tuple[float, np.ndarray]:
+        start = time.perf_counter()
+        state, first = engine.init_state(), []
+        for slot, (prompt, p) in enumerate(zip(prompts, params)):
+            prefix = engine.prefill(prompt, p)
+            state = engine.insert(prefix, state, slot)
+            first.append(prefix.token)
+        outs = [jnp.concatenate(first)[None]]
+        for done in range(1, steps, chunk):
+            n = min(chunk, steps - done)
+            state, out = engine.generate_steps(state, n, max(map(len, prompts)) + done + n)
+            outs.append(out.tokens)
+        tokens = np.asarray(jnp.concatenate(outs)).T
+        return time.perf_counter() - start, tokens
+
+    def speculative() -> tuple[float, np.ndarray, SpecStats, float]:
+        start, stats = time.perf_counter(), SpecStats(requests=batch)
+        state, rows, verified = spec.init_state(), [], []
+        for slot, (prompt, p) in enumerate(zip(prompts, params)):
+            state, token, _ = spec.prefill(state, slot, prompt, p)
+            rows.append([token])
+        while min(map(len, rows)) < steps:
+            state = state._replace(active=jnp.array([len(r) < steps for r in rows]))
+            state, out = spec.block(state, max(len(p) + len(r) for p, r in zip(prompts, rows)) + gamma)
+            tokens, count, proposed = np.asarray(out.tokens), np.asarray(out.count), np.asarray(out.proposed)
+            verified.append(int(out.verified))
+            for slot, row in enumerate(rows):
+                if len(row) < steps:
+                    row += tokens[slot, : count[slot]].tolist()
+                    stats.blocks, stats.proposed = stats.blocks + 1, stats.proposed + int(proposed[slot])
+                    stats.accepted += int(count[slot]) - 1
+        stats.tokens = batch * steps
+        return time.perf_counter() - start, np.array([r[:steps] for r in rows]), stats, float(np.mean(verified))
+
+    alone(), speculative()  # compile
+    pairs = [(alone(), speculative()) for _ in range(repeats)]
+    base_s, spec_s = [a[0] for a, _ in pairs], [s[0] for _, s in pairs]
+    (_, base_tokens), (_, spec_tokens, stats, verified) = pairs[-1]
+    return {
+        "model": model.cfg.name, "draft": drafter.name, "speculator": type(spec).__name__, "batch": batch,
+        "gamma": gamma, "temperature": temperature,
+        "steps": steps, "prompt_len": max(map(len, prompts)), **stats.as_dict(),
+        "verified_per_block": round(verified, 3),
+        "tokens_per_s": round(batch * steps / statistics.median(spec_s), 1),
+        "baseline_tokens_per_s": round(batch * steps / statistics.median(base_s), 1),
+        "speedup": round(statistics.median(b / s for b, s in zip(base_s, spec_s)), 3),
+        "identical": bool((base_tokens == spec_tokens).all()) if temperature == 0 else None,
         "device": jax.devices()[0].device_kind, "jax": jax.__version__,
     }

@@ -8,10 +8,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from hire.config import ModelConfig
 from hire.formats import CheckpointError, read_json
 from hire.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from hire.tandem import TandemModel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,12 +50,14 @@ def resolve_model(name_or_path: str | Path) -> Path:
 
 
 def detect_format(path: Path) -> str:
-    """"hire", "hf" or "llama2c", for an existing model path."""
+    """"hire", "hf", "llama2c" or "tandem" (a tandem small model, hire.tandem), for an existing model path."""
     config = path / "config.json"
     if config.is_file():
         raw = read_json(config)
         if raw.get("format") == "hire":
             return "hire"
+        if raw.get("format") == "hire-tandem":
+            return "tandem"
         if "model_type" in raw:
             return "hf"
         raise CheckpointError(f"{config} has neither \"format\": \"hire\" nor a Hugging Face \"model_type\"")
@@ -61,17 +67,41 @@ def detect_format(path: Path) -> str:
                           "cannot tell what model this is")
 
 
-def load_model(path: str | Path, dtype: str | None = None) -> LoadedModel:
-    """Load a model by name or path; `dtype` ("float32", "bfloat16", "float16") overrides the stored one."""
+def load_model(path: str | Path, dtype: str | None = None, **hire: Any) -> LoadedModel:
+    """Load a model by name or path; `dtype` ("float32", "bfloat16", "float16") overrides the stored one.
+
+    `hire` overrides the config's HiRE fields (e.g. softmax="hire-lr", ffn="group-sparse"); a config that
+    asks for HiRE runs with the predictors saved beside the checkpoint (hire.calibrate).
+    """
     path = resolve_model(path)
     fmt = detect_format(path)
+    if fmt == "tandem":
+        raise CheckpointError(f"{path} is a tandem model: it drafts for its large model (see hire.checkpoint."
+                              "load_tandem and `hire generate --draft`), it does not run alone")
     if fmt == "hire":
         from hire.formats.native import load_native as load
     elif fmt == "hf":
         from hire.formats.hf import load_hf as load
     else:
         from hire.formats.llama2c import load_llama2c as load
-    return load(path, dtype)
+    model = load(path, dtype)
+    cfg = model.cfg.replace(**hire) if hire else model.cfg
+    if not cfg.sparse:
+        return LoadedModel(cfg, model.variables, model.tokenizer) if hire else model
+    from hire.calibrate import with_predictors
+
+    dense = LoadedModel(cfg.dense(), model.variables, model.tokenizer)
+    return with_predictors(dense, path if path.is_dir() else path.parent, cfg)
+
+
+def load_tandem(path: str | Path, dtype: str | None = None) -> TandemModel:
+    """Load a tandem small model (hire.tandem) by name or path; its large model is loaded separately."""
+    from hire.tandem import load_tandem_folder
+
+    path = resolve_model(path)
+    if detect_format(path) != "tandem":
+        raise CheckpointError(f"{path} is not a tandem model (no \"format\": \"hire-tandem\" in its config.json)")
+    return load_tandem_folder(path, dtype)
 
 
 def convert(src: str | Path, dst: str | Path, dtype: str | None = None) -> LoadedModel:

@@ -13,22 +13,115 @@ from hire.formats import DTYPES, CheckpointError
 from hire.topk import METHODS
 
 MODEL_HELP = "Model folder (hire, Hugging Face or llama2.c format) or a name under models/ (default: 'default')."
+TANDEM_ONLY_HELP = ("With --draft naming a tandem model (e.g. default-tandem): the tandem generates alone, the model "
+                    "runs in block mode only to refresh what it reads; nothing is verified (docs/speculative.md).")
+DRAFT_HELP = ("Decode speculatively with this drafter: 'ngram' (prompt lookup, no model; 'ngram-N' matches up to N "
+              "tokens) or a draft model with the same tokenizer, by name or path (e.g. default-draft, or the tandem "
+              "default-tandem).")
 
 
-def _load(model: str, dtype: str | None):
+def _load(model: str, dtype: str | None, hire: dict | None = None):
+    """Load a model; `hire` overrides its config's HiRE fields (see hire_options)."""
     from hire.checkpoint import load_model
 
     try:
-        return load_model(model, dtype=dtype)
+        return load_model(model, dtype=dtype, **(hire or {}))
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--softmax/--ffn/--hire") from None
+
+
+def hire_options(command):
+    """--softmax, --ffn and --hire KEY=VALUE: HiRE on the softmax and the FFN (docs/hire.md)."""
+    from hire.config import FFN_MODES, SOFTMAX_MODES
+
+    options = [
+        click.option("--softmax", type=click.Choice(SOFTMAX_MODES),
+                     help="Vocabulary softmax: dense, or exact only on candidates a low-rank (hire-lr) or quantized "
+                          "(hire-q) predictor ranks highest (needs `hire calibrate`; default: as the config says)."),
+        click.option("--ffn", type=click.Choice(FFN_MODES),
+                     help="FFN: dense, or group-sparse (only the predicted top neuron groups are computed)."),
+        click.option("--hire", "hire_settings", multiple=True, metavar="KEY=VALUE",
+                     help="Set a HiRE config field (repeatable): softmax_k, softmax_oversample, ffn_predictor (lr, q), "
+                          "ffn_group, ffn_k, ffn_oversample, ffn_union, hire_quant (int8, int4)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _hire(softmax: str | None, ffn: str | None, settings: tuple[str, ...]) -> dict:
+    """ModelConfig overrides from --softmax, --ffn and --hire KEY=VALUE."""
+    import dataclasses
+
+    from hire.config import HIRE_FIELDS, ModelConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    out = {k: v for k, v in (("softmax", softmax), ("ffn", ffn)) if v is not None}
+    for spec in settings:
+        key, _, value = spec.partition("=")
+        if key not in HIRE_FIELDS or not value:
+            raise click.BadParameter(f"expected KEY=VALUE with KEY one of {', '.join(HIRE_FIELDS)}, got {spec!r}",
+                                     param_hint="--hire")
+        kind = type(defaults[key])
+        try:
+            out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError:
+            raise click.BadParameter(f"{key} takes a {kind.__name__}, got {value!r}", param_hint="--hire") from None
+    return out
+
+
+def _is_tandem(model: str) -> bool:
+    """Whether MODEL names a tandem small model (hire.tandem); False for anything else, even nothing."""
+    from hire.checkpoint import detect_format, resolve_model
+
+    try:
+        return detect_format(resolve_model(model)) == "tandem"
+    except CheckpointError:
+        return False
+
+
+def _load_tandem(model: str, dtype: str | None):
+    """The tandem small model (hire.tandem) at MODEL, or None when MODEL is another kind of model."""
+    from hire.checkpoint import load_tandem
+
+    try:
+        return load_tandem(model, dtype) if _is_tandem(model) else None
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
 
 
-def _load_with_adapters(model: str, dtype: str | None, loras: tuple[str, ...]):
+def _drafter(name: str, target, dtype: str | None):
+    """The drafter called NAME for the loaded model `target`: hire.tandem's for a tandem model (e.g.
+    default-tandem), else hire.drafters.load_drafter's."""
+    from hire.drafters import load_drafter
+    from hire.tandem import tandem_drafter
+
+    try:
+        return (tandem_drafter if _is_tandem(name) else load_drafter)(name, target, dtype)
+    except (CheckpointError, ValueError) as e:
+        raise click.BadParameter(str(e), param_hint="--draft") from None
+
+
+def _speculator(engine, drafter, gamma: int, tandem_only: bool):
+    """hire.speculative.Speculator, or with --tandem-only hire.tandem.TandemAlone (for a tandem drafter only)."""
+    from hire.speculative import Speculator
+    from hire.tandem import TandemAlone, TandemDrafter
+
+    if not tandem_only:
+        return Speculator(engine, drafter, gamma)
+    if not isinstance(drafter, TandemDrafter):
+        raise click.BadParameter("needs --draft to name a tandem model (e.g. default-tandem)",
+                                 param_hint="--tandem-only")
+    return TandemAlone(engine, drafter, gamma)
+
+
+def _load_with_adapters(model: str, dtype: str | None, loras: tuple[str, ...], hire: dict | None = None):
     """The model with the `--lora NAME=PATH` adapters loaded, and each adapter name's index."""
     from hire.lora import load_adapters
 
-    loaded = _load(model, dtype)
+    loaded = _load(model, dtype, hire)
     if not loras:
         return loaded, {}
     pairs = [spec.split("=", 1) for spec in loras]
@@ -71,22 +164,42 @@ def main() -> None:
               help="Load the Hugging Face PEFT LoRA adapter in folder PATH as NAME (repeatable).")
 @click.option("--adapter",
               help="Generate with this loaded adapter (a NAME given to --lora); the base model if left out.")
+@hire_options
+@click.option("--draft", help=DRAFT_HELP)
+@click.option("--gamma", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Tokens drafted per block with --draft.")
+@click.option("--tandem-only", is_flag=True, help=TANDEM_ONLY_HELP)
 def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, logprobs, dtype, loras,
-             adapter) -> None:
-    """Continue PROMPT with a model, streaming the text to stdout."""
-    from hire.engine import Engine
-    from hire.generate import stream
-    from hire.sampling import SamplingParams
+             adapter, softmax, ffn, hire_settings, draft, gamma, tandem_only) -> None:
+    """Continue PROMPT with a model, streaming the text to stdout.
 
-    loaded, names = _load_with_adapters(model, dtype, loras)
+    With --draft, decode speculatively (docs/speculative.md): the drafter proposes --gamma tokens, the model
+    checks them in one pass; the output is the model's own (token for token when greedy, in distribution when
+    sampled), and the acceptance statistics go to stderr. With --tandem-only the tandem drafter generates
+    alone (its output, not the model's).
+    """
+    from hire.engine import Engine
+    from hire.generate import _requests, stream
+    from hire.sampling import SamplingParams
+    from hire.speculative import SpecStats
+    from hire.speculative import run as speculate
+
+    loaded, names = _load_with_adapters(model, dtype, loras, _hire(softmax, ffn, hire_settings))
     if adapter is not None and adapter not in names:
         raise click.BadParameter(f"no adapter {adapter!r} loaded; loaded: {sorted(names) or 'none'}",
                                  param_hint="--adapter")
     engine = Engine(loaded, slots=1)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed,
                             stop_strings=stop, ignore_eos=ignore_eos, logprobs=logprobs)
+    stats = SpecStats()
+    if tandem_only and draft is None:
+        raise click.UsageError("--tandem-only needs --draft (a tandem model, e.g. default-tandem)")
     try:
-        events = stream(engine, prompt, params, names.get(adapter, -1))
+        if draft is None:
+            events = stream(engine, prompt, params, names.get(adapter, -1))
+        else:
+            spec = _speculator(engine, _drafter(draft, loaded, dtype), gamma, tandem_only)
+            events = speculate(spec, _requests(engine, [prompt], params, [names.get(adapter, -1)]), stats)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--prompt") from None
     sys.stdout.write(prompt)
@@ -101,6 +214,13 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, stop, i
     sys.stdout.write("\n")
     click.echo(f"[{count} tokens in {seconds:.2f}s, {count / seconds:.1f} tokens/s, finish: {finish}, "
                f"seed: {params.seed}]", err=True)
+    if tandem_only:
+        click.echo(f"[tandem {draft} alone, gamma {gamma}: {stats.calls_per_token:.3f} model calls per token]",
+                   err=True)
+    elif draft is not None:
+        click.echo(f"[draft {draft}, gamma {gamma}: acceptance rate {stats.acceptance_rate:.3f}, "
+                   f"{stats.mean_accepted:.2f} drafts accepted per block, "
+                   f"{stats.calls_per_token:.3f} model calls per token]", err=True)
     if logprobs:
         click.echo(json.dumps({"tokens_logprobs": record}), err=True)
 
@@ -139,8 +259,28 @@ def bench() -> None:
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
               help="Timed runs; the median is kept.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Weight dtype.")
-def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype) -> None:
-    """Decode speed: tokens/s, ms per token, and the ratio to the memory-bandwidth floor."""
+@hire_options
+@click.option("--draft", help=DRAFT_HELP)
+@click.option("--gamma", default=(4,), multiple=True, type=click.IntRange(min=1), show_default=True,
+              help="Tokens drafted per block with --draft (repeatable: one run each).")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Sampling temperature with --draft (0: greedy).")
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False),
+              help="With --draft, cut the prompts from this text (evenly spaced) instead of random token ids.")
+@click.option("--tandem-only", is_flag=True, help=TANDEM_ONLY_HELP)
+def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype, softmax, ffn, hire_settings, draft,
+                 gamma, temperature, text_file, tandem_only) -> None:
+    """Decode speed: tokens/s, ms per token, and the ratio to the memory-bandwidth floor.
+
+    With HiRE (--softmax, --ffn), the dense model is timed in the same run too: dense_tokens_per_s, speedup
+    (median of paired ratios) and the weight bytes each reads per token. A --shape model gets random predictors.
+
+    With --draft, speculative decoding against the model alone in the same run, one JSON object per batch and
+    gamma: tokens_per_s, baseline_tokens_per_s, speedup (median of paired ratios), acceptance_rate,
+    mean_accepted (drafts accepted per block), calls_per_token (model passes per token) and, when greedy,
+    whether both outputs are identical. See docs/speculative.md. With --tandem-only, the tandem drafter
+    generating alone against the model alone ("speculator": "TandemAlone").
+    """
     from hire.bench import bench_decode as run
     from hire.checkpoint import LoadedModel
     from hire.config import SHAPES
@@ -148,15 +288,96 @@ def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype) 
 
     if (model is None) == (shape is None):
         raise click.UsageError("give exactly one of --model and --shape")
+    hire, dense = _hire(softmax, ffn, hire_settings), None
     if shape is not None:
+        from hire.calibrate import random_predictors, sparsify
+
         if shape not in SHAPES:
             raise click.BadParameter(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}", param_hint="--shape")
         cfg = SHAPES[shape].replace(dtype=dtype or "float32")
         loaded = LoadedModel(cfg, init_params(cfg), None)
+        try:
+            want = cfg.replace(**hire)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--softmax/--ffn/--hire") from None
+        if want.sparse:
+            dense, loaded = loaded, sparsify(loaded, want, random_predictors(want))
     else:
-        loaded = _load(model, dtype)
+        loaded = _load(model, dtype, hire)
+        if loaded.cfg.sparse:
+            dense = _load(model, dtype, {"softmax": "dense", "ffn": "dense"})
+    if draft is not None:
+        _bench_speculative(loaded, draft, dtype, batch, gamma, steps, prompt_len, chunk, repeats, temperature,
+                           text_file, tandem_only)
+        return
+    if tandem_only:
+        raise click.UsageError("--tandem-only needs --draft (a tandem model, e.g. default-tandem)")
     for b in batch:
-        click.echo(json.dumps(run(loaded, b, steps, prompt_len, chunk, repeats)))
+        click.echo(json.dumps(run(loaded, b, steps, prompt_len, chunk, repeats, dense)))
+
+
+def _bench_speculative(loaded, draft, dtype, batch, gamma, steps, prompt_len, chunk, repeats, temperature,
+                       text_file, tandem_only=False) -> None:
+    """`hire bench decode --draft`: prompts from --text or random ids, one JSON line per batch and gamma."""
+    from functools import partial
+
+    import numpy as np
+
+    from hire.bench import bench_speculative, text_prompts
+
+    drafter = _drafter(draft, loaded, dtype)
+    if text_file is not None:
+        if loaded.tokenizer is None:
+            raise click.BadParameter("a --shape model has no tokenizer to cut prompts with", param_hint="--text")
+        tokens = loaded.tokenizer.encode(Path(text_file).read_text(encoding="utf-8"))
+    else:
+        tokens = np.random.default_rng(0).integers(0, loaded.cfg.vocab_size, prompt_len * max(batch)).tolist()
+    for b in batch:
+        try:
+            prompts = text_prompts(tokens, b, prompt_len)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--text") from None
+        for g in gamma:
+            spec = partial(_speculator, tandem_only=tandem_only)
+            click.echo(json.dumps(bench_speculative(loaded, drafter, prompts, g, steps, temperature, chunk, repeats,
+                                                    spec)))
+
+
+@bench.command("router")
+@click.option("--model", default="default", show_default=True, help=MODEL_HELP)
+@click.option("--draft", required=True, help=DRAFT_HELP)
+@click.option("--train", "train_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Text whose prompts log the drafts the MLP router trains on.")
+@click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Held-out text the prompts are timed on (and the router scored on).")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Held-out prompts (slots).")
+@click.option("--train-prompts", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Prompts cut from --train.")
+@click.option("--gamma", default=8, show_default=True, type=click.IntRange(min=1), help="Longest block drafted.")
+@click.option("--steps", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens per prompt.")
+@click.option("--prompt-len", default=64, show_default=True, type=click.IntRange(min=1), help="Tokens per prompt.")
+@click.option("--threshold", "thresholds", default=(0.3, 0.5, 0.7), multiple=True, show_default=True,
+              type=click.FloatRange(0, 1), help="Stop thresholds tried for each router (repeatable).")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Timed runs; the median is kept.")
+def bench_router(model, draft, train_file, text_file, batch, train_prompts, gamma, steps, prompt_len, thresholds,
+                 repeats) -> None:
+    """Adaptive block length (hire.router): fixed gamma against a confidence threshold and a trained MLP router.
+
+    Trains the MLP on drafts logged from greedy fixed-gamma decoding of prompts cut from --train, then times
+    each setting greedily on prompts cut from --text, against the model alone in the same run: one JSON object
+    each (hire bench decode --draft's keys, plus router and its held-out auc, accuracy and share of drafts kept).
+    """
+    from hire.bench import text_prompts
+    from hire.router import bench_router as run
+
+    loaded = _load(model, None)
+    drafter = _drafter(draft, loaded, None)
+    encode = lambda f, n: text_prompts(loaded.tokenizer.encode(Path(f).read_text(encoding="utf-8")), n,  # noqa: E731
+                                       prompt_len)
+    for result in run(loaded, drafter, encode(train_file, train_prompts), encode(text_file, batch), gamma, steps,
+                      thresholds, repeats):
+        click.echo(json.dumps(result))
 
 
 @bench.command("topk")
@@ -261,30 +482,99 @@ def train_command(config, out, until, quiet) -> None:
 @click.option("--dtype", type=click.Choice(DTYPES), help="Cast weights to this dtype.")
 @click.option("--reference", help="Also report `agreement`: how often this model's argmax equals the reference "
               "model's (e.g. --model default-draft --reference default).")
-def eval_command(model, text_file, context, batch, dtype, reference) -> None:
+@hire_options
+@click.option("--draft", help="Also score this drafter ('ngram' or a draft model, as in hire generate --draft) for "
+              "the model, run as speculative decoding runs it but fed the text: draft_next_token_accuracy and "
+              "draft_agreement (with the model's argmax).")
+@click.option("--gamma", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Tokens drafted per block with --draft.")
+def eval_command(model, text_file, context, batch, dtype, reference, softmax, ffn, hire_settings, draft,
+                 gamma) -> None:
     """Score a text file with a model: print one JSON object.
 
     The text is tokenized (with BOS) and cut into non-overlapping windows of the model's context;
     every token after the first is predicted. Keys: tokens (predicted), loss (mean nats per token),
     perplexity (exp loss), next_token_accuracy (argmax hits), bits_per_byte (of the UTF-8 text),
-    windows, context. A progress bar goes to stderr.
+    windows, context. A progress bar goes to stderr. With HiRE (--softmax, --ffn) also dense_loss,
+    dense_perplexity, top1_agreement (with the dense model's argmax), softmax_recall, ffn_recall, ffn_mass.
+    A tandem small model (e.g. default-tandem) is scored beside its large model, teacher-forced in its
+    training block pattern (docs/speculative.md). With --draft, also the drafter's keys (hire.speculative.
+    drafter_accuracy): draft_next_token_accuracy, draft_agreement, draft_predictions, draft_gamma.
     """
     import math
 
     from hire.evaluate import evaluate
 
-    loaded = _load(model, dtype)
+    if (tandem := _load_tandem(model, dtype)) is not None:
+        from hire.tandem import tandem_scorer
+
+        loaded, logits_fn = tandem_scorer(tandem, dtype)
+    else:
+        loaded, logits_fn = _load(model, dtype, _hire(softmax, ffn, hire_settings)), None
+    dense = _load(model, dtype, {"softmax": "dense", "ffn": "dense"}) if loaded.cfg.sparse else None
     ref = None if reference is None else _load(reference, dtype)
     if ref is not None and ref.cfg.vocab_size != loaded.cfg.vocab_size:
         raise click.BadParameter("the reference model has another vocabulary", param_hint="--reference")
     text = Path(text_file).read_text(encoding="utf-8")
     context = min(context or loaded.cfg.max_seq_len, loaded.cfg.max_seq_len, (ref or loaded).cfg.max_seq_len)
+    tokens = loaded.tokenizer.encode(text)
     try:
-        result = evaluate(loaded, loaded.tokenizer.encode(text), context, batch, reference=ref)
+        result = evaluate(loaded, tokens, context, batch, reference=ref, dense=dense, logits_fn=logits_fn)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--text") from None
+    if draft is not None:
+        from hire.speculative import drafter_accuracy
+
+        result |= drafter_accuracy(loaded, _drafter(draft, loaded, dtype), tokens, context, gamma, batch)
     result["bits_per_byte"] = result["loss"] * result["tokens"] / math.log(2) / max(len(text.encode()), 1)
     click.echo(json.dumps(result))
+
+
+@main.command("calibrate")
+@click.option("--model", default="default", show_default=True, help=MODEL_HELP)
+@click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="UTF-8 calibration text (the last windows are held out to measure recall).")
+@click.option("--rank", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Rank of the HiRE-LR predictors.")
+@click.option("--quant", "quants", multiple=True, default=("int8",), show_default=True,
+              type=click.Choice(("int8", "int4")), help="HiRE-Q predictors to build (repeatable).")
+@click.option("--context", type=click.IntRange(min=2),
+              help="Window length in tokens (default and at most: the model's max_seq_len).")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Windows per forward pass.")
+@click.option("--max-tokens", type=click.IntRange(min=2), help="Use at most this many tokens of the text.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Folder to write the predictors to (default: the model's own folder).")
+@click.option("--hire", "hire_settings", multiple=True, metavar="KEY=VALUE",
+              help="HiRE settings recall is measured at (softmax_k, ffn_group, ffn_k, ...; see hire generate --help).")
+def calibrate_command(model, text_file, rank, quants, context, batch, max_tokens, out, hire_settings) -> None:
+    """Build HiRE predictors for a model from calibration text and save them beside it.
+
+    Fits rank-r predictors of the output embedding and of each FFN's gate and up kernels to the hidden
+    states the text produces, and per-row int8/int4 copies; writes hire_predictors.safetensors and
+    hire_predictors.json (with the recall measured on held-out windows at oversampling 1 to 16) and prints
+    that JSON. `--softmax`/`--ffn` on generate, eval and bench decode then use them.
+    """
+    from hire.calibrate import calibrate, save_predictors
+    from hire.checkpoint import resolve_model
+
+    loaded = _load(model, None, {"softmax": "dense", "ffn": "dense"})
+    settings = _hire(None, None, hire_settings)
+    try:
+        loaded.cfg.replace(**settings)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--hire") from None
+    tokens = loaded.tokenizer.encode(Path(text_file).read_text(encoding="utf-8"))[:max_tokens]
+    context = min(context or loaded.cfg.max_seq_len, loaded.cfg.max_seq_len)
+    try:
+        found, meta = calibrate(loaded, tokens, context, rank, quants, batch, settings=settings)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--text") from None
+    folder = Path(out) if out else resolve_model(model)
+    folder = folder if folder.is_dir() or out else folder.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"model": loaded.cfg.name, "text": str(text_file), **meta}
+    save_predictors(folder, found, meta)
+    click.echo(json.dumps(meta))
 
 
 def serving_options(command):

@@ -9,6 +9,11 @@ from typing import Any
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+SOFTMAX_MODES = ("dense", "hire-lr", "hire-q")
+FFN_MODES = ("dense", "group-sparse")
+HIRE_QUANTS = ("int8", "int4")
+HIRE_FIELDS = ("softmax", "softmax_k", "softmax_oversample", "ffn", "ffn_predictor", "ffn_group", "ffn_k",
+               "ffn_oversample", "ffn_union", "hire_rank", "hire_quant")
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,13 @@ class ModelConfig:
     MHA, GQA and MQA differ only in `n_kv_heads`. `gated=True` with `activation="silu"`
     is SwiGLU; `n_experts > 0` turns every FFN into a Mixtral-style mixture of experts;
     `lora_adapters > 0` reserves room for that many LoRA adapters of rank `lora_rank`.
+
+    HiRE (hire.sparse, docs/hire.md): `softmax` "hire-lr" / "hire-q" computes exact logits only for the
+    softmax_k * softmax_oversample candidates a low-rank / quantized predictor ranks highest; `ffn`
+    "group-sparse" computes only the ffn_k * ffn_oversample best-predicted groups of `ffn_group` neurons
+    (0: the largest divisor of ffn_dim up to 16; ffn_k 0: a tenth of the groups), each token its own or,
+    with `ffn_union`, the union over the batch. Predictors have rank `hire_rank` or are `hire_quant` copies.
+    The defaults are dense, and a dense config computes exactly what it did without these fields.
     """
 
     vocab_size: int
@@ -54,6 +66,17 @@ class ModelConfig:
     bos_id: int = 1
     eos_id: int = 2
     dtype: str = "float32"
+    softmax: str = "dense"
+    softmax_k: int = 32
+    softmax_oversample: int = 8
+    ffn: str = "dense"
+    ffn_predictor: str = "lr"
+    ffn_group: int = 0
+    ffn_k: int = 0
+    ffn_oversample: int = 2
+    ffn_union: bool = False
+    hire_rank: int = 64
+    hire_quant: str = "int8"
     name: str = field(default="model", compare=False)
 
     def __post_init__(self) -> None:
@@ -75,15 +98,69 @@ class ModelConfig:
             problems.append("n_experts_per_token must be in [1, n_experts]")
         if bad := set(self.lora_targets) - set(LORA_TARGETS):
             problems.append(f"unknown lora_targets {sorted(bad)}; known: {LORA_TARGETS}")
+        problems += self._hire_problems()
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
 
+    def _hire_problems(self) -> list[str]:
+        """Check the HiRE fields, resolving ffn_group and ffn_k 0 for a group-sparse FFN."""
+        problems = [f"{f} must be one of {choices}, got {getattr(self, f)!r}" for f, choices in (
+            ("softmax", SOFTMAX_MODES), ("ffn", FFN_MODES), ("ffn_predictor", ("lr", "q")), ("hire_quant", HIRE_QUANTS))
+            if getattr(self, f) not in choices]
+        problems += [f"{f} must be positive, got {getattr(self, f)}" for f in (
+            "softmax_k", "softmax_oversample", "ffn_oversample", "hire_rank") if getattr(self, f) <= 0]
+        if self.hire_quant == "int4" and self.dim % 2:
+            problems.append("int4 predictors need an even dim")
+        if self.ffn != "group-sparse":
+            return problems
+        if self.ffn_group == 0:
+            object.__setattr__(self, "ffn_group", max(g for g in range(1, 17) if self.ffn_dim % g == 0))
+        if self.ffn_group <= 0 or self.ffn_dim % self.ffn_group:
+            return problems + [f"ffn_group ({self.ffn_group}) must divide ffn_dim ({self.ffn_dim})"]
+        if self.ffn_k == 0:
+            object.__setattr__(self, "ffn_k", max(1, self.ffn_groups // 10))
+        if not 0 < self.ffn_k <= self.ffn_groups:
+            problems.append(f"ffn_k must be in [1, {self.ffn_groups}] (the number of groups), got {self.ffn_k}")
+        if self.n_experts:
+            problems.append("a group-sparse FFN needs a plain FFN (n_experts 0)")
+        if self.lora_adapters and {"gate", "up", "down"} & set(self.lora_targets):
+            problems.append("a group-sparse FFN takes no LoRA adapters on gate, up or down")
+        return problems
+
     @property
     def q_per_kv(self) -> int:
         return self.n_heads // self.n_kv_heads
+
+    @property
+    def sparse(self) -> bool:
+        """Whether HiRE replaces the dense softmax or FFN."""
+        return self.softmax != "dense" or self.ffn != "dense"
+
+    def dense(self) -> "ModelConfig":
+        """This config with the dense softmax and FFN."""
+        return self.replace(softmax="dense", ffn="dense")
+
+    @property
+    def softmax_candidates(self) -> int:
+        """k': the vocabulary rows whose logits are computed exactly."""
+        return min(self.vocab_size, self.softmax_k * self.softmax_oversample)
+
+    @property
+    def ffn_groups(self) -> int:
+        return self.ffn_dim // self.ffn_group
+
+    @property
+    def ffn_candidates(self) -> int:
+        """k': the neuron groups computed per token."""
+        return min(self.ffn_groups, self.ffn_k * self.ffn_oversample)
+
+    def predictor_kind(self, part: str) -> str:
+        """The predictor kind ("lr", "int8", "int4") that `part` ("softmax" or "ffn") uses."""
+        lr = self.softmax == "hire-lr" if part == "softmax" else self.ffn_predictor == "lr"
+        return "lr" if lr else self.hire_quant
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -15,8 +15,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from hire import sharding
 from hire.checkpoint import LoadedModel
+from hire.config import ModelConfig
 from hire.model import KVCache, Transformer, init_cache
 from hire.sampling import RowSampling, SamplingParams, sample
 
@@ -89,25 +92,47 @@ def _steps(model: Transformer, variables, state: DecodeState, n: int, kv_len: in
     return jax.lax.scan(lambda s, _: _step(model, variables, s, kv_len), state, None, length=n)
 
 
-class Engine:
-    """Holds a model's weights and the compiled prefill / insert / generate functions."""
+def _init_state(cfg: ModelConfig, n: int, max_len: int) -> DecodeState:
+    return DecodeState(init_cache(cfg, n, max_len), jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.int32),
+                       RowSampling.of([SamplingParams(temperature=0.0, seed=0)] * n), jnp.full(n, -1, jnp.int32))
 
-    def __init__(self, model: LoadedModel, slots: int = 8, max_len: int | None = None):
+
+def _layouts(cfg: ModelConfig, mesh: Mesh | None) -> dict[str, dict]:
+    """jax.jit keywords for the prefix, the decode state and generate_steps' outputs: none on one device; over
+    a mesh the cache split as hire.sharding says and the rest replicated (every process can read the tokens)."""
+    if mesh is None:
+        return {"prefix": {}, "state": {}, "steps": {}}
+    cache, rep = sharding.cache_sharding(cfg, mesh), sharding.replicated(mesh)
+    state = DecodeState(cache, rep, rep, rep, rep)
+    return {"prefix": {"out_shardings": Prefix(cache, rep, rep, rep, rep, rep)}, "state": {"out_shardings": state},
+            "steps": {"out_shardings": (state, StepOutput(rep, rep))}}
+
+
+class Engine:
+    """Holds a model's weights and the compiled prefill / insert / generate functions.
+
+    With a `mesh`, the variables are arrays sharded over it (hire.sharding.load_sharded), the cache is split
+    over it too and everything else replicated; with jax.distributed, every process builds this same engine
+    and makes the same calls in the same order (cluster.shards drives that).
+    """
+
+    def __init__(self, model: LoadedModel, slots: int = 8, max_len: int | None = None, mesh: Mesh | None = None):
         self.cfg = model.cfg
         self.variables = model.variables
         self.tokenizer = model.tokenizer
         self.slots = slots
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.buckets = buckets(self.max_len)
-        net = Transformer(model.cfg)
-        self._prefill = jax.jit(functools.partial(_prefill, net))
-        self._insert = jax.jit(_insert, donate_argnums=1)
-        self._generate_steps = jax.jit(functools.partial(_steps, net), static_argnums=(2, 3), donate_argnums=1)
+        net, layout = Transformer(model.cfg), _layouts(model.cfg, mesh)
+        self._prefill = jax.jit(functools.partial(_prefill, net), **layout["prefix"])
+        self._insert = jax.jit(_insert, donate_argnums=1, **layout["state"])
+        self._generate_steps = jax.jit(functools.partial(_steps, net), static_argnums=(2, 3), donate_argnums=1,
+                                       **layout["steps"])
+        fresh = functools.partial(_init_state, self.cfg, slots, self.max_len)
+        self._init_state = fresh if mesh is None else jax.jit(fresh, **layout["state"])
 
     def init_state(self) -> DecodeState:
-        n = self.slots
-        return DecodeState(init_cache(self.cfg, n, self.max_len), jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.int32),
-                           RowSampling.of([SamplingParams(temperature=0.0, seed=0)] * n), jnp.full(n, -1, jnp.int32))
+        return self._init_state()
 
     def check_request(self, tokens: list[int], adapter: int = -1) -> None:
         """Raise ValueError, naming the field, for a prompt or adapter this engine cannot run."""

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,13 +31,22 @@ def windows(tokens: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray, n
 
 
 def evaluate(model: LoadedModel, tokens: np.ndarray, context: int, batch_size: int = 8,
-             progress: bool = True, reference: LoadedModel | None = None) -> dict[str, float | int]:
+             progress: bool = True, reference: LoadedModel | None = None,
+             dense: LoadedModel | None = None,
+             logits_fn: Callable[[Any, jax.Array, jax.Array], jax.Array] | None = None) -> dict[str, float | int]:
     """Mean loss (nats), perplexity and next-token accuracy over every token of `tokens` after the first.
 
     With a `reference` model (same tokenizer), also `agreement`: how often both models' argmax
     agree, which bounds how many greedy drafts of `model` the reference would accept.
+    With `dense`, the same model without HiRE when `model` uses it: also dense_loss, dense_perplexity,
+    top1_agreement (how often both argmaxes agree) and the predictors' mean softmax_recall, ffn_recall
+    and ffn_mass on the hidden states the HiRE model reads (hire.calibrate.recalls).
+    `logits_fn(variables, inputs, positions)`, when given, computes `model`'s logits in place of
+    hire.model.Transformer (a tandem small model beside its large one: hire.tandem.tandem_scorer).
     Windows do not overlap, so each starts without context; the last batch is padded and masked.
     """
+    from hire.calibrate import layer_inputs, recalls
+
     if len(tokens) < 2:
         raise ValueError("need at least two tokens to score")
     inputs, targets, mask = windows(np.asarray(tokens, np.int32), context)
@@ -44,26 +55,41 @@ def evaluate(model: LoadedModel, tokens: np.ndarray, context: int, batch_size: i
     positions = jnp.broadcast_to(jnp.arange(context), (batch_size, context))
 
     @jax.jit
-    def score(variables, ref_variables, x, y, m):
-        logits = Transformer(model.cfg).apply(variables, x, positions)[0]
+    def score(variables, ref_variables, dense_variables, x, y, m):
+        extra = {}
+        if dense is None:
+            logits = (logits_fn or (lambda v, *a: Transformer(model.cfg).apply(v, *a)[0]))(variables, x, positions)
+        else:
+            logits, inputs = layer_inputs(model.cfg, variables, x)
+            dense_logits = Transformer(dense.cfg).apply(dense_variables, x, positions)[0]
+            extra = {"dense_nll": token_nll(dense_logits, y)[0],
+                     "top1_agreement": jnp.argmax(logits, -1) == jnp.argmax(dense_logits, -1),
+                     **recalls(model.cfg, variables, *inputs)}
+        extra = {k: jnp.sum(v.reshape(m.shape) * m) for k, v in extra.items()}
         nll, correct = token_nll(logits, y)
         agree = 0
         if reference is not None:
             ref_logits = Transformer(reference.cfg).apply(ref_variables, x, positions)[0]
             agree = jnp.sum((jnp.argmax(logits, -1) == jnp.argmax(ref_logits, -1)) * m)
-        return jnp.sum(nll * m), jnp.sum(correct * m), agree
+        return jnp.sum(nll * m), jnp.sum(correct * m), agree, extra
 
     ref_variables = None if reference is None else reference.variables
-    total_nll, total_correct, total_agree = 0.0, 0, 0
+    dense_variables = None if dense is None else dense.variables
+    total_nll, total_correct, total_agree, totals = 0.0, 0, 0, {}
     for i in tqdm(range(0, len(inputs), batch_size), desc="eval", unit="batch", disable=not progress):
         batch = (a[i:i + batch_size] for a in (inputs, targets, mask))
-        nll, correct, agree = score(model.variables, ref_variables, *batch)
+        nll, correct, agree, extra = score(model.variables, ref_variables, dense_variables, *batch)
         total_nll, total_correct, total_agree = (total_nll + float(nll), total_correct + int(correct),
                                                  total_agree + int(agree))
+        totals = {k: totals.get(k, 0.0) + float(v) for k, v in extra.items()}
     count = int(mask.sum())
     loss = total_nll / count
     result = {"tokens": count, "loss": loss, "perplexity": math.exp(loss), "next_token_accuracy": total_correct / count,
               "windows": n_windows, "context": context}
     if reference is not None:
         result["agreement"] = total_agree / count
-    return result
+    means = {k: v / count for k, v in totals.items()}
+    if "dense_nll" in means:
+        dense_loss = means.pop("dense_nll")
+        result |= {"dense_loss": dense_loss, "dense_perplexity": math.exp(dense_loss)}
+    return result | means

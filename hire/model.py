@@ -21,7 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hire import sparse
 from hire.config import ModelConfig
+from hire.predictors import Predictor
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 
@@ -166,6 +168,24 @@ class FFN(nn.Module):
         return Linear(cfg.dim, cfg, False, "down", name="down")(h, lora)
 
 
+class GroupSparseFFN(nn.Module):
+    """The FFN with HiRE group sparsity (hire.sparse): weights bundled per group of neurons, "bundle"
+    [groups, parts, group, dim] in params, and a predictor of the gate and up pre-activations."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        parts = 3 if cfg.gated else 2
+        bundle = self.param("bundle", nn.initializers.normal(0.02), (cfg.ffn_groups, parts, cfg.ffn_group, cfg.dim),
+                            jnp.dtype(cfg.dtype))
+        approx = Predictor(cfg.predictor_kind("ffn"), (parts - 1) * cfg.ffn_dim, cfg.hire_rank, cfg.dtype,
+                           name="predictor")(x)
+        return sparse.group_sparse_ffn(x, bundle, approx, lambda h: activation(cfg, h), cfg.ffn_candidates,
+                                       cfg.ffn_union)
+
+
 class MoE(nn.Module):
     """Mixtral: softmax router, top-k experts, weights renormalised over the chosen k.
 
@@ -202,7 +222,12 @@ class Block(nn.Module):
                                                positions, cache, lora, inv_freq, kv_len)
         x = x + h
         y = RMSNorm(cfg.norm_eps, cfg.dtype, name="ffn_norm")(x)
-        x = x + (MoE(cfg, name="moe")(y, lora) if cfg.n_experts else FFN(cfg, name="ffn")(y, lora))
+        if cfg.n_experts:
+            x = x + MoE(cfg, name="moe")(y, lora)
+        elif cfg.ffn == "group-sparse":
+            x = x + GroupSparseFFN(cfg, name="ffn")(y)
+        else:
+            x = x + FFN(cfg, name="ffn")(y, lora)
         return x, cache
 
 
@@ -240,10 +265,16 @@ class Transformer(nn.Module):
         x = RMSNorm(cfg.norm_eps, cfg.dtype, name="norm")(x)
         if logit_index is not None:
             x = x[jnp.arange(x.shape[0]), logit_index]
-        if cfg.tie_embeddings:
+        weight = embed if cfg.tie_embeddings else self.param("lm_head", nn.initializers.normal(0.02),
+                                                             (cfg.dim, cfg.vocab_size), dt)
+        if cfg.softmax != "dense":  # HiRE: exact logits for the predicted candidates only (hire.sparse)
+            approx = Predictor(cfg.predictor_kind("softmax"), cfg.vocab_size, cfg.hire_rank, cfg.dtype,
+                               name="softmax")(x)
+            logits = sparse.hire_logits(x, weight, approx, cfg.softmax_candidates, 0 if cfg.tie_embeddings else 1)
+        elif cfg.tie_embeddings:
             logits = x @ embed.T
         else:
-            logits = x @ self.param("lm_head", nn.initializers.normal(0.02), (cfg.dim, cfg.vocab_size), dt)
+            logits = x @ weight
         return logits.astype(jnp.float32), (None if cache is None else tuple(new_cache))
 
 

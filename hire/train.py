@@ -250,7 +250,8 @@ class _MetricsLog:
 def train(cfg: TrainConfig, until: int | None = None, progress: bool = True) -> dict[str, Any]:
     """The language-model recipe: corpus, tokenizer, model from scratch, fit, and the final hire model.
 
-    The finished model is saved with its tokenizer to cfg.out/model (hire's format). Returns fit's summary.
+    The finished model is saved with its tokenizer to cfg.out/model (hire's format). With cfg.tandem the
+    model is a tandem small model beside a frozen large one (hire.train_tandem). Returns fit's summary.
     """
     try:
         split = split_corpus(cfg.data, cfg.seed)
@@ -260,9 +261,16 @@ def train(cfg: TrainConfig, until: int | None = None, progress: bool = True) -> 
     except (OSError, ValueError) as e:
         raise ConfigError(f"data: {e}") from None
     model_cfg = cfg.model.replace(vocab_size=tokenizer.vocab_size)
-    result = fit(cfg, lm_loss(model_cfg, resolve_compute_dtype(cfg.compute_dtype)), init_params(model_cfg, cfg.seed),
-                 {}, batches, valid, until, progress)
+    if cfg.tandem is None:
+        loss_fn = lm_loss(model_cfg, resolve_compute_dtype(cfg.compute_dtype))
+        trainable, frozen = init_params(model_cfg, cfg.seed), {}
+        save = lambda weights: save_native(Path(cfg.out) / "model", model_cfg, weights, tokenizer)  # noqa: E731
+    else:
+        from hire.train_tandem import tandem_recipe
+
+        loss_fn, trainable, frozen, save = tandem_recipe(cfg, model_cfg, tokenizer)
+    result = fit(cfg, loss_fn, trainable, frozen, batches, valid, until, progress)
     if result.step == cfg.steps:
-        save_native(Path(cfg.out) / "model", model_cfg, result.trainable, tokenizer)
+        save(result.trainable)
     return {**result.summary, "train_tokens": len(batches.tokens),
             "epochs": result.step * cfg.batch_size * cfg.seq_len / len(batches.tokens)}

@@ -1,8 +1,8 @@
 """The training recipe file: a TOML or JSON document read into checked, frozen dataclasses.
 
 Top-level keys are TrainConfig's fields; the tables [model] (ModelConfig fields, less the
-vocabulary and special ids, which the tokenizer sets), [tokenizer], [data] and [optimizer]
-hold the rest. Every error names the offending field, e.g. "optimizer.lr".
+vocabulary and special ids, which the tokenizer sets), [tokenizer], [data], [optimizer] and
+[tandem] (optional: the tandem recipe) hold the rest. Every error names the offending field, e.g. "optimizer.lr".
 """
 from __future__ import annotations
 
@@ -53,11 +53,32 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True)
+class TandemRecipe:
+    """The [tandem] table: train `model` as the small model of a tandem transformer (hire.tandem) beside
+    the frozen `large` model (a name under models/ or a path, with the same tokenizer). Small layer i reads
+    the large hidden states `large_layers[i]` (empty: the one at the same relative depth), in blocks of
+    `block` tokens, exactly as at inference. `distill` in [0, 1] is the weight of the large model's softmax
+    as a soft target beside the next token."""
+
+    large: str = "default"
+    large_layers: tuple[tuple[int, ...], ...] = ()
+    block: int = 4
+    distill: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.block < 1:
+            raise ValueError(f"block must be positive, got {self.block}")
+        if not 0 <= self.distill <= 1:
+            raise ValueError(f"distill must be in [0, 1], got {self.distill}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """A whole run. `steps` updates of `batch_size` windows of `seq_len` tokens; validation every
     `eval_every` steps on `eval_batches` batches; a resumable checkpoint every `checkpoint_every`
     steps (the last `keep_checkpoints` are kept) under `out`, and the final model in `out`/model.
-    `compute_dtype` "auto" is bfloat16 on GPU/TPU and float32 on CPU; weights stay float32."""
+    `compute_dtype` "auto" is bfloat16 on GPU/TPU and float32 on CPU; weights stay float32.
+    With a [tandem] table the model is a tandem small model trained beside a frozen large one."""
 
     model: ModelConfig
     tokenizer: TokenizerConfig
@@ -73,6 +94,7 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    tandem: TandemRecipe | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_batches", "keep_checkpoints"):
@@ -90,6 +112,9 @@ class TrainConfig:
             raise ValueError(f"seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         if self.model.dtype != "float32":
             raise ValueError("model.dtype must be float32 (the master weights); set compute_dtype instead")
+        if self.tandem and self.tandem.large_layers and len(self.tandem.large_layers) != self.model.n_layers:
+            raise ValueError(f"tandem.large_layers gives {len(self.tandem.large_layers)} layers' inputs; "
+                             f"model.n_layers is {self.model.n_layers}")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -123,10 +148,10 @@ def config_from_dict(raw: Any, default_name: str = "model") -> TrainConfig:
              "vocab_size": tokenizer.vocab_size, "bos_id": BOS_ID, "eos_id": EOS_ID}
     raw["model"] = _build(ModelConfig, model, "model")
     raw["tokenizer"] = tokenizer
-    for name, cls in (("data", CorpusConfig), ("optimizer", OptimizerConfig)):
+    for name, cls in (("data", CorpusConfig), ("optimizer", OptimizerConfig), ("tandem", TandemRecipe)):
         if name in raw:
             raw[name] = _build(cls, raw[name], name)
-    return _build(TrainConfig, raw, "recipe", nested=("model", "tokenizer", "data", "optimizer"))
+    return _build(TrainConfig, raw, "recipe", nested=("model", "tokenizer", "data", "optimizer", "tandem"))
 
 
 def _table(raw: Any, where: str) -> dict[str, Any]:
@@ -168,6 +193,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return float(value)
         if option is str and isinstance(value, str):
             return value
+        if option == tuple[tuple[int, ...], ...] and isinstance(value, list) and all(
+                isinstance(v, list) and all(type(i) is int for i in v) for v in value):
+            return tuple(tuple(v) for v in value)
         if typing.get_origin(option) is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)
         if dataclasses.is_dataclass(option) and isinstance(value, dict):

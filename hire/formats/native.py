@@ -70,18 +70,24 @@ def _replaceable(folder: Path) -> bool:
                                 or config.is_file() and read_json(config).get("format") == "hire")
 
 
-def load_native(folder: str | Path, dtype: str | None = None) -> LoadedModel:
-    """Load a folder written by save_native; `dtype` overrides the saved one."""
-    folder = Path(folder)
-    config = folder / "config.json"
+def read_config(folder: str | Path, dtype: str | None = None) -> ModelConfig:
+    """The ModelConfig of a folder written by save_native; `dtype` overrides the saved one."""
+    config = Path(folder) / "config.json"
     raw = read_json(config)
     if raw.pop("format", None) != "hire":
         raise CheckpointError(f"{config} is not a hire config (no \"format\": \"hire\")")
     if (version := raw.pop("format_version", None)) != FORMAT_VERSION:
         raise CheckpointError(f"{config}: format_version {version!r} is not supported (supported: {FORMAT_VERSION})")
-    cfg = with_dtype(build_config(config, raw), dtype)
+    return with_dtype(build_config(config, raw), dtype)
+
+
+def load_native(folder: str | Path, dtype: str | None = None) -> LoadedModel:
+    """Load a folder written by save_native; `dtype` overrides the saved one."""
+    folder = Path(folder)
+    cfg = read_config(folder, dtype)
     try:
         tensors = load_file(folder / WEIGHTS)
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"cannot read {folder / WEIGHTS}: {e}") from None
-    return LoadedModel(cfg, prepare_variables(cfg, unflatten(tensors)), load_tokenizer(folder))
+    # the weights are dense even when the config asks for HiRE: hire.checkpoint.load_model adds that
+    return LoadedModel(cfg, prepare_variables(cfg.dense(), unflatten(tensors)), load_tokenizer(folder))

@@ -1,0 +1,319 @@
+"""A model sharded over several Ray hosts that run one JAX program, behind hire.engine.Engine's interface.
+
+`ShardGroup` places one `workers.shard.ShardWorker` per host (a placement group: STRICT_SPREAD over the
+nodes when there are enough, else PACK on one node), starts jax.distributed among them (rank 0 is the
+coordinator) and broadcasts each call to all of them, one call at a time, so every process runs the same
+jitted functions in the same order. `ShardedEngine` gives the group the engine's interface: hire.scheduler
+and hire.generate drive it unchanged. Decode states and prefilled prompts stay on the hosts; the driver
+holds keys, and rank 0's copy of the (replicated) tokens comes back.
+
+Health: `ping` answers from a thread of its own while a call runs; a call that outlasts `call_timeout` or a
+host that died raises ShardGroupError, and `restart()` rebuilds the whole group (a JAX program cannot lose a
+member). `python -m cluster.shards bench` measures decode over the hosts against one process (docs/cluster.md).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from hire.checkpoint import resolve_model
+from hire.engine import Engine, StepOutput, buckets
+from hire.sampling import SamplingParams
+from hire.tokenizer import load_tokenizer
+from workers.shard import ShardWorker
+
+STRATEGIES = ("STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK")
+PROMPT_LEN = 16  # of the benchmark's prompts
+
+
+class ShardGroupError(RuntimeError):
+    """A host died, did not answer in time, or the group is shut down; `restart()` rebuilds it."""
+
+
+@dataclass(eq=False)
+class ShardedState:
+    """The driver's handle on a decode state that lives on the hosts."""
+
+    key: int
+
+
+@dataclass(eq=False)
+class ShardedPrefix:
+    """A prefilled prompt on the hosts: its key, and its first token and logprob ([1] each) from rank 0."""
+
+    key: int
+    token: np.ndarray
+    logprob: np.ndarray
+
+
+class ShardGroup:
+    """`hosts` ShardWorker actors, `devices_per_host` CPU devices each, jointly holding one model.
+
+    `strategy` (one of STRATEGIES) places them; by default STRICT_SPREAD when enough alive nodes can take
+    a bundle, else PACK. Each bundle asks for one CPU and, when the cluster has it, one `resource`.
+    `compilation_cache`, a folder every host can reach, keeps compiled programs across (re)starts.
+    """
+
+    def __init__(self, model: str, hosts: int, devices_per_host: int = 1, slots: int = 8, max_len: int | None = None,
+                 dtype: str | None = None, strategy: str | None = None, resource: str = "hire_host",
+                 call_timeout: float = 300.0, start_timeout: float = 120.0, compilation_cache: str | None = None):
+        if strategy is not None and strategy not in STRATEGIES:
+            raise ValueError(f"strategy: {strategy!r} is not one of {STRATEGIES}")
+        if hosts < 1 or devices_per_host < 1:
+            raise ValueError("hosts and devices_per_host must be >= 1")
+        self.model, self.hosts, self.devices_per_host = str(resolve_model(model)), hosts, devices_per_host
+        self.slots, self.max_len, self.dtype = slots, max_len, dtype
+        self.strategy, self.resource = strategy, resource
+        self.call_timeout, self.start_timeout, self.compilation_cache = call_timeout, start_timeout, compilation_cache
+        self.workers: list[Any] = []
+        self.info: list[dict[str, Any]] = []  # what each host's `start` returned, by rank
+        self._pg = None
+        self._lock = threading.Lock()
+        self.start()
+
+    def _placement(self) -> tuple[str, dict[str, float]]:
+        """The placement strategy and the bundle each host asks for."""
+        bundle = {"CPU": 1.0} | ({self.resource: 1.0} if self.resource in ray.cluster_resources() else {})
+        if self.strategy:
+            return self.strategy, bundle
+        fits = [n for n in ray.nodes() if n["Alive"] and all(n["Resources"].get(k, 0) >= v for k, v in bundle.items())]
+        return ("STRICT_SPREAD" if len(fits) >= self.hosts else "PACK"), bundle
+
+    def start(self) -> None:
+        """Place and start the hosts, join them into one JAX program and load the model's slices."""
+        strategy, bundle = self._placement()
+        self._pg = placement_group([bundle] * self.hosts, strategy=strategy)
+        try:
+            if not self._pg.wait(int(self.start_timeout)):
+                raise ShardGroupError(f"no room for {self.hosts} hosts of {bundle} ({strategy}) within "
+                                      f"{self.start_timeout:.0f}s; cluster resources: {ray.cluster_resources()}")
+            env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={self.devices_per_host}",
+                   "JAX_PLATFORMS": "cpu"}
+            self.workers = [ShardWorker.options(
+                num_cpus=bundle["CPU"], resources={k: v for k, v in bundle.items() if k != "CPU"},
+                runtime_env={"env_vars": env},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank),
+            ).remote(rank, self.hosts, self.devices_per_host) for rank in range(self.hosts)]
+            coordinator = self._get(self.workers[0].address.remote(), self.start_timeout)
+            self.info = self._get([w.start.remote(coordinator, self.model, self.slots, self.max_len, self.dtype,
+                                                  int(self.start_timeout), self.compilation_cache)
+                                  for w in self.workers], self.start_timeout)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _get(self, refs: Any, timeout: float) -> Any:
+        try:
+            return ray.get(refs, timeout=timeout)
+        except GetTimeoutError:
+            raise ShardGroupError(f"the {self.hosts} hosts did not all answer within {timeout:.0f}s: one may hang; "
+                                  "restart() rebuilds the group") from None
+        except RayActorError as e:
+            raise ShardGroupError(f"a host died ({type(e).__name__}: {e}); restart() rebuilds the group") from None
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        """Run ShardWorker.`method` on every host; their results, by rank. One call runs at a time."""
+        with self._lock:
+            if not self.workers:
+                raise ShardGroupError("the shard group is shut down")
+            return self._get([getattr(w, method).remote(*args) for w in self.workers], self.call_timeout)
+
+    def drop(self, table: str, key: int) -> None:
+        """Tell every host to forget a state or prefix (no answer awaited; safe from a finalizer)."""
+        if ray.is_initialized():
+            for w in self.workers:
+                w.drop.remote(table, key)
+
+    def ping(self, timeout: float = 10.0) -> bool:
+        """Whether every host's process answers within `timeout` seconds."""
+        if not self.workers:
+            return False
+        try:
+            self._get([w.ping.remote() for w in self.workers], timeout)
+        except ShardGroupError:
+            return False
+        return True
+
+    def restart(self) -> None:
+        """Tear the whole group down and start it again (decode states and prefixes are lost)."""
+        with self._lock:
+            self.shutdown()
+            self.start()
+
+    def shutdown(self) -> None:
+        """Kill the hosts and free their placement group."""
+        workers, pg, self.workers, self.info, self._pg = self.workers, self._pg, [], [], None
+        if not ray.is_initialized():
+            return
+        for w in workers:
+            ray.kill(w)
+        if pg is not None:
+            remove_placement_group(pg)
+
+
+class ShardedEngine:
+    """hire.engine.Engine's interface (cfg, slots, max_len, buckets, tokenizer, init_state, prefill, insert,
+    generate_steps, check_request, warm_up) over a ShardGroup; `group` keyword arguments go to ShardGroup."""
+
+    check_request = Engine.check_request
+    generate = Engine.generate
+
+    def __init__(self, model: str, hosts: int, devices_per_host: int = 1, slots: int = 8, max_len: int | None = None,
+                 dtype: str | None = None, **group: Any):
+        self.tokenizer = load_tokenizer(resolve_model(model))
+        self.group = ShardGroup(model, hosts, devices_per_host, slots, max_len, dtype, **group)
+        self.cfg, self.max_len, self.slots = self.group.info[0]["cfg"], self.group.info[0]["max_len"], slots
+        self.buckets = buckets(self.max_len)
+        self._keys = itertools.count()
+
+    def _track(self, handle: ShardedState | ShardedPrefix, table: str) -> Any:
+        """The hosts forget `handle`'s state or prefix once the driver drops it."""
+        weakref.finalize(handle, self.group.drop, table, handle.key).atexit = False
+        return handle
+
+    def init_state(self) -> ShardedState:
+        key = next(self._keys)
+        self.group.call("init_state", key)
+        return self._track(ShardedState(key), "states")
+
+    def prefill(self, tokens: list[int], params: SamplingParams, adapter: int = -1) -> ShardedPrefix:
+        self.check_request(tokens, adapter)
+        key = next(self._keys)
+        token, logprob = self.group.call("prefill", key, list(tokens), params, adapter)[0]
+        return self._track(ShardedPrefix(key, token, logprob), "prefixes")
+
+    def insert(self, prefix: ShardedPrefix, state: ShardedState, slot: int) -> ShardedState:
+        self.group.call("insert", prefix.key, state.key, slot)
+        return state
+
+    def generate_steps(self, state: ShardedState, n: int, reach: int | None = None
+                       ) -> tuple[ShardedState, StepOutput]:
+        """n decode steps on every host; outputs are numpy [n, slots]."""
+        tokens, logprobs = self.group.call("generate_steps", state.key, n, reach)[0]
+        return state, StepOutput(tokens, logprobs)
+
+    def warm_up(self, chunk: int) -> None:
+        self.group.call("warm_up", chunk)
+
+    def ping(self, timeout: float = 10.0) -> bool:
+        return self.group.ping(timeout)
+
+    def restart(self) -> None:
+        self.group.restart()
+
+    def shutdown(self) -> None:
+        self.group.shutdown()
+
+
+def bench_len(steps: int) -> int:
+    """The context a benchmark of `steps` decode steps needs."""
+    return PROMPT_LEN + steps + 1
+
+
+def time_decode(engine: Any, steps: int, chunk: int, repeats: int) -> list[float]:
+    """Seconds per decode step (every slot one token) of `repeats` runs of `steps` greedy steps, `chunk` per call
+    and the tokens read back after each call, as hire.generate does; one untimed run first compiles."""
+    prompt = np.random.default_rng(0).integers(3, engine.cfg.vocab_size, PROMPT_LEN).tolist()
+    params = SamplingParams(temperature=0.0, seed=0)
+
+    def run() -> float:
+        state = engine.init_state()
+        for slot in range(engine.slots):
+            state = engine.insert(engine.prefill(prompt, params), state, slot)
+        start = time.perf_counter()
+        for done in range(0, steps, chunk):
+            state, out = engine.generate_steps(state, chunk, PROMPT_LEN + done + chunk)
+            np.asarray(out.tokens)
+        return (time.perf_counter() - start) / steps
+
+    run()
+    return [run() for _ in range(repeats)]
+
+
+def _local_engine(model: str, slots: int, max_len: int) -> Engine:
+    """The plain engine on this process's one device, or, with several devices, one sharded over all of them."""
+    import jax
+
+    from hire import sharding
+    from hire.checkpoint import load_model
+
+    if jax.device_count() == 1:
+        return Engine(load_model(model), slots, max_len)
+    mesh = sharding.make_mesh()
+    return Engine(sharding.load_sharded(model, mesh), slots, max_len, mesh=mesh)
+
+
+def _summary(name: str, seconds: list[float], slots: int) -> dict[str, Any]:
+    ms = statistics.median(seconds) * 1e3
+    return {"path": name, "ms_per_step": round(ms, 4), "ms_per_token": round(ms / slots, 4),
+            "tokens_per_s": round(slots / ms * 1e3, 1)}
+
+
+def bench(model: str, hosts: int, devices_per_host: int, slots: int, steps: int, chunk: int, repeats: int
+          ) -> dict[str, Any]:
+    """Decode speed of the plain one-device engine, of one process over hosts * devices_per_host devices (both in
+    child processes) and of `hosts` Ray hosts (a local Ray), in that order within one run."""
+    if steps % chunk:
+        raise ValueError("steps must be a multiple of chunk")
+    devices = hosts * devices_per_host
+    rows = []
+    for d in dict.fromkeys((1, devices)):
+        env = os.environ | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={d}", "JAX_PLATFORMS": "cpu"}
+        out = subprocess.run([sys.executable, "-m", "cluster.shards", "local", "--model", model, "--slots", str(slots),
+                              "--steps", str(steps), "--chunk", str(chunk), "--repeats", str(repeats)],
+                             env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+        rows.append(_summary("plain engine, 1 device" if d == 1 else f"1 process, {d} devices", json.loads(out),
+                             slots))
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=hosts, include_dashboard=False)
+    engine = ShardedEngine(model, hosts, devices_per_host, slots, bench_len(steps))
+    try:
+        seconds = time_decode(engine, steps, chunk, repeats)
+    finally:
+        engine.shutdown()
+        if started:
+            ray.shutdown()
+    rows.append(_summary(f"{hosts} Ray hosts x {devices_per_host} devices", seconds, slots))
+    plain = rows[0]["ms_per_step"]
+    return {"model": model, "slots": slots, "steps": steps, "chunk": chunk, "repeats": repeats,
+            "cpus": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 1),
+            "paths": [r | {"vs_plain": round(r["ms_per_step"] / plain, 3)} for r in rows]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cluster.shards", description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=("bench", "local"), help="bench: all three paths; local: this process only")
+    parser.add_argument("--model", default="stories260K")
+    parser.add_argument("--hosts", type=int, default=2)
+    parser.add_argument("--devices-per-host", type=int, default=2)
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    a = parser.parse_args(argv)
+    if a.what == "local":
+        engine = _local_engine(a.model, a.slots, bench_len(a.steps))
+        print(json.dumps(time_decode(engine, a.steps, a.chunk, a.repeats)))
+    else:
+        print(json.dumps(bench(a.model, a.hosts, a.devices_per_host, a.slots, a.steps, a.chunk, a.repeats)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""HiRE predictors: cheap approximations of the scores x W over the n output rows of a kernel W [dim, n].
+
+Two kinds, each a dict of arrays (a plain pytree, stored in the model's "hire" collection):
+
+- low rank ("lr"): {"a": [dim, r], "b": [r, n]}, scores (x a) b. `low_rank` fits it to minimise the
+  expected score error E||x W - x a b||^2 over calibration hidden states x (their second moment C):
+  with S = C^(1/2), the best rank-r fit is a b = S^-1 U_r U_r^T S W, U_r the top r eigenvectors of
+  S W W^T S. Without calibration (C = I) that is the truncated SVD of W; at r = dim it is W itself.
+- quantized ("int8", "int4"): {"q": int8 [n, dim] or uint8 [n, dim/2], "scale": f32 [n]}, one symmetric
+  scale per row: row i is q_i * scale_i with q in [-127, 127] (int8) or [-7, 7] (int4, two per byte:
+  the even column in the low nibble, the odd one in the high nibble, each stored plus 8).
+  Each score is off by at most |x|_1 * scale_i / 2.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+QUANTS = ("int8", "int4")
+QMAX = {"int8": 127, "int4": 7}
+
+
+def low_rank(kernel: np.ndarray, rank: int, second_moment: np.ndarray | None = None,
+             ridge: float = 1e-6) -> dict[str, np.ndarray]:
+    """Rank-`rank` predictor of `kernel` [dim, n], weighted by the hidden states' second moment [dim, dim].
+
+    `ridge` (relative to the mean eigenvalue) keeps C invertible when some directions never occur.
+    """
+    w = np.asarray(kernel, np.float32)
+    dim = w.shape[0]
+    inv_sqrt = None
+    if second_moment is not None:
+        c = np.asarray(second_moment, np.float64)
+        c = (c + c.T) / 2 + ridge * np.trace(c) / dim * np.eye(dim)
+        lam, q = np.linalg.eigh(c)
+        lam = np.maximum(lam, lam.max() * 1e-12)
+        inv_sqrt = (q / np.sqrt(lam)) @ q.T
+        w = ((q * np.sqrt(lam)) @ q.T).astype(np.float32) @ w  # S W
+    _, vectors = np.linalg.eigh((w @ w.T).astype(np.float64))  # ascending eigenvalues
+    u = vectors[:, ::-1][:, :min(rank, dim)]
+    a = u if inv_sqrt is None else inv_sqrt @ u
+    return {"a": a.astype(np.float32), "b": u.T.astype(np.float32) @ w}
+
+
+def pack_int4(values: np.ndarray) -> np.ndarray:
+    """int values in [-8, 7], last axis even -> uint8 with half the last axis (even index in the low nibble)."""
+    v = (np.asarray(values).astype(np.int16) + 8).astype(np.uint8)
+    return v[..., 0::2] | (v[..., 1::2] << 4)
+
+
+def unpack_int4(packed: jax.Array) -> jax.Array:
+    """Inverse of pack_int4: uint8 [..., m] -> int8 [..., 2m] in [-8, 7] (works on numpy or jax arrays)."""
+    low = (packed & 15).astype(jnp.int8) - 8
+    high = (packed >> 4).astype(jnp.int8) - 8
+    return jnp.stack([low, high], axis=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
+def quantize(kernel: np.ndarray, quant: str) -> dict[str, np.ndarray]:
+    """Per-row symmetric int8 or int4 copy of `kernel` [dim, n] (rows = its n output columns)."""
+    rows = np.asarray(kernel, np.float32).T
+    scale = np.abs(rows).max(axis=1) / QMAX[quant]
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(rows / scale[:, None]), -QMAX[quant], QMAX[quant]).astype(np.int8)
+    return {"q": pack_int4(q) if quant == "int4" else q, "scale": scale}
+
+
+def kind_of(pred: dict[str, Any]) -> str:
+    """"lr", "int8" or "int4"."""
+    if "a" in pred:
+        return "lr"
+    return "int4" if pred["q"].dtype == jnp.uint8 else "int8"
+
+
+def dequantize(pred: dict[str, Any]) -> jax.Array:
+    """The rows [n, dim] a quantized predictor stands for."""
+    q = unpack_int4(pred["q"]) if kind_of(pred) == "int4" else pred["q"]
+    return q.astype(jnp.float32) * pred["scale"][:, None]
+
+
+def scores(pred: dict[str, Any], x: jax.Array) -> jax.Array:
+    """Approximate x W: [..., dim] -> [..., n] in float32."""
+    if kind_of(pred) == "lr":
+        return ((x @ pred["a"]) @ pred["b"]).astype(jnp.float32)
+    q = unpack_int4(pred["q"]) if kind_of(pred) == "int4" else pred["q"]
+    dots = jnp.einsum("...d,nd->...n", x, q.astype(x.dtype), preferred_element_type=jnp.float32)
+    return dots * pred["scale"]
+
+
+def spec(kind: str, dim: int, n: int, rank: int, dtype: str) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Shape and dtype of each array of a predictor of `kind` ("lr", "int8", "int4") for a [dim, n] kernel."""
+    if kind == "lr":
+        r = min(rank, dim)
+        return {"a": ((dim, r), jnp.dtype(dtype)), "b": ((r, n), jnp.dtype(dtype))}
+    if kind == "int8":
+        return {"q": ((n, dim), jnp.int8), "scale": ((n,), jnp.float32)}
+    if kind == "int4":
+        return {"q": ((n, dim // 2), jnp.uint8), "scale": ((n,), jnp.float32)}
+    raise ValueError(f"unknown predictor kind {kind!r}; known: lr, {', '.join(QUANTS)}")
+
+
+class Predictor(nn.Module):
+    """Approximate scores over the `rows` outputs of a kernel; arrays in the "hire" collection (zeros at init)."""
+
+    kind: str
+    rows: int
+    rank: int
+    dtype: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shapes = spec(self.kind, x.shape[-1], self.rows, self.rank, self.dtype)
+        pred = {name: self.variable("hire", name, jnp.zeros, shape, dt).value for name, (shape, dt) in shapes.items()}
+        return scores(pred, x)

@@ -1,0 +1,106 @@
+"""Tensor parallelism over one mesh axis, "model": where each variable and the KV cache live, and loading
+each process's own slice of a hire checkpoint.
+
+Megatron-style splits, so that a layer needs one all-reduce after attention and one after the FFN:
+q, k, v and the FFN's up and gate split their output features (attention heads, FFN neurons), o and down
+split their input features; the cache splits its KV heads; embed and lm_head split the vocabulary. Norms,
+a MoE router, LoRA adapters and anything not named here are replicated, and so is any tensor whose split
+dimension the device count does not divide (correct, only not split). The engine's jitted functions
+take these shardings from their inputs and GSPMD inserts the collectives.
+
+Sampling reads the logits that lm_head leaves vocabulary-sharded, so XLA gathers them for the sort
+and the argmax; hire.topk.da_top_k is the sharded top-k that would keep them where they are.
+
+With several processes (jax.distributed, one per host) every process runs this same code: `load_sharded`
+reads only the slices of model.safetensors that this process's devices hold.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from safetensors import SafetensorError, safe_open
+
+from hire.checkpoint import LoadedModel, detect_format, resolve_model
+from hire.config import ModelConfig
+from hire.formats import CheckpointError, check_variables, expected_variables, unflatten
+from hire.formats.native import WEIGHTS, read_config
+from hire.tokenizer import load_tokenizer
+
+AXIS = "model"
+
+_OUT = P(None, AXIS)  # output features split
+_IN = P(AXIS, None)  # input features split
+RULES: dict[str, P] = {
+    "embed": _IN, "lm_head": _OUT,
+    "attn/q/kernel": _OUT, "attn/k/kernel": _OUT, "attn/v/kernel": _OUT, "attn/o/kernel": _IN,
+    "attn/q/bias": P(AXIS), "attn/k/bias": P(AXIS), "attn/v/bias": P(AXIS),
+    "ffn/up/kernel": _OUT, "ffn/gate/kernel": _OUT, "ffn/down/kernel": _IN,
+    "moe/up": P(None, None, AXIS), "moe/gate": P(None, None, AXIS), "moe/down": P(None, AXIS, None),
+}
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+    """A one-axis mesh named "model" over `devices` (default: every device of every process)."""
+    return Mesh(np.array(devices if devices is not None else jax.devices()), (AXIS,))
+
+
+def _fit(spec: P, shape: tuple[int, ...], n: int) -> P:
+    """`spec`, or replicated when `n` does not divide a dimension it splits."""
+    return spec if all(s is None or d % n == 0 for s, d in zip(spec, shape)) else P()
+
+
+def variable_spec(name: str, shape: tuple[int, ...], n: int) -> P:
+    """The PartitionSpec of the flattened variable `name` ("params/layers_0/attn/q/kernel") over `n` devices."""
+    match = re.fullmatch(r"params/(?:layers_\d+/)?(.+)", name)
+    return _fit(RULES.get(match.group(1), P()) if match else P(), shape, n)
+
+
+def cache_spec(cfg: ModelConfig, n: int) -> P:
+    """Both cache tensors (k [B, Kv, D, S], v [B, Kv, S, D]) split their KV heads."""
+    return P(None, AXIS) if cfg.n_kv_heads % n == 0 else P()
+
+
+def cache_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, cache_spec(cfg, mesh.size))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def load_sharded(path: str | Path, mesh: Mesh, dtype: str | None = None) -> LoadedModel:
+    """Load a hire-format checkpoint as arrays sharded over `mesh`, reading only this process's slices."""
+    folder = resolve_model(path)
+    if detect_format(folder) != "hire":
+        raise CheckpointError(f"{folder} is not in hire's format; a sharded load reads hire checkpoints only "
+                              "(write one with `hire convert`)")
+    cfg = read_config(folder, dtype)
+    if cfg.sparse:
+        raise CheckpointError(f"{folder}: a HiRE config (softmax={cfg.softmax}, ffn={cfg.ffn}) cannot be sharded yet")
+    want = expected_variables(cfg)
+    try:
+        with safe_open(folder / WEIGHTS, framework="numpy") as f:
+            stored = {k: jax.ShapeDtypeStruct(tuple(f.get_slice(k).get_shape()), np.float32) for k in f.keys()}
+            check_variables(cfg, unflatten(stored))  # names and shapes only
+            arrays = {k: _load(f, k, w, NamedSharding(mesh, variable_spec(k, w.shape, mesh.size)))
+                      for k, w in want.items()}
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"cannot read {folder / WEIGHTS}: {e}") from None
+    return LoadedModel(cfg, unflatten(arrays), load_tokenizer(folder))
+
+
+def _load(f, name: str, want: jax.ShapeDtypeStruct, sharding: NamedSharding) -> jax.Array:
+    """One variable, each local device's piece read from the open safetensors file `f` alone."""
+    return jax.make_array_from_callback(want.shape, sharding,
+                                        lambda index: np.asarray(f.get_slice(name)[index], want.dtype))
+
+
+def held_bytes(tree) -> int:
+    """Bytes of distinct data this process holds of `tree`'s arrays: a piece on several local devices counts once."""
+    return sum(sum({str(s.index): s.data.nbytes for s in a.addressable_shards}.values())
+               for a in jax.tree.leaves(tree))

@@ -1,0 +1,138 @@
+"""HiRE operators: the vocabulary softmax and a group-sparse FFN computed exactly on predicted candidates only.
+
+Both take approximate scores from a predictor (hire.predictors), keep the top k' candidates, and compute
+those exactly. Each has two execution paths with the same result: with few tokens (decode) the candidate
+rows are gathered and only they are read ("gather"); with many tokens (prefill, evaluation), where the
+gathers would read more than the whole weight, every row is computed and the others are masked ("mask").
+`use_gather` picks between them from static shapes.
+
+**Softmax** (`hire_logits`): the k' candidates get their exact logits. Every other token keeps its
+approximate logit, capped just below the lowest exact candidate logit. So greedy decoding and top-k
+sampling with k <= k' only ever pick candidates, while the full distribution (plain temperature
+sampling, top-p past the candidates' mass, logprobs, perplexity) keeps the tail's approximate mass in
+the normaliser instead of dropping it. With k' = vocabulary size the logits are the dense ones.
+
+**Group-sparse FFN** (`group_sparse_ffn`): neurons in groups of g; a group's score is sum |h| over its
+neurons, with h = act(gate x) * (up x) (act(up x) when not gated) computed from the predictor's
+approximate gate and up pre-activations. The k' best groups are computed exactly. The weights are
+bundled ("row-column bundling", LLM in a flash) as [groups, parts, g, dim]: a group's gate columns, up
+columns and down rows lie together, so one gather reads a group. With `union`, every token of a call
+uses the union of all its tokens' candidate groups, gathered once for the whole batch.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def use_gather(tokens: int, candidates: int, rows: int) -> bool:
+    """Whether gathering `candidates` rows for each of `tokens` reads less than all `rows` (decode)."""
+    return tokens * candidates < rows
+
+
+def candidate_recall(exact: jax.Array, approx: jax.Array, k: int, candidates: int) -> jax.Array:
+    """Per row: the fraction of the exact top-k [..., n] found among the approximate top-`candidates`."""
+    exact, approx = exact.reshape(-1, exact.shape[-1]), approx.reshape(-1, approx.shape[-1])
+    rows = jnp.arange(exact.shape[0])[:, None]
+    chosen = jnp.zeros(approx.shape, bool).at[rows, jax.lax.top_k(approx, candidates)[1]].set(True)
+    return jnp.take_along_axis(chosen, jax.lax.top_k(exact, k)[1], -1).mean(-1)
+
+
+def hire_logits(x: jax.Array, weight: jax.Array, approx: jax.Array, candidates: int,
+                rows_axis: int = 0, gather: bool | None = None) -> jax.Array:
+    """Logits [..., V] for hidden states x [..., dim]: exact on the top-`candidates` of `approx` [..., V].
+
+    `weight` is the output embedding with its V rows along `rows_axis` (0: a tied embedding [V, dim],
+    1: an lm_head kernel [dim, V]); `gather` None picks the path with `use_gather`.
+    """
+    lead, vocab = x.shape[:-1], approx.shape[-1]
+    x, approx = x.reshape(-1, x.shape[-1]), approx.reshape(-1, vocab)
+    _, idx = jax.lax.top_k(approx, candidates)  # [N, k']
+    if use_gather(x.shape[0], candidates, vocab) if gather is None else gather:
+        rows = jnp.take(weight, idx, axis=rows_axis)
+        exact = jnp.einsum("nd,nkd->nk" if rows_axis == 0 else "nd,dnk->nk", x, rows)
+    else:
+        full = x @ (weight.T if rows_axis == 0 else weight)
+        exact = jnp.take_along_axis(full, idx, -1)
+    exact = exact.astype(jnp.float32)
+    floor = jnp.nextafter(exact.min(-1, keepdims=True), -jnp.inf)
+    logits = jnp.minimum(approx, floor).at[jnp.arange(x.shape[0])[:, None], idx].set(exact)
+    return logits.reshape(*lead, vocab)
+
+
+def bundle_ffn(up: jax.Array, down: jax.Array, gate: jax.Array | None, group: int) -> jax.Array:
+    """Bundle FFN kernels up/gate [dim, F] and down [F, dim] as [F // group, parts, group, dim]: per group its
+    gate columns (when gated), up columns and down rows, contiguous."""
+    dim, ffn = up.shape
+    parts = [up.T, down] if gate is None else [gate.T, up.T, down]
+    return jnp.stack([p.reshape(ffn // group, group, dim) for p in parts], axis=1)
+
+
+def _activations(pre: jax.Array, act: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """h from pre-activations [..., parts - 1, g]: act(gate) * up, or act(up) when there is one part."""
+    return act(pre[..., 0, :]) * pre[..., 1, :] if pre.shape[-2] == 2 else act(pre[..., 0, :])
+
+
+def approx_group_scores(approx: jax.Array, act: Callable[[jax.Array], jax.Array], groups: int,
+                        group: int) -> jax.Array:
+    """Group scores [..., G] from approximate [gate | up] pre-activations [..., (parts - 1) * F]."""
+    pre = approx.reshape(*approx.shape[:-1], -1, groups, group)  # [..., parts - 1, G, g]
+    return jnp.abs(_activations(jnp.moveaxis(pre, -3, -2), act)).sum(-1)
+
+
+def exact_activations(x: jax.Array, bundle: jax.Array, act: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """h [N, G, g] of every neuron, from x [N, dim] and the bundle."""
+    pre = jnp.einsum("nd,Gpgd->nGpg", x, bundle[:, :-1], preferred_element_type=jnp.float32)
+    return _activations(pre, act)
+
+
+def _scan_groups(x: jax.Array, bundle: jax.Array, groups: jax.Array, rows: jax.Array | None,
+                 act: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """Sum of the FFN over the listed groups, reading one bundled group at a time (a dynamic slice, which XLA's
+    CPU backend copies far faster than a gather, and plain matrix-vector products on it).
+
+    With `rows` [M], entry i adds group groups[i] to token rows[i] only; without, every token gets every
+    listed group, and entries past the last group (padding) add nothing.
+    """
+    n_groups = bundle.shape[0]
+
+    def body(acc: jax.Array, entry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        group, row = entry
+        w = jax.lax.dynamic_index_in_dim(bundle, jnp.minimum(group, n_groups - 1), 0, keepdims=False)
+        if rows is None:
+            pre = (x @ w[:-1].reshape(-1, x.shape[-1]).T).reshape(x.shape[0], w.shape[0] - 1, w.shape[1])
+            h = _activations(pre, act) * (group < n_groups)
+            return acc + h @ w[-1], None
+        h = _activations(w[:-1] @ jax.lax.dynamic_index_in_dim(x, row, 0, keepdims=False), act)
+        return acc.at[row].add(h @ w[-1]), None
+
+    entries = (groups, groups if rows is None else rows)
+    return jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), entries)[0]
+
+
+def group_sparse_ffn(x: jax.Array, bundle: jax.Array, approx: jax.Array, act: Callable[[jax.Array], jax.Array],
+                     candidates: int, union: bool = False, gather: bool | None = None) -> jax.Array:
+    """FFN output [..., dim] computing only the top-`candidates` groups of `approx` [..., (parts - 1) * F].
+
+    `union`: every token uses the union of all tokens' candidates; `gather` None picks the path.
+    """
+    lead, dim, (groups, _, group, _) = x.shape[:-1], x.shape[-1], bundle.shape
+    x = x.reshape(-1, dim)
+    scores = approx_group_scores(approx.reshape(x.shape[0], -1), act, groups, group)
+    _, idx = jax.lax.top_k(scores, candidates)  # [N, k']
+    n = x.shape[0]
+    if not (use_gather(n, candidates, groups) if gather is None else gather):
+        keep = jnp.zeros((n, groups), x.dtype).at[jnp.arange(n)[:, None], idx].set(1)
+        if union:
+            keep = jnp.broadcast_to(keep.max(0), keep.shape)
+        h = exact_activations(x, bundle, act).astype(x.dtype) * keep[..., None]
+        out = jnp.einsum("nGg,Ggd->nd", h, bundle[:, -1])
+    elif union:
+        member = jnp.zeros(groups, bool).at[idx.ravel()].set(True)
+        chosen = jnp.nonzero(member, size=min(groups, n * candidates), fill_value=groups)[0]
+        out = _scan_groups(x, bundle, chosen, None, act)
+    else:
+        out = _scan_groups(x, bundle, idx.ravel(), jnp.repeat(jnp.arange(n), candidates), act)
+    return out.astype(x.dtype).reshape(*lead, dim)

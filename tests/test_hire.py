@@ -1,0 +1,214 @@
+"""HiRE: predictors, the candidate softmax, the group-sparse FFN, the model switch, calibration and the CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from hire import predictors, sparse
+from hire.calibrate import build_predictors, calibrate, recalls, sparsify
+from hire.checkpoint import LoadedModel, load_model
+from hire.cli import main
+from hire.config import SHAPES, ModelConfig
+from hire.engine import Engine
+from hire.formats import CheckpointError
+from hire.generate import generate
+from hire.model import Transformer
+from hire.sampling import SamplingParams
+
+STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
+LILY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
+STORY = ("Once upon a time, there was a little dog named Max. Max liked to run in the big green park with his friend "
+         "Sue. One day, Sue found a red ball under a tree. She threw the ball and Max ran very fast to get it. "
+         "They played all day until the sun went down. Then they went home, ate some soup and went to sleep. ")
+# Exact fallback on stories260K (vocabulary 512, ffn_dim 172 -> 43 groups of 4): every row is a candidate.
+EVERY_ROW = {"softmax_k": 32, "softmax_oversample": 16, "ffn_k": 43, "ffn_oversample": 1}
+
+
+def rng_normal(seed: int, *shape: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def stories() -> LoadedModel:
+    return load_model(STORIES)
+
+
+@pytest.fixture(scope="module")
+def stories_predictors(stories) -> dict:
+    return build_predictors(stories, ["lr", "int8"], rank=16)
+
+
+def test_int4_packing_round_trips():
+    values = np.random.default_rng(0).integers(-8, 8, (5, 3, 32)).astype(np.int8)
+    packed = predictors.pack_int4(values)
+    assert packed.dtype == np.uint8 and packed.shape == (5, 3, 16)
+    np.testing.assert_array_equal(np.asarray(predictors.unpack_int4(jnp.asarray(packed))), values)
+    pairs = np.stack(np.meshgrid(np.arange(-8, 8), np.arange(-8, 8)), -1).reshape(-1).astype(np.int8)
+    assert len(np.unique(predictors.pack_int4(pairs))) == 256  # every byte: each value in both nibbles
+    np.testing.assert_array_equal(predictors.unpack_int4(predictors.pack_int4(pairs)), pairs)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_scores_error_is_bounded(quant):
+    kernel, x = rng_normal(1, 48, 200), rng_normal(2, 7, 48)
+    pred = predictors.quantize(kernel, quant)
+    error = np.abs(np.asarray(predictors.scores(jax.tree.map(jnp.asarray, pred), jnp.asarray(x))) - x @ kernel)
+    bound = np.abs(x).sum(-1, keepdims=True) * pred["scale"] / 2
+    assert np.all(error <= bound * (1 + 1e-4) + 1e-5)
+    assert np.mean(error) < 0.2 * np.mean(bound)  # typically far under the worst case
+    relative = np.linalg.norm(error) / np.linalg.norm(x @ kernel)
+    assert relative < (0.01 if quant == "int8" else 0.15)
+
+
+def test_low_rank_full_rank_is_exact_and_calibration_fits_the_hidden_states():
+    kernel = rng_normal(3, 32, 100)
+    mixing = rng_normal(4, 32, 32) * np.linspace(0.05, 3, 32)  # hidden states with a skewed covariance
+    x = rng_normal(5, 2000, 32) @ mixing
+    moment = x.T @ x / len(x)
+    for m in (None, moment):
+        pred = predictors.low_rank(kernel, 32, m)
+        np.testing.assert_allclose(np.asarray(predictors.scores(pred, x)), x @ kernel, rtol=1e-3, atol=1e-3)
+    err = {name: np.mean((np.asarray(predictors.scores(predictors.low_rank(kernel, 8, m), x)) - x @ kernel) ** 2)
+           for name, m in (("svd", None), ("calibrated", moment))}
+    assert err["calibrated"] < 0.7 * err["svd"]
+
+
+@pytest.mark.parametrize("rows_axis", [0, 1])
+def test_hire_logits_exact_fallback_and_candidates(rows_axis):
+    vocab, dim = 64, 16
+    weight, x = rng_normal(6, vocab, dim), jnp.asarray(rng_normal(7, 3, dim))
+    weight = jnp.asarray(weight if rows_axis == 0 else weight.T)
+    dense = x @ (weight.T if rows_axis == 0 else weight)
+    approx = dense + jnp.asarray(rng_normal(8, 3, vocab))
+    for gather in (True, False):
+        np.testing.assert_allclose(sparse.hire_logits(x, weight, approx, vocab, rows_axis, gather), dense, rtol=1e-5,
+                                   atol=1e-5)
+    got = [sparse.hire_logits(x, weight, approx, 8, rows_axis, gather) for gather in (True, False)]
+    np.testing.assert_allclose(got[0], got[1], rtol=1e-5, atol=1e-5)
+    candidates = np.asarray(jax.lax.top_k(approx, 8)[1])
+    logits, dense, approx = np.asarray(got[0]), np.asarray(dense), np.asarray(approx)
+    for row, chosen in enumerate(candidates):
+        others = np.setdiff1d(np.arange(vocab), chosen)
+        np.testing.assert_allclose(logits[row, chosen], dense[row, chosen], rtol=1e-5, atol=1e-5)
+        assert logits[row, others].max() < logits[row, chosen].min()  # greedy and top-k <= k' pick candidates
+        floor = logits[row, chosen].min()
+        np.testing.assert_array_equal(logits[row, others] == approx[row, others], approx[row, others] < floor)
+        assert np.argmax(logits[row]) == chosen[np.argmax(dense[row, chosen])]
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_group_sparse_ffn_paths_and_exact_fallback(gated):
+    dim, ffn, group, n = 16, 48, 4, 3
+    groups = ffn // group
+    gate, up, down = (jnp.asarray(rng_normal(s, *shape)) for s, shape in ((9, (dim, ffn)), (10, (dim, ffn)),
+                                                                          (11, (ffn, dim))))
+    x = jnp.asarray(rng_normal(12, n, dim))
+    h = jax.nn.silu(x @ gate) * (x @ up) if gated else jax.nn.silu(x @ up)
+    dense = h @ down
+    bundle = sparse.bundle_ffn(up, down, gate if gated else None, group)
+    assert bundle.shape == (groups, 3 if gated else 2, group, dim)
+    approx = (jnp.concatenate([x @ gate, x @ up], -1) if gated else x @ up) + jnp.asarray(
+        rng_normal(13, n, (2 if gated else 1) * ffn))
+    run = lambda k, union, gather: sparse.group_sparse_ffn(x, bundle, approx, jax.nn.silu, k, union, gather)  # noqa
+    for union in (False, True):
+        for gather in (True, False):
+            np.testing.assert_allclose(run(groups, union, gather), dense, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(run(2, union, True), run(2, union, False), rtol=1e-4, atol=1e-4)
+    chosen = jax.lax.top_k(sparse.approx_group_scores(approx, jax.nn.silu, groups, group), 2)[1]
+    keep = jnp.zeros((n, groups)).at[jnp.arange(n)[:, None], chosen].set(1)
+    own = (h.reshape(n, groups, group) * keep[..., None]).reshape(n, ffn) @ down
+    np.testing.assert_allclose(run(2, False, True), own, rtol=1e-4, atol=1e-4)
+    union = (h.reshape(n, groups, group) * keep.max(0)[:, None]).reshape(n, ffn) @ down
+    np.testing.assert_allclose(run(2, True, True), union, rtol=1e-4, atol=1e-4)
+
+
+def test_config_defaults_are_dense_and_settings_are_checked():
+    cfg = SHAPES["tiny"]
+    assert not cfg.sparse and ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items()
+                                                     if k not in ("softmax", "ffn")}) == cfg
+    sparse_cfg = cfg.replace(ffn="group-sparse")
+    assert sparse_cfg.ffn_group == 16 and sparse_cfg.ffn_groups == 8 and sparse_cfg.ffn_k == 1
+    assert hash(sparse_cfg) != hash(cfg) and sparse_cfg.dense() == cfg.replace(ffn_group=16, ffn_k=1)
+    for bad in ({"ffn": "group-sparse", "ffn_group": 5}, {"softmax": "hire-x"}, {"ffn": "group-sparse", "ffn_k": 9}):
+        with pytest.raises(ValueError):
+            cfg.replace(**bad)
+
+
+def test_engine_decodes_with_hire_as_one_forward_pass_does(stories, stories_predictors):
+    """Cached decoding (one token a step: candidates gathered) picks the argmax a single forward pass over the
+    whole output computes at every position (many tokens: every row computed, the others masked)."""
+    hired = sparsify(stories, stories.cfg.replace(softmax="hire-lr", softmax_oversample=2, ffn="group-sparse",
+                                                  ffn_k=8, ffn_oversample=2), stories_predictors)
+    prompt = stories.tokenizer.encode("Once upon a time")
+    [out] = generate(Engine(hired, slots=2, max_len=64), [prompt], SamplingParams(temperature=0, max_tokens=16,
+                                                                                   ignore_eos=True))
+    tokens = jnp.array([prompt + out.tokens])
+    logits, _ = Transformer(hired.cfg).apply(hired.variables, tokens, jnp.arange(tokens.shape[1])[None])
+    assert np.argmax(logits[0, len(prompt) - 1:-1], -1).tolist() == out.tokens
+
+
+def test_recall_on_the_trained_default_model():
+    """Predictors fitted on a little of the standard library's source, measured on other held-out code."""
+    model = load_model("default")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    tokens = model.tokenizer.encode((stdlib / "functools.py").read_text() + (stdlib / "textwrap.py").read_text())
+    settings = {"softmax_k": 32, "ffn_k": 4}
+    found, meta = calibrate(model, tokens[:9 * 256], 256, 32, ["int4"], holdout=1 / 9, settings=settings,
+                            oversamples=(8,), progress=False)
+    lr, int4 = meta["recall"]["lr"][0], meta["recall"]["int4"][0]
+    assert lr["softmax_candidates"] == 256 and lr["ffn_candidates"] == 32
+    assert lr["softmax_recall"] > 0.98 and int4["softmax_recall"] > 0.99
+    assert lr["ffn_recall"] > 0.97 and int4["ffn_recall"] > 0.97
+    assert 0.5 < lr["ffn_mass"] < 1  # a dense-trained FFN spreads its activation over many groups
+    cfg = model.cfg.replace(softmax="hire-lr", ffn="group-sparse", **settings)
+    hired = sparsify(model, cfg, found)
+    x = jnp.asarray(rng_normal(14, 4, model.cfg.dim))  # not hidden states: recall drops far below
+    assert float(recalls(hired.cfg, hired.variables, x, [x] * 6)["softmax_recall"].mean()) < 0.9
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    monkeypatch.setenv("HIRE_CACHE", str(tmp_path / "xla"))
+
+    def invoke(*args: str):
+        result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result
+    return invoke
+
+
+def test_cli_calibrate_generate_eval_bench(run, tmp_path):
+    """Calibrate a copy of stories260K, then the exact fallback (every row a candidate) generates and scores as
+    the dense model does; bench decode times HiRE against dense."""
+    model, text = tmp_path / "stories", tmp_path / "story.txt"
+    shutil.copytree(STORIES, model)
+    text.write_text(STORY * 4)
+    with pytest.raises(CheckpointError, match="hire calibrate"):
+        load_model(model, softmax="hire-lr")
+    meta = json.loads(run("calibrate", "--model", str(model), "--text", str(text), "--context", "64", "--rank", "16",
+                          "--quant", "int4").stdout)
+    assert meta["kinds"] == ["lr", "int4"] and (model / "hire_predictors.safetensors").is_file()
+    assert json.loads((model / "hire_predictors.json").read_text()) == meta
+    exact = [f"--hire={k}={v}" for k, v in EVERY_ROW.items()]
+    greedy = run("generate", "--model", str(model), "--prompt", "Once upon a time", "--max-tokens", "12",
+                 "--temperature", "0", "--softmax", "hire-lr", "--ffn", "group-sparse", *exact)
+    assert greedy.stdout.startswith(LILY[:LILY.index(" named")])
+    # the exact fallback scores as dense does (logits within 1e-4), here with quantized predictors
+    scores = json.loads(run("eval", "--model", str(model), "--text", str(text), "--context", "64", "--softmax",
+                            "hire-q", "--ffn", "group-sparse", "--hire", "ffn_predictor=q", "--hire", "hire_quant=int4",
+                            *exact).stdout)
+    assert scores["top1_agreement"] == 1 and scores["softmax_recall"] == 1 and scores["ffn_recall"] == 1
+    assert scores["loss"] == pytest.approx(scores["dense_loss"], abs=1e-5)
+    row = json.loads(run("bench", "decode", "--shape", "tiny", "--softmax", "hire-lr", "--ffn", "group-sparse",
+                         "--hire", "hire_rank=8", "--hire", "softmax_oversample=2", "--steps", "2", "--chunk", "2",
+                         "--prompt-len", "4", "--repeats", "1").stdout)
+    assert row["dense_tokens_per_s"] > 0 and row["speedup"] > 0
+    assert row["bytes_per_token"] < row["dense_bytes_per_token"]

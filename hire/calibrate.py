@@ -28,12 +28,11 @@ from hire import predictors, sparse
 from hire.checkpoint import LoadedModel
 from hire.config import ModelConfig
 from hire.evaluate import windows
-from hire.formats import CheckpointError, expected_variables, flatten, prepare_variables, read_json, unflatten
+from hire.formats import CheckpointError, expected_variables, prepare_variables, unflatten
 from hire.model import RMSNorm, Transformer, activation
 
 PREDICTORS = "hire_predictors.safetensors"
 META = "hire_predictors.json"
-KINDS = ("lr", *predictors.QUANTS)
 
 
 def softmax_kernel(cfg: ModelConfig, params: dict) -> jax.Array:
@@ -42,11 +41,8 @@ def softmax_kernel(cfg: ModelConfig, params: dict) -> jax.Array:
 
 
 def ffn_kernel(ffn: dict) -> jax.Array:
-    """The kernels a FFN predictor approximates, [dim, (parts - 1) * ffn_dim]: gate then up (up alone when
-    not gated), from the dense FFN's params or its bundle."""
-    if "bundle" in ffn:
-        pre = ffn["bundle"][:, :-1]  # [G, parts - 1, g, dim]
-        return jnp.transpose(pre, (3, 1, 0, 2)).reshape(pre.shape[-1], -1)
+    """The kernels a dense FFN's predictor approximates, [dim, (parts - 1) * ffn_dim]: gate then up (up alone
+    when not gated), as hire.sparse orders its pre-activations."""
     return jnp.concatenate([ffn["gate"]["kernel"], ffn["up"]["kernel"]] if "gate" in ffn else [ffn["up"]["kernel"]],
                            axis=1)
 
@@ -84,7 +80,7 @@ def build_predictors(model: LoadedModel, kinds: Iterable[str], rank: int,
 def random_predictors(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """Random predictors of the kinds `cfg` uses (for timing models with random weights), keyed as in the file."""
     rng, out = np.random.default_rng(seed), {}
-    for key, shape in flatten(jax.eval_shape(lambda: unflatten(expected_variables(cfg)))).items():
+    for key, shape in expected_variables(cfg).items():
         collection, path = key.split("/", 1)
         if collection != "hire":
             continue
@@ -132,13 +128,14 @@ def sparsify(model: LoadedModel, cfg: ModelConfig, found: dict[str, Any]) -> Loa
 
 
 def save_predictors(folder: str | Path, found: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """Write the predictors and their description (`calibrate`'s report) into `folder`."""
     folder = Path(folder)
     save_file({k: np.ascontiguousarray(v) for k, v in found.items()}, folder / PREDICTORS, metadata={"format": "hire"})
     (folder / META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def load_predictors(folder: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The predictors saved in `folder` and their description."""
+def load_predictors(folder: str | Path) -> dict[str, np.ndarray]:
+    """The predictors saved in `folder`, keyed as in the file."""
     folder = Path(folder)
     if not (folder / PREDICTORS).is_file():
         raise CheckpointError(f"no HiRE predictors in {folder} ({PREDICTORS}); build them with "
@@ -147,42 +144,62 @@ def load_predictors(folder: str | Path) -> tuple[dict[str, np.ndarray], dict[str
         found = load_file(folder / PREDICTORS)
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"cannot read {folder / PREDICTORS}: {e}") from None
-    return found, read_json(folder / META) if (folder / META).is_file() else {}
+    return found
 
 
 def with_predictors(model: LoadedModel, folder: str | Path, cfg: ModelConfig) -> LoadedModel:
     """`model` (dense) as `cfg` asks, with the predictors saved in `folder`."""
-    return sparsify(model, cfg, load_predictors(folder)[0])
+    return sparsify(model, cfg, load_predictors(folder))
 
 
-def recalls(cfg: ModelConfig, variables: dict, softmax_x: jax.Array, ffn_x: list[jax.Array]) -> dict[str, jax.Array]:
-    """Per-token recall of a HiRE model's predictors on hidden states [..., dim] its softmax and FFNs read.
+Scores = dict[str, list[tuple[jax.Array, jax.Array]]]
+
+
+def scores_on(cfg: ModelConfig, variables: dict, softmax_x: jax.Array, ffn_x: list[jax.Array]) -> Scores:
+    """Exact and predicted scores [N, rows] of a HiRE model on hidden states [..., dim] its softmax and FFNs
+    read: "softmax" (logits), "ffn" (group scores sum |h|, one pair per layer)."""
+    out: Scores = {}
+    params, hire = variables["params"], variables.get("hire", {})
+    if cfg.softmax != "dense":
+        x = softmax_x.reshape(-1, cfg.dim)
+        out["softmax"] = [(x @ softmax_kernel(cfg, params), predictors.scores(hire["softmax"], x))]
+    if cfg.ffn == "group-sparse":
+        act = lambda h: activation(cfg, h)  # noqa: E731
+        out["ffn"] = []
+        for i, x in enumerate(ffn_x):
+            x = x.reshape(-1, cfg.dim)
+            exact = jnp.abs(sparse.exact_activations(x, params[f"layers_{i}"]["ffn"]["bundle"], act)).sum(-1)
+            approx = sparse.approx_group_scores(predictors.scores(hire[f"layers_{i}"]["ffn"]["predictor"], x), act,
+                                                cfg.ffn_groups, cfg.ffn_group)
+            out["ffn"].append((exact, approx))
+    return out
+
+
+def recall_of(cfg: ModelConfig, scores: Scores) -> dict[str, jax.Array]:
+    """Per-token recall at `cfg`'s k and k' from `scores_on`'s scores.
 
     softmax_recall: share of the exact top softmax_k logits among the softmax_candidates predicted best;
     ffn_recall: share of the exact top ffn_k groups (by sum |h|) among the ffn_candidates predicted best,
     averaged over layers; ffn_mass: share of sum |h| that the predicted groups hold.
     """
     out = {}
-    params, hire = variables["params"], variables.get("hire", {})
-    if cfg.softmax != "dense":
-        x = softmax_x.reshape(-1, cfg.dim)
-        exact = x @ softmax_kernel(cfg, params)
-        approx = predictors.scores(hire["softmax"], x)
+    if "softmax" in scores:
+        [(exact, approx)] = scores["softmax"]
         out["softmax_recall"] = sparse.candidate_recall(exact, approx, cfg.softmax_k, cfg.softmax_candidates)
-    if cfg.ffn == "group-sparse":
-        act = lambda h: activation(cfg, h)  # noqa: E731
+    if "ffn" in scores:
         found, mass = [], []
-        for i, x in enumerate(ffn_x):
-            x = x.reshape(-1, cfg.dim)
-            bundle = params[f"layers_{i}"]["ffn"]["bundle"]
-            exact = jnp.abs(sparse.exact_activations(x, bundle, act)).sum(-1)  # [N, G]
-            approx = sparse.approx_group_scores(predictors.scores(hire[f"layers_{i}"]["ffn"]["predictor"], x), act,
-                                                cfg.ffn_groups, cfg.ffn_group)
+        for exact, approx in scores["ffn"]:
             found.append(sparse.candidate_recall(exact, approx, cfg.ffn_k, cfg.ffn_candidates))
             chosen = jax.lax.top_k(approx, cfg.ffn_candidates)[1]
             mass.append(jnp.take_along_axis(exact, chosen, -1).sum(-1) / exact.sum(-1))
         out["ffn_recall"], out["ffn_mass"] = jnp.mean(jnp.stack(found), 0), jnp.mean(jnp.stack(mass), 0)
     return out
+
+
+def recalls(cfg: ModelConfig, variables: dict, softmax_x: jax.Array, ffn_x: list[jax.Array]) -> dict[str, jax.Array]:
+    """Per-token recall of a HiRE model's predictors on hidden states [..., dim] its softmax and FFNs read
+    (`recall_of` says which)."""
+    return recall_of(cfg, scores_on(cfg, variables, softmax_x, ffn_x))
 
 
 def calibrate(model: LoadedModel, tokens: np.ndarray, context: int, rank: int, quants: Iterable[str],
@@ -221,13 +238,13 @@ def calibrate(model: LoadedModel, tokens: np.ndarray, context: int, rank: int, q
     for kind in kinds:
         modes = {"softmax": "hire-lr" if kind == "lr" else "hire-q", "ffn": "group-sparse",
                  "ffn_predictor": "lr" if kind == "lr" else "q", "hire_quant": "int8" if kind == "lr" else kind}
+        hired = sparsify(model, cfg.replace(**{**(settings or {}), **modes}), found)
+        scores = scores_on(hired.cfg, hired.variables, *held_x)
         for oversample in oversamples:
-            target = cfg.replace(**{**(settings or {}), **modes, "softmax_oversample": oversample,
-                                    "ffn_oversample": oversample})
-            hired = sparsify(model, target, found)
-            result = recalls(hired.cfg, hired.variables, *held_x)
+            target = hired.cfg.replace(softmax_oversample=oversample, ffn_oversample=oversample)
+            result = recall_of(target, scores)
             measured.setdefault(kind, []).append({
-                **_settings(hired.cfg),
+                **_settings(target),
                 **{name: round(float(jnp.sum(v * held_mask) / jnp.sum(held_mask)), 5) for name, v in result.items()}})
     meta = {"rank": rank, "kinds": kinds, "context": context, "fit_tokens": count,
             "held_out_tokens": int(mask[fit:].sum()), "recall": measured}

@@ -353,6 +353,8 @@ def _bench_speculative(loaded, draft, dtype, batch, gamma, steps, prompt_len, ch
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Held-out prompts (slots).")
 @click.option("--train-prompts", default=64, show_default=True, type=click.IntRange(min=1),
               help="Prompts cut from --train.")
+@click.option("--score-prompts", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Prompts cut from --text whose drafts score the routers.")
 @click.option("--gamma", default=8, show_default=True, type=click.IntRange(min=1), help="Longest block drafted.")
 @click.option("--steps", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens per prompt.")
 @click.option("--prompt-len", default=64, show_default=True, type=click.IntRange(min=1), help="Tokens per prompt.")
@@ -360,8 +362,8 @@ def _bench_speculative(loaded, draft, dtype, batch, gamma, steps, prompt_len, ch
               type=click.FloatRange(0, 1), help="Stop thresholds tried for each router (repeatable).")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
               help="Timed runs; the median is kept.")
-def bench_router(model, draft, train_file, text_file, batch, train_prompts, gamma, steps, prompt_len, thresholds,
-                 repeats) -> None:
+def bench_router(model, draft, train_file, text_file, batch, train_prompts, score_prompts, gamma, steps, prompt_len,
+                 thresholds, repeats) -> None:
     """Adaptive block length (hire.router): fixed gamma against a confidence threshold and a trained MLP router.
 
     Trains the MLP on drafts logged from greedy fixed-gamma decoding of prompts cut from --train, then times
@@ -375,8 +377,8 @@ def bench_router(model, draft, train_file, text_file, batch, train_prompts, gamm
     drafter = _drafter(draft, loaded, None)
     encode = lambda f, n: text_prompts(loaded.tokenizer.encode(Path(f).read_text(encoding="utf-8")), n,  # noqa: E731
                                        prompt_len)
-    for result in run(loaded, drafter, encode(train_file, train_prompts), encode(text_file, batch), gamma, steps,
-                      thresholds, repeats):
+    for result in run(loaded, drafter, encode(train_file, train_prompts), encode(text_file, score_prompts),
+                      encode(text_file, batch), gamma, steps, thresholds, repeats):
         click.echo(json.dumps(result))
 
 

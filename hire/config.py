@@ -10,7 +10,7 @@ from typing import Any
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 SOFTMAX_MODES = ("dense", "hire-lr", "hire-q")
-FFN_MODES = ("dense", "group-sparse")
+FFN_MODES = ("dense", "group-sparse", "group-topk")
 HIRE_QUANTS = ("int8", "int4")
 HIRE_FIELDS = ("softmax", "softmax_k", "softmax_oversample", "ffn", "ffn_predictor", "ffn_group", "ffn_k",
                "ffn_oversample", "ffn_union", "hire_rank", "hire_quant")
@@ -39,6 +39,7 @@ class ModelConfig:
     "group-sparse" computes only the ffn_k * ffn_oversample best-predicted groups of `ffn_group` neurons
     (0: the largest divisor of ffn_dim up to 16; ffn_k 0: a tenth of the groups), each token its own or,
     with `ffn_union`, the union over the batch. Predictors have rank `hire_rank` or are `hire_quant` copies.
+    `ffn` "group-topk" is the dense FFN keeping only each token's exact top ffn_k groups: a training mask.
     The defaults are dense, and a dense config computes exactly what it did without these fields.
     """
 
@@ -114,7 +115,7 @@ class ModelConfig:
             "softmax_k", "softmax_oversample", "ffn_oversample", "hire_rank") if getattr(self, f) <= 0]
         if self.hire_quant == "int4" and self.dim % 2:
             problems.append("int4 predictors need an even dim")
-        if self.ffn != "group-sparse":
+        if self.ffn == "dense":
             return problems
         if self.ffn_group == 0:
             object.__setattr__(self, "ffn_group", max(g for g in range(1, 17) if self.ffn_dim % g == 0))
@@ -125,8 +126,8 @@ class ModelConfig:
         if not 0 < self.ffn_k <= self.ffn_groups:
             problems.append(f"ffn_k must be in [1, {self.ffn_groups}] (the number of groups), got {self.ffn_k}")
         if self.n_experts:
-            problems.append("a group-sparse FFN needs a plain FFN (n_experts 0)")
-        if self.lora_adapters and {"gate", "up", "down"} & set(self.lora_targets):
+            problems.append(f"a {self.ffn} FFN needs a plain FFN (n_experts 0)")
+        if self.ffn == "group-sparse" and self.lora_adapters and {"gate", "up", "down"} & set(self.lora_targets):
             problems.append("a group-sparse FFN takes no LoRA adapters on gate, up or down")
         return problems
 
@@ -136,8 +137,8 @@ class ModelConfig:
 
     @property
     def sparse(self) -> bool:
-        """Whether HiRE replaces the dense softmax or FFN."""
-        return self.softmax != "dense" or self.ffn != "dense"
+        """Whether HiRE replaces the dense softmax or FFN (with predictors)."""
+        return self.softmax != "dense" or self.ffn == "group-sparse"
 
     def dense(self) -> "ModelConfig":
         """This config with the dense softmax and FFN."""

@@ -165,6 +165,8 @@ class FFN(nn.Module):
             h = activation(cfg, Linear(cfg.ffn_dim, cfg, False, "gate", name="gate")(x, lora)) * h
         else:
             h = activation(cfg, h)
+        if cfg.ffn == "group-topk":  # the group-sparse training mask (docs/hire.md)
+            h = sparse.keep_top_groups(h, cfg.ffn_groups, cfg.ffn_k)
         return Linear(cfg.dim, cfg, False, "down", name="down")(h, lora)
 
 

@@ -3,9 +3,8 @@
 Two kinds, each a dict of arrays (a plain pytree, stored in the model's "hire" collection):
 
 - low rank ("lr"): {"a": [dim, r], "b": [r, n]}, scores (x a) b. `low_rank` fits it to minimise the
-  expected score error E||x W - x a b||^2 over calibration hidden states x (their second moment C):
-  with S = C^(1/2), the best rank-r fit is a b = S^-1 U_r U_r^T S W, U_r the top r eigenvectors of
-  S W W^T S. Without calibration (C = I) that is the truncated SVD of W; at r = dim it is W itself.
+  expected score error E||x W - x a b||^2 over calibration hidden states x (their second moment C).
+  Without calibration (C = I) that is the truncated SVD of W; at r = dim it is W itself.
 - quantized ("int8", "int4"): {"q": int8 [n, dim] or uint8 [n, dim/2], "scale": f32 [n]}, one symmetric
   scale per row: row i is q_i * scale_i with q in [-127, 127] (int8) or [-7, 7] (int4, two per byte:
   the even column in the low nibble, the odd one in the high nibble, each stored plus 8).
@@ -28,21 +27,20 @@ def low_rank(kernel: np.ndarray, rank: int, second_moment: np.ndarray | None = N
              ridge: float = 1e-6) -> dict[str, np.ndarray]:
     """Rank-`rank` predictor of `kernel` [dim, n], weighted by the hidden states' second moment [dim, dim].
 
-    `ridge` (relative to the mean eigenvalue) keeps C invertible when some directions never occur.
+    With C = L L^T (Cholesky), E||x W - x a b||^2 = ||L^T (W - a b)||_F^2, minimised by a = L^-T U_r and
+    b = U_r^T L^T W, U_r the top r eigenvectors of L^T W W^T L. `ridge` (relative to the mean eigenvalue)
+    keeps C positive definite when some directions never occur.
     """
     w = np.asarray(kernel, np.float32)
     dim = w.shape[0]
-    inv_sqrt = None
+    lower = None
     if second_moment is not None:
         c = np.asarray(second_moment, np.float64)
-        c = (c + c.T) / 2 + ridge * np.trace(c) / dim * np.eye(dim)
-        lam, q = np.linalg.eigh(c)
-        lam = np.maximum(lam, lam.max() * 1e-12)
-        inv_sqrt = (q / np.sqrt(lam)) @ q.T
-        w = ((q * np.sqrt(lam)) @ q.T).astype(np.float32) @ w  # S W
+        lower = np.linalg.cholesky((c + c.T) / 2 + ridge * np.trace(c) / dim * np.eye(dim))
+        w = lower.T.astype(np.float32) @ w  # L^T W
     _, vectors = np.linalg.eigh((w @ w.T).astype(np.float64))  # ascending eigenvalues
     u = vectors[:, ::-1][:, :min(rank, dim)]
-    a = u if inv_sqrt is None else inv_sqrt @ u
+    a = u if lower is None else np.linalg.solve(lower.T, u)
     return {"a": a.astype(np.float32), "b": u.T.astype(np.float32) @ w}
 
 
@@ -75,17 +73,12 @@ def kind_of(pred: dict[str, Any]) -> str:
     return "int4" if pred["q"].dtype == jnp.uint8 else "int8"
 
 
-def dequantize(pred: dict[str, Any]) -> jax.Array:
-    """The rows [n, dim] a quantized predictor stands for."""
-    q = unpack_int4(pred["q"]) if kind_of(pred) == "int4" else pred["q"]
-    return q.astype(jnp.float32) * pred["scale"][:, None]
-
-
 def scores(pred: dict[str, Any], x: jax.Array) -> jax.Array:
     """Approximate x W: [..., dim] -> [..., n] in float32."""
-    if kind_of(pred) == "lr":
+    kind = kind_of(pred)
+    if kind == "lr":
         return ((x @ pred["a"]) @ pred["b"]).astype(jnp.float32)
-    q = unpack_int4(pred["q"]) if kind_of(pred) == "int4" else pred["q"]
+    q = unpack_int4(pred["q"]) if kind == "int4" else pred["q"]
     dots = jnp.einsum("...d,nd->...n", x, q.astype(x.dtype), preferred_element_type=jnp.float32)
     return dots * pred["scale"]
 

@@ -86,9 +86,10 @@ def collect(engine: Engine, drafter: Drafter, gamma: int, prompts: list[list[int
     return np.concatenate(inputs), np.concatenate(labels).astype(np.float32)
 
 
-def fit(inputs: np.ndarray, labels: np.ndarray, hidden: int = 32, steps: int = 1000, lr: float = 3e-3,
-        weight_decay: float = 1e-4, seed: int = 0, threshold: float = 0.5) -> MLPRouter:
-    """Train the MLP router on (inputs, labels) by full-batch AdamW on the logistic loss."""
+def fit(inputs: np.ndarray, labels: np.ndarray, hidden: int = 16, steps: int = 300, lr: float = 3e-3,
+        weight_decay: float = 1e-2, seed: int = 0, threshold: float = 0.5) -> MLPRouter:
+    """Train the MLP router on (inputs, labels) by full-batch AdamW on the logistic loss (short and small:
+    a thousand logged drafts are easily memorised)."""
     x, y = jnp.asarray(inputs, jnp.float32), jnp.asarray(labels, jnp.float32)
     k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
     width = x.shape[1]
@@ -123,17 +124,19 @@ def scores(router: MLPRouter | ConfidenceRouter, inputs: np.ndarray, labels: np.
             "kept": round(float(keep.mean()), 4)}
 
 
-def bench_router(model: LoadedModel, drafter: Drafter, train_prompts: list[list[int]], prompts: list[list[int]],
-                 gamma: int, steps: int = 128, thresholds: tuple[float, ...] = (0.3, 0.5, 0.7),
-                 repeats: int = 5) -> list[dict[str, Any]]:
-    """Fixed γ against the confidence and MLP routers at each threshold, on held-out `prompts` (batch = their
-    number, greedy), after training the MLP on drafts logged over `train_prompts`: one result per setting
-    (hire.bench.bench_speculative's keys, plus the router's held-out scores on drafts logged over `prompts`)."""
+def bench_router(model: LoadedModel, drafter: Drafter, train_prompts: list[list[int]],
+                 score_prompts: list[list[int]], prompts: list[list[int]], gamma: int, steps: int = 128,
+                 thresholds: tuple[float, ...] = (0.3, 0.5, 0.7), repeats: int = 5) -> list[dict[str, Any]]:
+    """Fixed γ against the confidence and MLP routers at each threshold, timed on held-out `prompts` (batch =
+    their number, greedy), after training the MLP on drafts logged over `train_prompts`: one result per
+    setting (hire.bench.bench_speculative's keys, plus the router's scores on drafts logged over the held-out
+    `score_prompts`)."""
     from hire.bench import bench_speculative
 
-    engine = Engine(model, slots=len(prompts), max_len=min(model.cfg.max_seq_len, max(map(len, prompts)) + steps))
+    length = max(map(len, train_prompts + score_prompts + prompts)) + steps
+    engine = Engine(model, slots=8, max_len=min(model.cfg.max_seq_len, length))
     mlp = fit(*collect(engine, drafter, gamma, train_prompts, steps))
-    held_out = collect(engine, drafter, gamma, prompts, steps)
+    held_out = collect(engine, drafter, gamma, score_prompts, steps)
     results = [bench_speculative(model, drafter, prompts, gamma, steps, repeats=repeats) | {"router": None}]
     for router in [ConfidenceRouter(t) for t in thresholds] + [mlp.with_threshold(t) for t in thresholds]:
         result = bench_speculative(model, drafter, prompts, gamma, steps, repeats=repeats,

@@ -18,6 +18,9 @@ approximate gate and up pre-activations. The k' best groups are computed exactly
 bundled ("row-column bundling", LLM in a flash) as [groups, parts, g, dim]: a group's gate columns, up
 columns and down rows lie together, so one gather reads a group. With `union`, every token of a call
 uses the union of all its tokens' candidate groups, gathered once for the whole batch.
+
+`keep_top_groups` is the same selection by exact activations, with nothing skipped: the forward-pass mask
+of ModelConfig(ffn="group-topk"), for training a model whose FFN is group-sparse by construction.
 """
 from __future__ import annotations
 
@@ -86,6 +89,14 @@ def exact_activations(x: jax.Array, bundle: jax.Array, act: Callable[[jax.Array]
     """h [N, G, g] of every neuron, from x [N, dim] and the bundle."""
     pre = jnp.einsum("nd,Gpgd->nGpg", x, bundle[:, :-1], preferred_element_type=jnp.float32)
     return _activations(pre, act)
+
+
+def keep_top_groups(h: jax.Array, groups: int, k: int) -> jax.Array:
+    """h [..., F] with every group but each token's k of largest sum |h| set to zero (ties may keep more)."""
+    grouped = h.reshape(*h.shape[:-1], groups, -1)
+    scores = jnp.abs(grouped).sum(-1)
+    keep = scores >= jax.lax.top_k(scores, k)[0][..., -1:]
+    return (grouped * keep[..., None].astype(h.dtype)).reshape(h.shape)
 
 
 def _scan_groups(x: jax.Array, bundle: jax.Array, groups: jax.Array, rows: jax.Array | None,

@@ -20,7 +20,7 @@ from hire.config import SHAPES, ModelConfig
 from hire.engine import Engine
 from hire.formats import CheckpointError
 from hire.generate import generate
-from hire.model import Transformer
+from hire.model import Transformer, init_params
 from hire.sampling import SamplingParams
 
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
@@ -117,7 +117,8 @@ def test_group_sparse_ffn_paths_and_exact_fallback(gated):
     assert bundle.shape == (groups, 3 if gated else 2, group, dim)
     approx = (jnp.concatenate([x @ gate, x @ up], -1) if gated else x @ up) + jnp.asarray(
         rng_normal(13, n, (2 if gated else 1) * ffn))
-    run = lambda k, union, gather: sparse.group_sparse_ffn(x, bundle, approx, jax.nn.silu, k, union, gather)  # noqa
+    sparse_ffn = jax.jit(sparse.group_sparse_ffn, static_argnums=(3, 4, 5, 6))
+    run = lambda k, union, gather: sparse_ffn(x, bundle, approx, jax.nn.silu, k, union, gather)  # noqa: E731
     for union in (False, True):
         for gather in (True, False):
             np.testing.assert_allclose(run(groups, union, gather), dense, rtol=1e-4, atol=1e-4)
@@ -128,6 +129,23 @@ def test_group_sparse_ffn_paths_and_exact_fallback(gated):
     np.testing.assert_allclose(run(2, False, True), own, rtol=1e-4, atol=1e-4)
     union = (h.reshape(n, groups, group) * keep.max(0)[:, None]).reshape(n, ffn) @ down
     np.testing.assert_allclose(run(2, True, True), union, rtol=1e-4, atol=1e-4)
+    exact = jnp.concatenate([x @ gate, x @ up], -1) if gated else x @ up  # a perfect predictor: the training mask
+    np.testing.assert_allclose(sparse.group_sparse_ffn(x, bundle, exact, jax.nn.silu, 2),
+                               sparse.keep_top_groups(h, groups, 2) @ down, rtol=1e-4, atol=1e-4)
+    assert (np.abs(np.asarray(sparse.keep_top_groups(h, groups, 2))).reshape(n, groups, group).sum(-1) > 0).sum(-1) \
+        .tolist() == [2] * n
+
+
+def test_group_topk_training_mask_in_the_model():
+    """The mask is wired into the dense FFN (its arithmetic: the group-sparse test above)."""
+    cfg = SHAPES["tiny"]
+    variables = init_params(cfg)
+    tokens = jnp.arange(12).reshape(2, 6)
+    positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    apply = lambda c: jax.jit(Transformer(c).apply)(variables, tokens, positions)[0]  # noqa: E731
+    masked = cfg.replace(ffn="group-topk", ffn_k=1)
+    assert not masked.sparse  # dense weights, no predictors: it trains and loads like the dense model
+    assert np.abs(np.asarray(apply(masked) - apply(cfg))).max() > 1e-3
 
 
 def test_config_defaults_are_dense_and_settings_are_checked():
@@ -151,7 +169,7 @@ def test_engine_decodes_with_hire_as_one_forward_pass_does(stories, stories_pred
     [out] = generate(Engine(hired, slots=2, max_len=64), [prompt], SamplingParams(temperature=0, max_tokens=16,
                                                                                    ignore_eos=True))
     tokens = jnp.array([prompt + out.tokens])
-    logits, _ = Transformer(hired.cfg).apply(hired.variables, tokens, jnp.arange(tokens.shape[1])[None])
+    logits, _ = jax.jit(Transformer(hired.cfg).apply)(hired.variables, tokens, jnp.arange(tokens.shape[1])[None])
     assert np.argmax(logits[0, len(prompt) - 1:-1], -1).tolist() == out.tokens
 
 

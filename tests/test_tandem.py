@@ -39,10 +39,10 @@ from hire.train_config import ConfigError, config_from_dict
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 VOCAB = 300
-LARGE = ModelConfig(vocab_size=VOCAB, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+LARGE = ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
 SMALL = ModelConfig(vocab_size=VOCAB, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=32, max_seq_len=64,
                     tie_embeddings=True)
-TANDEM = TandemConfig(large_dim=32, large_layers=((1, 3), (3,)), block=3)  # layer 0 reads a concatenation
+TANDEM = TandemConfig(large_dim=32, large_layers=((1, 2), (2,)), block=3)  # layer 0 reads a concatenation
 T = 24  # sequence length of every full-sequence forward here (one compilation each)
 PROMPTS = [[1, 5, 9, 200, 17, 33], [1, 44, 2, 98, 120, 7, 250, 61, 3]]  # 2 and 3 blocks of TANDEM.block
 
@@ -236,14 +236,14 @@ def test_recipe_trains_and_saves(tmp_path):
            "data": {"source": str(corpus), "separator": "\n\n", "valid_fraction": 0.1},
            "optimizer": {"lr": 1e-2, "warmup_steps": 3},
            "model": {"dim": 16, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 32, "tie_embeddings": True},
-           "tandem": {"large": str(tmp_path / "large"), "large_layers": [[1, 3], [3]], "block": 3, "distill": 0.3}}
+           "tandem": {"large": str(tmp_path / "large"), "large_layers": [[1, 2], [2]], "block": 3, "distill": 0.3}}
     summary = train(config_from_dict(raw), progress=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 30 and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
     assert 0 <= summary["valid_agreement"] <= 1
     model = load_tandem(tmp_path / "run" / "model")
-    assert model.tandem == TandemConfig(32, ((1, 3), (3,)), 3, str(tmp_path / "large"))
+    assert model.tandem == TandemConfig(32, ((1, 2), (2,)), 3, str(tmp_path / "large"))
     with pytest.raises(ConfigError, match="tandem.large_layers"):
         train(config_from_dict({**raw, "out": str(tmp_path / "bad"), "tandem": {**raw["tandem"],
-                                                                                "large_layers": [[1], [4]]}}))
+                                                                                "large_layers": [[1], [3]]}}))

@@ -25,6 +25,7 @@ from cluster.auth import BearerToken, server_credentials
 from cluster.messages import decode_response, full_response, request_id, stream_response
 from cluster.metrics import Metrics
 from cluster.requests import Served, Work, from_decode, from_generate
+from hire.engine import EngineUnavailable
 from hire.generate import Event, Request
 from hire.scheduler import QueueFull, Scheduler, Stream
 from protos import inference_pb2 as pb
@@ -34,7 +35,7 @@ from protos import jetstream_pb2 as js
 log = logging.getLogger(__name__)
 
 STATUS = {ValueError: grpc.StatusCode.INVALID_ARGUMENT, NotImplementedError: grpc.StatusCode.UNIMPLEMENTED,
-          QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED}
+          QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED, EngineUnavailable: grpc.StatusCode.UNAVAILABLE}
 SERVICES = (pb.DESCRIPTOR.services_by_name["Inference"].full_name,
             js.DESCRIPTOR.services_by_name["Orchestrator"].full_name)
 
@@ -118,7 +119,7 @@ class Inference(inference_pb2_grpc.InferenceServicer):
         return pb.ModelInfo(name=self.served.name, vocab_size=engine.cfg.vocab_size, context_length=engine.max_len,
                             slots=engine.slots, queue_size=self.generation.scheduler.queue_size,
                             adapters=sorted(self.served.adapters), drafters=sorted(self.served.drafters),
-                            modes=[pb.DECODING_MODE_PLAIN], hire=False, dtype=engine.cfg.dtype,
+                            modes=[pb.DECODING_MODE_PLAIN], hire=engine.cfg.sparse, dtype=engine.cfg.dtype,
                             bos_id=-1 if tok.bos_id is None else tok.bos_id,
                             eos_id=-1 if tok.eos_id is None else tok.eos_id)
 

@@ -243,6 +243,7 @@ class Record:
     arrivals: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens in that message)
     end: float = 0.0
     status: str = "OK"
+    wanted: int = 0  # the tokens asked for
 
     @property
     def tokens(self) -> int:
@@ -250,7 +251,7 @@ class Record:
 
 
 async def one(target: Target, item: Item, t0: float) -> Record:
-    record = Record(time.perf_counter() - t0)
+    record = Record(time.perf_counter() - t0, wanted=item.max_tokens)
     start = time.perf_counter()
     try:
         async for n in target.send(item):
@@ -277,9 +278,11 @@ class Load:
 
 
 async def drive(target: Target, items: Iterator[Item], load: Load, requests: int | None, duration: float | None,
-                seed: int = 0, progress: bool = True) -> tuple[list[Record], float]:
-    """Send requests until `requests` were sent or `duration` seconds passed; wait for all. Records and seconds."""
-    rng, t0, records = random.Random(seed), time.perf_counter(), []
+                seed: int = 0, progress: bool = True, t0: float | None = None) -> tuple[list[Record], float]:
+    """Send requests until `requests` were sent or `duration` seconds passed; wait for all. Records and seconds.
+
+    Times are from `t0` (a time.perf_counter() reading; default: now), which a caller may share."""
+    rng, t0, records = random.Random(seed), time.perf_counter() if t0 is None else t0, []
     bar = tqdm(total=requests, desc=load.name, unit="req", disable=not progress, leave=False)
 
     def more() -> bool:
@@ -335,7 +338,9 @@ class Slo:
         return all(bound is None or value * 1000 <= bound for bound, value in bounds)
 
 
-def summarize(records: list[Record], seconds: float, load: Load, slo: Slo) -> dict:
+def summarize(records: list[Record], seconds: float, load: Load, slo: Slo, window: float | None = None) -> dict:
+    """The run's report; with `window` (seconds) also `windows`: the same figures for the requests that ended in
+    each window of the run in turn (`t_s` its start), to watch latency, errors and throughput over time."""
     ok = [r for r in records if r.status == "OK" and r.arrivals]
     ttft = [r.arrivals[0][0] for r in ok]
     tpot = {id(r): (r.end - r.arrivals[0][0]) / (r.tokens - 1) for r in ok if r.tokens > 1}
@@ -343,13 +348,19 @@ def summarize(records: list[Record], seconds: float, load: Load, slo: Slo) -> di
            for _ in range(n)]
     good = sum(slo.met(r.arrivals[0][0], tpot.get(id(r)), r.end) for r in ok)
     errors = Counter(r.status for r in records if r.status != "OK" or not r.arrivals)
-    return {"load": asdict(load), "requests": len(records), "completed": len(ok),
-            "errors": {("EMPTY" if k == "OK" else k): v for k, v in sorted(errors.items())},
-            "duration_s": round(seconds, 3), "requests_per_s": round(len(ok) / seconds, 3),
-            "output_tokens_per_s": round(sum(r.tokens for r in ok) / seconds, 2),
-            "goodput_requests_per_s": round(good / seconds, 3), "slo": asdict(slo),
-            "ttft_ms": stats(ttft), "tpot_ms": stats(list(tpot.values())), "itl_ms": stats(itl),
-            "e2e_ms": stats([r.end for r in ok])}
+    report = {"load": asdict(load), "requests": len(records), "completed": len(ok),
+              "errors": {("EMPTY" if k == "OK" else k): v for k, v in sorted(errors.items())},
+              "duration_s": round(seconds, 3), "requests_per_s": round(len(ok) / seconds, 3),
+              "output_tokens_per_s": round(sum(r.tokens for r in ok) / seconds, 2),
+              "goodput_requests_per_s": round(good / seconds, 3), "slo": asdict(slo),
+              "ttft_ms": stats(ttft), "tpot_ms": stats(list(tpot.values())), "itl_ms": stats(itl),
+              "e2e_ms": stats([r.end for r in ok])}
+    if window:
+        report["windows"] = [  # every request ends within the run's `seconds`
+            {"t_s": round(float(t), 3), **{k: v for k, v in summarize(
+                [r for r in records if t <= r.start + r.end < t + window], min(window, seconds - t), load,
+                slo).items() if k not in ("load", "slo")}} for t in np.arange(0.0, seconds, window)]
+    return report
 
 
 def plot(report: dict, path: Path) -> None:
@@ -391,8 +402,9 @@ def compare(a: dict, b: dict) -> list[dict]:
 
 
 async def loadtest(url: str, loads: list[Load], workload: Workload, requests: int | None, duration: float | None,
-                   slo: Slo, model: str | None = None, timeout: float | None = None, progress: bool = True) -> dict:
-    """Run each load in turn against `url`; the report (JSON-ready)."""
+                   slo: Slo, model: str | None = None, timeout: float | None = None, progress: bool = True,
+                   window: float | None = None) -> dict:
+    """Run each load in turn against `url`; the report (JSON-ready), with per-`window` figures if set."""
     target = connect(url, model, timeout)
     try:
         if workload.prompts is None and (vocab := await target.model_vocab()):
@@ -401,10 +413,11 @@ async def loadtest(url: str, loads: list[Load], workload: Workload, requests: in
         runs = []
         for load in loads:
             records, seconds = await drive(target, items, load, requests, duration, workload.seed, progress)
-            runs.append(summarize(records, seconds, load, slo))
+            runs.append(summarize(records, seconds, load, slo, window))
         return {"target": url, "runs": runs,
                 "workload": {"input_len": workload.input_len.spec, "output_len": workload.output_len.spec,
                              "prompts": workload.prompts and str(workload.prompts), "vocab": workload.vocab,
-                             "seed": workload.seed, "requests": requests, "duration_s": duration}}
+                             "seed": workload.seed, "requests": requests, "duration_s": duration,
+                             "window_s": window}}
     finally:
         await target.close()

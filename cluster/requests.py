@@ -45,6 +45,9 @@ def from_generate(msg: pb.GenerateRequest, served: Served) -> Work:
     else:
         prompt = encode_prompt(engine, msg.text)
     check_decoding(msg, served.drafters)
+    if msg.hire and not engine.cfg.sparse:  # HiRE is the server's setting (hire serve --softmax/--ffn), not a call's
+        raise NotImplementedError("hire: this server runs its model without HiRE (serve it with --softmax/--ffn, or "
+                                  "a model whose folder recommends a HiRE setting: docs/hire.md)")
     if msg.adapter and msg.adapter not in served.adapters:
         raise ValueError(f"adapter: unknown adapter {msg.adapter!r}; loaded: {sorted(served.adapters) or 'none'}")
     adapter = served.adapters.get(msg.adapter, -1) if msg.adapter else -1
@@ -64,7 +67,7 @@ def from_generate(msg: pb.GenerateRequest, served: Served) -> Work:
 
 
 def check_decoding(msg: pb.GenerateRequest, drafters: Collection[str]) -> None:
-    """Plain decoding without HiRE is all there is for now; anything else is refused, naming the field."""
+    """Plain decoding is all there is for now; anything else is refused, naming the field."""
     if msg.mode not in MODES:
         raise ValueError(f"mode: unknown decoding mode {msg.mode}")
     mode = MODES[msg.mode]
@@ -76,8 +79,6 @@ def check_decoding(msg: pb.GenerateRequest, drafters: Collection[str]) -> None:
         raise ValueError(f"gamma: {msg.gamma} is not a draft length (> 0, speculative and tandem modes only)")
     if mode != "plain":
         raise NotImplementedError(f"mode: {mode} decoding is not implemented yet")
-    if msg.hire:
-        raise NotImplementedError("hire: HiRE approximate top-k is not implemented yet")
 
 
 def check_token_ids(name: str, ids: Collection[int], vocab_size: int) -> None:

@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
@@ -32,8 +32,10 @@ from cluster import openai_api as oa
 from cluster.messages import decode_response, request_id, stream_response
 from cluster.metrics import RayMetrics
 from cluster.requests import Served, from_decode, from_generate
+from cluster.shards import serving_engine
+from hire.calibrate import model_folder, serving_settings
 from hire.checkpoint import load_model
-from hire.engine import Engine, use_compilation_cache
+from hire.engine import Engine, EngineUnavailable, use_compilation_cache
 from hire.lora import load_adapters
 from hire.scheduler import QueueFull, Scheduler, Stream
 from protos import inference_pb2 as pb
@@ -44,9 +46,14 @@ log = logging.getLogger(__name__)
 # Servicers Serve's gRPC proxy registers (serve.start's grpc_options, or http/grpc_options in serve.yaml).
 GRPC_SERVICERS = ("protos.inference_pb2_grpc.add_InferenceServicer_to_server",
                   "protos.jetstream_pb2_grpc.add_OrchestratorServicer_to_server")
+# A replica that died or cannot be reached (its process killed, its node cut off) fails its calls with a
+# RayActorError: UNAVAILABLE / 503, a status a client may retry.
 GRPC_STATUS = {ValueError: grpc.StatusCode.INVALID_ARGUMENT, NotImplementedError: grpc.StatusCode.UNIMPLEMENTED,
-               QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED}
-HTTP_STATUS = {oa.UnknownModel: 404, ValueError: 400, NotImplementedError: 400, QueueFull: 429}
+               QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED, RayActorError: grpc.StatusCode.UNAVAILABLE,
+               EngineUnavailable: grpc.StatusCode.UNAVAILABLE}
+HTTP_STATUS = {oa.UnknownModel: 404, ValueError: 400, NotImplementedError: 400, QueueFull: 429, RayActorError: 503,
+               EngineUnavailable: 503}
+HEAD_NODE = "node:__internal_head__"  # the resource Ray gives the head node only
 
 
 def cause(e: BaseException) -> BaseException:
@@ -59,17 +66,33 @@ def kind_of(e: BaseException, table: dict):
     return next((v for k, v in table.items() if isinstance(e, k)), None)
 
 
+def describe(e: BaseException) -> str:
+    """What the client is told about a failed request with a known status."""
+    if isinstance(e, RayActorError):
+        return "the engine replica serving this request died or became unreachable; retry"
+    return str(e)
+
+
 class EngineServer:
-    """One model with its scheduler; calls arrive from the ingress through a handle."""
+    """One model with its scheduler; calls arrive from the ingress through a handle.
+
+    The model runs with the HiRE setting its folder recommends (hire.calibrate.serving_settings), if any,
+    with `hire` (ModelConfig HiRE fields, e.g. {"softmax": "dense"}) on top.
+    """
 
     def __init__(self, model: str = "default", slots: int = 8, max_len: int | None = None, queue_size: int = 128,
-                 chunk: int = 4, prefills: int = 4, dtype: str | None = None, lora: dict[str, str] | None = None):
-        loaded = load_model(model, dtype=dtype)
-        names: dict[str, int] = {}
-        if lora:
-            loaded, names = load_adapters(loaded, lora)
+                 chunk: int = 4, prefills: int = 4, dtype: str | None = None, lora: dict[str, str] | None = None,
+                 hire: dict | None = None, hosts: int = 1, devices_per_host: int = 1, placement: str | None = None):
         use_compilation_cache()
-        self.served = Served(Engine(loaded, slots=slots, max_len=max_len), loaded.cfg.name, names)
+        if hosts > 1:  # the model sharded over `hosts` Ray actors (cluster.shards); this replica drives them
+            sharded = serving_engine(model, hosts, devices_per_host, placement, slots, max_len, dtype, lora, hire)
+            self.served = Served(sharded, sharded.cfg.name)
+        else:
+            loaded = load_model(model, dtype=dtype, **serving_settings(model_folder(model), hire))
+            names: dict[str, int] = {}
+            if lora:
+                loaded, names = load_adapters(loaded, lora)
+            self.served = Served(Engine(loaded, slots=slots, max_len=max_len), loaded.cfg.name, names)
         self.served.engine.warm_up(chunk)
         self.scheduler = Scheduler(self.served.engine, queue_size, chunk, prefills).start()
         self.metrics = RayMetrics(self.scheduler)
@@ -114,7 +137,7 @@ class EngineServer:
         return pb.ModelInfo(name=self.served.name, vocab_size=engine.cfg.vocab_size, context_length=engine.max_len,
                             slots=engine.slots, queue_size=self.scheduler.queue_size,
                             adapters=sorted(self.served.adapters), drafters=sorted(self.served.drafters),
-                            modes=[pb.DECODING_MODE_PLAIN], hire=False, dtype=engine.cfg.dtype,
+                            modes=[pb.DECODING_MODE_PLAIN], hire=engine.cfg.sparse, dtype=engine.cfg.dtype,
                             bos_id=-1 if tok.bos_id is None else tok.bos_id,
                             eos_id=-1 if tok.eos_id is None else tok.eos_id)
 
@@ -130,10 +153,14 @@ class EngineServer:
         return {"busy_slots": self.scheduler.busy_slots, "queue_depth": self.scheduler.queue_depth,
                 "cancelled": self.cancelled}
 
-    def check_health(self) -> None:
-        """Serve's health probe: a replica whose scheduler thread died is restarted."""
+    async def check_health(self) -> None:
+        """Serve's health probe: a replica whose scheduler thread died is restarted. A sharded engine with a host
+        that does not answer is rebuilt by the scheduler instead, which retries the requests it was decoding."""
         if not self.scheduler.alive:
             raise RuntimeError("the scheduler thread has stopped")
+        ping = getattr(self.served.engine, "ping", None)
+        if ping is not None and not await asyncio.to_thread(ping, 5.0):
+            self.scheduler.recover()
 
 
 app = FastAPI(title="hire", description="OpenAI-compatible completions served by hire on Ray Serve.")
@@ -154,8 +181,8 @@ def http_error(e: BaseException) -> JSONResponse:
     if status is None:
         log.error("request failed", exc_info=e)
         return JSONResponse(oa.error("internal error; see the server's log", "server_error"), status_code=500)
-    kind = {404: "not_found_error", 429: "rate_limit_error"}.get(status, "invalid_request_error")
-    return JSONResponse(oa.error(str(e), kind, oa.field_of(str(e)) if status != 429 else None), status_code=status)
+    kind = {404: "not_found_error", 429: "rate_limit_error", 503: "server_error"}.get(status, "invalid_request_error")
+    return JSONResponse(oa.error(describe(e), kind, oa.field_of(str(e)) if status < 429 else None), status_code=status)
 
 
 @serve.ingress(app)
@@ -250,7 +277,7 @@ class Ingress:
             if code is None:
                 log.error("gRPC request failed", exc_info=e)
             context.set_code(code or grpc.StatusCode.INTERNAL)
-            context.set_details(str(e) if code else "internal error; see the server's log")
+            context.set_details(describe(e) if code else "internal error; see the server's log")
             raise e from None  # Serve's proxy answers with the status set above
         finally:
             responses.cancel()
@@ -289,15 +316,24 @@ class Ingress:
 
 def build(args: dict) -> serve.Application:
     """The application: `args` are EngineServer's keyword arguments (model, slots, max_len, ...) and
-    optionally `replicas`, the engine's replica count (serve.yaml may instead autoscale it).
+    optionally `replicas`, the engine's replica count (serve.yaml may instead autoscale it), and
+    `replica_resource`, a Ray resource each engine replica takes one unit of (nodes started with one unit,
+    such as deploy/local-cluster.sh's `hire_host`, hold one replica each), which also keeps the ingress on
+    the head node beside Serve's proxy.
 
     Each engine replica admits up to slots + queue_size requests: it queues and batches them itself.
     """
     args = dict(args)
     replicas = {"num_replicas": int(args.pop("replicas"))} if "replicas" in args else {}
+    resource = args.pop("replica_resource", None)
     slots, queue = int(args.get("slots", 8)), int(args.get("queue_size", 128))
+    options = {"resources": {resource: 1}} if resource else {}
+    if int(args.get("hosts", 1)) > 1:  # a replica of a sharded engine only drives its hosts, which take the CPUs
+        options["num_cpus"] = 0
     engine = serve.deployment(EngineServer, name="engine", max_ongoing_requests=slots + queue + 16,
-                              health_check_period_s=5, **replicas)
+                              health_check_period_s=5, **replicas,
+                              **({"ray_actor_options": options} if options else {}))
     ingress = serve.deployment(Ingress, name="ingress", max_ongoing_requests=16 * (slots + queue),
-                               ray_actor_options={"num_cpus": 0})  # waits on the engine; needs no core of its own
+                               ray_actor_options={"num_cpus": 0,  # waits on the engine; needs no core of its own
+                                                  **({"resources": {HEAD_NODE: 0.001}} if resource else {})})
     return ingress.bind(engine.bind(**args))

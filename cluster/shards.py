@@ -7,33 +7,42 @@ jitted functions in the same order. `ShardedEngine` gives the group the engine's
 and hire.generate drive it unchanged. Decode states and prefilled prompts stay on the hosts; the driver
 holds keys, and rank 0's copy of the (replicated) tokens comes back.
 
-Health: `ping` answers from a thread of its own while a call runs; a call that outlasts `call_timeout` or a
-host that died raises ShardGroupError, and `restart()` rebuilds the whole group (a JAX program cannot lose a
-member). `python -m cluster.shards bench` measures decode over the hosts against one process (docs/cluster.md).
+Health: `ping` answers from a thread of its own while a call runs; a call that outlasts `call_timeout`, or a
+host that died or failed, raises ShardGroupError (a hire.engine.EngineUnavailable) and marks the group broken.
+`ShardedEngine.recover()` rebuilds the whole group when it is broken or a host does not answer (a JAX program
+cannot lose a member) and compiles again what `warm_up` compiled; hire.scheduler calls it and retries the
+requests in flight. `python -m cluster.shards bench` measures decode over the hosts against one process,
+`python -m cluster.shards restart` the time a rebuild takes (docs/cluster.md).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from hire.checkpoint import resolve_model
-from hire.engine import Engine, StepOutput, buckets
+from hire.calibrate import model_folder, serving_settings
+from hire.checkpoint import detect_format, resolve_model
+from hire.engine import Engine, EngineUnavailable, StepOutput, buckets, compilation_cache_folder
+from hire.formats.native import read_config
 from hire.sampling import SamplingParams
 from hire.tokenizer import load_tokenizer
 from workers.shard import ShardWorker
@@ -42,22 +51,24 @@ STRATEGIES = ("STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK")
 PROMPT_LEN = 16  # of the benchmark's prompts
 
 
-class ShardGroupError(RuntimeError):
-    """A host died, did not answer in time, or the group is shut down; `restart()` rebuilds it."""
+class ShardGroupError(EngineUnavailable):
+    """A host died, failed or did not answer in time, or the group is shut down; `restart()` rebuilds it."""
 
 
 @dataclass(eq=False)
 class ShardedState:
-    """The driver's handle on a decode state that lives on the hosts."""
+    """The driver's handle on a decode state that lives on the hosts of the group's `generation`-th start."""
 
     key: int
+    generation: int
 
 
 @dataclass(eq=False)
 class ShardedPrefix:
-    """A prefilled prompt on the hosts: its key, and its first token and logprob ([1] each) from rank 0."""
+    """A prefilled prompt on the hosts: its key and generation, its first token and logprob ([1] each) from rank 0."""
 
     key: int
+    generation: int
     token: np.ndarray
     logprob: np.ndarray
 
@@ -72,7 +83,7 @@ class ShardGroup:
 
     def __init__(self, model: str, hosts: int, devices_per_host: int = 1, slots: int = 8, max_len: int | None = None,
                  dtype: str | None = None, strategy: str | None = None, resource: str = "hire_host",
-                 call_timeout: float = 300.0, start_timeout: float = 120.0, compilation_cache: str | None = None):
+                 call_timeout: float = 120.0, start_timeout: float = 120.0, compilation_cache: str | None = None):
         if strategy is not None and strategy not in STRATEGIES:
             raise ValueError(f"strategy: {strategy!r} is not one of {STRATEGIES}")
         if hosts < 1 or devices_per_host < 1:
@@ -83,6 +94,8 @@ class ShardGroup:
         self.call_timeout, self.start_timeout, self.compilation_cache = call_timeout, start_timeout, compilation_cache
         self.workers: list[Any] = []
         self.info: list[dict[str, Any]] = []  # what each host's `start` returned, by rank
+        self.generation = 0  # starts so far: handles made before the last start name nothing
+        self.broken = False  # a call failed: the hosts may have diverged, only a restart helps
         self._pg = None
         self._lock = threading.Lock()
         self.start()
@@ -98,6 +111,7 @@ class ShardGroup:
     def start(self) -> None:
         """Place and start the hosts, join them into one JAX program and load the model's slices."""
         strategy, bundle = self._placement()
+        self.generation += 1
         self._pg = placement_group([bundle] * self.hosts, strategy=strategy)
         try:
             if not self._pg.wait(int(self.start_timeout)):
@@ -114,6 +128,7 @@ class ShardGroup:
             self.info = self._get([w.start.remote(coordinator, self.model, self.slots, self.max_len, self.dtype,
                                                   int(self.start_timeout), self.compilation_cache)
                                   for w in self.workers], self.start_timeout)
+            self.broken = False
         except BaseException:
             self.shutdown()
             raise
@@ -126,13 +141,23 @@ class ShardGroup:
                                   "restart() rebuilds the group") from None
         except RayActorError as e:
             raise ShardGroupError(f"a host died ({type(e).__name__}: {e}); restart() rebuilds the group") from None
+        except RayTaskError as e:
+            raise ShardGroupError(f"a host failed ({type(e.cause).__name__}: {e.cause}); restart() rebuilds the "
+                                  "group") from None
+        except RayError as e:
+            raise ShardGroupError(f"a host cannot be reached ({type(e).__name__}: {e})") from None
 
-    def call(self, method: str, *args: Any) -> list[Any]:
-        """Run ShardWorker.`method` on every host; their results, by rank. One call runs at a time."""
+    def call(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        """Run ShardWorker.`method` on every host; their results, by rank. One call runs at a time; it fails with
+        ShardGroupError, and marks the group broken, after `timeout` (default `call_timeout`) seconds."""
         with self._lock:
             if not self.workers:
                 raise ShardGroupError("the shard group is shut down")
-            return self._get([getattr(w, method).remote(*args) for w in self.workers], self.call_timeout)
+            try:
+                return self._get([getattr(w, method).remote(*args) for w in self.workers], timeout or self.call_timeout)
+            except ShardGroupError:
+                self.broken = True  # the others may be stuck in a collective with the one that failed
+                raise
 
     def drop(self, table: str, key: int) -> None:
         """Tell every host to forget a state or prefix (no answer awaited; safe from a finalizer)."""
@@ -156,6 +181,10 @@ class ShardGroup:
             self.shutdown()
             self.start()
 
+    def healthy(self, timeout: float = 10.0) -> bool:
+        """Not broken, and every host answers `ping` within `timeout` seconds."""
+        return not self.broken and self.ping(timeout)
+
     def shutdown(self) -> None:
         """Kill the hosts and free their placement group."""
         workers, pg, self.workers, self.info, self._pg = self.workers, self._pg, [], [], None
@@ -169,7 +198,8 @@ class ShardGroup:
 
 class ShardedEngine:
     """hire.engine.Engine's interface (cfg, slots, max_len, buckets, tokenizer, init_state, prefill, insert,
-    generate_steps, check_request, warm_up) over a ShardGroup; `group` keyword arguments go to ShardGroup."""
+    generate_steps, check_request, warm_up) over a ShardGroup, plus `ping`, `recover` and `shutdown`;
+    `group` keyword arguments go to ShardGroup."""
 
     check_request = Engine.check_request
     generate = Engine.generate
@@ -180,45 +210,93 @@ class ShardedEngine:
         self.group = ShardGroup(model, hosts, devices_per_host, slots, max_len, dtype, **group)
         self.cfg, self.max_len, self.slots = self.group.info[0]["cfg"], self.group.info[0]["max_len"], slots
         self.buckets = buckets(self.max_len)
+        self.recoveries: list[dict[str, float]] = []  # seconds each rebuild took: restart, then warm_up
         self._keys = itertools.count()
+        self._warm: int | None = None  # the chunk warm_up compiled for, compiled again after a rebuild
 
     def _track(self, handle: ShardedState | ShardedPrefix, table: str) -> Any:
         """The hosts forget `handle`'s state or prefix once the driver drops it."""
         weakref.finalize(handle, self.group.drop, table, handle.key).atexit = False
         return handle
 
+    def _current(self, handle: ShardedState | ShardedPrefix) -> int:
+        """`handle`'s key; ShardGroupError if it was made before the group's last restart."""
+        if handle.generation != self.group.generation:
+            raise ShardGroupError(f"{type(handle).__name__} {handle.key} was lost when the shard group restarted")
+        return handle.key
+
     def init_state(self) -> ShardedState:
         key = next(self._keys)
         self.group.call("init_state", key)
-        return self._track(ShardedState(key), "states")
+        return self._track(ShardedState(key, self.group.generation), "states")
 
     def prefill(self, tokens: list[int], params: SamplingParams, adapter: int = -1) -> ShardedPrefix:
         self.check_request(tokens, adapter)
         key = next(self._keys)
         token, logprob = self.group.call("prefill", key, list(tokens), params, adapter)[0]
-        return self._track(ShardedPrefix(key, token, logprob), "prefixes")
+        return self._track(ShardedPrefix(key, self.group.generation, token, logprob), "prefixes")
 
     def insert(self, prefix: ShardedPrefix, state: ShardedState, slot: int) -> ShardedState:
-        self.group.call("insert", prefix.key, state.key, slot)
+        self.group.call("insert", self._current(prefix), self._current(state), slot)
         return state
 
     def generate_steps(self, state: ShardedState, n: int, reach: int | None = None
                        ) -> tuple[ShardedState, StepOutput]:
         """n decode steps on every host; outputs are numpy [n, slots]."""
-        tokens, logprobs = self.group.call("generate_steps", state.key, n, reach)[0]
+        tokens, logprobs = self.group.call("generate_steps", self._current(state), n, reach)[0]
         return state, StepOutput(tokens, logprobs)
 
     def warm_up(self, chunk: int) -> None:
-        self.group.call("warm_up", chunk)
+        """Engine.warm_up on every host (within the group's start_timeout: compiling takes long)."""
+        self.group.call("warm_up", chunk, timeout=max(self.group.start_timeout, self.group.call_timeout))
+        self._warm = chunk
 
     def ping(self, timeout: float = 10.0) -> bool:
         return self.group.ping(timeout)
+
+    def recover(self, timeout: float = 10.0) -> bool:
+        """Rebuild the group if a call failed or a host does not answer `ping` within `timeout`, and warm it up
+        as before; whether it was rebuilt. Raises ShardGroupError (or what stopped the start) if it cannot be."""
+        if self.group.healthy(timeout):
+            return False
+        start = time.perf_counter()
+        self.group.restart()
+        restarted = time.perf_counter()
+        if self._warm is not None:
+            self.warm_up(self._warm)
+        self.recoveries.append({"restart_s": restarted - start, "warm_up_s": time.perf_counter() - restarted})
+        return True
 
     def restart(self) -> None:
         self.group.restart()
 
     def shutdown(self) -> None:
         self.group.shutdown()
+
+
+def check_servable(model: str, lora: dict[str, str] | None = None, hire: dict[str, Any] | None = None) -> None:
+    """ValueError, its message starting with the option's name, for what a sharded engine cannot serve: LoRA
+    adapters, a checkpoint not in hire's format, HiRE (`hire`: the command line's HiRE overrides)."""
+    if lora:
+        raise ValueError("lora: LoRA adapters are not served over several hosts; serve them with --hosts 1")
+    folder = model_folder(model)
+    if detect_format(folder) != "hire":
+        raise ValueError(f"model: {folder} is not in hire's format, which a sharded engine reads (write one with "
+                         "`hire convert`)")
+    settings = serving_settings(folder, hire)
+    if read_config(folder).replace(**settings).sparse:
+        raise ValueError(f"hire: HiRE ({settings}) is not served over several hosts yet; serve the exact model "
+                         "(--softmax dense --ffn dense) or use --hosts 1")
+
+
+def serving_engine(model: str, hosts: int, devices_per_host: int = 1, placement: str | None = None, slots: int = 8,
+                   max_len: int | None = None, dtype: str | None = None, lora: dict[str, str] | None = None,
+                   hire: dict[str, Any] | None = None, **group: Any) -> ShardedEngine:
+    """The ShardedEngine of `hire serve --hosts N` (cluster.serve_app.EngineServer), after `check_servable`, with
+    its compiled programs kept in hire's compilation cache."""
+    check_servable(model, lora, hire)
+    return ShardedEngine(model, hosts, devices_per_host, slots, max_len, dtype, strategy=placement,
+                         compilation_cache=compilation_cache_folder(), **group)
 
 
 def bench_len(steps: int) -> int:
@@ -280,16 +358,12 @@ def bench(model: str, hosts: int, devices_per_host: int, slots: int, steps: int,
                              env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
         rows.append(_summary("plain engine, 1 device" if d == 1 else f"1 process, {d} devices", json.loads(out),
                              slots))
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=hosts, include_dashboard=False)
-    engine = ShardedEngine(model, hosts, devices_per_host, slots, bench_len(steps))
-    try:
-        seconds = time_decode(engine, steps, chunk, repeats)
-    finally:
-        engine.shutdown()
-        if started:
-            ray.shutdown()
+    with _local_ray(hosts):
+        engine = ShardedEngine(model, hosts, devices_per_host, slots, bench_len(steps))
+        try:
+            seconds = time_decode(engine, steps, chunk, repeats)
+        finally:
+            engine.shutdown()
     rows.append(_summary(f"{hosts} Ray hosts x {devices_per_host} devices", seconds, slots))
     plain = rows[0]["ms_per_step"]
     return {"model": model, "slots": slots, "steps": steps, "chunk": chunk, "repeats": repeats,
@@ -297,9 +371,100 @@ def bench(model: str, hosts: int, devices_per_host: int, slots: int, steps: int,
             "paths": [r | {"vs_plain": round(r["ms_per_step"] / plain, 3)} for r in rows]}
 
 
+@contextlib.contextmanager
+def _local_ray(cpus: int) -> Iterator[None]:
+    """A local one-node Ray with `cpus` CPUs for the duration, unless one is already up."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)  # keep the hosts' logs off stdout
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def measure_restart(model: str, hosts: int, devices_per_host: int, slots: int, chunk: int) -> dict[str, Any]:
+    """Seconds a rebuild of the group takes after a host is killed (SIGKILL), in one run on a local Ray: the
+    first start (compiling into an empty compilation cache), then a rebuild with that cache and one without any.
+
+    Each row: `detect_s` from the kill to the failed call, `restart_s` (placement, jax.distributed, loading the
+    slices), `warm_up_s` (Engine.warm_up(chunk) on every host: compiling or reading the cache), and
+    `first_token_s`, a one-token prefill right after.
+    """
+    params, rows = SamplingParams(temperature=0.0, seed=0), []
+    with _local_ray(hosts), tempfile.TemporaryDirectory() as cache:
+        start = time.perf_counter()
+        engine = ShardedEngine(model, hosts, devices_per_host, slots, compilation_cache=cache, start_timeout=900)
+        try:
+            started = time.perf_counter()
+            engine.warm_up(chunk)
+            rows.append({"case": "first start, empty compilation cache", "restart_s": started - start,
+                         "warm_up_s": time.perf_counter() - started})
+            for case, folder in (("rebuild, compilation cache", cache), ("rebuild, no compilation cache", None)):
+                engine.group.compilation_cache = folder
+                state = engine.init_state()
+                killed = time.perf_counter()
+                os.kill(engine.group.info[-1]["pid"], signal.SIGKILL)
+                try:
+                    engine.generate_steps(state, chunk)
+                    raise RuntimeError("a decode call succeeded with a host killed")
+                except ShardGroupError:
+                    detected = time.perf_counter()
+                if not engine.recover():
+                    raise RuntimeError("recover() found the group with a killed host healthy")
+                recovered = time.perf_counter()
+                engine.prefill([1], params)
+                rows.append({"case": case, "detect_s": detected - killed, **engine.recoveries[-1],
+                             "first_token_s": time.perf_counter() - recovered})
+        finally:
+            engine.shutdown()
+    return {"model": model, "hosts": hosts, "devices_per_host": devices_per_host, "slots": slots, "chunk": chunk,
+            "max_len": engine.max_len, "buckets": engine.buckets, "cpus": os.cpu_count(),
+            "load_avg_1min": round(os.getloadavg()[0], 1),
+            "rows": [{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()} for r in rows]}
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def count_collectives(model: str, slots: int, max_len: int) -> dict[str, Any]:
+    """The collectives in one compiled decode step (Engine.generate_steps, n=1) over this process's devices,
+    sampling with hire.sampling.sample on the gathered logits (as before DA-TOP-k) and with each of
+    hire.sharding.sample_sharded's paths compiled alone, and in the engine's own step (every branch of its switch).
+    """
+    import functools
+    import re
+
+    import jax
+
+    from hire import engine as engine_module
+    from hire import sharding
+    from hire.model import Transformer
+    from hire.sampling import sample
+
+    mesh = sharding.make_mesh()
+    engine = Engine(sharding.load_sharded(model, mesh), slots, max_len, mesh=mesh)
+    state = engine.init_state()
+
+    def count(step: Any) -> dict[str, int]:
+        text = step.lower(engine.variables, state, 1, engine.max_len).compile().as_text()
+        return {op: n for op in COLLECTIVES if (n := len(re.findall(rf"= \S+ {op}(?:-start)?\(", text)))}
+
+    samplers = {"sample (gathered logits)": sample} | {
+        f"sample_sharded {path}": functools.partial(sharding.sample_sharded, mesh=mesh, path=path)
+        for path in sharding.PATHS}
+    rows = {name: count(jax.jit(functools.partial(engine_module._steps, Transformer(engine.cfg), sampler),
+                                static_argnums=(2, 3))) for name, sampler in samplers.items()}
+    rows["engine step (all branches)"] = count(engine._generate_steps)
+    return {"model": model, "devices": jax.device_count(), "slots": slots, "per_decode_step": rows}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cluster.shards", description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("bench", "local"), help="bench: all three paths; local: this process only")
+    parser.add_argument("what", choices=("bench", "local", "restart", "collectives"),
+                        help="bench: decode over all three paths; local: this process only; restart: rebuild times; "
+                        "collectives: per decode step over hosts x devices-per-host devices of this process")
     parser.add_argument("--model", default="stories260K")
     parser.add_argument("--hosts", type=int, default=2)
     parser.add_argument("--devices-per-host", type=int, default=2)
@@ -308,7 +473,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     a = parser.parse_args(argv)
-    if a.what == "local":
+    if a.what == "collectives":
+        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.hosts * a.devices_per_host}"
+        print(json.dumps(count_collectives(a.model, a.slots, bench_len(a.steps))))
+    elif a.what == "restart":
+        print(json.dumps(measure_restart(a.model, a.hosts, a.devices_per_host, a.slots, a.chunk)))
+    elif a.what == "local":
         engine = _local_engine(a.model, a.slots, bench_len(a.steps))
         print(json.dumps(time_decode(engine, a.steps, a.chunk, a.repeats)))
     else:

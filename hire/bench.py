@@ -142,22 +142,25 @@ def text_prompts(tokens: list[int], batch: int, prompt_len: int) -> list[list[in
 
 def bench_speculative(model: LoadedModel, drafter: Any, prompts: list[list[int]], gamma: int, steps: int = 128,
                       temperature: float = 0.0, chunk: int = 32, repeats: int = 5,
-                      speculator: Callable[[Engine, Any, int], Any] | None = None) -> dict[str, Any]:
-    """Speculative decoding (hire.speculative) against the large model alone, one slot per prompt, `steps`
-    tokens each (no stop token), in the same run: medians of `repeats` interleaved runs of each, `speedup`
-    the median of the paired ratios. Both include prefill; the large model alone decodes `chunk` steps per
-    compiled loop, the speculative one a block per call (a batch runs until its slowest row is done).
+                      speculator: Callable[[Engine, Any, int], Any] | None = None,
+                      batch: int | None = None) -> dict[str, Any]:
+    """Speculative decoding (hire.speculative) against the large model alone, `steps` tokens per prompt (no stop
+    token), `batch` prompts at a time in as many slots (default: all at once), in the same run: medians of
+    `repeats` interleaved runs of each over all the prompts, `speedup` the median of the paired ratios. Both
+    include prefill; the large model alone decodes `chunk` steps per compiled loop, the speculative one a block
+    per call (a batch runs until its slowest row is done). Prompt i samples with seed i.
     `speculator(engine, drafter, gamma)` replaces hire.speculative.Speculator (e.g. hire.tandem.TandemAlone).
     `verified_per_block`: the mean block length the large model ran over (γ + 1 unless blocks end early)."""
     from hire.speculative import SpecStats, Speculator
 
-    batch = len(prompts)
+    batch = batch or len(prompts)
+    if len(prompts) % batch:
+        raise ValueError(f"{len(prompts)} prompts do not split into batches of {batch}")
     engine = Engine(model, slots=batch, max_len=min(model.cfg.max_seq_len, max(map(len, prompts)) + steps))
-    params = [SamplingParams(temperature=temperature, seed=i) for i in range(batch)]
+    params = [SamplingParams(temperature=temperature, seed=i) for i in range(len(prompts))]
     spec = (speculator or Speculator)(engine, drafter, gamma)
 
-    def alone() -> tuple[float, np.ndarray]:
-        start = time.perf_counter()
+    def alone(prompts: list[list[int]], params: list[SamplingParams]) -> np.ndarray:
         state, first = engine.init_state(), []
         for slot, (prompt, p) in enumerate(zip(prompts, params)):
             prefix = engine.prefill(prompt, p)
@@ -168,12 +171,11 @@ def bench_speculative(model: LoadedModel, drafter: Any, prompts: list[list[int]]
             n = min(chunk, steps - done)
             state, out = engine.generate_steps(state, n, max(map(len, prompts)) + done + n)
             outs.append(out.tokens)
-        tokens = np.asarray(jnp.concatenate(outs)).T
-        return time.perf_counter() - start, tokens
+        return np.asarray(jnp.concatenate(outs)).T
 
-    def speculative() -> tuple[float, np.ndarray, SpecStats, float]:
-        start, stats = time.perf_counter(), SpecStats(requests=batch)
-        state, rows, verified = spec.init_state(), [], []
+    def speculative(prompts: list[list[int]], params: list[SamplingParams], stats: SpecStats,
+                    verified: list[int]) -> np.ndarray:
+        state, rows = spec.init_state(), []
         for slot, (prompt, p) in enumerate(zip(prompts, params)):
             state, token, _ = spec.prefill(state, slot, prompt, p)
             rows.append([token])
@@ -187,20 +189,29 @@ def bench_speculative(model: LoadedModel, drafter: Any, prompts: list[list[int]]
                     row += tokens[slot, : count[slot]].tolist()
                     stats.blocks, stats.proposed = stats.blocks + 1, stats.proposed + int(proposed[slot])
                     stats.accepted += int(count[slot]) - 1
-        stats.tokens = batch * steps
-        return time.perf_counter() - start, np.array([r[:steps] for r in rows]), stats, float(np.mean(verified))
+        return np.array([r[:steps] for r in rows])
 
-    alone(), speculative()  # compile
-    pairs = [(alone(), speculative()) for _ in range(repeats)]
+    def timed(decode: Callable[..., np.ndarray], *args: Any) -> tuple[float, np.ndarray]:
+        """Seconds and tokens [prompts, steps] of `decode` over every batch of prompts."""
+        start = time.perf_counter()
+        tokens = [decode(prompts[i:i + batch], params[i:i + batch], *args) for i in range(0, len(prompts), batch)]
+        return time.perf_counter() - start, np.concatenate(tokens)
+
+    def run_speculative() -> tuple[float, np.ndarray, SpecStats, float]:
+        stats, verified = SpecStats(requests=len(prompts), tokens=len(prompts) * steps), []
+        return *timed(speculative, stats, verified), stats, float(np.mean(verified))
+
+    timed(alone), run_speculative()  # compile
+    pairs = [(timed(alone), run_speculative()) for _ in range(repeats)]
     base_s, spec_s = [a[0] for a, _ in pairs], [s[0] for _, s in pairs]
     (_, base_tokens), (_, spec_tokens, stats, verified) = pairs[-1]
     return {
         "model": model.cfg.name, "draft": drafter.name, "speculator": type(spec).__name__, "batch": batch,
-        "gamma": gamma, "temperature": temperature,
+        "prompts": len(prompts), "gamma": gamma, "temperature": temperature,
         "steps": steps, "prompt_len": max(map(len, prompts)), **stats.as_dict(),
         "verified_per_block": round(verified, 3),
-        "tokens_per_s": round(batch * steps / statistics.median(spec_s), 1),
-        "baseline_tokens_per_s": round(batch * steps / statistics.median(base_s), 1),
+        "tokens_per_s": round(len(prompts) * steps / statistics.median(spec_s), 1),
+        "baseline_tokens_per_s": round(len(prompts) * steps / statistics.median(base_s), 1),
         "speedup": round(statistics.median(b / s for b, s in zip(base_s, spec_s)), 3),
         "identical": bool((base_tokens == spec_tokens).all()) if temperature == 0 else None,
         "device": jax.devices()[0].device_kind, "jax": jax.__version__,

@@ -3,8 +3,10 @@
 A model folder's predictors live beside its checkpoint in `hire_predictors.safetensors` (arrays named
 "KIND/PATH/NAME": KIND "lr", "int8" or "int4", PATH/NAME the variable's place in the model's "hire"
 collection, e.g. "lr/softmax/a", "int4/layers_3/ffn/predictor/q") and `hire_predictors.json` (how they
-were built and the recall measured on held-out text). `sparsify` turns a dense LoadedModel into one whose
-config asks for HiRE: the FFN kernels bundled per neuron group, the chosen predictors in "hire".
+were built and the recall measured on held-out text; and "serving", the HiRE setting the model is served with
+by default once an evaluation showed it keeps quality: `recommend_serving`). `sparsify` turns a dense
+LoadedModel into one whose config asks for HiRE: the FFN kernels bundled per neuron group, the chosen
+predictors in "hire".
 
 The softmax predictor approximates the output embedding ([dim, vocab]); each FFN's predictor approximates
 its gate and up kernels side by side ([dim, 2 * ffn_dim], up alone when not gated). Low-rank predictors
@@ -25,14 +27,16 @@ from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
 from hire import predictors, sparse
-from hire.checkpoint import LoadedModel
-from hire.config import ModelConfig
+from hire.checkpoint import LoadedModel, resolve_model
+from hire.config import HIRE_FIELDS, ModelConfig
 from hire.evaluate import windows
-from hire.formats import CheckpointError, expected_variables, prepare_variables, unflatten
+from hire.formats import CheckpointError, expected_variables, prepare_variables, read_json, unflatten
 from hire.model import RMSNorm, Transformer, activation
 
 PREDICTORS = "hire_predictors.safetensors"
 META = "hire_predictors.json"
+# Issue 5's quality targets for HiRE, against the exact model: what makes a setting the serving default.
+SERVING_TARGETS = {"perplexity_ratio": 1.01, "top1_agreement": 0.99, "recall": 0.99}
 
 
 def softmax_kernel(cfg: ModelConfig, params: dict) -> jax.Array:
@@ -152,6 +156,58 @@ def with_predictors(model: LoadedModel, folder: str | Path, cfg: ModelConfig) ->
     return sparsify(model, cfg, load_predictors(folder))
 
 
+def model_folder(name_or_path: str | Path) -> Path:
+    """The folder a model (a name under models/ or a path) keeps its config and predictors in."""
+    path = resolve_model(name_or_path)
+    return path if path.is_dir() else path.parent
+
+
+def exact_settings(folder: str | Path) -> dict[str, str]:
+    """The overrides that run the model in `folder` exactly, with no predictor: the dense softmax, and the FFN it
+    was trained with (the exact group-topk mask for a model fine-tuned group-sparse, docs/hire.md; else dense)."""
+    config = Path(folder) / "config.json"
+    trained = read_json(config).get("ffn") if config.is_file() else None
+    return {"softmax": "dense", "ffn": "group-topk" if trained == "group-topk" else "dense"}
+
+
+def quality_misses(result: dict[str, Any]) -> list[str]:
+    """The quality targets (SERVING_TARGETS) a `hire eval` result with HiRE misses, each as a short sentence."""
+    misses = []
+    if "dense_perplexity" not in result:
+        return ["no HiRE part is on (no --softmax hire-lr/hire-q, no --ffn group-sparse)"]
+    if result["perplexity"] > result["dense_perplexity"] * SERVING_TARGETS["perplexity_ratio"]:
+        misses.append(f"perplexity {result['perplexity']:.4f} is above {SERVING_TARGETS['perplexity_ratio']} x the "
+                      f"exact model's {result['dense_perplexity']:.4f}")
+    for key, target in (("top1_agreement", SERVING_TARGETS["top1_agreement"]),
+                        ("softmax_recall", SERVING_TARGETS["recall"]), ("ffn_recall", SERVING_TARGETS["recall"])):
+        if key in result and result[key] < target:
+            misses.append(f"{key} {result[key]:.4f} is below {target}")
+    return misses
+
+
+def recommend_serving(folder: str | Path, cfg: ModelConfig, result: dict[str, Any]) -> list[str]:
+    """Make `cfg`'s HiRE settings the serving default of the model in `folder` if `result` (its `hire eval` with
+    them) meets every quality target: written into hire_predictors.json as "serving", with the evidence.
+    Returns the targets missed (nothing is written then)."""
+    if misses := quality_misses(result):
+        return misses
+    path = Path(folder) / META
+    meta = read_json(path) if path.is_file() else {}
+    meta["serving"] = {"settings": {f: getattr(cfg, f) for f in HIRE_FIELDS}, "targets": SERVING_TARGETS,
+                       "eval": result}
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    return []
+
+
+def serving_settings(folder: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The HiRE overrides to serve the model in `folder` with: its recommended setting (`recommend_serving`), if it
+    has one and its predictors are there, then `overrides` (the command line's) on top."""
+    meta = Path(folder) / META
+    recommended = read_json(meta).get("serving", {}).get("settings", {}) \
+        if meta.is_file() and (Path(folder) / PREDICTORS).is_file() else {}
+    return {**recommended, **(overrides or {})}
+
+
 Scores = dict[str, list[tuple[jax.Array, jax.Array]]]
 
 
@@ -206,7 +262,8 @@ def calibrate(model: LoadedModel, tokens: np.ndarray, context: int, rank: int, q
               batch_size: int = 8, holdout: float = 0.125, settings: dict[str, Any] | None = None,
               oversamples: Iterable[int] = (1, 2, 4, 8, 16), progress: bool = True
               ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Fit low-rank and `quants` predictors for a dense `model` on `tokens`, in windows of `context`.
+    """Fit low-rank (none with `rank` 0) and `quants` predictors for a dense `model` on `tokens`, in windows of
+    `context`.
 
     The last `holdout` share of the windows (at least one, at most `batch_size`) is kept out of the fit;
     recall is measured on it for each kind at the HiRE settings `settings` (ModelConfig fields, defaults
@@ -230,7 +287,7 @@ def calibrate(model: LoadedModel, tokens: np.ndarray, context: int, rank: int, q
             x = x.reshape(-1, cfg.dim).astype(jnp.float32) * m
             moments[name] += np.asarray(x.T @ x, np.float64)
     count = int(mask[:fit].sum())
-    kinds = ["lr", *quants]
+    kinds = ["lr", *quants] if rank else list(quants)
     found = build_predictors(model, kinds, rank, {k: v / count for k, v in moments.items()})
     held_x = capture(model.variables, jnp.asarray(inputs[fit:]))
     held_mask = jnp.asarray(mask[fit:].reshape(-1), jnp.float32)

@@ -85,6 +85,8 @@ def load_model(path: str | Path, dtype: str | None = None, **hire: Any) -> Loade
     else:
         from hire.formats.llama2c import load_llama2c as load
     model = load(path, dtype)
+    if model.cfg.ffn == "group-topk" and hire.get("ffn") == "group-sparse":
+        hire = {"ffn_keep_k": True, **hire}  # trained on its top ffn_k groups: of the candidates, keep those
     cfg = model.cfg.replace(**hire) if hire else model.cfg
     if not cfg.sparse:
         return LoadedModel(cfg, model.variables, model.tokenizer) if hire else model

@@ -44,7 +44,7 @@ def hire_options(command):
                      help="FFN: dense, or group-sparse (only the predicted top neuron groups are computed)."),
         click.option("--hire", "hire_settings", multiple=True, metavar="KEY=VALUE",
                      help="Set a HiRE config field (repeatable): softmax_k, softmax_oversample, ffn_predictor (lr, q), "
-                          "ffn_group, ffn_k, ffn_oversample, ffn_union, hire_quant (int8, int4)."),
+                          "ffn_group, ffn_k, ffn_oversample, ffn_union, ffn_keep_k, hire_quant (int8, int4)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -70,6 +70,16 @@ def _hire(softmax: str | None, ffn: str | None, settings: tuple[str, ...]) -> di
         except ValueError:
             raise click.BadParameter(f"{key} takes a {kind.__name__}, got {value!r}", param_hint="--hire") from None
     return out
+
+
+def _exact(model: str) -> dict:
+    """The overrides that run MODEL exactly, with no predictor (hire.calibrate.exact_settings)."""
+    from hire.calibrate import exact_settings, model_folder
+
+    try:
+        return exact_settings(model_folder(model))
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def _is_tandem(model: str) -> bool:
@@ -267,9 +277,12 @@ def bench() -> None:
               help="Sampling temperature with --draft (0: greedy).")
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False),
               help="With --draft, cut the prompts from this text (evenly spaced) instead of random token ids.")
+@click.option("--prompts", "n_prompts", type=click.IntRange(min=1),
+              help="With --draft, this many prompts, decoded --batch at a time (default: one batch; a multiple of "
+              "every --batch).")
 @click.option("--tandem-only", is_flag=True, help=TANDEM_ONLY_HELP)
 def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype, softmax, ffn, hire_settings, draft,
-                 gamma, temperature, text_file, tandem_only) -> None:
+                 gamma, temperature, text_file, n_prompts, tandem_only) -> None:
     """Decode speed: tokens/s, ms per token, and the ratio to the memory-bandwidth floor.
 
     With HiRE (--softmax, --ffn), the dense model is timed in the same run too: dense_tokens_per_s, speedup
@@ -308,7 +321,7 @@ def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype, 
             dense = _load(model, dtype, {"softmax": "dense", "ffn": "dense"})
     if draft is not None:
         _bench_speculative(loaded, draft, dtype, batch, gamma, steps, prompt_len, chunk, repeats, temperature,
-                           text_file, tandem_only)
+                           text_file, tandem_only, n_prompts)
         return
     if tandem_only:
         raise click.UsageError("--tandem-only needs --draft (a tandem model, e.g. default-tandem)")
@@ -317,7 +330,7 @@ def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype, 
 
 
 def _bench_speculative(loaded, draft, dtype, batch, gamma, steps, prompt_len, chunk, repeats, temperature,
-                       text_file, tandem_only=False) -> None:
+                       text_file, tandem_only=False, n_prompts=None) -> None:
     """`hire bench decode --draft`: prompts from --text or random ids, one JSON line per batch and gamma."""
     from functools import partial
 
@@ -331,16 +344,19 @@ def _bench_speculative(loaded, draft, dtype, batch, gamma, steps, prompt_len, ch
             raise click.BadParameter("a --shape model has no tokenizer to cut prompts with", param_hint="--text")
         tokens = loaded.tokenizer.encode(Path(text_file).read_text(encoding="utf-8"))
     else:
-        tokens = np.random.default_rng(0).integers(0, loaded.cfg.vocab_size, prompt_len * max(batch)).tolist()
+        tokens = np.random.default_rng(0).integers(0, loaded.cfg.vocab_size,
+                                                   prompt_len * max(*batch, n_prompts or 1)).tolist()
     for b in batch:
+        if n_prompts is not None and n_prompts % b:
+            raise click.BadParameter(f"{n_prompts} prompts do not split into batches of {b}", param_hint="--prompts")
         try:
-            prompts = text_prompts(tokens, b, prompt_len)
+            prompts = text_prompts(tokens, n_prompts or b, prompt_len)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--text") from None
         for g in gamma:
             spec = partial(_speculator, tandem_only=tandem_only)
             click.echo(json.dumps(bench_speculative(loaded, drafter, prompts, g, steps, temperature, chunk, repeats,
-                                                    spec)))
+                                                    spec, b)))
 
 
 @bench.command("router")
@@ -350,7 +366,10 @@ def _bench_speculative(loaded, draft, dtype, batch, gamma, steps, prompt_len, ch
               help="Text whose prompts log the drafts the MLP router trains on.")
 @click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Held-out text the prompts are timed on (and the router scored on).")
-@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Held-out prompts (slots).")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Held-out prompts decoded together (slots).")
+@click.option("--prompts", "n_prompts", type=click.IntRange(min=1),
+              help="Held-out prompts timed, --batch at a time (default: one batch; a multiple of --batch).")
 @click.option("--train-prompts", default=64, show_default=True, type=click.IntRange(min=1),
               help="Prompts cut from --train.")
 @click.option("--score-prompts", default=16, show_default=True, type=click.IntRange(min=1),
@@ -362,8 +381,8 @@ def _bench_speculative(loaded, draft, dtype, batch, gamma, steps, prompt_len, ch
               type=click.FloatRange(0, 1), help="Stop thresholds tried for each router (repeatable).")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
               help="Timed runs; the median is kept.")
-def bench_router(model, draft, train_file, text_file, batch, train_prompts, score_prompts, gamma, steps, prompt_len,
-                 thresholds, repeats) -> None:
+def bench_router(model, draft, train_file, text_file, batch, n_prompts, train_prompts, score_prompts, gamma, steps,
+                 prompt_len, thresholds, repeats) -> None:
     """Adaptive block length (hire.router): fixed gamma against a confidence threshold and a trained MLP router.
 
     Trains the MLP on drafts logged from greedy fixed-gamma decoding of prompts cut from --train, then times
@@ -377,8 +396,10 @@ def bench_router(model, draft, train_file, text_file, batch, train_prompts, scor
     drafter = _drafter(draft, loaded, None)
     encode = lambda f, n: text_prompts(loaded.tokenizer.encode(Path(f).read_text(encoding="utf-8")), n,  # noqa: E731
                                        prompt_len)
+    if n_prompts is not None and n_prompts % batch:
+        raise click.BadParameter(f"{n_prompts} prompts do not split into batches of {batch}", param_hint="--prompts")
     for result in run(loaded, drafter, encode(train_file, train_prompts), encode(text_file, score_prompts),
-                      encode(text_file, batch), gamma, steps, thresholds, repeats):
+                      encode(text_file, n_prompts or batch), gamma, steps, thresholds, repeats, batch):
         click.echo(json.dumps(result))
 
 
@@ -441,8 +462,10 @@ def bench_serving(model, concurrency, prompt_len, max_tokens, requests, slots, m
 @click.option("--out", help="Output folder, instead of the recipe's `out`.")
 @click.option("--until", type=click.IntRange(min=1),
               help="Stop after this step (checkpointed there) without changing the schedule; run again to go on.")
+@click.option("--init", help="Start from this model's weights (a name under models/ or a folder), instead of the "
+              "recipe's `init` or a random init: fine-tuning. Its shape must be the recipe's [model].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_command(config, out, until, quiet) -> None:
+def train_command(config, out, until, init, quiet) -> None:
     """Train a model from the recipe CONFIG (a .toml or .json file; see configs/ and docs/training.md).
 
     Builds the corpus split, trains or reuses the BPE tokenizer, then trains on all local devices
@@ -464,6 +487,11 @@ def train_command(config, out, until, quiet) -> None:
         cfg = load_config(config)
         if out:
             cfg = dataclasses.replace(cfg, out=out)
+        if init:
+            try:
+                cfg = dataclasses.replace(cfg, init=init)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="--init") from None
         summary = run(cfg, until=until, progress=not quiet)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
@@ -490,15 +518,21 @@ def train_command(config, out, until, quiet) -> None:
               "draft_agreement (with the model's argmax).")
 @click.option("--gamma", default=4, show_default=True, type=click.IntRange(min=1),
               help="Tokens drafted per block with --draft.")
+@click.option("--recommend", is_flag=True,
+              help="With HiRE: if the result meets the quality targets (perplexity within 1% of the exact model's, "
+                   "top-1 agreement and recall at least 0.99), make these HiRE settings the model's serving default "
+                   "(`serving` in its hire_predictors.json, used by hire serve and serve-grpc); else exit 1 naming "
+                   "the targets missed.")
 def eval_command(model, text_file, context, batch, dtype, reference, softmax, ffn, hire_settings, draft,
-                 gamma) -> None:
+                 gamma, recommend) -> None:
     """Score a text file with a model: print one JSON object.
 
     The text is tokenized (with BOS) and cut into non-overlapping windows of the model's context;
     every token after the first is predicted. Keys: tokens (predicted), loss (mean nats per token),
     perplexity (exp loss), next_token_accuracy (argmax hits), bits_per_byte (of the UTF-8 text),
     windows, context. A progress bar goes to stderr. With HiRE (--softmax, --ffn) also dense_loss,
-    dense_perplexity, top1_agreement (with the dense model's argmax), softmax_recall, ffn_recall, ffn_mass.
+    dense_perplexity, top1_agreement (with the exact model's argmax), softmax_recall, ffn_recall, ffn_mass;
+    the exact model is the dense one, or for a model trained with the group-topk mask its exact-mask forward.
     A tandem small model (e.g. default-tandem) is scored beside its large model, teacher-forced in its
     training block pattern (docs/speculative.md). With --draft, also the drafter's keys (hire.speculative.
     drafter_accuracy): draft_next_token_accuracy, draft_agreement, draft_predictions, draft_gamma.
@@ -513,7 +547,7 @@ def eval_command(model, text_file, context, batch, dtype, reference, softmax, ff
         loaded, logits_fn = tandem_scorer(tandem, dtype)
     else:
         loaded, logits_fn = _load(model, dtype, _hire(softmax, ffn, hire_settings)), None
-    dense = _load(model, dtype, {"softmax": "dense", "ffn": "dense"}) if loaded.cfg.sparse else None
+    dense = _load(model, dtype, _exact(model)) if loaded.cfg.sparse else None
     ref = None if reference is None else _load(reference, dtype)
     if ref is not None and ref.cfg.vocab_size != loaded.cfg.vocab_size:
         raise click.BadParameter("the reference model has another vocabulary", param_hint="--reference")
@@ -530,14 +564,20 @@ def eval_command(model, text_file, context, batch, dtype, reference, softmax, ff
         result |= drafter_accuracy(loaded, _drafter(draft, loaded, dtype), tokens, context, gamma, batch)
     result["bits_per_byte"] = result["loss"] * result["tokens"] / math.log(2) / max(len(text.encode()), 1)
     click.echo(json.dumps(result))
+    if recommend:
+        from hire.calibrate import model_folder, recommend_serving
+
+        if misses := recommend_serving(model_folder(model), loaded.cfg, {"text": str(text_file), **result}):
+            raise click.ClickException("not made the serving default: " + "; ".join(misses))
+        click.echo(f"these HiRE settings are now the serving default of {model}", err=True)
 
 
 @main.command("calibrate")
 @click.option("--model", default="default", show_default=True, help=MODEL_HELP)
 @click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="UTF-8 calibration text (the last windows are held out to measure recall).")
-@click.option("--rank", default=64, show_default=True, type=click.IntRange(min=1),
-              help="Rank of the HiRE-LR predictors.")
+@click.option("--rank", default=64, show_default=True, type=click.IntRange(min=0),
+              help="Rank of the HiRE-LR predictors (0: none, only the --quant copies: a smaller file).")
 @click.option("--quant", "quants", multiple=True, default=("int8",), show_default=True,
               type=click.Choice(("int8", "int4")), help="HiRE-Q predictors to build (repeatable).")
 @click.option("--context", type=click.IntRange(min=2),
@@ -552,14 +592,15 @@ def calibrate_command(model, text_file, rank, quants, context, batch, max_tokens
     """Build HiRE predictors for a model from calibration text and save them beside it.
 
     Fits rank-r predictors of the output embedding and of each FFN's gate and up kernels to the hidden
-    states the text produces, and per-row int8/int4 copies; writes hire_predictors.safetensors and
-    hire_predictors.json (with the recall measured on held-out windows at oversampling 1 to 16) and prints
-    that JSON. `--softmax`/`--ffn` on generate, eval and bench decode then use them.
+    states the text produces (in the exact model: for one trained with the group-topk mask, its masked
+    forward, whose ffn_group and ffn_k recall is then measured at), and per-row int8/int4 copies; writes
+    hire_predictors.safetensors and hire_predictors.json (with the recall measured on held-out windows at
+    oversampling 1 to 16; this drops a serving default `hire eval --recommend` wrote) and prints that JSON.
+    `--softmax`/`--ffn` on generate, eval, bench decode and the serving commands then use them.
     """
-    from hire.calibrate import calibrate, save_predictors
-    from hire.checkpoint import resolve_model
+    from hire.calibrate import calibrate, model_folder, save_predictors
 
-    loaded = _load(model, None, {"softmax": "dense", "ffn": "dense"})
+    loaded = _load(model, None, _exact(model))
     settings = _hire(None, None, hire_settings)
     try:
         loaded.cfg.replace(**settings)
@@ -571,8 +612,7 @@ def calibrate_command(model, text_file, rank, quants, context, batch, max_tokens
         found, meta = calibrate(loaded, tokens, context, rank, quants, batch, settings=settings)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--text") from None
-    folder = Path(out) if out else resolve_model(model)
-    folder = folder if folder.is_dir() or out else folder.parent
+    folder = Path(out) if out else model_folder(model)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"model": loaded.cfg.name, "text": str(text_file), **meta}
     save_predictors(folder, found, meta)
@@ -580,7 +620,8 @@ def calibrate_command(model, text_file, rank, quants, context, batch, max_tokens
 
 
 def serving_options(command):
-    """The engine and scheduling flags `hire serve-grpc` and `hire serve` share."""
+    """The engine, scheduling and HiRE flags `hire serve-grpc` and `hire serve` share. Left out, the HiRE flags
+    default to the setting the model's folder recommends (`hire eval --recommend`), if any."""
     options = [
         click.option("--slots", default=8, show_default=True, type=click.IntRange(min=1),
                      help="Requests decoding together."),
@@ -598,7 +639,29 @@ def serving_options(command):
     ]
     for option in reversed(options):
         command = option(command)
-    return command
+    return hire_options(command)
+
+
+def _serving_hire(model: str, flags: dict) -> dict:
+    """The HiRE overrides MODEL is served with: its folder's recommended setting under the flags (hire.calibrate.
+    serving_settings)."""
+    from hire.calibrate import model_folder, serving_settings
+
+    try:
+        return serving_settings(model_folder(model), flags)
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _log_hire(cfg) -> None:
+    """Say in the server's log which HiRE setting it runs, if any."""
+    import logging
+
+    from hire.config import HIRE_FIELDS
+
+    if cfg.sparse:
+        logging.getLogger("hire").info("HiRE on: softmax %s, ffn %s (%s)", cfg.softmax, cfg.ffn, ", ".join(
+            f"{k}={getattr(cfg, k)}" for k in HIRE_FIELDS if k not in ("softmax", "ffn")))
 
 
 @main.command("serve-grpc")
@@ -613,10 +676,12 @@ def serving_options(command):
 @click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False),
               help="PEM CA certificate(s): require client certificates it signed (mutual TLS).")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve Prometheus metrics on this port.")
-def serve_grpc(model, host, port, slots, max_len, queue_size, chunk, prefills, dtype, loras, token, tls_cert, tls_key,
-               tls_client_ca, metrics_port) -> None:
+def serve_grpc(model, host, port, slots, max_len, queue_size, chunk, prefills, dtype, loras, softmax, ffn,
+               hire_settings, token, tls_cert, tls_key, tls_client_ca, metrics_port) -> None:
     """Serve a model over gRPC (hire.v1.Inference and JetStream's Orchestrator) until Ctrl-C or SIGTERM.
 
+    HiRE runs as --softmax, --ffn and --hire say, on top of the setting the model's folder recommends
+    (docs/hire.md: a model whose predictors keep quality serves with HiRE on by default).
     Needs the grpc extra (pip install -e '.[grpc]'). See docs/serving.md.
     """
     import asyncio
@@ -636,7 +701,8 @@ def serve_grpc(model, host, port, slots, max_len, queue_size, chunk, prefills, d
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("cluster", "hire"):
         logging.getLogger(name).setLevel(logging.INFO)
-    loaded, names = _load_with_adapters(model, dtype, loras)
+    loaded, names = _load_with_adapters(model, dtype, loras, _serving_hire(model, _hire(softmax, ffn, hire_settings)))
+    _log_hire(loaded.cfg)
     served = Served(Engine(loaded, slots=slots, max_len=max_len), loaded.cfg.name, names)
     options = Options(host, port, token, tls_cert, tls_key, tls_client_ca)
     asyncio.run(serve(served, options, metrics_port, queue_size=queue_size, chunk=chunk, prefills=prefills))
@@ -652,15 +718,28 @@ def serve_grpc(model, host, port, slots, max_len, queue_size, chunk, prefills, d
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1),
               help="Engine replicas, each holding the whole model (one CPU each by default).")
 @click.option("--address", help="Join this running Ray cluster ('auto': the local one) instead of starting one.")
+@click.option("--replica-resource", metavar="NAME", help="Each engine replica takes one unit of this Ray resource "
+              "(nodes with one unit, e.g. deploy/local-cluster.sh's hire_host, hold one replica each); the ingress "
+              "then stays on the head node.")
 @click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs the embedded Ray may use (default: all).")
+@click.option("--hosts", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Shard the model over this many host actors that run one JAX program (docs/cluster.md); each "
+              "takes a CPU and, where the cluster has it, a hire_host resource. Rebuilt if a host dies or hangs.")
+@click.option("--devices-per-host", default=1, show_default=True, type=click.IntRange(min=1),
+              help="CPU devices each host splits its part over (with --hosts).")
+@click.option("--placement", type=click.Choice(("STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK")),
+              help="Placement-group strategy of the hosts (default: STRICT_SPREAD when enough nodes have room, "
+              "else PACK).")
 @serving_options
-def serve_command(model, host, http_port, grpc_port, replicas, address, num_cpus, slots, max_len, queue_size, chunk,
-                  prefills, dtype, loras) -> None:
+def serve_command(model, host, http_port, grpc_port, replicas, address, replica_resource, num_cpus, hosts,
+                  devices_per_host, placement, slots, max_len, queue_size, chunk, prefills, dtype, loras, softmax, ffn,
+                  hire_settings) -> None:
     """Serve a model on Ray Serve (HTTP and gRPC) until Ctrl-C or SIGTERM.
 
     Starts a local Ray in this process (or joins --address), deploys the application of deploy/serve.yaml
     and serves the OpenAI-compatible HTTP API on --http-port and hire.v1.Inference / JetStream's Orchestrator
-    on --grpc-port. Needs the serve extra (pip install -e '.[serve]'). See docs/serving.md.
+    on --grpc-port. HiRE runs as --softmax, --ffn and --hire say, on top of the setting the model's folder
+    recommends (docs/hire.md). Needs the serve extra (pip install -e '.[serve]'). See docs/serving.md.
     """
     import logging
 
@@ -679,8 +758,23 @@ def serve_command(model, host, http_port, grpc_port, replicas, address, num_cpus
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    flags = _hire(softmax, ffn, hire_settings)
+    if settings := _serving_hire(model, flags):  # fail here on a bad setting; each replica applies the same
+        _log_hire(_load(model, dtype, settings).cfg)
     args = dict(model=model, slots=slots, max_len=max_len, queue_size=queue_size, chunk=chunk, prefills=prefills,
-                dtype=dtype, lora={name: str(Path(path).resolve()) for name, path in pairs} or None, replicas=replicas)
+                dtype=dtype, lora={name: str(Path(path).resolve()) for name, path in pairs} or None, replicas=replicas,
+                hire=flags or None)
+    if replica_resource:
+        args["replica_resource"] = replica_resource
+    if hosts > 1:
+        from cluster.shards import check_servable
+
+        try:
+            check_servable(model, args["lora"], flags)
+        except ValueError as e:
+            option = {"lora": "--lora", "model": "--model"}.get(str(e).split(":")[0], "--softmax / --ffn / --hire")
+            raise click.BadParameter(str(e), param_hint=option) from None
+        args |= dict(hosts=hosts, devices_per_host=devices_per_host, placement=placement)
     serve_until_signal(args, host=host, http_port=http_port, grpc_port=grpc_port, address=address, num_cpus=num_cpus)
 
 
@@ -756,13 +850,16 @@ def client_command(prompt, target, max_tokens, temperature, top_k, top_p, seed, 
 @click.option("--slo-e2e-ms", type=float, help="... and whose end-to-end latency is within this.")
 @click.option("--model", help="Model name for HTTP targets (default: the server's first).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Per-request deadline in seconds.")
+@click.option("--window", type=click.FloatRange(min=0, min_open=True), help="Also report each run's figures per "
+              "window of this many seconds (the requests that ended in it): latency, errors, throughput over time.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write the JSON report here.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write latency and throughput against load (PNG).")
 @click.option("--compare", nargs=2, type=click.Path(exists=True, dir_okay=False), metavar="A.json B.json",
               help="Compare two reports (B against A, run by run) instead of running a load.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def loadtest_command(target, rates, concurrencies, requests, duration, input_len, output_len, prompts, seed,
-                     slo_ttft_ms, slo_tpot_ms, slo_e2e_ms, model, timeout, out, plot, compare, no_progress) -> None:
+                     slo_ttft_ms, slo_tpot_ms, slo_e2e_ms, model, timeout, window, out, plot, compare,
+                     no_progress) -> None:
     """Load-test a hire server and print a JSON report (latency percentiles, throughput, goodput, errors).
 
     \b
@@ -787,7 +884,7 @@ def loadtest_command(target, rates, concurrencies, requests, duration, input_len
         workload = lt.Workload(lt.Dist(input_len), lt.Dist(output_len), prompts and Path(prompts), seed=seed)
         report = asyncio.run(lt.loadtest(target, loads, workload, requests or (None if duration else 100), duration,
                                          lt.Slo(slo_ttft_ms, slo_tpot_ms, slo_e2e_ms), model, timeout,
-                                         not no_progress))
+                                         not no_progress, window))
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     text = json.dumps(report, indent=1)

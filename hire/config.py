@@ -13,7 +13,7 @@ SOFTMAX_MODES = ("dense", "hire-lr", "hire-q")
 FFN_MODES = ("dense", "group-sparse", "group-topk")
 HIRE_QUANTS = ("int8", "int4")
 HIRE_FIELDS = ("softmax", "softmax_k", "softmax_oversample", "ffn", "ffn_predictor", "ffn_group", "ffn_k",
-               "ffn_oversample", "ffn_union", "hire_rank", "hire_quant")
+               "ffn_oversample", "ffn_union", "ffn_keep_k", "hire_rank", "hire_quant")
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,9 @@ class ModelConfig:
     "group-sparse" computes only the ffn_k * ffn_oversample best-predicted groups of `ffn_group` neurons
     (0: the largest divisor of ffn_dim up to 16; ffn_k 0: a tenth of the groups), each token its own or,
     with `ffn_union`, the union over the batch. Predictors have rank `hire_rank` or are `hire_quant` copies.
-    `ffn` "group-topk" is the dense FFN keeping only each token's exact top ffn_k groups: a training mask.
+    `ffn` "group-topk" is the dense FFN keeping only each token's exact top ffn_k groups: a training mask;
+    a model trained with it runs group-sparse with `ffn_keep_k` (hire.checkpoint.load_model sets it): of the
+    groups computed, only the exact top ffn_k count, as in training.
     The defaults are dense, and a dense config computes exactly what it did without these fields.
     """
 
@@ -76,6 +78,7 @@ class ModelConfig:
     ffn_k: int = 0
     ffn_oversample: int = 2
     ffn_union: bool = False
+    ffn_keep_k: bool = False
     hire_rank: int = 64
     hire_quant: str = "int8"
     name: str = field(default="model", compare=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,11 @@ class DecodeState(NamedTuple):
     adapter: jax.Array  # [slots] LoRA adapter index, -1 for none
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine failed as a whole (a host died or hung): its decode states and prefixes are lost. An engine
+    that can rebuild itself has `recover()`; hire.scheduler then retries the requests it was decoding."""
+
+
 class StepOutput(NamedTuple):
     tokens: jax.Array  # [slots] (or [n, slots] from generate_steps)
     logprobs: jax.Array
@@ -65,11 +70,14 @@ def _adapter(model: Transformer, adapter: jax.Array) -> jax.Array | None:
     return adapter if model.cfg.lora_adapters else None
 
 
-def _prefill(model: Transformer, variables, tokens, length, sampling, adapter) -> Prefix:
+Sampler = Callable[[jax.Array, RowSampling, jax.Array], tuple[jax.Array, jax.Array]]  # hire.sampling.sample's shape
+
+
+def _prefill(model: Transformer, sampler: Sampler, variables, tokens, length, sampling, adapter) -> Prefix:
     positions = jnp.arange(tokens.shape[1])[None]
     cache = init_cache(model.cfg, 1, tokens.shape[1])
     logits, cache = model.apply(variables, tokens, positions, cache, _adapter(model, adapter), length - 1)
-    token, logprob = sample(logits, sampling, length - 1)
+    token, logprob = sampler(logits, sampling, length - 1)
     return Prefix(cache, token, logprob, length, sampling, adapter)
 
 
@@ -81,15 +89,17 @@ def _insert(prefix: Prefix, state: DecodeState, slot: jax.Array) -> DecodeState:
                        jax.tree.map(put, state.sampling, prefix.sampling), put(state.adapter, prefix.adapter))
 
 
-def _step(model: Transformer, variables, state: DecodeState, kv_len: int) -> tuple[DecodeState, StepOutput]:
+def _step(model: Transformer, sampler: Sampler, variables, state: DecodeState, kv_len: int
+          ) -> tuple[DecodeState, StepOutput]:
     logits, cache = model.apply(variables, state.tokens[:, None], state.positions[:, None], state.cache,
                                 _adapter(model, state.adapter), jnp.zeros_like(state.positions), kv_len)
-    tokens, logprobs = sample(logits, state.sampling, state.positions)
+    tokens, logprobs = sampler(logits, state.sampling, state.positions)
     return state._replace(cache=cache, tokens=tokens, positions=state.positions + 1), StepOutput(tokens, logprobs)
 
 
-def _steps(model: Transformer, variables, state: DecodeState, n: int, kv_len: int) -> tuple[DecodeState, StepOutput]:
-    return jax.lax.scan(lambda s, _: _step(model, variables, s, kv_len), state, None, length=n)
+def _steps(model: Transformer, sampler: Sampler, variables, state: DecodeState, n: int, kv_len: int
+           ) -> tuple[DecodeState, StepOutput]:
+    return jax.lax.scan(lambda s, _: _step(model, sampler, variables, s, kv_len), state, None, length=n)
 
 
 def _init_state(cfg: ModelConfig, n: int, max_len: int) -> DecodeState:
@@ -124,9 +134,11 @@ class Engine:
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.buckets = buckets(self.max_len)
         net, layout = Transformer(model.cfg), _layouts(model.cfg, mesh)
-        self._prefill = jax.jit(functools.partial(_prefill, net), **layout["prefix"])
+        # over a mesh, sampling reads the vocabulary-sharded logits through DA-TOP-k where it can
+        sampler = sample if mesh is None else functools.partial(sharding.sample_sharded, mesh=mesh)
+        self._prefill = jax.jit(functools.partial(_prefill, net, sampler), **layout["prefix"])
         self._insert = jax.jit(_insert, donate_argnums=1, **layout["state"])
-        self._generate_steps = jax.jit(functools.partial(_steps, net), static_argnums=(2, 3), donate_argnums=1,
+        self._generate_steps = jax.jit(functools.partial(_steps, net, sampler), static_argnums=(2, 3), donate_argnums=1,
                                        **layout["steps"])
         fresh = functools.partial(_init_state, self.cfg, slots, self.max_len)
         self._init_state = fresh if mesh is None else jax.jit(fresh, **layout["state"])
@@ -181,8 +193,13 @@ class Engine:
         jax.block_until_ready(state)
 
 
+def compilation_cache_folder() -> str:
+    """Where compiled programs are kept by default: $HIRE_CACHE, or ~/.cache/hire/xla."""
+    return os.environ.get("HIRE_CACHE", str(Path.home() / ".cache" / "hire" / "xla"))
+
+
 def use_compilation_cache(folder: str | None = None) -> None:
-    """Keep compiled programs in `folder` (default $HIRE_CACHE or ~/.cache/hire/xla) across processes."""
-    folder = folder or os.environ.get("HIRE_CACHE", str(Path.home() / ".cache" / "hire" / "xla"))
+    """Keep compiled programs in `folder` (default `compilation_cache_folder()`) across processes."""
+    folder = folder or compilation_cache_folder()
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)

@@ -96,8 +96,13 @@ class Batch:
         return [slot for slot in range(self.engine.slots) if slot not in self.live]
 
     def admit(self, req: Request, slot: int) -> Event:
-        """Prefill `req` into the free `slot`; returns its first event (it stays only if that is not its last)."""
-        prefix = self.engine.prefill(req.out.prompt_tokens, req.params, req.adapter)
+        """Prefill `req` into the free `slot`; returns its next event (it stays only if that is not its last).
+
+        A request that already has tokens (retried after the engine was rebuilt) is prefilled with its prompt and
+        those tokens, so it goes on where it stopped: a token's sample depends only on the request's seed, its
+        position and what precedes it, so the output is the one it would have had.
+        """
+        prefix = self.engine.prefill(req.out.prompt_tokens + req.out.tokens, req.params, req.adapter)
         event = req.push(int(prefix.token[0]), float(prefix.logprob[0]))
         if event.finish_reason is None:
             self.state = self.engine.insert(prefix, self.state, slot)

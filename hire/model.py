@@ -185,7 +185,7 @@ class GroupSparseFFN(nn.Module):
         approx = Predictor(cfg.predictor_kind("ffn"), (parts - 1) * cfg.ffn_dim, cfg.hire_rank, cfg.dtype,
                            name="predictor")(x)
         return sparse.group_sparse_ffn(x, bundle, approx, lambda h: activation(cfg, h), cfg.ffn_candidates,
-                                       cfg.ffn_union)
+                                       cfg.ffn_union, keep=cfg.ffn_k if cfg.ffn_keep_k else 0)
 
 
 class MoE(nn.Module):

@@ -126,9 +126,10 @@ def scores(router: MLPRouter | ConfidenceRouter, inputs: np.ndarray, labels: np.
 
 def bench_router(model: LoadedModel, drafter: Drafter, train_prompts: list[list[int]],
                  score_prompts: list[list[int]], prompts: list[list[int]], gamma: int, steps: int = 128,
-                 thresholds: tuple[float, ...] = (0.3, 0.5, 0.7), repeats: int = 5) -> list[dict[str, Any]]:
-    """Fixed γ against the confidence and MLP routers at each threshold, timed on held-out `prompts` (batch =
-    their number, greedy), after training the MLP on drafts logged over `train_prompts`: one result per
+                 thresholds: tuple[float, ...] = (0.3, 0.5, 0.7), repeats: int = 5, batch: int | None = None
+                 ) -> list[dict[str, Any]]:
+    """Fixed γ against the confidence and MLP routers at each threshold, timed on held-out `prompts` (greedy,
+    `batch` at a time, default all), after training the MLP on drafts logged over `train_prompts`: one result per
     setting (hire.bench.bench_speculative's keys, plus the router's scores on drafts logged over the held-out
     `score_prompts`)."""
     from hire.bench import bench_speculative
@@ -137,10 +138,11 @@ def bench_router(model: LoadedModel, drafter: Drafter, train_prompts: list[list[
     engine = Engine(model, slots=8, max_len=min(model.cfg.max_seq_len, length))
     mlp = fit(*collect(engine, drafter, gamma, train_prompts, steps))
     held_out = collect(engine, drafter, gamma, score_prompts, steps)
-    results = [bench_speculative(model, drafter, prompts, gamma, steps, repeats=repeats) | {"router": None}]
+    results = [bench_speculative(model, drafter, prompts, gamma, steps, repeats=repeats, batch=batch)
+               | {"router": None}]
     for router in [ConfidenceRouter(t) for t in thresholds] + [mlp.with_threshold(t) for t in thresholds]:
         result = bench_speculative(model, drafter, prompts, gamma, steps, repeats=repeats,
-                                   speculator=functools.partial(Speculator, router=router))
+                                   speculator=functools.partial(Speculator, router=router), batch=batch)
         results.append(result | {"router": router.name, **scores(router, *held_out)})
     return results
 

@@ -79,12 +79,22 @@ def argmax(x: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1)
 
 
+def scale(logits: jax.Array, rows: RowSampling) -> jax.Array:
+    """Logits [B, ...] divided by each row's temperature."""
+    return logits / jnp.maximum(rows.temperature, 1e-6)[:, None]
+
+
+def gumbel_noise(rows: RowSampling, positions: jax.Array, vocab: int) -> jax.Array:
+    """Gumbel noise [B, vocab]: row b's from fold_in(key_b, position_b) alone."""
+    keys = jax.vmap(jax.random.fold_in)(rows.key, positions)
+    return jax.vmap(lambda k: jax.random.gumbel(k, (vocab,)))(keys)
+
+
 def _draw(logits: jax.Array, rows: RowSampling, positions: jax.Array) -> jax.Array:
-    scaled = logits / jnp.maximum(rows.temperature, 1e-6)[:, None]
+    scaled = scale(logits, rows)
     needs_filter = jnp.any(rows.top_k > 0) | jnp.any(rows.top_p < 1)
     scaled = jax.lax.cond(needs_filter, filter_logits, lambda x, *_: x, scaled, rows.top_k, rows.top_p)
-    keys = jax.vmap(jax.random.fold_in)(rows.key, positions)
-    noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:]))(keys)
+    noise = gumbel_noise(rows, positions, logits.shape[-1])
     drawn = argmax(scaled + noise)  # Gumbel-max: a draw from softmax(scaled)
     return jnp.where(rows.temperature > 0, drawn, argmax(logits))
 

@@ -6,6 +6,12 @@ requests, prefills up to `prefills` waiting requests into free slots (so prefill
 decoding), then decodes every slot `chunk` tokens. Each request's events go to its own sink,
 called on the scheduler thread; `Stream` turns them into an asyncio iterator. The stopping rules
 are `hire.generate.Request`'s and the slots `hire.generate.Batch`'s, as in `generate`.
+
+When the engine fails as a whole (hire.engine.EngineUnavailable: a host of a sharded engine died or hung),
+the scheduler calls `engine.recover()` and puts the requests that were decoding back at the head of the
+queue, each at most `retries` times: re-prefilled from their prompt and tokens so far, they go on with the
+output they would have had. A request past its retries, or every one when the engine cannot be rebuilt,
+ends with EngineUnavailable (gRPC UNAVAILABLE, HTTP 503).
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from hire.engine import Engine
+from hire.engine import Engine, EngineUnavailable
 from hire.generate import Batch, Completion, Event, Request
 from hire.sampling import SamplingParams
 
@@ -38,16 +44,23 @@ class Job:
     sink: Sink
     cancelled: bool = False
     done: bool = False
+    retries: int = 0  # times it went back to the queue because the engine was rebuilt
 
 
 class Scheduler:
     """Owns an engine and its decode state; `submit` and `cancel` may be called from any thread."""
 
-    def __init__(self, engine: Engine, queue_size: int = 128, chunk: int = 4, prefills: int = 4):
-        if queue_size < 1 or chunk < 1 or prefills < 1:
-            raise ValueError("queue_size, chunk and prefills must be >= 1")
-        self.engine, self.queue_size, self.prefills = engine, queue_size, prefills
-        self._batch = Batch(engine, chunk)
+    def __init__(self, engine: Engine, queue_size: int = 128, chunk: int = 4, prefills: int = 4, retries: int = 1):
+        if queue_size < 1 or chunk < 1 or prefills < 1 or retries < 0:
+            raise ValueError("queue_size, chunk and prefills must be >= 1, retries >= 0")
+        self.engine, self.queue_size, self.prefills, self.retries = engine, queue_size, prefills, retries
+        self._chunk = chunk
+        self._batch: Batch | None = None  # None while the engine is down: rebuilt before the next admission
+        try:
+            self._batch = Batch(engine, chunk)
+        except EngineUnavailable:
+            log.warning("the engine is down; the first request will rebuild it")
+        self._recover_asked = False
         self._waiting: deque[Job] = deque()
         self._cancelled: list[Job] = []
         self._running: dict[int, Job] = {}  # by request index: the jobs in (or entering) a slot
@@ -63,7 +76,7 @@ class Scheduler:
     @property
     def chunk(self) -> int:
         """Decode steps between admissions."""
-        return self._batch.chunk
+        return self._chunk
 
     @property
     def queue_depth(self) -> int:
@@ -72,7 +85,7 @@ class Scheduler:
 
     @property
     def busy_slots(self) -> int:
-        return len(self._batch.live)
+        return len(self._batch.live) if self._batch else 0
 
     def start(self) -> Scheduler:
         self._thread.start()
@@ -84,6 +97,13 @@ class Scheduler:
             self._stopping = True
             self._cond.notify()
         self._thread.join()
+
+    def recover(self) -> None:
+        """Ask the scheduler thread to call `engine.recover()` before its next engine call (a health check found
+        the engine down); if the engine rebuilds itself, the requests decoding are retried."""
+        with self._cond:
+            self._recover_asked = True
+            self._cond.notify()
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, adapter: int, sink: Sink) -> Job:
         """Queue a request. Raises ValueError naming the field the engine cannot run, QueueFull when full."""
@@ -113,19 +133,25 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._stopping or self._waiting or self._cancelled or self._batch.live)
+                self._cond.wait_for(lambda: self._stopping or self._waiting or self._cancelled or self._recover_asked
+                                    or (self._batch and self._batch.live))
                 if self._stopping:
                     break
+                asked, self._recover_asked = self._recover_asked, False
                 for job in self._cancelled:
-                    self._batch.drop(job.request)
+                    if self._batch:
+                        self._batch.drop(job.request)
                     self._running.pop(job.request.index, None)
                 self._cancelled.clear()
-                slots = self._batch.free_slots()[: min(self.prefills, len(self._waiting))]
-                admitted = [(slot, self._waiting.popleft()) for slot in slots]
+                free = self._batch.free_slots() if self._batch else list(range(self.engine.slots))
+                admitted = [(slot, self._waiting.popleft()) for slot in free[: min(self.prefills, len(self._waiting))]]
                 self._running.update((job.request.index, job) for _, job in admitted)
+            if asked or (admitted and self._batch is None):
+                self._recover(None if asked else EngineUnavailable("the engine failed before this request"))
             for slot, job in admitted:
-                self._admit(job, slot)
-            if self._batch.live:
+                if self._running.get(job.request.index) is job:  # not sent back to the queue or failed by _recover
+                    self._admit(job, slot)
+            if self._batch and self._batch.live:
                 self._step()
         with self._cond:
             left = [*self._waiting, *self._running.values()]
@@ -136,6 +162,9 @@ class Scheduler:
     def _admit(self, job: Job, slot: int) -> None:
         try:
             event = self._batch.admit(job.request, slot)
+        except EngineUnavailable as e:
+            self._recover(e, job)
+            return
         except Exception as e:  # noqa: BLE001 - one request the engine fails on must not stop the others
             log.exception("prefill failed for request %d", job.request.index)
             self._send(job, e)
@@ -145,14 +174,56 @@ class Scheduler:
     def _step(self) -> None:
         try:
             events = self._batch.step()
+        except EngineUnavailable as e:
+            self._recover(e)
+            return
         except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep serving
             log.exception("decode step failed; failing the %d requests decoding", len(self._batch.live))
             for req in self._batch.live.values():
                 self._send(self._running[req.index], e)
-            self._batch = Batch(self.engine, self._batch.chunk)  # the old state was donated to the failed call
+            try:
+                self._batch = Batch(self.engine, self._chunk)  # the old state was donated to the failed call
+            except EngineUnavailable:
+                self._batch = None  # rebuilt before the next admission
             return
         for event in events:
             self._send(self._running[event.index], event)
+
+    def _recover(self, error: EngineUnavailable | None, failed: Job | None = None) -> None:
+        """Rebuild the engine after `error` (with None, only if `engine.recover()` finds it down). The requests in
+        flight go back to the head of the queue: those that were in the engine (decoding, or `failed` while
+        being prefilled) use up one retry, or fail with EngineUnavailable when none is left. When the engine
+        cannot be rebuilt, every request in flight fails."""
+        tried = set(self._batch.live.values()) if self._batch else set()
+        tried |= {failed.request} if failed else set()
+        if error is None and not hasattr(self.engine, "recover"):
+            return
+        try:
+            rebuilt = self.engine.recover()  # AttributeError: this engine cannot rebuild itself
+            if error is None and not rebuilt:
+                return
+            self._batch = Batch(self.engine, self._chunk)
+            ok = True
+        except Exception as e:  # noqa: BLE001 - whatever stops the rebuild fails the requests, not the thread
+            log.exception("the engine could not be rebuilt")
+            self._batch, ok = None, False
+            error = EngineUnavailable(f"{error or 'the engine is down'}; rebuilding it failed: {e}")
+        error = error or EngineUnavailable("a health check found the engine down")
+        failing = []
+        with self._cond:
+            jobs = list(self._running.values())
+            self._running.clear()
+            retry = []
+            for job in jobs:
+                again = ok and not job.cancelled and (job.request not in tried or job.retries < self.retries)
+                job.retries += again and job.request in tried
+                (retry if again else failing).append(job)
+            self._waiting.extendleft(reversed(retry))
+        if ok:
+            log.warning("the engine was rebuilt (%s); %d requests go back to the queue, %d fail", error, len(retry),
+                        len(failing))
+        for job in failing:
+            self._send(job, error)
 
     def _send(self, job: Job, item: Event | Exception) -> None:
         if isinstance(item, Exception) or item.finish_reason is not None:

@@ -8,8 +8,10 @@ a MoE router, LoRA adapters and anything not named here are replicated, and so i
 dimension the device count does not divide (correct, only not split). The engine's jitted functions
 take these shardings from their inputs and GSPMD inserts the collectives.
 
-Sampling reads the logits that lm_head leaves vocabulary-sharded, so XLA gathers them for the sort
-and the argmax; hire.topk.da_top_k is the sharded top-k that would keep them where they are.
+Sampling reads the logits that lm_head leaves vocabulary-sharded: `sample_sharded` takes greedy and top-k
+rows through DA-TOP-k (hire.topk.da_top_k: each device's own top-k, one all_gather of the candidates and of
+each device's softmax sums) instead of gathering the logits; top-p and full-distribution sampling fall back to
+hire.sampling.sample, which XLA feeds by gathering them.
 
 With several processes (jax.distributed, one per host) every process runs this same code: `load_sharded`
 reads only the slices of model.safetensors that this process's devices hold.
@@ -20,6 +22,7 @@ import re
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -29,9 +32,12 @@ from hire.checkpoint import LoadedModel, detect_format, resolve_model
 from hire.config import ModelConfig
 from hire.formats import CheckpointError, check_variables, expected_variables, unflatten
 from hire.formats.native import WEIGHTS, read_config
+from hire.sampling import RowSampling, gumbel_noise, sample, scale
 from hire.tokenizer import load_tokenizer
+from hire.topk import da_top_k
 
 AXIS = "model"
+TOP_K_CAP = 64  # the largest top_k that sample_sharded serves through DA-TOP-k (candidates per device)
 
 _OUT = P(None, AXIS)  # output features split
 _IN = P(AXIS, None)  # input features split
@@ -104,3 +110,48 @@ def held_bytes(tree) -> int:
     """Bytes of distinct data this process holds of `tree`'s arrays: a piece on several local devices counts once."""
     return sum(sum({str(s.index): s.data.nbytes for s in a.addressable_shards}.values())
                for a in jax.tree.leaves(tree))
+
+
+PATHS = ("greedy", "top_k", "gather")  # sample_sharded's branches
+
+
+def sample_sharded(logits: jax.Array, rows: RowSampling, positions: jax.Array, mesh: Mesh,
+                   cap: int = TOP_K_CAP, path: str | None = None) -> tuple[jax.Array, jax.Array]:
+    """hire.sampling.sample for logits [B, V] split over `mesh`'s vocabulary axis, without gathering them when
+    every row is greedy or samples with 1 <= top_k <= `cap` and top_p 1: DA-TOP-k with k_local = k (exact) brings
+    each row's k best (logit, index) pairs and the log-sum-exp of its logits in one all_gather; the draw is the
+    Gumbel-max over those candidates with the noise `sample` would add at their indices, so the tokens and
+    logprobs are `sample`'s (up to exact ties and float rounding). Other batches (top-p < 1, top_k 0 or above
+    `cap` with a temperature) run `sample` on the gathered logits. A vocabulary the mesh does not divide: `sample`.
+    `path`, one of PATHS, compiles that branch alone (for every batch: tests and collective counts).
+    """
+    vocab, shards = logits.shape[-1], mesh.shape[AXIS]
+    if vocab % shards:
+        return sample(logits, rows, positions)
+    logits, cap = logits.astype(jnp.float32), min(cap, vocab // shards)
+
+    def candidates(k: int) -> tuple[jax.Array, ...]:
+        """Each row's k largest logits, their indices and the log-sum-exp; the vocabulary is DA-TOP-k's rows."""
+        return da_top_k(lambda _, by_vocab: by_vocab.T, None, logits.T, mesh=mesh, axis=AXIS, k=k, k_local=k,
+                        logsumexp=True)
+
+    def greedy() -> tuple[jax.Array, jax.Array]:
+        values, indices, lse = candidates(1)
+        return indices[:, 0], values[:, 0] - lse
+
+    def top_k() -> tuple[jax.Array, jax.Array]:
+        values, indices, lse = candidates(cap)  # [B, cap], best first
+        scaled = scale(values, rows)
+        k = jnp.clip(rows.top_k, 1, cap)
+        keep = scaled >= jnp.take_along_axis(scaled, (k - 1)[:, None], -1)  # as hire.sampling.filter_logits
+        noise = jax.lax.with_sharding_constraint(gumbel_noise(rows, positions, vocab), replicated(mesh))
+        noisy = jnp.where(keep, scaled + jnp.take_along_axis(noise, indices, -1), -jnp.inf)
+        pick = jnp.where(rows.temperature > 0, jnp.argmax(noisy, -1), 0)[:, None]
+        return jnp.take_along_axis(indices, pick, -1)[:, 0], jnp.take_along_axis(values, pick, -1)[:, 0] - lse
+
+    branches = (greedy, top_k, lambda: sample(logits, rows, positions))
+    if path is not None:
+        return branches[PATHS.index(path)]()
+    greedy_rows = rows.temperature <= 0
+    fits = greedy_rows | ((rows.top_k >= 1) & (rows.top_k <= cap) & (rows.top_p >= 1))
+    return jax.lax.switch(jnp.where(jnp.all(greedy_rows), 0, jnp.where(jnp.all(fits), 1, 2)), branches)

@@ -123,11 +123,45 @@ def _scan_groups(x: jax.Array, bundle: jax.Array, groups: jax.Array, rows: jax.A
     return jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), entries)[0]
 
 
+def _scan_kept_groups(x: jax.Array, bundle: jax.Array, groups: jax.Array, rows: jax.Array | None,
+                      act: Callable[[jax.Array], jax.Array], keep: int) -> jax.Array:
+    """`_scan_groups`, but each token adds only the `keep` listed groups of largest exact sum |h|: a first scan
+    reads the groups' gate and up parts and computes h, a second reads the down rows of the groups kept.
+
+    With `rows` [M] (k' entries per token, in token order) each token ranks its own entries; without, every
+    token ranks all listed groups (padding entries past the last group count as zero).
+    """
+    (n_groups, parts, group, dim), n = bundle.shape, x.shape[0]
+    part = lambda g, first, count: jax.lax.dynamic_slice(  # noqa: E731
+        bundle, (jnp.minimum(g, n_groups - 1), first, 0, 0), (1, count, group, dim))[0]
+
+    def activations(_, entry: tuple[jax.Array, jax.Array]) -> tuple[None, jax.Array]:
+        g, row = entry
+        inputs = x if rows is None else jax.lax.dynamic_slice_in_dim(x, row, 1)
+        pre = (inputs @ part(g, 0, parts - 1).reshape(-1, dim).T).reshape(inputs.shape[0], parts - 1, group)
+        return None, _activations(pre, act) * (g < n_groups)  # [tokens, g]
+
+    h = jax.lax.scan(activations, None, (groups, groups if rows is None else rows))[1]  # [M, tokens, g]
+    h = h.reshape(n, -1, group) if rows is not None else jnp.moveaxis(h, 0, 1)  # [n, entries, g]
+    _, top = jax.lax.top_k(jnp.abs(h).sum(-1), keep)  # [n, keep]
+    entries = groups.reshape(n, -1) if rows is not None else jnp.broadcast_to(groups, (n, groups.shape[0]))
+    kept_h = jnp.take_along_axis(h, top[..., None], 1).reshape(n * keep, group)
+    kept = jnp.take_along_axis(entries, top, 1).ravel()
+
+    def down(acc: jax.Array, entry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        g, row, hg = entry
+        return acc.at[row].add(hg @ part(g, parts - 1, 1)[0] * (g < n_groups)), None
+
+    return jax.lax.scan(down, jnp.zeros(x.shape, jnp.float32), (kept, jnp.repeat(jnp.arange(n), keep), kept_h))[0]
+
+
 def group_sparse_ffn(x: jax.Array, bundle: jax.Array, approx: jax.Array, act: Callable[[jax.Array], jax.Array],
-                     candidates: int, union: bool = False, gather: bool | None = None) -> jax.Array:
+                     candidates: int, union: bool = False, gather: bool | None = None, keep: int = 0) -> jax.Array:
     """FFN output [..., dim] computing only the top-`candidates` groups of `approx` [..., (parts - 1) * F].
 
-    `union`: every token uses the union of all tokens' candidates; `gather` None picks the path.
+    `union`: every token uses the union of all tokens' candidates; `gather` None picks the path. `keep` > 0:
+    of the groups computed, each token keeps only the `keep` of largest exact sum |h| (a model trained with
+    `keep_top_groups` uses exactly those), and the down rows of the others are not read.
     """
     lead, dim, (groups, _, group, _) = x.shape[:-1], x.shape[-1], bundle.shape
     x = x.reshape(-1, dim)
@@ -135,15 +169,20 @@ def group_sparse_ffn(x: jax.Array, bundle: jax.Array, approx: jax.Array, act: Ca
     _, idx = jax.lax.top_k(scores, candidates)  # [N, k']
     n = x.shape[0]
     if not (use_gather(n, candidates, groups) if gather is None else gather):
-        keep = jnp.zeros((n, groups), x.dtype).at[jnp.arange(n)[:, None], idx].set(1)
+        keep_mask = jnp.zeros((n, groups), x.dtype).at[jnp.arange(n)[:, None], idx].set(1)
         if union:
-            keep = jnp.broadcast_to(keep.max(0), keep.shape)
-        h = exact_activations(x, bundle, act).astype(x.dtype) * keep[..., None]
+            keep_mask = jnp.broadcast_to(keep_mask.max(0), keep_mask.shape)
+        h = exact_activations(x, bundle, act).astype(x.dtype) * keep_mask[..., None]
+        if keep:
+            h = keep_top_groups(h.reshape(n, -1), groups, keep).reshape(h.shape)
         out = jnp.einsum("nGg,Ggd->nd", h, bundle[:, -1])
     elif union:
         member = jnp.zeros(groups, bool).at[idx.ravel()].set(True)
         chosen = jnp.nonzero(member, size=min(groups, n * candidates), fill_value=groups)[0]
-        out = _scan_groups(x, bundle, chosen, None, act)
+        out = _scan_kept_groups(x, bundle, chosen, None, act, keep) if keep else _scan_groups(x, bundle, chosen,
+                                                                                               None, act)
     else:
-        out = _scan_groups(x, bundle, idx.ravel(), jnp.repeat(jnp.arange(n), candidates), act)
+        rows = jnp.repeat(jnp.arange(n), candidates)
+        out = (_scan_kept_groups(x, bundle, idx.ravel(), rows, act, keep) if keep
+               else _scan_groups(x, bundle, idx.ravel(), rows, act))
     return out.astype(x.dtype).reshape(*lead, dim)

@@ -273,25 +273,34 @@ def _prefill(cfg: ModelConfig, drafter: Drafter, tvars: dict, dvars: Any, state:
              ) -> tuple[SpecState, jax.Array, jax.Array]:
     """Row `slot` takes a prompt (tokens [1, S], padded to a bucket): both models prefill it and the large
     model samples the first token, as hire.engine's prefill does."""
-    t = state.target
-    positions = jnp.arange(tokens.shape[1])[None]
-    logits, row_cache, hidden = run_model(cfg, tvars, tokens, positions, take_row(t.cache, slot), adapter,
-                                          length - 1, tokens.shape[1], drafter.wants_hidden)
-    token, logprob = sample(logits, sampling, length - 1)
-    put = lambda whole, row: whole.at[slot].set(row[0])  # noqa: E731
-    target = DecodeState(put_row(t.cache, row_cache, slot), put(t.tokens, token), put(t.positions, length),
-                         jax.tree.map(put, t.sampling, sampling), put(t.adapter, adapter))
+    target, token, logprob, hidden = prefill_target(cfg, drafter.wants_hidden, tvars, state.target, slot, tokens,
+                                                    length, sampling, adapter)
     draft = drafter.prefill(dvars, state.draft, slot, tokens, length, hidden)
     return SpecState(target, draft, state.active), token[0], logprob[0]
 
 
-def _draft(drafter: Drafter, router: BlockRouter | None, log: bool, gamma: int, kv_len: int, dvars: Any,
-           rparams: Any, state: SpecState, active: jax.Array) -> tuple[Any, jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Up to γ drafting steps for every row, stopping once no active row proposes: the drafter's state, drafts
-    [B, γ], their distributions q [B, γ, V], proposed [B, γ] (a prefix per row) and router inputs [B, γ, F+2]
-    (computed only for a router or when `log` asks for them; zeros otherwise)."""
-    t = state.target
-    rows = t.sampling
+def prefill_target(cfg: ModelConfig, wants_hidden: tuple[int, ...], tvars: dict, t: DecodeState, slot: jax.Array,
+                   tokens: jax.Array, length: jax.Array, sampling: RowSampling, adapter: jax.Array
+                   ) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array | None]:
+    """The large model's half of `_prefill`: its state with row `slot` on the prompt, the first token and its
+    logprob ([1] each), and the hidden states `wants_hidden` names at the prompt's tokens (for the drafter)."""
+    positions = jnp.arange(tokens.shape[1])[None]
+    logits, row_cache, hidden = run_model(cfg, tvars, tokens, positions, take_row(t.cache, slot), adapter,
+                                          length - 1, tokens.shape[1], wants_hidden)
+    token, logprob = sample(logits, sampling, length - 1)
+    put = lambda whole, row: whole.at[slot].set(row[0])  # noqa: E731
+    target = DecodeState(put_row(t.cache, row_cache, slot), put(t.tokens, token), put(t.positions, length),
+                         jax.tree.map(put, t.sampling, sampling), put(t.adapter, adapter))
+    return target, token, logprob, hidden
+
+
+def draft_block(drafter: Drafter, router: BlockRouter | None, log: bool, gamma: int, kv_len: int, dvars: Any,
+                rparams: Any, dstate: Any, tokens: jax.Array, positions: jax.Array, rows: RowSampling,
+                active: jax.Array) -> tuple[Any, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The drafter's half of a block: up to γ drafting steps for every row, fed first its pending token [B] at
+    positions [B], stopping once no active row proposes. Returns the drafter's state, drafts [B, γ], their
+    distributions q [B, γ, V], proposed [B, γ] (a prefix per row) and router inputs [B, γ, F+2] (computed only
+    for a router or when `log` asks for them; zeros otherwise)."""
 
     def step(carry):
         i, dstate, token, position, live, drafts, q, proposed, inputs = carry
@@ -307,9 +316,9 @@ def _draft(drafter: Drafter, router: BlockRouter | None, log: bool, gamma: int, 
         return i + 1, dstate, nxt, position + 1, live, put(drafts, nxt), put(q, qi), put(proposed, live), inputs
 
     logits, inputs = jax.eval_shape(lambda: (lambda p: (p.logits, router_inputs(p)))(
-        drafter.step(dvars, state.draft, t.tokens, t.positions, kv_len)[1]))
+        drafter.step(dvars, dstate, tokens, positions, kv_len)[1]))
     B, V, F = *logits.shape, inputs.shape[1]
-    start = (0, state.draft, t.tokens, t.positions, active, jnp.zeros((B, gamma), jnp.int32),
+    start = (0, dstate, tokens, positions, active, jnp.zeros((B, gamma), jnp.int32),
              jnp.zeros((B, gamma, V), jnp.float32), jnp.zeros((B, gamma), bool), jnp.zeros((B, gamma, F), jnp.float32))
     _, dstate, _, _, _, drafts, q, proposed, inputs = jax.lax.while_loop(
         lambda c: (c[0] < gamma) & jnp.any(c[4]), step, start)
@@ -318,24 +327,60 @@ def _draft(drafter: Drafter, router: BlockRouter | None, log: bool, gamma: int, 
 
 def _block(cfg: ModelConfig, drafter: Drafter, router: BlockRouter | None, log: bool, gamma: int, kv_len: int,
            tvars: dict, dvars: Any, rparams: Any, state: SpecState) -> tuple[SpecState, BlockOutput]:
-    """Draft up to γ tokens, verify them in one large-model pass, accept, roll back: one block, every row.
-
-    When rows can stop early (a router, or a drafter that `stops_early`), verification runs over the shortest
-    of verify_lengths(γ) that covers the longest proposal in the batch (a block where no row proposes is a
-    plain decode step); else always over γ + 1 tokens. (The choice is a lax.switch, and XLA on CPU copies the
-    KV cache into the branch that runs: not worth it when every block is full.)"""
+    """Draft up to γ tokens, verify them in one large-model pass, accept, roll back: one block, every row
+    (`draft_block`, then `verify_block`, then the drafter's update)."""
     t = state.target
     active = jnp.ones(t.tokens.shape, bool) if state.active is None else state.active
-    dstate, drafts, q, proposed, inputs = _draft(drafter, router, log, gamma, kv_len, dvars, rparams, state, active)
-    block_tokens = jnp.concatenate([t.tokens[:, None], drafts], axis=1)  # [B, γ+1]
-    block_pos = t.positions[:, None] + jnp.arange(gamma + 1)
+    dstate, drafts, q, proposed, inputs = draft_block(drafter, router, log, gamma, kv_len, dvars, rparams,
+                                                      state.draft, t.tokens, t.positions, t.sampling, active)
     trims = router is not None or getattr(drafter, "stops_early", False)
     lengths = verify_lengths(gamma) if trims else (gamma + 1,)
+    target, v = verify_block(cfg, drafter.wants_hidden, lengths, kv_len, False, tvars, t, drafts, q, proposed)
+    dstate = drafter.update(dvars, dstate, *block_inputs(t, drafts), v.accepted, v.hidden)
+    output = BlockOutput(v.tokens, v.logprobs, v.accepted + 1, jnp.sum(proposed, axis=1), inputs, v.verified)
+    return SpecState(target, dstate, state.active), output
+
+
+class Verdict(NamedTuple):
+    """The large model's half of a block, for every row."""
+
+    tokens: jax.Array  # [B, γ+1] the accepted drafts, then the decided token; valid up to accepted + 1
+    logprobs: jax.Array  # [B, γ+1] under the large model's unmodified distribution
+    accepted: jax.Array  # [B] drafts kept
+    hidden: jax.Array | None  # [B, γ+1, len(wants_hidden), dim] the large model's states at the block tokens
+    verified: jax.Array  # [] tokens the large model ran over
+
+
+def block_inputs(t: DecodeState, drafts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The tokens [B, γ+1] the large model verifies (each row's pending token, then its drafts) and their
+    positions [B, γ+1]."""
+    return (jnp.concatenate([t.tokens[:, None], drafts], axis=1),
+            t.positions[:, None] + jnp.arange(drafts.shape[1] + 1))
+
+
+def verify_block(cfg: ModelConfig, wants_hidden: tuple[int, ...], lengths: tuple[int, ...], kv_len: int,
+                 defer: bool | jax.Array, tvars: dict, t: DecodeState, drafts: jax.Array, q: jax.Array,
+                 proposed: jax.Array) -> tuple[DecodeState, Verdict]:
+    """The large model's half of a block: run it over each row's pending token and drafts [B, γ] (with their
+    distributions q [B, γ, V], proposed [B, γ]), accept, roll back (the state's next pending token and position).
+
+    `lengths` are the pass lengths compiled (see verify_lengths): the shortest that covers the longest proposal
+    in the batch runs (a block where no row proposes is a plain decode step). Give only γ + 1 when every row
+    always proposes γ: the choice is a lax.switch, and XLA on CPU copies the KV cache into the branch that runs.
+
+    `defer` (a bool, traced or not; for a pipelined coordinator, which drafts the next block before this one is
+    verified): a row that accepted all its k >= 1 proposals emits those k drafts and no bonus token; its last
+    draft, at position n + k, becomes its pending token (its cache entry, already written by this pass, is
+    rewritten identically when the next block feeds it again), so the next block, drafted from that draft,
+    verifies the token after it against the same distribution the bonus token would have been drawn from: still
+    exact, one token later."""
+    gamma = drafts.shape[1]
+    block_tokens, block_pos = block_inputs(t, drafts)
 
     def run(length: int):
         def verify_length(cache: KVCache) -> tuple[jax.Array, KVCache, jax.Array | None]:
             logits, cache, hidden = run_model(cfg, tvars, block_tokens[:, :length], block_pos[:, :length], cache,
-                                              t.adapter, None, kv_len, drafter.wants_hidden)
+                                              t.adapter, None, kv_len, wants_hidden)
             pad = lambda a: jnp.pad(a, [(0, 0), (0, gamma + 1 - length)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
             return pad(logits), cache, None if hidden is None else pad(hidden)
         return verify_length
@@ -344,14 +389,16 @@ def _block(cfg: ModelConfig, drafter: Drafter, router: BlockRouter | None, log: 
     choice = jnp.searchsorted(jnp.array(lengths), needed)
     logits, cache, hidden = jax.lax.switch(choice, [run(n) for n in lengths], t.cache)
     accepted, final = verify(logits, drafts, q, proposed, t.sampling, t.positions)
+    k = jnp.sum(proposed, axis=1)
+    full = defer & (k > 0) & (accepted == k)
+    last = jnp.take_along_axis(drafts, jnp.maximum(k - 1, 0)[:, None], axis=1)[:, 0]
+    accepted, final = jnp.where(full, k - 1, accepted), jnp.where(full, last, final)
 
     row = jnp.arange(drafts.shape[0])
     out = jnp.concatenate([drafts, jnp.zeros_like(drafts[:, :1])], axis=1).at[row, accepted].set(final)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), out[..., None], -1)[..., 0]
-    dstate = drafter.update(dvars, dstate, block_tokens, block_pos, accepted, hidden)
     target = t._replace(cache=cache, tokens=final, positions=t.positions + accepted + 1)
-    output = BlockOutput(out, logprobs, accepted + 1, jnp.sum(proposed, axis=1), inputs, jnp.array(lengths)[choice])
-    return SpecState(target, dstate, state.active), output
+    return target, Verdict(out, logprobs, accepted, hidden, jnp.array(lengths)[choice])
 
 
 _prefill_jit = jax.jit(_prefill, static_argnums=(0, 1), donate_argnums=(4,))

@@ -14,7 +14,8 @@ API (all shapes static, so everything runs under `jax.jit`):
 - `da_top_k(score_fn, x, params, mesh=, axis=, k=, k_local=)`: DA-TOP-k. The rows of `params` are
   sharded over the mesh axis `axis`; each device scores its rows with `score_fn(x, params_shard)`,
   keeps its top `k_local` (value, global index) pairs, one `all_gather` merges them and the top k is
-  taken. `gather_top_k` is the exact baseline: all_gather every score, then `jax.lax.top_k`.
+  taken; `logsumexp=True` adds the scores' log-sum-exp to the same all_gather. `gather_top_k` is the
+  exact baseline: all_gather every score, then `jax.lax.top_k`.
 - `shard_recall(k, shards, n, k_local)`: expected recall of keeping `k_local` per shard when the global
   top-k rows are spread at random over `shards` equal shards of `n` rows (hypergeometric).
 - `k_local_for_recall(k, shards, n, target)`: the smallest `k_local` whose expected recall meets `target`.
@@ -103,30 +104,48 @@ def _statistical_top_k(scores: jax.Array, k: int, capacity: int) -> tuple[jax.Ar
 
 
 def _sharded_top_k(score_fn: ScoreFn, x: Any, params: Any, mesh: Mesh, axis: str, k: int,
-                   k_local: int | None, method: str) -> tuple[jax.Array, jax.Array]:
-    """DA-TOP-k with `k_local` candidates per shard, or the gather-everything baseline when it is None."""
+                   k_local: int | None, method: str, logsumexp: bool = False) -> tuple[jax.Array, ...]:
+    """DA-TOP-k with `k_local` candidates per shard, or the gather-everything baseline when it is None; with
+    `logsumexp`, also the log-sum-exp of all scores from each shard's (max, sum of exp) in the same all_gather."""
     shards = mesh.shape[axis]
 
-    def local(x: Any, params: Any) -> tuple[jax.Array, jax.Array]:
+    def local(x: Any, params: Any) -> tuple[jax.Array, ...]:
         scores = score_fn(x, params)
         last, n_local = scores.ndim - 1, scores.shape[-1]
         if k_local is None:
             every = jax.lax.all_gather(scores, axis, axis=last, tiled=True, to="invarying")
-            return tuple(jax.lax.top_k(every, k))
+            return tuple(jax.lax.top_k(every, k)) + ((jax.nn.logsumexp(every, -1),) if logsumexp else ())
         values, indices = top_k(scores, min(k_local, n_local), method)
         indices = indices + jax.lax.axis_index(axis).astype(jnp.int32) * n_local
-        values, indices = jax.lax.all_gather((values, indices), axis, axis=last, tiled=True, to="invarying")
+        parts = [values.astype(jnp.float32), indices.astype(jnp.float32)]  # exact below 2**24 rows (checked)
+        if logsumexp:  # this shard's max and sum of exp(score - max); merged below into the log-sum-exp
+            most = jnp.max(scores, -1, keepdims=True).astype(jnp.float32)
+            most = jnp.where(jnp.isfinite(most), most, 0.0)
+            parts += [most, jnp.sum(jnp.exp(scores - most), -1, keepdims=True)]
+        # one all_gather of every part side by side: XLA would issue one per array of a tuple
+        sizes = [a.shape[-1] for a in parts]
+        merged = jax.lax.all_gather(jnp.concatenate(parts, -1), axis, to="invarying")  # [shards, ..., sum(sizes)]
+        values, indices, *sums = (jnp.moveaxis(a, 0, -2).reshape(*a.shape[1:-1], -1)
+                                  for a in jnp.split(merged, np.cumsum(sizes)[:-1], -1))
+        values, indices = values.astype(scores.dtype), indices.astype(jnp.int32)
         best, pos = jax.lax.top_k(values, k)
-        return best, jnp.take_along_axis(indices, pos, -1)
+        out = best, jnp.take_along_axis(indices, pos, -1)
+        if logsumexp:
+            most, total = sums
+            top = jnp.max(most, -1, keepdims=True)
+            out += ((top + jnp.log(jnp.sum(total * jnp.exp(most - top), -1, keepdims=True)))[..., 0],)
+        return out
 
     if k_local is not None and k_local * shards < k:
         raise ValueError(f"k_local={k_local} on {shards} shards gives fewer than k={k} candidates")
+    if k_local is not None and jax.tree.leaves(params)[0].shape[0] > 2**24:
+        raise ValueError("DA-TOP-k sends indices as float32: at most 2**24 rows")
     specs = (PartitionSpec(), PartitionSpec(axis))  # tree prefixes: x replicated, params' rows sharded
     return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=PartitionSpec())(x, params)
 
 
 def da_top_k(score_fn: ScoreFn, x: Any, params: Any, *, mesh: Mesh, axis: str, k: int, k_local: int,
-             method: str = "exact") -> tuple[jax.Array, jax.Array]:
+             method: str = "exact", logsumexp: bool = False) -> tuple[jax.Array, ...]:
     """DA-TOP-k: the top k of `score_fn` over all rows, from `k_local` candidates per shard of `axis`.
 
     `params` is a pytree whose leaves are sharded on their leading (row) axis over `axis`, `x` a pytree
@@ -135,8 +154,11 @@ def da_top_k(score_fn: ScoreFn, x: Any, params: Any, *, mesh: Mesh, axis: str, k
     (shard i holds rows i * n_local ...). Returns replicated (values, indices) [..., k]. Works inside
     `jax.jit`, and across processes when the mesh spans hosts (`jax.distributed`). With an Explicit mesh
     the arrays must already be sharded so; with an Auto mesh (`jax.sharding.Mesh`) jit reshards them.
+
+    With `logsumexp`, a third output [...] is the log-sum-exp of all N scores, a softmax's normalizer: each
+    shard's max and sum of exp(score - max) travel in the same all_gather (hire.sharding samples with it).
     """
-    return _sharded_top_k(score_fn, x, params, mesh, axis, k, k_local, method)
+    return _sharded_top_k(score_fn, x, params, mesh, axis, k, k_local, method, logsumexp)
 
 
 def gather_top_k(score_fn: ScoreFn, x: Any, params: Any, *, mesh: Mesh, axis: str, k: int

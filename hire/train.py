@@ -27,12 +27,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from hire.bpe import load_or_train
+from hire.checkpoint import load_model
 from hire.config import ModelConfig
 from hire.data import Batches, encode_documents, eval_batches, split_corpus
 from hire.evaluate import token_nll
-from hire.formats import flatten, unflatten
+from hire.formats import CheckpointError, flatten, unflatten
 from hire.formats.native import save_native
 from hire.model import Transformer, init_params
+from hire.tokenizer import Tokenizer
 from hire.train_checkpoint import checkpoints, remove_partial, restore_checkpoint, save_checkpoint
 from hire.train_config import ConfigError, OptimizerConfig, TrainConfig
 
@@ -247,8 +249,33 @@ class _MetricsLog:
         return record
 
 
+def initial_weights(init: str, template: dict, tokenizer: Tokenizer, probe: str) -> dict:
+    """`template` (fresh variables of the recipe's model) with "params" replaced by the model `init`'s.
+
+    Every parameter must be there with the template's shape (other collections, e.g. LoRA adapters, stay
+    fresh), and `init`'s tokenizer must encode `probe` as the recipe's does; else a ConfigError naming it.
+    """
+    try:
+        loaded = load_model(init, dtype="float32", softmax="dense", ffn="dense")
+    except CheckpointError as e:
+        raise ConfigError(f"init: {e}") from None
+    mine, theirs = flatten(template["params"]), flatten(loaded.variables["params"])
+    for key in sorted(mine.keys() | theirs.keys()):
+        if key not in theirs:
+            raise ConfigError(f"init: {init} has no params/{key}, which the [model] table needs")
+        if key not in mine:
+            raise ConfigError(f"init: {init} has params/{key}, which the [model] table does not make")
+        if np.shape(theirs[key]) != np.shape(mine[key]):
+            raise ConfigError(f"init: {init}'s params/{key} has shape {tuple(np.shape(theirs[key]))}, "
+                              f"the [model] table gives {tuple(np.shape(mine[key]))}")
+    if loaded.tokenizer.encode(probe) != tokenizer.encode(probe):
+        raise ConfigError(f"init: {init}'s tokenizer is not the recipe's [tokenizer]: they encode the training text "
+                          "differently")
+    return {**template, "params": unflatten({k: np.asarray(v) for k, v in theirs.items()})}
+
+
 def train(cfg: TrainConfig, until: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """The language-model recipe: corpus, tokenizer, model from scratch, fit, and the final hire model.
+    """The language-model recipe: corpus, tokenizer, model (from scratch or cfg.init), fit, and the final model.
 
     The finished model is saved with its tokenizer to cfg.out/model (hire's format). With cfg.tandem the
     model is a tandem small model beside a frozen large one (hire.train_tandem). Returns fit's summary.
@@ -264,6 +291,8 @@ def train(cfg: TrainConfig, until: int | None = None, progress: bool = True) -> 
     if cfg.tandem is None:
         loss_fn = lm_loss(model_cfg, resolve_compute_dtype(cfg.compute_dtype))
         trainable, frozen = init_params(model_cfg, cfg.seed), {}
+        if cfg.init:
+            trainable = initial_weights(cfg.init, trainable, tokenizer, split.train[0].text[:4000])
         save = lambda weights: save_native(Path(cfg.out) / "model", model_cfg, weights, tokenizer)  # noqa: E731
     else:
         from hire.train_tandem import tandem_recipe

@@ -78,7 +78,9 @@ class TrainConfig:
     `eval_every` steps on `eval_batches` batches; a resumable checkpoint every `checkpoint_every`
     steps (the last `keep_checkpoints` are kept) under `out`, and the final model in `out`/model.
     `compute_dtype` "auto" is bfloat16 on GPU/TPU and float32 on CPU; weights stay float32.
-    With a [tandem] table the model is a tandem small model trained beside a frozen large one."""
+    With a [tandem] table the model is a tandem small model trained beside a frozen large one.
+    `init` (a name under models/ or a model folder) starts from that model's weights instead of a random
+    init (fine-tuning): the [model] table must give its shape and the tokenizer must be its tokenizer."""
 
     model: ModelConfig
     tokenizer: TokenizerConfig
@@ -95,6 +97,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     tandem: TandemRecipe | None = None
+    init: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_batches", "keep_checkpoints"):
@@ -112,6 +115,8 @@ class TrainConfig:
             raise ValueError(f"seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         if self.model.dtype != "float32":
             raise ValueError("model.dtype must be float32 (the master weights); set compute_dtype instead")
+        if self.tandem and self.init:
+            raise ValueError("init: a tandem small model starts from a random init (leave init out with [tandem])")
         if self.tandem and self.tandem.large_layers and len(self.tandem.large_layers) != self.model.n_layers:
             raise ValueError(f"tandem.large_layers gives {len(self.tandem.large_layers)} layers' inputs; "
                              f"model.n_layers is {self.model.n_layers}")

@@ -1,11 +1,13 @@
 """HiRE: predictors, the candidate softmax, the group-sparse FFN, the model switch, calibration and the CLI."""
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import sysconfig
 from pathlib import Path
 
+import grpc
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,6 +138,37 @@ def test_group_sparse_ffn_paths_and_exact_fallback(gated):
         .tolist() == [2] * n
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_group_sparse_ffn_keeps_the_trained_top_k_of_its_candidates(gated):
+    """keep=k: of the k' groups computed, only the exact top k count; every path agrees, and with every group a
+    candidate (or a perfect predictor) it is the group-topk training mask."""
+    dim, ffn, group, n, k = 16, 48, 4, 3, 2
+    groups = ffn // group
+    gate, up, down = (jnp.asarray(rng_normal(s, *shape)) for s, shape in ((19, (dim, ffn)), (20, (dim, ffn)),
+                                                                          (21, (ffn, dim))))
+    x = jnp.asarray(rng_normal(22, n, dim))
+    h = jax.nn.silu(x @ gate) * (x @ up) if gated else jax.nn.silu(x @ up)
+    bundle = sparse.bundle_ffn(up, down, gate if gated else None, group)
+    exact = jnp.concatenate([x @ gate, x @ up], -1) if gated else x @ up
+    approx = exact + jnp.asarray(rng_normal(23, *exact.shape))
+    sparse_ffn = jax.jit(sparse.group_sparse_ffn, static_argnums=(3, 4, 5, 6, 7))
+    run = lambda a, kk, union, gather: sparse_ffn(x, bundle, a, jax.nn.silu, kk, union, gather, k)  # noqa: E731
+    trained = sparse.keep_top_groups(h, groups, k) @ down
+    for union in (False, True):
+        for gather in (True, False):
+            np.testing.assert_allclose(run(approx, groups, union, gather), trained, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(run(exact, k, union, gather), trained, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(run(approx, 6, union, gather), run(approx, 6, union, not gather),
+                                       rtol=1e-4, atol=1e-4)
+    chosen = jax.lax.top_k(sparse.approx_group_scores(approx, jax.nn.silu, groups, group), 6)[1]
+    candidates = jnp.zeros((n, groups)).at[jnp.arange(n)[:, None], chosen].set(1)
+    among = (h.reshape(n, groups, group) * candidates[..., None]).reshape(n, ffn)
+    np.testing.assert_allclose(run(approx, 6, False, True), sparse.keep_top_groups(among, groups, k) @ down,
+                               rtol=1e-4, atol=1e-4)
+    noisy = exact + 10 * jnp.asarray(rng_normal(24, *exact.shape))  # misses some of the top k at k' = k
+    assert np.abs(np.asarray(run(noisy, k, False, True) - trained)).max() > 1e-3
+
+
 def test_group_topk_training_mask_in_the_model():
     """The mask is wired into the dense FFN (its arithmetic: the group-sparse test above)."""
     cfg = SHAPES["tiny"]
@@ -230,3 +263,77 @@ def test_cli_calibrate_generate_eval_bench(run, tmp_path):
                          "--prompt-len", "4", "--repeats", "1").stdout)
     assert row["dense_tokens_per_s"] > 0 and row["speedup"] > 0
     assert row["bytes_per_token"] < row["dense_bytes_per_token"]
+
+
+def test_a_group_topk_model_recommends_hire_and_serves_with_it(run, tmp_path):
+    """A model whose config says it was trained with the group-topk mask (stories260K's weights, 43 groups of 4,
+    k = 8): calibrate measures recall at its k and eval compares HiRE with its exact-mask forward; --recommend
+    records a setting that keeps quality (and refuses one that does not); the Serve app's engine and the gRPC
+    server then run that setting by default, generating what the exact-mask model generates."""
+    from cluster.grpc_server import GrpcServer, Options
+    from cluster.requests import Served
+    from cluster.serve_app import EngineServer
+    from hire.calibrate import serving_settings
+    from hire.formats.native import save_native
+    from protos import inference_pb2 as pb
+    from protos import inference_pb2_grpc
+
+    stories, model, text = load_model(STORIES), tmp_path / "topk", tmp_path / "story.txt"
+    save_native(model, stories.cfg.replace(ffn="group-topk", ffn_group=4, ffn_k=8, name="topk"), stories.variables,
+                stories.tokenizer)
+    text.write_text(STORY * 4)
+    meta = json.loads(run("calibrate", "--model", str(model), "--text", str(text), "--context", "64", "--rank", "16",
+                          "--quant", "int8").stdout)
+    assert {(r["ffn_group"], r["ffn_k"]) for r in meta["recall"]["int8"]} == {(4, 8)}
+    every = ["--softmax", "hire-q", "--ffn", "group-sparse", "--hire", "ffn_predictor=q", "--hire", "ffn_oversample=6",
+             "--hire", "softmax_oversample=16"]  # all 512 rows and 43 groups computed, the top 8 groups kept
+    scores = json.loads(run("eval", "--model", str(model), "--text", str(text), "--context", "64", *every,
+                            "--recommend").stdout)
+    masked = json.loads(run("eval", "--model", str(model), "--text", str(text), "--context", "64").stdout)
+    dense = json.loads(run("eval", "--model", str(model), "--text", str(text), "--context", "64", "--ffn",
+                           "dense").stdout)
+    assert scores["loss"] == pytest.approx(scores["dense_loss"], abs=1e-5)  # the reference: the exact mask
+    assert scores["dense_loss"] == pytest.approx(masked["loss"], abs=1e-6)
+    assert abs(masked["loss"] - dense["loss"]) > 1e-3
+    served = json.loads((model / "hire_predictors.json").read_text())["serving"]
+    assert served["settings"]["ffn"] == "group-sparse" and served["settings"]["ffn_keep_k"] is True
+    assert served["eval"]["top1_agreement"] == 1
+    bad = CliRunner().invoke(main, ["eval", "--model", str(model), "--text", str(text), "--context", "64",
+                                    "--softmax", "hire-lr", "--hire", "softmax_oversample=1", "--recommend"])
+    assert bad.exit_code == 1 and "not made the serving default" in bad.output, bad.output
+    assert "softmax_recall" in bad.output.splitlines()[-1]
+    assert json.loads((model / "hire_predictors.json").read_text())["serving"] == served  # unchanged
+    assert not load_model(model, **serving_settings(model, {"softmax": "dense", "ffn": "group-topk"})).cfg.sparse
+    for command in ("serve-grpc", "serve"):  # a bad setting is refused before anything starts
+        result = CliRunner().invoke(main, [command, "--model", str(model), "--hire", "ffn_k=99"])
+        assert result.exit_code == 2 and "ffn_k must be in [1, 43]" in result.output, result.output
+
+    prompt = "Once upon a time"
+    want = generate(Engine(load_model(model), slots=1, max_len=32), [prompt],
+                    SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0].tokens
+    request = pb.GenerateRequest(text=prompt, temperature=0, max_tokens=16, ignore_eos=True, hire=True)
+    app = EngineServer(model=str(model), slots=2, max_len=32, chunk=2)  # the Serve deployment's class, no Ray
+    try:
+        cfg = app.served.engine.cfg
+        assert cfg.sparse and cfg.ffn == "group-sparse" and cfg.ffn_keep_k and app.info().hire
+
+        async def through_serve_app() -> list[int]:
+            return [t async for response in app.generate(request) for t in response.token_ids]
+        assert asyncio.run(through_serve_app()) == want
+    finally:
+        app.scheduler.stop()
+
+    def call(port: int) -> tuple[bool, list[int]]:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+            return info.hire, list(stub.Generate(request, timeout=60).token_ids)
+
+    async def through_grpc_server() -> tuple[bool, list[int]]:
+        server = GrpcServer(Served(app.served.engine, "topk"), Options(port=0), chunk=2)
+        port = await server.start()
+        try:
+            return await asyncio.to_thread(call, port)
+        finally:
+            await server.stop(0)
+    assert asyncio.run(through_grpc_server()) == (True, want)

@@ -117,3 +117,16 @@ def test_cli_writes_report_plot_and_compares(engine, tmp_path):
     assert all(r["b_over_a"] > 0 for r in rows)
     bad = CliRunner().invoke(main, ["loadtest", "--target", "grpc://x:1", "--rate", "1", "--concurrency", "1"])
     assert bad.exit_code == 2 and "do not mix" in bad.output
+
+
+def test_windows_report_each_stretch_of_the_run():
+    # Requests ending at 0.5, 1.5, 2.5 and 3.5 s; the one ending in [2, 3) failed.
+    records = [lt.Record(start=t, arrivals=[(0.1, 1), (0.5, 3)], end=0.5, wanted=4) for t in (0.0, 1.0, 3.0)]
+    records.append(lt.Record(start=2.0, end=0.5, status="UNAVAILABLE", wanted=4))
+    report = lt.summarize(records, 4.0, lt.Load(concurrency=1), lt.Slo(), window=2.0)
+    first, second = report["windows"]
+    assert (first["t_s"], first["requests"], first["completed"], first["errors"]) == (0.0, 2, 2, {})
+    assert (second["t_s"], second["requests"], second["completed"]) == (2.0, 2, 1)
+    assert second["errors"] == {"UNAVAILABLE": 1} and second["requests_per_s"] == 0.5
+    assert first["e2e_ms"]["p50"] == 500.0 and "load" not in first and "windows" not in first
+    assert "windows" not in lt.summarize(records, 4.0, lt.Load(concurrency=1), lt.Slo())

@@ -2,7 +2,10 @@
 host (ShardWorker) per worker node, two CPU devices per host, one JAX program over the four devices."""
 from __future__ import annotations
 
-import time
+import contextlib
+import os
+import signal
+import threading
 
 import jax
 import numpy as np
@@ -11,18 +14,20 @@ import ray
 from jax.sharding import PartitionSpec as P
 from ray.cluster_utils import Cluster
 
-from cluster.shards import ShardedEngine, ShardGroupError
+from cluster.shards import ShardedEngine
 from hire import sharding
 from hire.checkpoint import load_model
 from hire.config import ModelConfig
-from hire.engine import Engine
+from hire.engine import Engine, EngineUnavailable
 from hire.formats import expected_variables
 from hire.generate import generate
 from hire.sampling import SamplingParams
+from hire.scheduler import Scheduler
 
 HOSTS, DEVICES = 2, 2
 PROMPTS = ["Once upon a time", "The cat sat", "Lily was", "One day, a big"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, logprobs=True)  # prompts and outputs fit one bucket
+CHUNK = 4  # decode steps per call everywhere here, so one decode program is compiled (and rebuilt) for all tests
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +49,13 @@ def sharded(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def expected():
-    return generate(Engine(load_model("stories260K"), slots=4, max_len=16), PROMPTS, GREEDY)
+def one_process():
+    return Engine(load_model("stories260K"), slots=4, max_len=16)
+
+
+@pytest.fixture(scope="module")
+def expected(one_process):
+    return generate(one_process, PROMPTS, GREEDY)
 
 
 def assert_same(got, want):
@@ -63,10 +73,19 @@ def test_hosts_spread_over_nodes(sharded):
 
 
 def test_greedy_matches_one_process(sharded, expected):
-    sharded.warm_up(16)
-    assert_same(generate(sharded, PROMPTS, GREEDY), expected)
+    sharded.warm_up(CHUNK)  # compiled again by every rebuild, before the requests are retried
+    assert_same(generate(sharded, PROMPTS, GREEDY, chunk=CHUNK), expected)
     with pytest.raises(ValueError, match="prompt"):
         sharded.prefill([], GREEDY)
+
+
+def test_top_k_sampling_matches_one_process(sharded, one_process):
+    """Sampled with top-k over the hosts (DA-TOP-k: the logits stay split) or top-p (the gathered-logits fallback):
+    the same seeds draw the single-process engine's tokens."""
+    params = [SamplingParams(temperature=0.9, top_k=5, max_tokens=10, seed=1, logprobs=True),
+              SamplingParams(temperature=1.2, top_k=40, max_tokens=10, seed=2, logprobs=True),
+              SamplingParams(temperature=0.7, top_p=0.9, max_tokens=10, seed=3, logprobs=True), GREEDY]
+    assert_same(generate(sharded, PROMPTS, params, chunk=CHUNK), generate(one_process, PROMPTS, params))
 
 
 def test_each_host_holds_its_slice(sharded):
@@ -81,18 +100,76 @@ def test_each_host_holds_its_slice(sharded):
     assert want < 0.51 * total
 
 
-def test_dead_host_then_restart(sharded, expected):
-    assert sharded.ping()
-    ray.kill(sharded.group.workers[1])
-    deadline = time.monotonic() + 30  # the kill takes effect soon, not at once
-    while sharded.ping(timeout=5):
-        assert time.monotonic() < deadline, "a killed host still answers ping"
-        time.sleep(0.2)
-    with pytest.raises(ShardGroupError, match="died"):
-        sharded.init_state()
-    sharded.restart()
-    assert sharded.ping()
-    assert_same(generate(sharded, PROMPTS[:1], GREEDY), expected[:1])
+def serve_all(engine, prompts, on_event=None, timeout: float = 150.0) -> list:
+    """Every prompt through a hire.scheduler.Scheduler over `engine`: each request's Completion, or
+    the exception it ended with. `on_event(index, item)` sees every event on the scheduler thread."""
+    outcomes, done = {}, threading.Event()
+
+    def sink(i):
+        def put(item):
+            if on_event:
+                on_event(i, item)
+            if isinstance(item, Exception) or item.finish_reason:
+                outcomes[i] = item
+                if len(outcomes) == len(prompts):
+                    done.set()
+        return put
+
+    scheduler = Scheduler(engine, queue_size=8, chunk=CHUNK).start()
+    try:
+        jobs = [scheduler.submit(engine.tokenizer.encode(p), GREEDY, -1, sink(i)) for i, p in enumerate(prompts)]
+        assert done.wait(timeout), f"requests hung: {len(outcomes)} of {len(prompts)} ended"
+        assert scheduler.alive
+    finally:
+        scheduler.stop()
+    return [outcomes[i] if isinstance(outcomes[i], Exception) else job.request.out for i, job in enumerate(jobs)]
+
+
+def fault_at(nth: int, fault):
+    """An on_event that calls `fault()` once, when request 0 has streamed `nth` tokens: mid-generation."""
+    seen = []
+
+    def on_event(i, item):
+        if i == 0 and not isinstance(item, Exception):
+            seen.append(item)
+            if len(seen) == nth:
+                fault()
+    return on_event
+
+
+def test_killed_host_mid_generation(sharded, expected):
+    """A host process killed while every slot decodes: the group is rebuilt and every request goes on from its
+    prompt and tokens so far to the single-process output."""
+    before, pid = len(sharded.recoveries), sharded.group.info[1]["pid"]
+    assert_same(serve_all(sharded, PROMPTS, fault_at(3, lambda: os.kill(pid, signal.SIGKILL))), expected)
+    assert len(sharded.recoveries) == before + 1 and sharded.ping()
+    assert sharded.group.info[1]["pid"] != pid
+
+
+def test_hung_host_mid_generation(sharded, expected):
+    """A host that stops answering (SIGSTOP): the call times out, the group is rebuilt, the outputs are unchanged."""
+    before, pid = len(sharded.recoveries), sharded.group.info[1]["pid"]
+    sharded.group.call_timeout = 10
+    try:
+        assert_same(serve_all(sharded, PROMPTS, fault_at(2, lambda: os.kill(pid, signal.SIGSTOP))), expected)
+    finally:
+        sharded.group.call_timeout = 120
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert len(sharded.recoveries) == before + 1 and sharded.ping()
+
+
+def test_unrecoverable_group_fails_requests(sharded, expected):
+    """When the group cannot be rebuilt, requests end with EngineUnavailable (none hangs); once it can, it is."""
+    model, pid = sharded.group.model, sharded.group.info[1]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    sharded.group.model = "/nonexistent/model"
+    try:
+        outcomes = serve_all(sharded, PROMPTS[:2])
+    finally:
+        sharded.group.model = model
+    assert all(isinstance(o, EngineUnavailable) and "rebuilding it failed" in str(o) for o in outcomes), outcomes
+    assert_same(serve_all(sharded, PROMPTS[:1]), expected[:1])
 
 
 def test_rules_name_real_variables():
@@ -105,3 +182,4 @@ def test_rules_name_real_variables():
     assert sharding.variable_spec("params/layers_0/attn/q/kernel", (16, 16), 4) == P(None, "model")
     assert sharding.variable_spec("params/layers_0/ffn/down/kernel", (30, 16), 4) == P()  # 4 does not divide 30
     assert sharding.variable_spec("params/norm/weight", (16,), 4) == P()
+

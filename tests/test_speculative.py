@@ -20,6 +20,7 @@ from hire.model import init_cache, init_params
 from hire.router import ConfidenceRouter, collect, fit, scores
 from hire.sampling import RowSampling, SamplingParams
 from hire.speculative import Speculator, filtered, run_model, speculative_generate, verify_lengths
+from hire.tandem import TandemConfig, TandemDrafter, TandemModel, init_tandem
 
 # 15-16 tokens each: one prefill bucket (16) and, with max_len 32, one attention span (32) for every block
 PROMPTS = ["The cat sat on the mat. The cat sat", "Tom and his mom went to the park to play",
@@ -177,11 +178,19 @@ def exact_marginals(model: LoadedModel, prompt: list[int], params: SamplingParam
     return np.array(marginals)
 
 
-@pytest.mark.parametrize("drafter_kind", ["model", "ngram"])
+def tiny_tandem(seed: int, scale: float) -> TandemDrafter:
+    """A random tandem drafter of TINY's shape reading TINY's last hidden state, in blocks of 2."""
+    tandem = TandemConfig(large_dim=TINY.dim, large_layers=((1,),), block=2)
+    variables = jax.tree.map(lambda x: x * scale, init_tandem(TINY, tandem, seed))
+    return TandemDrafter(TandemModel(TINY, tandem, variables, None))
+
+
+@pytest.mark.parametrize("drafter_kind", ["model", "ngram", "tandem"])
 def test_sampled_output_follows_large_model(drafter_kind):
     target = random_model(TINY, 0, 5.0, load_model("stories260K").tokenizer)  # any tokenizer decodes ids < 8
     draft = random_model(TINY, 7, 5.0)
-    drafter = ModelDrafter(draft) if drafter_kind == "model" else NGramDrafter(VOCAB, n=2)
+    drafter = {"model": lambda: ModelDrafter(draft), "ngram": lambda: NGramDrafter(VOCAB, n=2),
+               "tandem": lambda: tiny_tandem(7, 5.0)}[drafter_kind]()
     prompt, samples, n = [1, 5, 3, 1, 5], 1000, 3
     engine = Engine(target, slots=samples, max_len=16)
     params = [SamplingParams(temperature=0.9, top_k=6, max_tokens=n, seed=s, ignore_eos=True) for s in range(samples)]

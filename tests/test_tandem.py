@@ -153,12 +153,15 @@ def greedy_large(engine_and_drafter) -> list[list[int]]:
     return [c.tokens for c in generate(engine_and_drafter[0], PROMPTS, params)]
 
 
-def test_greedy_tandem_verification_equals_the_large_model(engine_and_drafter, greedy_large):
+@pytest.mark.parametrize("gamma,slots", [(TANDEM.block, 2), (1, 1), (5, 2)])  # γ equal to, below, above the block
+def test_greedy_tandem_verification_equals_the_large_model(engine_and_drafter, greedy_large, gamma, slots):
     engine, drafter = engine_and_drafter
+    if slots != engine.slots:
+        engine = Engine(LoadedModel(engine.cfg, engine.variables, engine.tokenizer), slots=slots, max_len=32)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    got, stats = speculative_generate(engine, drafter, PROMPTS, params, gamma=TANDEM.block)
+    got, stats = speculative_generate(engine, drafter, PROMPTS, params, gamma=gamma)
     assert [c.tokens for c in got] == greedy_large
-    assert stats.proposed == TANDEM.block * stats.blocks and stats.blocks < 2 * 12
+    assert stats.proposed == gamma * stats.blocks and stats.blocks < 2 * 12
 
 
 def test_tandem_alone_follows_the_training_pattern(engine_and_drafter, greedy_large, pair):
@@ -214,6 +217,40 @@ def test_cli_eval_scores_the_tandem_beside_its_large_model(saved, tok, pair, tmp
            for x, y in zip(np.split(inputs, len(inputs) // 2), np.split(targets, len(inputs) // 2))]
     assert got["tokens"] == mask.sum() > 2 * T
     np.testing.assert_allclose(got["loss"], np.sum(np.concatenate(nll) * mask) / mask.sum(), rtol=1e-5)
+
+
+def test_cli_bench_decode_and_eval_with_drafters(saved, tmp_path):
+    """`hire bench decode --draft` times speculative decoding (and --tandem-only) against the model alone in the
+    same run, over --prompts prompts --batch at a time; `hire eval --draft` adds the drafter's accuracy."""
+    text = tmp_path / "text.txt"
+    text.write_text(SHAKESPEARE.read_text()[:3000])
+    bench = ["bench", "decode", "--model", str(saved / "large"), "--draft", str(saved / "tandem"), "--text", str(text),
+             "--prompts", "2", "--gamma", "2", "--steps", "8", "--prompt-len", "6", "--repeats", "1"]
+    result = CliRunner().invoke(main, [*bench, "--batch", "1", "--batch", "2"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["batch"], r["prompts"], r["speculator"]) for r in rows] == [(1, 2, "Speculator"), (2, 2, "Speculator")]
+    for r in rows:
+        assert r["identical"] and r["tokens"] == 16 and r["baseline_tokens_per_s"] > 0 and r["speedup"] > 0
+        assert r["calls_per_token"] == pytest.approx((2 + r["blocks"]) / 16, abs=1e-4)
+        assert r["mean_accepted"] == pytest.approx(2 * r["acceptance_rate"], abs=1e-3)
+    assert rows[0]["blocks"] == rows[1]["blocks"]  # greedy rows decode alike whatever shares their batch
+    result = CliRunner().invoke(main, [*bench, "--batch", "2", "--tandem-only"])
+    assert result.exit_code == 0, result.output
+    alone = json.loads(result.stdout)
+    assert alone["speculator"] == "TandemAlone" and alone["calls_per_token"] == pytest.approx((2 + 8) / 16)
+    result = CliRunner().invoke(main, [*bench, "--batch", "3"])
+    assert result.exit_code == 2 and "2 prompts do not split into batches of 3" in result.output
+
+    args = ["eval", "--model", str(saved / "large"), "--text", str(text), "--context", str(T), "--batch", "2"]
+    for draft, agreement in ((saved / "tandem", None), (saved / "large", 1.0)):  # the model drafting for itself
+        result = CliRunner().invoke(main, [*args, "--draft", str(draft), "--gamma", "3"])
+        assert result.exit_code == 0, result.output
+        got = json.loads(result.stdout)
+        assert got["draft_gamma"] == 3 and got["draft_predictions"] > 3 * T
+        assert 0 <= got["draft_next_token_accuracy"] <= 1 and 0 <= got["draft_agreement"] <= 1
+        if agreement is not None:
+            assert got["draft_agreement"] == agreement
 
 
 def test_cli_tandem_only_needs_a_tandem_draft(saved):

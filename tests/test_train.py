@@ -133,6 +133,44 @@ def test_resume_reproduces_uninterrupted_run(reference, corpus, tmp_path):
         train(dataclasses.replace(cfg, steps=STEPS + 10), progress=False)
 
 
+def test_init_fine_tunes_a_saved_model(reference, corpus, tmp_path):
+    """init = a saved model: the first step's loss is that model's loss on the first batch, not a fresh init's."""
+    saved = reference[0] / "model"
+    cfg = config_from_dict(recipe(corpus, tmp_path / "tuned", steps=2, eval_every=0, checkpoint_every=0,
+                                  optimizer={"lr": 1e-3, "warmup_steps": 1}, init=str(saved)))
+    train(cfg, progress=False)
+    first, second = (r["loss"] for r in records(tmp_path / "tuned")[:2])
+    model = load_model(saved)
+    batch = {"tokens": Batches(encode_documents(split_corpus(cfg.data, cfg.seed).train, model.tokenizer),
+                               cfg.batch_size, cfg.seq_len, cfg.seed)(0)["tokens"]}
+    loss = jax.jit(lm_loss(model.cfg))
+    assert first == pytest.approx(float(loss(model.variables, {}, batch, None)[0]), abs=1e-5)
+    fresh = float(loss(init_params(model.cfg, cfg.seed), {}, batch, None)[0])
+    assert first < fresh - 1.0 and abs(second - first) < 0.5
+    tuned = flatten(load_model(tmp_path / "tuned" / "model").variables)
+    assert all(v.shape == tuned[k].shape for k, v in flatten(model.variables).items())
+    assert any(not np.array_equal(v, tuned[k]) for k, v in flatten(model.variables).items())  # it trained
+
+
+def test_init_of_another_shape_is_a_config_error(reference, corpus, tmp_path):
+    saved = str(reference[0] / "model")
+    wider = recipe(corpus, tmp_path / "a", init=saved)
+    wider["model"] = {**wider["model"], "dim": 48}
+    with pytest.raises(ConfigError, match=r"init: .*model's params/embed has shape \(400, 32\), "
+                                          r"the \[model\] table gives \(400, 48\)"):
+        train(config_from_dict(wider), progress=False)
+    with pytest.raises(ConfigError, match="init: no model 'no-such-model'"):
+        train(config_from_dict(recipe(corpus, tmp_path / "b", init="no-such-model")), progress=False)
+    with pytest.raises(ConfigError, match="init: a tandem small model starts from a random init"):
+        config_from_dict(recipe(corpus, tmp_path / "c", init=saved, tandem={"large": saved}))
+    config = tmp_path / "deeper.toml"
+    deeper = recipe(corpus, tmp_path / "d")
+    config.write_text(_toml({**deeper, "model": {**deeper["model"], "n_layers": 3}}))
+    result = CliRunner().invoke(main, ["train", str(config), "--init", saved, "--quiet"])
+    assert result.exit_code == 1 and "init: " in result.output and "has no params/layers_2/" in result.output, \
+        result.output
+
+
 def cli_train(config: Path, **env) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "hire.cli", "train", str(config), "--quiet"], cwd=REPO,
                             env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -10,6 +10,7 @@ JAX_PLATFORMS in its runtime_env, and `start` checks that the device count came 
 """
 from __future__ import annotations
 
+import os
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +58,8 @@ class ShardWorker:
         mesh = sharding.make_mesh()
         loaded = sharding.load_sharded(model, mesh, dtype)
         self.engine = Engine(loaded, slots, max_len, mesh=mesh)
-        return {"rank": self.rank, "node": ray.get_runtime_context().get_node_id(), "devices": jax.device_count(),
+        return {"rank": self.rank, "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "devices": jax.device_count(),
                 "held_bytes": sharding.held_bytes(loaded.variables), "cfg": loaded.cfg, "max_len": self.engine.max_len}
 
     @ray.method(concurrency_group="health")

@@ -1,0 +1,179 @@
+"""The tandem coordinator (cluster.coordinator) on a real local Ray: the drafter and the large model in their own
+actors, driven over gRPC on loopback, unpipelined and pipelined, with default-draft and default-tandem."""
+from __future__ import annotations
+
+import os
+import sysconfig
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import ray
+
+from cluster.coordinator import Coordinator, CoordinatorActor
+from hire.bench import text_prompts
+from hire.checkpoint import load_model
+from hire.drafters import load_drafter
+from hire.engine import Engine
+from hire.generate import generate
+from hire.sampling import SamplingParams
+from hire.speculative import speculative_generate
+from protos import internal_pb2 as pb
+from protos import internal_pb2_grpc
+from workers.rpc import pack
+
+# Prompts of 13 tokens and γ 4 in a context of 32: every block's attention span is the bucket 32 and every prompt
+# fits the bucket 16, so each worker compiles few programs. 3 prompts over 2 slots: the third joins when one ends.
+MAX_LEN, GAMMA, SLOTS, PROMPT_LEN = 32, 4, 2, 13
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_LEN, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def large():
+    return load_model("default")
+
+
+@pytest.fixture(scope="module")
+def prompts(large) -> list[list[int]]:
+    """Two prompts from held-out code (where the drafts are often rejected) and one repetitive one (where whole
+    blocks are accepted, so that pipelined pre-drafts hold)."""
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
+    repetitive = large.tokenizer.encode("x = [\n" + "    0,\n" * 12)[:PROMPT_LEN]
+    return [*text_prompts(large.tokenizer.encode(text), 2, PROMPT_LEN), repetitive]
+
+
+@pytest.fixture(scope="module")
+def expected(large, prompts):
+    return generate(Engine(large, SLOTS, MAX_LEN), prompts, GREEDY)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    tmp = tempfile.mkdtemp(prefix="hire-coordinator-")
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # the shared machine can be slow to start a raylet
+    ray.init(num_cpus=6, include_dashboard=False, namespace=f"hire-coordinator-{os.getpid()}", _temp_dir=tmp,
+             log_to_driver=False)
+    try:
+        yield Path(tmp)
+    finally:
+        ray.shutdown()
+
+
+def start(local_ray: Path, draft: str) -> Coordinator:
+    return Coordinator("default", draft, SLOTS, MAX_LEN, GAMMA, timeout=120, start_timeout=180,
+                       compilation_cache=str(local_ray / "xla"))
+
+
+@pytest.fixture(scope="module")
+def standalone(local_ray):
+    coordinator = start(local_ray, "default-draft")
+    yield coordinator
+    coordinator.shutdown()
+
+
+def same_tokens(got, want) -> bool:
+    return [(o.tokens, o.text, o.finish_reason) for o in got] == [(o.tokens, o.text, o.finish_reason) for o in want]
+
+
+def run(coordinator: Coordinator, pipelined: bool, prompts, params=GREEDY):
+    coordinator.set_pipelined(pipelined)
+    names = ("blocks", "proposed", "accepted", "predrafts_used", "predrafts_discarded")
+    before = [getattr(coordinator.stats, name) for name in names]
+    outs = coordinator.generate(prompts, params)
+    return outs, {name: getattr(coordinator.stats, name) - b for name, b in zip(names, before)}
+
+
+def test_greedy_equals_large_model_alone(standalone, prompts, expected):
+    outs, stats = run(standalone, False, prompts)
+    assert same_tokens(outs, expected)
+    assert 0 < stats["accepted"] < stats["proposed"] and stats["predrafts_used"] == 0
+    outs, stats = run(standalone, True, prompts)
+    assert same_tokens(outs, expected)
+    assert stats["predrafts_used"] > 0 and stats["predrafts_discarded"] > 0  # pre-drafts both held and thrown away
+    assert all(len(o.tokens) == MAX_LEN - PROMPT_LEN for o in outs)  # ran to the end of the context
+
+
+def test_sampled_pipelined_equals_speculation_without_bonus_tokens(standalone, large, prompts):
+    """Pipelined, a fully accepted block defers its bonus token, so every token is decided by a draft's acceptance
+    test or the residual draw after a rejection, with the keys of its position, from distributions that depend only
+    on the tokens before it (default-draft is a standalone model). In-process speculative decoding with blocks
+    longer than the output has no bonus token either: the same seeds give the same tokens, so the deferral is the
+    standard, exact rejection scheme; and drafts, q and seeds cross the processes intact."""
+    n = 12
+    params = [SamplingParams(temperature=t, top_p=0.95, max_tokens=n, seed=i) for i, t in enumerate((0.8, 0.8, 0.2))]
+    want, stats = speculative_generate(Engine(large, SLOTS, MAX_LEN), load_drafter("default-draft", large), prompts,
+                                       params, gamma=n)
+    outs, piped = run(standalone, True, prompts, params)
+    assert same_tokens(outs, want)
+    assert 0 < stats.accepted < stats.proposed
+    assert piped["predrafts_used"] > 0  # the repetitive prompt, nearly greedy: whole blocks accepted, bonus deferred
+
+
+@pytest.mark.parametrize("which", ["draft", "verify"])
+def test_killed_worker_is_restarted_and_requests_finish(standalone, prompts, expected, which):
+    """A worker's actor is killed once some tokens are out: it is restarted, the live slots are prefilled on it
+    again (the verifier resuming each slot's pending token), and every request still ends with the large model's
+    output."""
+    standalone.set_pipelined(True)
+    restarts, tokens = dict(standalone.stats.restarts), standalone.stats.tokens
+    victim = standalone.workers.actors[which]
+
+    def kill() -> None:
+        deadline = time.monotonic() + 300
+        while standalone.stats.tokens < tokens + 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ray.kill(victim, no_restart=True)
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    outs = standalone.generate(prompts, GREEDY)
+    killer.join()
+    assert standalone.stats.restarts == restarts | {which: restarts[which] + 1}
+    assert standalone.workers.actors[which] != victim
+    assert same_tokens(outs, expected)
+
+
+def test_bad_requests_answer_invalid_argument(standalone):
+    channel = grpc.insecure_channel(standalone.workers.info["draft"]["address"])
+    drafter = internal_pb2_grpc.DrafterStub(channel)
+    verifier = internal_pb2_grpc.VerifierStub(grpc.insecure_channel(standalone.workers.info["verify"]["address"]))
+    bad = [
+        (drafter.Draft, pb.DraftRequest(rows=pack(np.ones(3, bool))), "rows: shape"),
+        (drafter.Draft, pb.DraftRequest(rows=pack(np.ones(SLOTS, bool)), tokens=pack(np.full(SLOTS, -1, np.int32)),
+                                        positions=pack(np.zeros(SLOTS, np.int32))), "tokens: token ids outside"),
+        (drafter.Prefill, pb.DraftPrefillRequest(slot=SLOTS, tokens=[1]), "slot"),
+        (verifier.Prefill, pb.VerifyPrefillRequest(slot=0, tokens=[]), "prompt: empty"),
+        (verifier.Prefill, pb.VerifyPrefillRequest(slot=0, tokens=[1], sampling=pb.Sampling(top_p=2)), "top_p"),
+        (verifier.Verify, pb.VerifyRequest(rows=pack(np.ones(SLOTS, bool)),
+                                           drafts=pb.Array(data=bytes(16 * SLOTS), shape=(SLOTS, 2), dtype="int64")),
+         "drafts: missing, or dtype"),
+    ]
+    for method, request, message in bad:
+        with pytest.raises(grpc.RpcError) as info:
+            method(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in info.value.details()
+    channel.close()
+
+
+def test_tandem_through_the_coordinator_actor(local_ray, prompts, expected):
+    """default-tandem (its drafter reads the large model's hidden states, sent over gRPC with every verdict), the
+    coordinator in its own actor, which owns the two workers."""
+    actor = CoordinatorActor.remote(target="default", draft="default-tandem", slots=SLOTS, max_len=MAX_LEN,
+                                    gamma=GAMMA, timeout=120, start_timeout=180,
+                                    compilation_cache=str(local_ray / "xla"))
+    try:
+        for pipelined in (False, True):
+            ray.get(actor.set_pipelined.remote(pipelined), timeout=60)
+            before = ray.get(actor.stats.remote(), timeout=60)
+            outs = ray.get(actor.generate.remote(prompts, GREEDY), timeout=600)
+            after = ray.get(actor.stats.remote(), timeout=60)
+            assert same_tokens(outs, expected), pipelined
+            assert 0 < after["accepted"] - before["accepted"] < after["proposed"] - before["proposed"]
+        assert after["predrafts_used"] > 0
+    finally:
+        ray.get(actor.shutdown.remote(), timeout=120)
+        ray.kill(actor)

@@ -1,0 +1,98 @@
+"""What the internal gRPC services (protos/internal.proto) share: numpy arrays as bytes, sampling rows, error
+status codes, and a server on a free loopback port with standard health checking.
+
+No jax at the top (see workers.shard): the workers import it once the actor process has started.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from concurrent import futures
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from hire.sampling import SamplingParams
+from protos import internal_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+MESSAGE_LIMIT = 256 * 2**20  # q [R, γ, V] float32 for 8 sampled rows, γ 8 and V 128k is 32 MiB
+OPTIONS = [("grpc.max_send_message_length", MESSAGE_LIMIT), ("grpc.max_receive_message_length", MESSAGE_LIMIT)]
+DTYPES = ("bool", "int32", "float32")
+
+
+def pack(a: Any) -> pb.Array:
+    """A numpy (or jax) array as an Array message."""
+    a = np.asarray(a)
+    if a.dtype.name not in DTYPES:
+        raise TypeError(f"cannot send dtype {a.dtype.name}; one of {DTYPES}")
+    return pb.Array(data=np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"), copy=False).tobytes(),
+                    shape=a.shape, dtype=a.dtype.name)
+
+
+def unpack(m: pb.Array, name: str, shape: tuple[int | None, ...] | None = None,
+           dtype: str | None = None) -> np.ndarray:
+    """The array an Array message holds; ValueError naming `name` when it is missing, malformed, or not of `shape`
+    (None for any size along an axis) and `dtype`."""
+    if m.dtype not in DTYPES:
+        raise ValueError(f"{name}: missing, or dtype {m.dtype!r} is not one of {DTYPES}")
+    item = np.dtype(m.dtype).newbyteorder("<")
+    if len(m.data) != item.itemsize * int(np.prod(m.shape)):
+        raise ValueError(f"{name}: {len(m.data)} bytes do not hold a {m.dtype} array of shape {tuple(m.shape)}")
+    if dtype is not None and m.dtype != dtype:
+        raise ValueError(f"{name}: dtype {m.dtype}, expected {dtype}")
+    if shape is not None and (len(shape) != len(m.shape) or any(w not in (None, g) for w, g in zip(shape, m.shape))):
+        raise ValueError(f"{name}: shape {tuple(m.shape)}, expected {tuple('*' if w is None else w for w in shape)}")
+    return np.frombuffer(m.data, item).astype(m.dtype).reshape(tuple(m.shape))
+
+
+def sampling_message(params: SamplingParams) -> pb.Sampling:
+    return pb.Sampling(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed)
+
+
+def sampling_params(m: pb.Sampling) -> SamplingParams:
+    """SamplingParams of a Sampling message (ValueError naming a bad field)."""
+    return SamplingParams(temperature=m.temperature, top_k=m.top_k, top_p=m.top_p, seed=m.seed)
+
+
+def handler(method: Callable) -> Callable:
+    """A servicer method whose ValueError (a bad request) answers INVALID_ARGUMENT with its message, and whose other
+    exceptions answer INTERNAL naming them (and are logged)."""
+    @functools.wraps(method)
+    def wrapped(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception as e:
+            log.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+    return wrapped
+
+
+def serve(add: Callable[[grpc.Server], None], service: str, host: str = "127.0.0.1") -> tuple[grpc.Server, int]:
+    """A started gRPC server on a free port of `host` with the services `add` registers and health checking
+    (`service` and "" SERVING); the server and its port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=OPTIONS)
+    add(server)
+    checks = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
+    port = server.add_insecure_port(f"{host}:0")
+    server.start()
+    for name in ("", service):
+        checks.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port
+
+
+def check_slot(slot: int, slots: int) -> int:
+    if not 0 <= slot < slots:
+        raise ValueError(f"slot: {slot} is not in [0, {slots})")
+    return slot
+
+
+def rows_mask(m: pb.Array, slots: int, name: str = "rows") -> np.ndarray:
+    return unpack(m, name, (slots,), "bool")

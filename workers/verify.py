@@ -1,0 +1,162 @@
+"""VerifyWorker: the Ray actor holding the large model, serving hire.internal.v1.Verifier over gRPC.
+
+It holds the large model's decode state for every slot (hire.engine's: KV cache, pending token and position,
+sampling rows) and runs the large model's half of a speculative block (hire.speculative.verify_block) for the
+rows a Verify names; rows it does not name are left exactly as they were (their positions are moved past the
+cache for the pass, so nothing is written for them). One process holds the whole model: the sharded group of
+cluster.shards could take its place later, behind the same service.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import ray
+
+from hire.config import ModelConfig
+from hire.engine import DecodeState, Engine, use_compilation_cache
+from hire.sampling import RowSampling
+from hire.speculative import Verdict, prefill_target, verify_block, verify_lengths
+from protos import internal_pb2 as pb
+from protos import internal_pb2_grpc
+from workers.rpc import check_slot, handler, pack, rows_mask, sampling_params, serve, unpack
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Verifier"].full_name
+
+
+def _prefill(cfg: ModelConfig, wants_hidden: tuple[int, ...], tvars: dict, t: DecodeState, slot: jax.Array,
+             tokens: jax.Array, length: jax.Array, sampling: RowSampling, adapter: jax.Array, resume: jax.Array
+             ) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array | None]:
+    """prefill_target, then the pending token is `resume` when it is >= 0 (a slot resumed after a restart)."""
+    t, token, logprob, hidden = prefill_target(cfg, wants_hidden, tvars, t, slot, tokens, length, sampling, adapter)
+    token = jnp.where(resume >= 0, resume, token[0])
+    return t._replace(tokens=t.tokens.at[slot].set(token)), token, logprob[0], hidden
+
+
+def _verify(cfg: ModelConfig, wants_hidden: tuple[int, ...], lengths: tuple[int, ...], kv_len: int,
+            defer: jax.Array, tvars: dict, t: DecodeState, rows: jax.Array, drafts: jax.Array, q: jax.Array,
+            proposed: jax.Array) -> tuple[DecodeState, Verdict]:
+    """verify_block for the rows [B] named: the others propose nothing, write nothing (their block positions lie
+    past the cache, where writes are dropped) and keep their pending token and position."""
+    past = t.cache[0][0].shape[-1]
+    off = t._replace(positions=jnp.where(rows, t.positions, past))
+    new, verdict = verify_block(cfg, wants_hidden, lengths, kv_len, defer, tvars, off, drafts, q,
+                                proposed & rows[:, None])
+    keep = lambda n, o: jnp.where(rows, n, o)  # noqa: E731
+    return new._replace(tokens=keep(new.tokens, t.tokens), positions=keep(new.positions, t.positions)), verdict
+
+
+_prefill_jit = jax.jit(_prefill, static_argnums=(0, 1), donate_argnums=(3,))
+_verify_jit = jax.jit(_verify, static_argnums=(0, 1, 2, 3), donate_argnums=(6,))
+
+
+class VerifierService(internal_pb2_grpc.VerifierServicer):
+    """hire.internal.v1.Verifier over an engine's weights and slots; one call at a time changes the state."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.state = engine.init_state()
+        self.temperature = np.zeros(engine.slots, np.float32)  # each slot's, to check that sampled rows bring q
+        self.greedy_q: dict[int, jax.Array] = {}  # zeros [B, γ, V] by γ, the q of a block without sampled rows
+        self.lock = threading.Lock()
+
+    def _hidden_layers(self, layers: Any) -> tuple[int, ...]:
+        layers = tuple(layers)
+        if any(not 0 <= i <= self.engine.cfg.n_layers for i in layers):
+            raise ValueError(f"hidden_layers: {layers} not all in [0, {self.engine.cfg.n_layers}]")
+        return layers
+
+    def _kv_len(self, reach: int) -> int:
+        e = self.engine
+        return next(b for b in e.buckets if b >= min(max(reach, 1), e.max_len))
+
+    @handler
+    def Prefill(self, request: pb.VerifyPrefillRequest, context) -> pb.VerifyPrefillReply:
+        e = self.engine
+        slot = check_slot(request.slot, e.slots)
+        tokens = list(request.tokens)
+        adapter = request.adapter if request.HasField("adapter") else -1
+        e.check_request(tokens, adapter)
+        params = sampling_params(request.sampling)
+        resume = request.resume_token if request.HasField("resume_token") else -1
+        if request.HasField("resume_token") and not 0 <= resume < e.cfg.vocab_size:
+            raise ValueError(f"resume_token: {resume} outside the vocabulary [0, {e.cfg.vocab_size})")
+        bucket = next(b for b in e.buckets if b >= len(tokens))
+        padded = np.zeros((1, bucket), np.int32)
+        padded[0, : len(tokens)] = tokens
+        with self.lock:
+            self.state, token, logprob, hidden = _prefill_jit(
+                e.cfg, self._hidden_layers(request.hidden_layers), e.variables, self.state, jnp.int32(slot),
+                jnp.asarray(padded), jnp.array([len(tokens)], jnp.int32), RowSampling.of([params]),
+                jnp.array([adapter], jnp.int32), jnp.int32(resume))
+            self.temperature[slot] = params.temperature
+        reply = pb.VerifyPrefillReply(token=int(token), logprob=float(logprob))
+        if hidden is not None:
+            reply.hidden.CopyFrom(pack(hidden.astype(jnp.float32)))
+        return reply
+
+    @handler
+    def Verify(self, request: pb.VerifyRequest, context) -> pb.VerifyReply:
+        e, B = self.engine, self.engine.slots
+        rows = rows_mask(request.rows, B)
+        drafts = unpack(request.drafts, "drafts", (B, None), "int32")
+        gamma = drafts.shape[1]
+        if gamma < 1 or np.any((drafts[rows] < 0) | (drafts[rows] >= e.cfg.vocab_size)):
+            raise ValueError(f"drafts: need [B, γ >= 1] token ids in [0, {e.cfg.vocab_size}) for the rows verified")
+        proposed = unpack(request.proposed, "proposed", (B, gamma), "bool")
+        q = None
+        if request.HasField("q"):
+            sampled = unpack(request.sampled, "sampled", (None,), "int32")
+            if np.any((sampled < 0) | (sampled >= B)):
+                raise ValueError(f"sampled: row indices outside [0, {B})")
+            q = np.zeros((B, gamma, e.cfg.vocab_size), np.float32)
+            q[sampled] = unpack(request.q, "q", (len(sampled), gamma, e.cfg.vocab_size), "float32")
+            q = jnp.asarray(q)
+        lengths = verify_lengths(gamma) if request.trims else (gamma + 1,)
+        with self.lock:
+            needs_q = rows & (self.temperature > 0)
+            if needs_q.any() and (q is None or not set(np.flatnonzero(needs_q)) <= set(sampled.tolist())):
+                raise ValueError(f"q: rows {np.flatnonzero(needs_q).tolist()} sample (temperature > 0) and need the "
+                                 "distributions their drafts were drawn from")
+            if q is None:
+                q = self.greedy_q.setdefault(gamma, jnp.zeros((B, gamma, e.cfg.vocab_size), jnp.float32))
+            self.state, v = _verify_jit(e.cfg, self._hidden_layers(request.hidden_layers), lengths,
+                                        self._kv_len(request.reach), jnp.bool_(request.defer), e.variables,
+                                        self.state, jnp.asarray(rows), jnp.asarray(drafts), q, jnp.asarray(proposed))
+            reply = pb.VerifyReply(tokens=pack(v.tokens), logprobs=pack(v.logprobs), accepted=pack(v.accepted))
+        if v.hidden is not None:
+            reply.hidden.CopyFrom(pack(v.hidden.astype(jnp.float32)))
+        return reply
+
+
+@ray.remote
+class VerifyWorker:
+    """A Ray actor holding the large model behind a Verifier gRPC server (`start`)."""
+
+    def __init__(self) -> None:
+        self.server = None
+
+    def start(self, model: str, slots: int, max_len: int | None, dtype: str | None = None,
+              compilation_cache: str | None = None, host: str | None = None) -> dict[str, Any]:
+        """Load `model`, build its engine and serve; where to reach it and the model's shape."""
+        from hire.checkpoint import load_model
+
+        if compilation_cache:
+            use_compilation_cache(compilation_cache)
+        loaded = load_model(model, dtype)
+        engine = Engine(loaded, slots, max_len)
+        service = VerifierService(engine)
+        host = host or ray.util.get_node_ip_address()
+        self.server, port = serve(lambda s: internal_pb2_grpc.add_VerifierServicer_to_server(service, s), SERVICE, host)
+        return {"address": f"{host}:{port}", "cfg": loaded.cfg, "max_len": engine.max_len, "pid": os.getpid()}
+
+    def ping(self) -> bool:
+        return self.server is not None
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(None)

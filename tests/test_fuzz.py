@@ -46,7 +46,7 @@ def generate_requests(draw) -> pb.GenerateRequest:
         msg.text = draw(st.text(max_size=300))
     else:
         msg.tokens.ids.extend(draw(st.lists(INT32, max_size=140)) if draw(st.booleans()) else draw(TOKENS))
-    for name, strategy in (("temperature", FLOATS), ("top_p", FLOATS), ("seed", st.integers(0, 2**64 - 1)),
+    for name, strategy in (("temperature", FLOATS), ("top_p", FLOATS), ("seed", st.integers(-2**63, 2**63 - 1)),
                            ("max_tokens", st.one_of(st.integers(-3, 140), INT32))):
         if draw(st.booleans()):
             setattr(msg, name, draw(strategy))

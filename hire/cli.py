@@ -329,6 +329,13 @@ def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype, 
         click.echo(json.dumps(run(loaded, b, steps, prompt_len, chunk, repeats, dense)))
 
 
+def _prompt_count(n_prompts: int | None, batch: int) -> int:
+    """Prompts timed with --prompts (default: one batch), which must split into batches of `batch`."""
+    if n_prompts is not None and n_prompts % batch:
+        raise click.BadParameter(f"{n_prompts} prompts do not split into batches of {batch}", param_hint="--prompts")
+    return n_prompts or batch
+
+
 def _bench_speculative(loaded, draft, dtype, batch, gamma, steps, prompt_len, chunk, repeats, temperature,
                        text_file, tandem_only=False, n_prompts=None) -> None:
     """`hire bench decode --draft`: prompts from --text or random ids, one JSON line per batch and gamma."""
@@ -346,11 +353,10 @@ def _bench_speculative(loaded, draft, dtype, batch, gamma, steps, prompt_len, ch
     else:
         tokens = np.random.default_rng(0).integers(0, loaded.cfg.vocab_size,
                                                    prompt_len * max(*batch, n_prompts or 1)).tolist()
+    counts = {b: _prompt_count(n_prompts, b) for b in batch}  # every --batch checked before the first run
     for b in batch:
-        if n_prompts is not None and n_prompts % b:
-            raise click.BadParameter(f"{n_prompts} prompts do not split into batches of {b}", param_hint="--prompts")
         try:
-            prompts = text_prompts(tokens, n_prompts or b, prompt_len)
+            prompts = text_prompts(tokens, counts[b], prompt_len)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--text") from None
         for g in gamma:
@@ -396,10 +402,8 @@ def bench_router(model, draft, train_file, text_file, batch, n_prompts, train_pr
     drafter = _drafter(draft, loaded, None)
     encode = lambda f, n: text_prompts(loaded.tokenizer.encode(Path(f).read_text(encoding="utf-8")), n,  # noqa: E731
                                        prompt_len)
-    if n_prompts is not None and n_prompts % batch:
-        raise click.BadParameter(f"{n_prompts} prompts do not split into batches of {batch}", param_hint="--prompts")
     for result in run(loaded, drafter, encode(train_file, train_prompts), encode(text_file, score_prompts),
-                      encode(text_file, n_prompts or batch), gamma, steps, thresholds, repeats, batch):
+                      encode(text_file, _prompt_count(n_prompts, batch)), gamma, steps, thresholds, repeats, batch):
         click.echo(json.dumps(result))
 
 

@@ -80,8 +80,8 @@ def argmax(x: jax.Array) -> jax.Array:
 
 
 def scale(logits: jax.Array, rows: RowSampling) -> jax.Array:
-    """Logits [B, ...] divided by each row's temperature."""
-    return logits / jnp.maximum(rows.temperature, 1e-6)[:, None]
+    """Logits [B, ..., V] divided by each row's temperature."""
+    return logits / jnp.maximum(rows.temperature, 1e-6).reshape((-1,) + (1,) * (logits.ndim - 1))
 
 
 def gumbel_noise(rows: RowSampling, positions: jax.Array, vocab: int) -> jax.Array:

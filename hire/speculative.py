@@ -43,7 +43,7 @@ from hire.config import ModelConfig
 from hire.engine import DecodeState, Engine
 from hire.generate import Completion, Event, Request, _requests
 from hire.model import KVCache, Transformer
-from hire.sampling import RowSampling, SamplingParams, argmax, filter_logits, sample
+from hire.sampling import RowSampling, SamplingParams, argmax, filter_logits, sample, scale
 
 # ---------------------------------------------------------------------------------------------------------------
 # The drafter interface
@@ -180,8 +180,7 @@ def filtered(logits: jax.Array, rows: RowSampling) -> jax.Array:
     """Logits [B, ..., V] scaled by each row's temperature, with what its top-k / top-p leaves out at -inf:
     softmax of this is the distribution a sampled row draws from (greedy rows' values are unused)."""
     shape = logits.shape
-    scaled = (logits / jnp.maximum(rows.temperature, 1e-6).reshape((-1,) + (1,) * (len(shape) - 1)))
-    flat = scaled.reshape(-1, shape[-1])
+    flat = scale(logits, rows).reshape(-1, shape[-1])
     repeat = flat.shape[0] // shape[0]
     top_k, top_p = jnp.repeat(rows.top_k, repeat), jnp.repeat(rows.top_p, repeat)
     needs = jnp.any(rows.top_k > 0) | jnp.any(rows.top_p < 1)

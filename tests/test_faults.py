@@ -60,7 +60,8 @@ def test_memory_stays_flat_under_a_fixed_time_load(target):
     print(json.dumps({"rss_start_mb": start / 2**20, "rss_end_mb": end / 2**20, "requests": report["requests"]}))
     assert report["requests"] >= 16 and report["completed"] == report["requests"] and not report["errors"]
     assert all(r.tokens == r.wanted for r in records)
-    assert abs(end - start) < 32 * 2**20, (start, end)
+    # A leak grows; the allocator handing pages back (tens of MB have been seen) is not one.
+    assert end - start < 32 * 2**20, (start, end)
     assert faults.replicas() == [replica]  # the same process served it all
 
 

@@ -4,7 +4,10 @@ driven over gRPC (hire.internal.v1, protos/internal.proto), with continuous batc
 `Workers` starts a `workers.verify.VerifyWorker` (the large model) and a `workers.draft.DraftWorker` (the small
 model: a standalone draft model, the tandem small model, or n-gram) and connects to their gRPC servers.
 `Coordinator` owns the requests (hire.generate.Request: stop rules, max tokens, the end of the context), admits
-them into free slots between rounds and runs rounds of Draft and Verify calls:
+them into free slots between rounds and runs rounds of Draft and Verify calls. It has hire.scheduler.Scheduler's
+interface (`submit` with an event sink, `cancel`, queue depth and busy slots) and hire.engine.Engine's request
+checks, so the servers' request path (hire.scheduler.Stream, cluster.serve_app.EngineServer) serves speculative
+decoding through it unchanged (`hire serve --draft NAME`):
 
 - unpipelined: draft block b for every live row, verify it, draft b + 1 (carrying b's verdicts), ...
 - pipelined: while the verifier checks block b of a row, the drafter already drafts that row's block b + 1 from
@@ -25,6 +28,7 @@ a call with an error, ends the requests in flight and queued with a WorkerError 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -44,9 +48,10 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from hire.checkpoint import resolve_model
-from hire.engine import Engine, buckets
-from hire.generate import Completion, Request, _requests
+from hire.engine import Engine, EngineUnavailable, buckets
+from hire.generate import Completion, Event, Request, _requests
 from hire.sampling import SamplingParams
+from hire.scheduler import Job, QueueFull, Sink
 from hire.speculative import SpecStats
 from hire.tokenizer import load_tokenizer
 from protos import internal_pb2 as pb
@@ -60,8 +65,9 @@ log = logging.getLogger(__name__)
 DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)  # the worker died or hangs: restart it
 
 
-class WorkerError(RuntimeError):
-    """A worker could not be (re)started or failed a call; the requests it was serving end with this."""
+class WorkerError(EngineUnavailable):
+    """A worker could not be (re)started or failed a call; the requests it was serving end with this (servers
+    answer it as an engine that is down: UNAVAILABLE, HTTP 503)."""
 
 
 class _Down(Exception):
@@ -179,25 +185,18 @@ class CoordinatorStats(SpecStats):
                                     "call_seconds": {k: round(v, 3) for k, v in self.call_seconds.items()}}
 
 
-@dataclass
-class Row:
-    """A live request in a slot."""
-
-    request: Request
-    future: Future
-
-    @property
-    def pending(self) -> tuple[int, int]:
-        """The last decided token (not yet in the large model's cache) and its position."""
-        out = self.request.out
-        return out.tokens[-1], len(out.prompt_tokens) + len(out.tokens) - 1
+def pending(job: Job) -> tuple[int, int]:
+    """A live request's last decided token (not yet in the large model's cache) and its position."""
+    out = job.request.out
+    return out.tokens[-1], len(out.prompt_tokens) + len(out.tokens) - 1
 
 
 class Coordinator:
     """Speculative decoding of `target` drafted by `draft` (a name or path, or "ngram"), γ = `gamma`, over `slots`
     cache slots, in two Ray actors driven over gRPC; `pipelined` overlaps drafting with verification (see the
     module's docstring). Needs a running Ray (ray.init). `timeout` bounds every call, `start_timeout` every
-    (re)start; `restarts` is how many restarts in a row a failure may take before requests fail."""
+    (re)start; `restarts` is how many restarts in a row a failure may take before requests fail. Up to
+    `queue_size` requests wait beyond the free slots (then QueueFull)."""
 
     check_request = Engine.check_request
 
@@ -205,9 +204,9 @@ class Coordinator:
                  max_len: int | None = None, gamma: int = 4, pipelined: bool = True, dtype: str | None = None,
                  timeout: float = 120.0, start_timeout: float = 300.0, restarts: int = 3,
                  compilation_cache: str | None = None, host: str | None = None,
-                 options: dict[str, dict] | None = None):
-        if gamma < 1 or slots < 1:
-            raise ValueError(f"gamma and slots must be >= 1, got {gamma} and {slots}")
+                 options: dict[str, dict] | None = None, queue_size: int = 128):
+        if gamma < 1 or slots < 1 or queue_size < 1:
+            raise ValueError(f"gamma, slots and queue_size must be >= 1, got {gamma}, {slots} and {queue_size}")
         self.workers = Workers(target, draft, slots, max_len, gamma, dtype, compilation_cache, host, start_timeout,
                                options)
         verify, drafter = self.workers.info["verify"], self.workers.info["draft"]
@@ -217,8 +216,10 @@ class Coordinator:
         self.hidden_layers, self.trims = list(drafter["wants_hidden"]), drafter["stops_early"]
         self.pipelined, self.timeout, self.restarts = pipelined, timeout, restarts
         self.stats = CoordinatorStats()
-        self.live: dict[int, Row] = {}
-        self.queue: deque[tuple[Request, Future]] = deque()
+        self.queue_size = queue_size
+        self.live: dict[int, Job] = {}  # by slot
+        self.queue: deque[Job] = deque()
+        self.ids = itertools.count()
         self.block: Block | None = None  # the last Draft reply
         self.ready = np.zeros(slots, bool)  # pipelined: rows whose block in self.block waits for verification
         self.update: pb.Verdicts | None = None  # verdicts the next Draft call carries
@@ -229,21 +230,70 @@ class Coordinator:
 
     # -- requests --------------------------------------------------------------------------------------------------
 
-    def submit(self, request: Request) -> Future:
-        """Queue a request (hire.generate.Request); the future's result is its Completion, or a WorkerError."""
-        future: Future = Future()
+    @property
+    def engine(self) -> Coordinator:
+        """What a server reads as the engine (cfg, slots, max_len, tokenizer, check_request): the coordinator."""
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.queue)
+
+    @property
+    def busy_slots(self) -> int:
+        return len(self.live)
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams, adapter: int, sink: Sink) -> Job:
+        """Queue a request (Scheduler.submit): each token's hire.generate.Event goes to `sink` on the coordinator's
+        thread, the last with its finish_reason, or a WorkerError. ValueError names a field the model cannot run;
+        QueueFull when `queue_size` requests already wait beyond the free slots."""
+        job = Job(Request(next(self.ids), list(prompt), params, adapter, self), sink)
+        self._queue(job)
+        return job
+
+    def _queue(self, job: Job) -> None:
         with self.cond:
             if self.closed:
                 raise WorkerError("the coordinator is shut down")
-            self.queue.append((request, future))
+            if len(self.queue) >= self.queue_size + self.slots - len(self.live):
+                raise QueueFull(f"all {self.slots} slots are busy and {self.queue_size} requests wait; retry later")
+            self.queue.append(job)
             self.cond.notify()
-        return future
+
+    def cancel(self, job: Job) -> None:
+        """End `job` with no further events: out of the queue now, out of its slot before the next round."""
+        with self.cond:
+            if job.cancelled or job.done:
+                return
+            job.cancelled = True
+            if job in self.queue:
+                self.queue.remove(job)
 
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                  adapters: Sequence[int] | None = None) -> list[Completion]:
         """Complete every prompt (text or token ids), in order, as hire.generate.generate does."""
-        futures = [self.submit(r) for r in _requests(self, prompts, params, adapters)]
+        futures = []
+        for request in _requests(self, prompts, params, adapters):
+            future: Future = Future()
+
+            def sink(item: Event | Exception, future: Future = future, out: Completion = request.out) -> None:
+                if isinstance(item, Exception):
+                    future.set_exception(item)
+                elif item.finish_reason:
+                    future.set_result(out)
+
+            self._queue(Job(request, sink))
+            futures.append(future)
         return [f.result() for f in futures]
+
+    def warm_up(self) -> None:
+        """One short greedy request, so that the workers compile their first shapes before a client's request."""
+        self.generate([[0] * 4], SamplingParams(temperature=0.0, max_tokens=2 * self.gamma + 2, ignore_eos=True))
+        self.stats = CoordinatorStats()
 
     def set_pipelined(self, pipelined: bool) -> None:
         """Switch the mode (between runs: the coordinator must be idle)."""
@@ -271,6 +321,7 @@ class Coordinator:
                     break
             began = time.perf_counter()
             try:
+                self._drop_cancelled()
                 self._admit()
                 if self.live:
                     self._round()
@@ -285,13 +336,44 @@ class Coordinator:
 
     def _fail(self, error: WorkerError) -> None:
         with self.cond:
-            failed = [row.future for row in self.live.values()] + [f for _, f in self.queue]
+            failed = [*self.live.values(), *self.queue]
             self.live.clear()
             self.queue.clear()
-        for future in failed:
-            if not future.done():
-                future.set_exception(error)
+        for job in failed:
+            self._emit(job, error)
         self.block, self.update, self.ready[:] = None, None, False
+
+    def _emit(self, job: Job, item: Event | Exception) -> None:
+        """Send an event or the request's failure to its sink (nothing once it is cancelled or done)."""
+        if job.done or job.cancelled:
+            return
+        job.done = isinstance(item, Exception) or item.finish_reason is not None
+        try:
+            job.sink(item)
+        except Exception:  # noqa: BLE001 - e.g. the caller's event loop has closed
+            log.exception("request %d: its sink failed; cancelling it", job.request.index)
+            job.cancelled = True
+
+    def _push(self, job: Job, token: int, logprob: float) -> bool:
+        """Add a decided token to the request and tell its sink; whether the request has ended."""
+        self.stats.tokens += 1
+        event = job.request.push(token, logprob)
+        self._emit(job, event)
+        return event.finish_reason is not None
+
+    def _drop_cancelled(self) -> None:
+        """Free the slots of cancelled requests, and take them out of the verdicts the next Draft call carries (a
+        new request may take the slot before then)."""
+        with self.cond:
+            gone = [slot for slot, job in self.live.items() if job.cancelled]
+            for slot in gone:
+                del self.live[slot]
+        if gone:
+            self.ready[gone] = False
+            if self.update is not None:
+                rows = unpack(self.update.rows, "rows", dtype="bool").copy()
+                rows[gone] = False
+                self.update.rows.CopyFrom(pack(rows))
 
     def _call(self, which: str, method: str, request: Any) -> Any:
         """A unary call to the `which` worker; _Down when it died or hangs, WorkerError when it answers an error."""
@@ -336,15 +418,15 @@ class Coordinator:
         """Prefill every live slot's committed tokens on the drafter (and on the verifier, resuming its pending
         token, when it was restarted or the drafter needs the large model's states); pre-drafts are dropped."""
         self.block, self.update, self.ready[:] = None, None, False
-        for slot, row in self.live.items():
-            out = row.request.out
-            committed, (pending, _) = out.prompt_tokens + out.tokens[:-1], row.pending
+        for slot, job in self.live.items():
+            out = job.request.out
+            committed, (token, _) = out.prompt_tokens + out.tokens[:-1], pending(job)
             hidden = None
             if resume_verifier or self.hidden_layers:
-                reply = self._call("verify", "Prefill", self._verify_prefill(slot, row.request, committed, pending))
+                reply = self._call("verify", "Prefill", self._verify_prefill(slot, job.request, committed, token))
                 hidden = reply.hidden
             self._call("draft", "Prefill", pb.DraftPrefillRequest(slot=slot, tokens=committed, hidden=hidden,
-                                                                  sampling=sampling_message(row.request.params)))
+                                                                  sampling=sampling_message(job.request.params)))
 
     def _verify_prefill(self, slot: int, request: Request, tokens: list[int],
                         resume: int | None = None) -> pb.VerifyPrefillRequest:
@@ -359,32 +441,28 @@ class Coordinator:
             with self.cond:
                 if not self.queue:
                     return
-                request, future = self.queue.popleft()
-            if not future.set_running_or_notify_cancel():
-                continue
+                job = self.queue.popleft()
             try:
                 while True:
                     try:
-                        self._start(slot, request, future)
+                        self._start(slot, job)
                         break
                     except _Down as e:
                         self._recover({e.which})
                         if slot in self.live:  # the resync prefilled it
                             break
             except WorkerError as e:
-                if not future.done():
-                    future.set_exception(e)
+                self._emit(job, e)
                 raise
 
-    def _start(self, slot: int, request: Request, future: Future) -> None:
+    def _start(self, slot: int, job: Job) -> None:
+        request = job.request
         prompt = request.out.prompt_tokens
         reply = self._call("verify", "Prefill", self._verify_prefill(slot, request, prompt))
         self.stats.requests += 1
-        self.stats.tokens += 1
-        if request.push(reply.token, reply.logprob).finish_reason:
-            future.set_result(request.out)
+        if self._push(job, reply.token, reply.logprob):
             return
-        self.live[slot], self.ready[slot] = Row(request, future), False
+        self.live[slot], self.ready[slot] = job, False
         self._call("draft", "Prefill", pb.DraftPrefillRequest(slot=slot, tokens=prompt, hidden=reply.hidden,
                                                               sampling=sampling_message(request.params)))
 
@@ -393,9 +471,9 @@ class Coordinator:
         B = self.slots
         live = np.zeros(B, bool)
         tokens, positions = np.zeros(B, np.int32), np.zeros(B, np.int32)
-        for slot, row in self.live.items():
+        for slot, job in self.live.items():
             live[slot] = True
-            tokens[slot], positions[slot] = row.pending
+            tokens[slot], positions[slot] = pending(job)
         block = self.block
         if self.pipelined and block is not None:
             verify = live & self.ready
@@ -456,15 +534,14 @@ class Coordinator:
         accepted = unpack(reply.accepted, "accepted", (B,), "int32")
         kept = np.cumprod((tokens[:, :-1] == block.drafts) & block.proposed, axis=1).sum(axis=1)
         for slot in np.flatnonzero(rows):
-            row = self.live[slot]
+            job = self.live[slot]
             self.stats.blocks += 1
             self.stats.proposed += int(block.proposed[slot].sum())
             self.stats.accepted += int(min(kept[slot], accepted[slot] + 1))
             for i in range(accepted[slot] + 1):
-                self.stats.tokens += 1
-                if row.request.push(int(tokens[slot, i]), float(logprobs[slot, i])).finish_reason:
-                    del self.live[slot]
-                    row.future.set_result(row.request.out)
+                if self._push(job, int(tokens[slot, i]), float(logprobs[slot, i])):
+                    with self.cond:
+                        del self.live[slot]
                     break
         return rows & np.isin(np.arange(B), list(self.live))
 
@@ -483,9 +560,9 @@ class Coordinator:
         self.block = block
         self.ready[:] = False
         held = np.zeros(self.slots, bool)
-        for slot, row in self.live.items():
+        for slot, job in self.live.items():
             if drafted[slot]:
-                held[slot] = ahead[slot] and row.pending == (block.tokens[slot], block.positions[slot])
+                held[slot] = ahead[slot] and pending(job) == (block.tokens[slot], block.positions[slot])
                 self.ready[slot] = held[slot] or not ahead[slot]
                 self.stats.predrafts_used += int(held[slot])
                 self.stats.predrafts_discarded += int(ahead[slot] and not held[slot])

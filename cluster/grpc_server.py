@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from cluster.auth import BearerToken, server_credentials
 from cluster.messages import decode_response, full_response, request_id, stream_response
 from cluster.metrics import Metrics
-from cluster.requests import Served, Work, from_decode, from_generate
+from cluster.requests import Served, Work, from_decode, from_generate, model_info
 from hire.engine import EngineUnavailable
 from hire.generate import Event, Request
 from hire.scheduler import QueueFull, Scheduler, Stream
@@ -115,13 +115,7 @@ class Inference(inference_pb2_grpc.InferenceServicer):
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
         self.generation.count("GetModelInfo")
-        engine, tok = self.served.engine, self.served.engine.tokenizer
-        return pb.ModelInfo(name=self.served.name, vocab_size=engine.cfg.vocab_size, context_length=engine.max_len,
-                            slots=engine.slots, queue_size=self.generation.scheduler.queue_size,
-                            adapters=sorted(self.served.adapters), drafters=sorted(self.served.drafters),
-                            modes=[pb.DECODING_MODE_PLAIN], hire=engine.cfg.sparse, dtype=engine.cfg.dtype,
-                            bos_id=-1 if tok.bos_id is None else tok.bos_id,
-                            eos_id=-1 if tok.eos_id is None else tok.eos_id)
+        return model_info(self.served, self.generation.scheduler.queue_size)
 
 
 class Orchestrator(jetstream_pb2_grpc.OrchestratorServicer):

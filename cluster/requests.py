@@ -21,12 +21,27 @@ MODES = {pb.DECODING_MODE_PLAIN: "plain", pb.DECODING_MODE_SPECULATIVE: "specula
 
 @dataclass
 class Served:
-    """What a server serves: the engine, its LoRA adapters' and drafters' names, and the model's name."""
+    """What a server serves: the engine, its LoRA adapters' and drafters' names, and the model's name. A server
+    that decodes speculatively (cluster.coordinator.Coordinator as the engine) names its drafter, its `mode`
+    (SPECULATIVE, or TANDEM when the drafter is a tandem model) and `gamma`."""
 
     engine: Engine
     name: str
     adapters: Mapping[str, int] = field(default_factory=dict)  # name -> the engine's adapter index
     drafters: Collection[str] = ()
+    mode: int = pb.DECODING_MODE_PLAIN
+    gamma: int = 0
+
+
+def model_info(served: Served, queue_size: int) -> pb.ModelInfo:
+    """hire.v1 GetModelInfo's answer."""
+    engine, tok = served.engine, served.engine.tokenizer
+    return pb.ModelInfo(name=served.name, vocab_size=engine.cfg.vocab_size, context_length=engine.max_len,
+                        slots=engine.slots, queue_size=queue_size, adapters=sorted(served.adapters),
+                        drafters=sorted(served.drafters), modes=sorted({pb.DECODING_MODE_PLAIN, served.mode}),
+                        hire=engine.cfg.sparse, dtype=engine.cfg.dtype,
+                        bos_id=-1 if tok.bos_id is None else tok.bos_id,
+                        eos_id=-1 if tok.eos_id is None else tok.eos_id)
 
 
 class Work(NamedTuple):
@@ -44,7 +59,7 @@ def from_generate(msg: pb.GenerateRequest, served: Served) -> Work:
         prompt = list(msg.tokens.ids)
     else:
         prompt = encode_prompt(engine, msg.text)
-    check_decoding(msg, served.drafters)
+    check_decoding(msg, served)
     if msg.hire and not engine.cfg.sparse:  # HiRE is the server's setting (hire serve --softmax/--ffn), not a call's
         raise NotImplementedError("hire: this server runs its model without HiRE (serve it with --softmax/--ffn, or "
                                   "a model whose folder recommends a HiRE setting: docs/hire.md)")
@@ -66,19 +81,26 @@ def from_generate(msg: pb.GenerateRequest, served: Served) -> Work:
     return Work(prompt, params, adapter)
 
 
-def check_decoding(msg: pb.GenerateRequest, drafters: Collection[str]) -> None:
-    """Plain decoding is all there is for now; anything else is refused, naming the field."""
+def check_decoding(msg: pb.GenerateRequest, served: Served) -> None:
+    """Decoding is the server's: plain, or speculative with the drafter and γ it was started with (`hire serve
+    --draft`). A request may leave mode, drafter and gamma out, or name what the server does; anything else is
+    refused, naming the field. Speculative output is exactly the model's, so a plain request on a speculative
+    server is served speculatively."""
     if msg.mode not in MODES:
         raise ValueError(f"mode: unknown decoding mode {msg.mode}")
     mode = MODES[msg.mode]
-    if msg.drafter and msg.drafter not in drafters:
-        raise ValueError(f"drafter: unknown drafter {msg.drafter!r}; loaded: {sorted(drafters) or 'none'}")
+    if msg.drafter and msg.drafter not in served.drafters:
+        raise ValueError(f"drafter: unknown drafter {msg.drafter!r}; loaded: {sorted(served.drafters) or 'none'}")
     if msg.mode == pb.DECODING_MODE_SPECULATIVE and not msg.drafter:
         raise ValueError("drafter: speculative decoding needs a drafter")
     if msg.gamma < 0 or (mode == "plain" and msg.gamma):
         raise ValueError(f"gamma: {msg.gamma} is not a draft length (> 0, speculative and tandem modes only)")
-    if mode != "plain":
-        raise NotImplementedError(f"mode: {mode} decoding is not implemented yet")
+    if mode != "plain" and msg.mode != served.mode:
+        does = ("decodes plainly (speculative decoding: hire serve --draft NAME)" if not served.drafters else
+                f"runs {MODES[served.mode]} decoding with {', '.join(served.drafters)}")
+        raise NotImplementedError(f"mode: {mode} decoding is not served here; this server {does}")
+    if msg.gamma and msg.gamma != served.gamma:
+        raise ValueError(f"gamma: this server drafts {served.gamma} tokens per block, not {msg.gamma}")
 
 
 def check_token_ids(name: str, ids: Collection[int], vocab_size: int) -> None:

@@ -1,7 +1,9 @@
 """The Ray Serve application: an engine deployment behind an ingress that speaks HTTP and gRPC.
 
 - `EngineServer` owns one model: its engine, a continuous-batching Scheduler and the Ray metrics.
-  Its `generate` streams hire.v1 GenerateResponse messages for a hire.v1 or JetStream request.
+  Its `generate` streams hire.v1 GenerateResponse messages for a hire.v1 or JetStream request. With a
+  drafter (`draft`) the replica is a tandem coordinator instead (cluster.coordinator.Coordinator: the large
+  model and the drafter in two worker actors it owns, driven over gRPC), behind the same request path.
 - `Ingress` (FastAPI) serves the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
   both with SSE streaming, /v1/models, /health) and, through Ray Serve's gRPC proxy, the same
   hire.v1.Inference and jetstream_proto.Orchestrator methods as `hire serve-grpc`. It reaches the
@@ -18,6 +20,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 from fastapi import FastAPI, Request
@@ -31,11 +34,11 @@ from ray.serve.handle import DeploymentHandle
 from cluster import openai_api as oa
 from cluster.messages import decode_response, request_id, stream_response
 from cluster.metrics import RayMetrics
-from cluster.requests import Served, from_decode, from_generate
+from cluster.requests import Served, from_decode, from_generate, model_info
 from cluster.shards import serving_engine
 from hire.calibrate import model_folder, serving_settings
 from hire.checkpoint import load_model
-from hire.engine import Engine, EngineUnavailable, use_compilation_cache
+from hire.engine import Engine, EngineUnavailable, compilation_cache_folder, use_compilation_cache
 from hire.lora import load_adapters
 from hire.scheduler import QueueFull, Scheduler, Stream
 from protos import inference_pb2 as pb
@@ -77,14 +80,27 @@ class EngineServer:
     """One model with its scheduler; calls arrive from the ingress through a handle.
 
     The model runs with the HiRE setting its folder recommends (hire.calibrate.serving_settings), if any,
-    with `hire` (ModelConfig HiRE fields, e.g. {"softmax": "dense"}) on top.
+    with `hire` (ModelConfig HiRE fields, e.g. {"softmax": "dense"}) on top. With `draft` (a drafter's name or
+    path, or "ngram") it is decoded speculatively, `gamma` tokens drafted per block, `pipelined` or not
+    (docs/coordinator.md); the large model then runs exactly, in its own worker actor.
     """
 
     def __init__(self, model: str = "default", slots: int = 8, max_len: int | None = None, queue_size: int = 128,
                  chunk: int = 4, prefills: int = 4, dtype: str | None = None, lora: dict[str, str] | None = None,
-                 hire: dict | None = None, hosts: int = 1, devices_per_host: int = 1, placement: str | None = None):
+                 hire: dict | None = None, hosts: int = 1, devices_per_host: int = 1, placement: str | None = None,
+                 draft: str | None = None, gamma: int = 4, pipelined: bool = True):
         use_compilation_cache()
-        if hosts > 1:  # the model sharded over `hosts` Ray actors (cluster.shards); this replica drives them
+        if draft:
+            from cluster.coordinator import Coordinator
+
+            coordinator = Coordinator(model, draft, slots, max_len, gamma, pipelined, dtype, queue_size=queue_size,
+                                      compilation_cache=compilation_cache_folder())
+            mode = pb.DECODING_MODE_TANDEM if coordinator.hidden_layers else pb.DECODING_MODE_SPECULATIVE
+            self.served = Served(coordinator, coordinator.cfg.name, drafters=[Path(draft).name], mode=mode,
+                                 gamma=gamma)
+            coordinator.warm_up()
+            self.scheduler = coordinator
+        elif hosts > 1:  # the model sharded over `hosts` Ray actors (cluster.shards); this replica drives them
             sharded = serving_engine(model, hosts, devices_per_host, placement, slots, max_len, dtype, lora, hire)
             self.served = Served(sharded, sharded.cfg.name)
         else:
@@ -93,8 +109,9 @@ class EngineServer:
             if lora:
                 loaded, names = load_adapters(loaded, lora)
             self.served = Served(Engine(loaded, slots=slots, max_len=max_len), loaded.cfg.name, names)
-        self.served.engine.warm_up(chunk)
-        self.scheduler = Scheduler(self.served.engine, queue_size, chunk, prefills).start()
+        if not draft:
+            self.served.engine.warm_up(chunk)
+            self.scheduler = Scheduler(self.served.engine, queue_size, chunk, prefills).start()
         self.metrics = RayMetrics(self.scheduler)
         self._sampler: asyncio.Task | None = None
         self.cancelled = 0
@@ -133,13 +150,16 @@ class EngineServer:
             self.metrics.request(rpc, status)
 
     def info(self) -> pb.ModelInfo:
-        engine, tok = self.served.engine, self.served.engine.tokenizer
-        return pb.ModelInfo(name=self.served.name, vocab_size=engine.cfg.vocab_size, context_length=engine.max_len,
-                            slots=engine.slots, queue_size=self.scheduler.queue_size,
-                            adapters=sorted(self.served.adapters), drafters=sorted(self.served.drafters),
-                            modes=[pb.DECODING_MODE_PLAIN], hire=engine.cfg.sparse, dtype=engine.cfg.dtype,
-                            bos_id=-1 if tok.bos_id is None else tok.bos_id,
-                            eos_id=-1 if tok.eos_id is None else tok.eos_id)
+        return model_info(self.served, self.scheduler.queue_size)
+
+    def stats(self) -> dict:
+        """Speculative decoding's counters (acceptance, calls, restarts: CoordinatorStats), or {} for plain."""
+        stats = getattr(self.scheduler, "stats", None)
+        return stats.as_dict() if stats is not None else {}
+
+    def worker(self, which: str):
+        """The actor handle of a speculative replica's "verify" or "draft" worker (fault tests)."""
+        return self.scheduler.workers.actors[which]
 
     def tokenize(self, text: str) -> list[int]:
         return self.served.engine.tokenizer.encode(text)
@@ -328,7 +348,7 @@ def build(args: dict) -> serve.Application:
     resource = args.pop("replica_resource", None)
     slots, queue = int(args.get("slots", 8)), int(args.get("queue_size", 128))
     options = {"resources": {resource: 1}} if resource else {}
-    if int(args.get("hosts", 1)) > 1:  # a replica of a sharded engine only drives its hosts, which take the CPUs
+    if int(args.get("hosts", 1)) > 1 or args.get("draft"):  # the replica drives actors that take the CPUs
         options["num_cpus"] = 0
     engine = serve.deployment(EngineServer, name="engine", max_ongoing_requests=slots + queue + 16,
                               health_check_period_s=5, **replicas,

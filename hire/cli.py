@@ -734,10 +734,17 @@ def serve_grpc(model, host, port, slots, max_len, queue_size, chunk, prefills, d
 @click.option("--placement", type=click.Choice(("STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK")),
               help="Placement-group strategy of the hosts (default: STRICT_SPREAD when enough nodes have room, "
               "else PACK).")
+@click.option("--draft", metavar="NAME", help="Decode speculatively with this drafter (default-draft, default-tandem, "
+              "ngram, or a model path): each replica becomes a tandem coordinator driving the model and the drafter "
+              "in two worker actors over gRPC (one CPU each). Output is exactly the model's (docs/coordinator.md).")
+@click.option("--gamma", default=4, show_default=True, type=click.IntRange(1, 16),
+              help="Tokens drafted per block (with --draft).")
+@click.option("--unpipelined", is_flag=True, help="With --draft: draft a block only after the previous one is verified "
+              "(default: draft block b+1 while b is verified).")
 @serving_options
 def serve_command(model, host, http_port, grpc_port, replicas, address, replica_resource, num_cpus, hosts,
-                  devices_per_host, placement, slots, max_len, queue_size, chunk, prefills, dtype, loras, softmax, ffn,
-                  hire_settings) -> None:
+                  devices_per_host, placement, draft, gamma, unpipelined, slots, max_len, queue_size, chunk, prefills,
+                  dtype, loras, softmax, ffn, hire_settings) -> None:
     """Serve a model on Ray Serve (HTTP and gRPC) until Ctrl-C or SIGTERM.
 
     Starts a local Ray in this process (or joins --address), deploys the application of deploy/serve.yaml
@@ -763,13 +770,24 @@ def serve_command(model, host, http_port, grpc_port, replicas, address, replica_
         raise click.ClickException(str(e)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = _hire(softmax, ffn, hire_settings)
-    if settings := _serving_hire(model, flags):  # fail here on a bad setting; each replica applies the same
+    if settings := not draft and _serving_hire(model, flags):  # fail here on a bad setting; each replica applies it
         _log_hire(_load(model, dtype, settings).cfg)
     args = dict(model=model, slots=slots, max_len=max_len, queue_size=queue_size, chunk=chunk, prefills=prefills,
                 dtype=dtype, lora={name: str(Path(path).resolve()) for name, path in pairs} or None, replicas=replicas,
                 hire=flags or None)
     if replica_resource:
         args["replica_resource"] = replica_resource
+    if draft:
+        clash = {"--hosts": hosts > 1, "--lora": bool(pairs), "--softmax / --ffn / --hire": bool(flags)}
+        if given := [name for name, on in clash.items() if on]:
+            raise click.BadParameter(f"speculative decoding runs one exact model in one worker; it does not combine "
+                                     f"with {', '.join(given)} yet", param_hint="--draft")
+        if draft != "ngram":
+            try:
+                draft = str(resolve_model(draft))
+            except CheckpointError as e:
+                raise click.BadParameter(str(e), param_hint="--draft") from None
+        args |= dict(draft=draft, gamma=gamma, pipelined=not unpipelined, hire=None)
     if hosts > 1:
         from cluster.shards import check_servable
 

@@ -1,5 +1,6 @@
-"""The tandem coordinator (cluster.coordinator) on a real local Ray: the drafter and the large model in their own
-actors, driven over gRPC on loopback, unpipelined and pipelined, with default-draft and default-tandem."""
+"""The tandem coordinator (cluster.coordinator) on a real two-node Ray cluster (ray.cluster_utils.Cluster): the large
+model's actor on one node and the drafter's on the other, driven over gRPC on loopback, unpipelined and pipelined,
+with default-draft and default-tandem."""
 from __future__ import annotations
 
 import os
@@ -13,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 import ray
+from ray.cluster_utils import Cluster
 
 from cluster.coordinator import Coordinator, CoordinatorActor
 from hire.bench import text_prompts
@@ -51,21 +53,30 @@ def expected(large, prompts):
     return generate(Engine(large, SLOTS, MAX_LEN), prompts, GREEDY)
 
 
+# Each worker on its own node: the head holds the verifier's resource, the second node the drafter's.
+PLACES = {"verify": {"num_cpus": 1, "resources": {"verify_node": 1}},
+          "draft": {"num_cpus": 1, "resources": {"draft_node": 1}}}
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     tmp = tempfile.mkdtemp(prefix="hire-coordinator-")
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # the shared machine can be slow to start a raylet
-    ray.init(num_cpus=6, include_dashboard=False, namespace=f"hire-coordinator-{os.getpid()}", _temp_dir=tmp,
-             log_to_driver=False)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "resources": {"verify_node": 2},
+                                                            "temp_dir": tmp})
     try:
+        cluster.add_node(num_cpus=3, resources={"draft_node": 2})
+        ray.init(address=cluster.address, include_dashboard=False, namespace=f"hire-coordinator-{os.getpid()}",
+                 log_to_driver=False)
         yield Path(tmp)
     finally:
         ray.shutdown()
+        cluster.shutdown()
 
 
 def start(local_ray: Path, draft: str) -> Coordinator:
     return Coordinator("default", draft, SLOTS, MAX_LEN, GAMMA, timeout=120, start_timeout=180,
-                       compilation_cache=str(local_ray / "xla"))
+                       compilation_cache=str(local_ray / "xla"), options=PLACES)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +99,8 @@ def run(coordinator: Coordinator, pipelined: bool, prompts, params=GREEDY):
 
 
 def test_greedy_equals_large_model_alone(standalone, prompts, expected):
+    info = standalone.workers.info
+    assert info["verify"]["node"] != info["draft"]["node"]  # two Ray nodes
     outs, stats = run(standalone, False, prompts)
     assert same_tokens(outs, expected)
     assert 0 < stats["accepted"] < stats["proposed"] and stats["predrafts_used"] == 0
@@ -164,7 +177,7 @@ def test_tandem_through_the_coordinator_actor(local_ray, prompts, expected):
     coordinator in its own actor, which owns the two workers."""
     actor = CoordinatorActor.remote(target="default", draft="default-tandem", slots=SLOTS, max_len=MAX_LEN,
                                     gamma=GAMMA, timeout=120, start_timeout=180,
-                                    compilation_cache=str(local_ray / "xla"))
+                                    compilation_cache=str(local_ray / "xla"), options=PLACES)
     try:
         for pipelined in (False, True):
             ray.get(actor.set_pipelined.remote(pipelined), timeout=60)

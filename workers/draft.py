@@ -178,7 +178,8 @@ class DraftWorker:
         service = DrafterService(drafter, target, slots, max_len, gamma)
         host = host or ray.util.get_node_ip_address()
         self.server, port = serve(lambda s: internal_pb2_grpc.add_DrafterServicer_to_server(service, s), SERVICE, host)
-        return {"address": f"{host}:{port}", "name": drafter.name, "wants_hidden": tuple(drafter.wants_hidden),
+        return {"address": f"{host}:{port}", "node": ray.get_runtime_context().get_node_id(), "name": drafter.name,
+                "wants_hidden": tuple(drafter.wants_hidden),
                 "stops_early": bool(getattr(drafter, "stops_early", False)), "pid": os.getpid()}
 
     def ping(self) -> bool:

@@ -152,7 +152,8 @@ class VerifyWorker:
         service = VerifierService(engine)
         host = host or ray.util.get_node_ip_address()
         self.server, port = serve(lambda s: internal_pb2_grpc.add_VerifierServicer_to_server(service, s), SERVICE, host)
-        return {"address": f"{host}:{port}", "cfg": loaded.cfg, "max_len": engine.max_len, "pid": os.getpid()}
+        return {"address": f"{host}:{port}", "node": ray.get_runtime_context().get_node_id(), "cfg": loaded.cfg,
+                "max_len": engine.max_len, "pid": os.getpid()}
 
     def ping(self) -> bool:
         return self.server is not None

@@ -438,6 +438,60 @@ def bench_topk(devices, vocab, batch, k, dim, methods, recall_target, repeats) -
     click.echo(json.dumps(run(jax.devices()[:devices], vocab, batch, k, dim, methods, repeats, recall_target)))
 
 
+@bench.command("window")
+@click.option("--model", default="default-sparse", show_default=True, help=MODEL_HELP)
+@click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="UTF-8 text the model reads (held-out text: VALID).")
+@click.option("--window", "window_sizes", default=(0, 1, 2, 4, 8, 16), multiple=True, show_default=True,
+              type=click.IntRange(min=0), help="Previous tokens whose groups stay loaded (repeatable).")
+@click.option("--predictors", "predictor_dir", type=click.Path(exists=True, file_okay=False),
+              help="Folder holding hire_predictors.safetensors (default: the model's own folder).")
+@click.option("--kind", "kinds", multiple=True, type=click.Choice(("lr", "int8", "int4")),
+              help="Predictor kinds whose candidates are measured (repeatable; default: every kind in the file).")
+@click.option("--oversample", "oversamples", default=(1, 2), multiple=True, show_default=True,
+              type=click.IntRange(min=1), help="Candidates per token: ffn_k x this (repeatable).")
+@click.option("--context", type=click.IntRange(min=2),
+              help="Sequence length in tokens (default and at most: the model's max_seq_len).")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Sequences per forward pass.")
+@click.option("--max-tokens", type=click.IntRange(min=2), help="Use at most this many tokens of the text.")
+@click.option("--hire", "hire_settings", multiple=True, metavar="KEY=VALUE",
+              help="ffn_group and ffn_k to measure at (default: the model's config; see hire generate --help).")
+def bench_window(model, text_file, window_sizes, predictor_dir, kinds, oversamples, context, batch, max_tokens,
+                 hire_settings) -> None:
+    """Windowing for the group-sparse FFN: one JSON object per --window.
+
+    Runs the model exactly (dense, or its trained group-topk mask) over the text in sequences of --context
+    tokens and, per FFN layer and over all layers, reports for the exact top-k groups ("exact": reuse from the
+    previous W tokens, groups loaded and held per token with a window cache, and bytes) and for each predictor's
+    top-k' candidates ("int8x2": kind x oversample): recall alone, unioned with the window's used groups
+    (recall_used, extra_used) or with its cache of candidates (recall_cache, extra_cache), loads and held.
+    See hire/window.py and docs/hire.md.
+    """
+    from hire.calibrate import load_predictors, model_folder
+    from hire.window import ffn_kinds, measure
+
+    loaded = _load(model, None, _exact(model))
+    settings = _hire(None, None, hire_settings)
+    if bad := set(settings) - {"ffn_group", "ffn_k"}:
+        raise click.BadParameter(f"only ffn_group and ffn_k apply here, got {', '.join(sorted(bad))}",
+                                 param_hint="--hire")
+    try:
+        found = load_predictors(predictor_dir or model_folder(model))
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+    kinds = kinds or ffn_kinds(found)
+    tokens = loaded.tokenizer.encode(Path(text_file).read_text(encoding="utf-8"))[:max_tokens]
+    context = min(context or loaded.cfg.max_seq_len, loaded.cfg.max_seq_len)
+    try:
+        results = measure(loaded, found, tokens, context, window_sizes, kinds, oversamples, settings, batch)
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--text/--hire/--kind") from None
+    for result in results:
+        click.echo(json.dumps({"model": loaded.cfg.name, "text": str(text_file), **result}))
+
+
 @bench.command("serving")
 @click.option("--model", default="default", show_default=True, help=MODEL_HELP)
 @click.option("--concurrency", default=(1, 8, 32, 64), multiple=True, type=click.IntRange(min=1), show_default=True,

@@ -291,8 +291,11 @@ class Coordinator:
         return [f.result() for f in futures]
 
     def warm_up(self) -> None:
-        """One short greedy request, so that the workers compile their first shapes before a client's request."""
-        self.generate([[0] * 4], SamplingParams(temperature=0.0, max_tokens=2 * self.gamma + 2, ignore_eos=True))
+        """Compile the workers' programs before a client's request: a prompt at every prompt bucket, and one greedy
+        request from a one-token prompt to the end of the context, through every attention span."""
+        prompts = [[0] * min(b, self.max_len - 1) for b in self.buckets] + [[0]]
+        params = [SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)] * len(self.buckets)
+        self.generate(prompts, [*params, SamplingParams(temperature=0.0, max_tokens=self.max_len, ignore_eos=True)])
         self.stats = CoordinatorStats()
 
     def set_pipelined(self, pipelined: bool) -> None:
@@ -627,7 +630,8 @@ def bench(target: str, draft: str, slots: int, gamma: int, max_tokens: int, prom
     drafter = load_any_drafter(draft, large.cfg)
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="hire-ray-") as tmp:
-        ray.init(num_cpus=3, include_dashboard=False, _temp_dir=tmp, namespace=f"hire-bench-{os.getpid()}")
+        ray.init(address="local", num_cpus=3, include_dashboard=False, _temp_dir=tmp,
+                 namespace=f"hire-bench-{os.getpid()}")
         coordinator = None
         try:
             coordinator = Coordinator(target, draft, slots, max_len, gamma, compilation_cache=os.path.join(tmp, "xla"))

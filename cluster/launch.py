@@ -21,7 +21,8 @@ def start(args: dict, host: str = "127.0.0.1", http_port: int = 8000, grpc_port:
     inside this process and ends with it.
     """
     if not ray.is_initialized():
-        ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
+        # "local": a Ray of its own, even where another runs on this machine (None would join the latest one)
+        ray.init(address=address or "local", num_cpus=num_cpus if address is None else None, include_dashboard=False,
                  namespace="hire")
     serve.start(http_options={"host": host, "port": http_port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": list(GRPC_SERVICERS)})

@@ -2,17 +2,20 @@
 # A Ray cluster on separate addresses on this machine: a head and two worker nodes, each in its own network
 # namespace, joined by a bridge, serving the default model across the workers with `hire serve`.
 #
-#   deploy/local-cluster.sh up [sharded|replicas] [hire serve flags]
+#   deploy/local-cluster.sh up [sharded|replicas|tandem] [hire serve flags]
 #                                                   start the nodes and serve (flags replace/extend the defaults):
 #       sharded (the default): `hire serve --hosts 2 --replica-resource hire_driver`, the model sharded over two
 #         host actors, one per worker, driven by the engine replica on the head;
-#       replicas: `hire serve --replicas 2 --replica-resource hire_host`, a whole-model replica per worker.
+#       replicas: `hire serve --replicas 2 --replica-resource hire_host`, a whole-model replica per worker;
+#       tandem: `hire serve --draft default-tandem --replica-resource hire_driver`, the default pair: the coordinator
+#         replica on the head drives the large model's and default-tandem's worker actors (a CPU each, placed by Ray).
 #   deploy/local-cluster.sh down                    stop everything `up` started and remove it (idempotent)
 #   deploy/local-cluster.sh status                  namespaces, links, Ray nodes and the Serve application
 #   deploy/local-cluster.sh cut w1|w2|head          cut a node off the network (its link goes down)
 #   deploy/local-cluster.sh heal w1|w2|head         link up again; a node Ray declared dead meanwhile rejoins anew
 #   deploy/local-cluster.sh kill-replica w1|w2      SIGKILL the engine replica on that node (Serve starts another)
 #   deploy/local-cluster.sh kill-host w1|w2         SIGKILL the shard host actor on that node (sharded mode)
+#   deploy/local-cluster.sh kill-drafter|kill-verifier   SIGKILL the tandem worker actor, wherever it runs (tandem)
 #
 # Addresses: bridge hlc-br0 10.77.0.1/24 in this namespace; namespaces hlc-head 10.77.0.10, hlc-w1 10.77.0.11,
 # hlc-w2 10.77.0.12. The head serves HTTP on 10.77.0.10:8000 and gRPC on 10.77.0.10:50051 (reachable from here):
@@ -20,7 +23,8 @@
 # Each worker has 1 CPU and one unit of the Ray resource `hire_host`, which a host actor or a replica takes (so
 # one per worker); the head has 1 CPU and one `hire_driver`; the ingress stays on the head. The GCS declares a
 # silent node dead after about 8 s (a health check every 1 s with a 1 s timeout, 4 misses: RAY_health_check_*).
-# Needs root (ip netns). State, logs and each node's own Ray temp dir (ray-NODE, as on separate hosts):
+# $HIRE_LOCAL_CLUSTER_WORKERS worker nodes instead of 2 (w3 at 10.77.0.13, ...): a spare node, on which a sharded
+# group can be rebuilt after a worker is cut off. Needs root (ip netns). State, logs and each node's own Ray temp dir (ray-NODE, as on separate hosts):
 # $HIRE_LOCAL_CLUSTER_DIR (default /tmp/hire-lc).
 # Only these namespaces' processes are ever stopped: never `ray stop`, which would stop every Ray on the machine.
 set -euo pipefail
@@ -33,8 +37,10 @@ NET=10.77.0
 HEAD_IP=$NET.10
 GCS_PORT=6379
 UP_TIMEOUT=${HIRE_LOCAL_CLUSTER_TIMEOUT:-600}
-declare -A IP=([head]=$NET.10 [w1]=$NET.11 [w2]=$NET.12)
-NODES=(head w1 w2)
+WORKERS=()
+declare -A IP=([head]=$NET.10)
+for ((i = 1; i <= ${HIRE_LOCAL_CLUSTER_WORKERS:-2}; i++)); do WORKERS+=("w$i"); IP[w$i]=$NET.$((10 + i)); done
+NODES=(head "${WORKERS[@]}")
 export RAY_USAGE_STATS_ENABLED=0 RAY_health_check_period_ms=1000 RAY_health_check_timeout_ms=1000 \
   RAY_health_check_failure_threshold=4
 # Ray's token authentication, with this cluster's own token (`up` writes it): every node and driver sends it.
@@ -44,7 +50,7 @@ say() { echo "local-cluster: $*" >&2; }
 die() { say "$*"; exit 1; }
 ns() { echo "hlc-$1"; }
 in_ns() { local node=$1; shift; ip netns exec "$(ns "$node")" "$@"; }
-node_arg() { [[ -n ${IP[${1:-}]:-} ]] || die "unknown node '${1:-}' (head, w1, w2)"; }
+node_arg() { [[ -n ${IP[${1:-}]:-} ]] || die "unknown node '${1:-}' (${NODES[*]})"; }
 ns_pids() { ip netns pids "$(ns "$1")" 2>/dev/null || true; }
 raylet_running() { local p; for p in $(ns_pids "$1"); do [[ $(cat "/proc/$p/comm" 2>/dev/null) == raylet ]] && return 0; done; return 1; }
 
@@ -105,9 +111,10 @@ gcs_nodes() { "$BIN/python" -m cluster.faults nodes --address "$HEAD_IP:$GCS_POR
 
 up() {
   local mode=sharded flags
-  if [[ ${1:-} == sharded || ${1:-} == replicas ]]; then mode=$1; shift; fi
+  if [[ ${1:-} == sharded || ${1:-} == replicas || ${1:-} == tandem ]]; then mode=$1; shift; fi
   flags=(--replicas 2 --replica-resource hire_host)
   [[ $mode == sharded ]] && flags=(--hosts 2 --replica-resource hire_driver)
+  [[ $mode == tandem ]] && flags=(--draft default-tandem --replica-resource hire_driver)
   [[ -f $STATE/serve.pid ]] && kill -0 "$(cat "$STATE/serve.pid")" 2>/dev/null && die "already up (down first)"
   make_net
   mkdir -p "$STATE"
@@ -115,7 +122,7 @@ up() {
     >"$RAY_AUTH_TOKEN_PATH")
   start_node head
   local workers=() pid
-  for node in w1 w2; do start_node "$node" & workers+=($!); done
+  for node in "${WORKERS[@]}"; do start_node "$node" & workers+=($!); done
   for pid in "${workers[@]}"; do wait "$pid" || die "a worker node did not start"; done
   say "Ray nodes up; serving $mode (log: $STATE/logs/serve.log)"
   in_ns head setsid "$BIN/hire" serve --address "$HEAD_IP:$GCS_PORT" --host 0.0.0.0 "${flags[@]}" "$@" \
@@ -134,10 +141,12 @@ up() {
 }
 
 down() {
-  local node
-  for node in "${NODES[@]}"; do stop_ns "$node" & done
+  local node all
+  # every node this script made, however many workers it was started with
+  mapfile -t all < <({ printf '%s\n' "${NODES[@]}"; ip netns list | sed -n 's/^hlc-\([a-z0-9]*\).*/\1/p'; } | sort -u)
+  for node in "${all[@]}"; do stop_ns "$node" & done
   wait
-  for node in "${NODES[@]}"; do
+  for node in "${all[@]}"; do
     ip netns del "$(ns "$node")" 2>/dev/null || true
     rm -rf "/etc/netns/$(ns "$node")"
     ip link del "$(ns "$node")" 2>/dev/null || true
@@ -159,8 +168,10 @@ status() {
   echo "ray:"; gcs_nodes | sed 's/^/  /'
   echo "engine replicas running: $(in_ns head "$BIN/python" -m cluster.faults running --address "$HEAD_IP:$GCS_PORT")"
   echo "engine replicas: $(in_ns head "$BIN/python" -m cluster.faults replicas --address "$HEAD_IP:$GCS_PORT")"
-  echo "shard hosts: $(in_ns head "$BIN/python" -m cluster.faults replicas --address "$HEAD_IP:$GCS_PORT" \
-    --class ShardWorker)"
+  local class
+  for class in ShardWorker VerifyWorker DraftWorker; do
+    echo "$class: $(in_ns head "$BIN/python" -m cluster.faults replicas --address "$HEAD_IP:$GCS_PORT" --class "$class")"
+  done
 }
 
 cut() { node_arg "${1:-}"; ip link set "$(ns "$1")" down; say "$1 cut off"; }
@@ -197,5 +208,8 @@ case "${1:-}" in
   heal) heal "${2:-}" ;;
   kill-replica) kill_actor "${2:-}" ;;
   kill-host) kill_actor "${2:-}" --class ShardWorker ;;
-  *) die "usage: $0 up [sharded|replicas] [hire serve flags] | down | status | cut|heal|kill-replica|kill-host NODE" ;;
+  kill-drafter|kill-verifier)
+    class=DraftWorker; [[ $1 == kill-verifier ]] && class=VerifyWorker
+    in_ns head "$BIN/python" -m cluster.faults kill-replica --address "$HEAD_IP:$GCS_PORT" --class "$class" ;;
+  *) die "usage: $0 up [sharded|replicas|tandem] [hire serve flags] | down | status | cut|heal|kill-replica|kill-host NODE | kill-drafter | kill-verifier" ;;
 esac

@@ -21,7 +21,13 @@ from protos import internal_pb2 as pb
 log = logging.getLogger(__name__)
 
 MESSAGE_LIMIT = 256 * 2**20  # q [R, γ, V] float32 for 8 sampled rows, γ 8 and V 128k is 32 MiB
-OPTIONS = [("grpc.max_send_message_length", MESSAGE_LIMIT), ("grpc.max_receive_message_length", MESSAGE_LIMIT)]
+# HTTP/2 keepalive pings every 5 s, a connection dead after 5 s without an answer: a call to a worker on a node cut
+# off the network fails UNAVAILABLE within about 10 s instead of waiting for its deadline; servers allow the pings.
+KEEPALIVE = [("grpc.keepalive_time_ms", 5000), ("grpc.keepalive_timeout_ms", 5000),
+             ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+             ("grpc.http2.min_ping_interval_without_data_ms", 4000)]
+OPTIONS = [("grpc.max_send_message_length", MESSAGE_LIMIT), ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+           *KEEPALIVE]
 DTYPES = ("bool", "int32", "float32")
 
 

@@ -39,8 +39,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from hire.calibrate import model_folder, serving_settings
-from hire.checkpoint import detect_format, resolve_model
+from hire.calibrate import PREDICTORS, exact_settings, model_folder, serving_settings
+from hire.checkpoint import detect_format, resolve_model, with_hire
 from hire.engine import Engine, EngineUnavailable, StepOutput, buckets, compilation_cache_folder
 from hire.formats.native import read_config
 from hire.sampling import SamplingParams
@@ -78,18 +78,20 @@ class ShardGroup:
 
     `strategy` (one of STRATEGIES) places them; by default STRICT_SPREAD when enough alive nodes can take
     a bundle, else PACK. Each bundle asks for one CPU and, when the cluster has it, one `resource`.
-    `compilation_cache`, a folder every host can reach, keeps compiled programs across (re)starts.
+    `compilation_cache`, a folder every host can reach, keeps compiled programs across (re)starts. `hire`
+    overrides the model's HiRE fields (hire.sharding.load_sharded).
     """
 
     def __init__(self, model: str, hosts: int, devices_per_host: int = 1, slots: int = 8, max_len: int | None = None,
                  dtype: str | None = None, strategy: str | None = None, resource: str = "hire_host",
-                 call_timeout: float = 120.0, start_timeout: float = 120.0, compilation_cache: str | None = None):
+                 call_timeout: float = 120.0, start_timeout: float = 120.0, compilation_cache: str | None = None,
+                 hire: dict[str, Any] | None = None):
         if strategy is not None and strategy not in STRATEGIES:
             raise ValueError(f"strategy: {strategy!r} is not one of {STRATEGIES}")
         if hosts < 1 or devices_per_host < 1:
             raise ValueError("hosts and devices_per_host must be >= 1")
         self.model, self.hosts, self.devices_per_host = str(resolve_model(model)), hosts, devices_per_host
-        self.slots, self.max_len, self.dtype = slots, max_len, dtype
+        self.slots, self.max_len, self.dtype, self.hire = slots, max_len, dtype, dict(hire or {})
         self.strategy, self.resource = strategy, resource
         self.call_timeout, self.start_timeout, self.compilation_cache = call_timeout, start_timeout, compilation_cache
         self.workers: list[Any] = []
@@ -126,7 +128,7 @@ class ShardGroup:
             ).remote(rank, self.hosts, self.devices_per_host) for rank in range(self.hosts)]
             coordinator = self._get(self.workers[0].address.remote(), self.start_timeout)
             self.info = self._get([w.start.remote(coordinator, self.model, self.slots, self.max_len, self.dtype,
-                                                  int(self.start_timeout), self.compilation_cache)
+                                                  int(self.start_timeout), self.compilation_cache, self.hire)
                                   for w in self.workers], self.start_timeout)
             self.broken = False
         except BaseException:
@@ -276,7 +278,8 @@ class ShardedEngine:
 
 def check_servable(model: str, lora: dict[str, str] | None = None, hire: dict[str, Any] | None = None) -> None:
     """ValueError, its message starting with the option's name, for what a sharded engine cannot serve: LoRA
-    adapters, a checkpoint not in hire's format, HiRE (`hire`: the command line's HiRE overrides)."""
+    adapters, a checkpoint not in hire's format, a HiRE setting (`hire`: the command line's HiRE overrides, on
+    the folder's recommended one) that is not valid or has no predictors."""
     if lora:
         raise ValueError("lora: LoRA adapters are not served over several hosts; serve them with --hosts 1")
     folder = model_folder(model)
@@ -284,19 +287,25 @@ def check_servable(model: str, lora: dict[str, str] | None = None, hire: dict[st
         raise ValueError(f"model: {folder} is not in hire's format, which a sharded engine reads (write one with "
                          "`hire convert`)")
     settings = serving_settings(folder, hire)
-    if read_config(folder).replace(**settings).sparse:
-        raise ValueError(f"hire: HiRE ({settings}) is not served over several hosts yet; serve the exact model "
-                         "(--softmax dense --ffn dense) or use --hosts 1")
+    try:
+        cfg = with_hire(read_config(folder), settings)
+    except ValueError as e:
+        raise ValueError(f"hire: {e}") from None
+    if cfg.sparse and not (folder / PREDICTORS).is_file():
+        raise ValueError(f"hire: HiRE ({settings}) needs the predictors {folder / PREDICTORS}; build them with "
+                         f"`hire calibrate --model {folder} --text FILE`")
 
 
 def serving_engine(model: str, hosts: int, devices_per_host: int = 1, placement: str | None = None, slots: int = 8,
                    max_len: int | None = None, dtype: str | None = None, lora: dict[str, str] | None = None,
                    hire: dict[str, Any] | None = None, **group: Any) -> ShardedEngine:
     """The ShardedEngine of `hire serve --hosts N` (cluster.serve_app.EngineServer), after `check_servable`, with
-    its compiled programs kept in hire's compilation cache."""
+    the model's serving HiRE setting under `hire` (hire.calibrate.serving_settings) and its compiled programs kept
+    in hire's compilation cache."""
     check_servable(model, lora, hire)
     return ShardedEngine(model, hosts, devices_per_host, slots, max_len, dtype, strategy=placement,
-                         compilation_cache=compilation_cache_folder(), **group)
+                         compilation_cache=compilation_cache_folder(),
+                         hire=serving_settings(model_folder(model), hire), **group)
 
 
 def bench_len(steps: int) -> int:
@@ -324,7 +333,14 @@ def time_decode(engine: Any, steps: int, chunk: int, repeats: int) -> list[float
     return [run() for _ in range(repeats)]
 
 
-def _local_engine(model: str, slots: int, max_len: int) -> Engine:
+def hire_setting(model: str, which: str) -> dict[str, Any]:
+    """The HiRE overrides the benchmarks run `model` with: "serving", the folder's recommended setting (none: the
+    model as configured), or "exact", the model without predictors (hire.calibrate.exact_settings)."""
+    folder = model_folder(model)
+    return serving_settings(folder) if which == "serving" else exact_settings(folder)
+
+
+def _local_engine(model: str, slots: int, max_len: int, hire: dict[str, Any]) -> Engine:
     """The plain engine on this process's one device, or, with several devices, one sharded over all of them."""
     import jax
 
@@ -332,9 +348,9 @@ def _local_engine(model: str, slots: int, max_len: int) -> Engine:
     from hire.checkpoint import load_model
 
     if jax.device_count() == 1:
-        return Engine(load_model(model), slots, max_len)
+        return Engine(load_model(model, **hire), slots, max_len)
     mesh = sharding.make_mesh()
-    return Engine(sharding.load_sharded(model, mesh), slots, max_len, mesh=mesh)
+    return Engine(sharding.load_sharded(model, mesh, **hire), slots, max_len, mesh=mesh)
 
 
 def _summary(name: str, seconds: list[float], slots: int) -> dict[str, Any]:
@@ -343,10 +359,11 @@ def _summary(name: str, seconds: list[float], slots: int) -> dict[str, Any]:
             "tokens_per_s": round(slots / ms * 1e3, 1)}
 
 
-def bench(model: str, hosts: int, devices_per_host: int, slots: int, steps: int, chunk: int, repeats: int
-          ) -> dict[str, Any]:
+def bench(model: str, hosts: int, devices_per_host: int, slots: int, steps: int, chunk: int, repeats: int,
+          hire: str = "serving") -> dict[str, Any]:
     """Decode speed of the plain one-device engine, of one process over hosts * devices_per_host devices (both in
-    child processes) and of `hosts` Ray hosts (a local Ray), in that order within one run."""
+    child processes) and of `hosts` Ray hosts (a local Ray), in that order within one run; `hire` as in
+    `hire_setting`."""
     if steps % chunk:
         raise ValueError("steps must be a multiple of chunk")
     devices = hosts * devices_per_host
@@ -354,20 +371,22 @@ def bench(model: str, hosts: int, devices_per_host: int, slots: int, steps: int,
     for d in dict.fromkeys((1, devices)):
         env = os.environ | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={d}", "JAX_PLATFORMS": "cpu"}
         out = subprocess.run([sys.executable, "-m", "cluster.shards", "local", "--model", model, "--slots", str(slots),
-                              "--steps", str(steps), "--chunk", str(chunk), "--repeats", str(repeats)],
+                              "--steps", str(steps), "--chunk", str(chunk), "--repeats", str(repeats),
+                              "--hire", hire],
                              env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
         rows.append(_summary("plain engine, 1 device" if d == 1 else f"1 process, {d} devices", json.loads(out),
                              slots))
     with _local_ray(hosts):
-        engine = ShardedEngine(model, hosts, devices_per_host, slots, bench_len(steps))
+        engine = ShardedEngine(model, hosts, devices_per_host, slots, bench_len(steps),
+                               hire=hire_setting(model, hire))
         try:
             seconds = time_decode(engine, steps, chunk, repeats)
         finally:
             engine.shutdown()
     rows.append(_summary(f"{hosts} Ray hosts x {devices_per_host} devices", seconds, slots))
     plain = rows[0]["ms_per_step"]
-    return {"model": model, "slots": slots, "steps": steps, "chunk": chunk, "repeats": repeats,
-            "cpus": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 1),
+    return {"model": model, "hire": hire_setting(model, hire), "slots": slots, "steps": steps, "chunk": chunk,
+            "repeats": repeats, "cpus": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 1),
             "paths": [r | {"vs_plain": round(r["ms_per_step"] / plain, 3)} for r in rows]}
 
 
@@ -428,10 +447,12 @@ def measure_restart(model: str, hosts: int, devices_per_host: int, slots: int, c
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
-def count_collectives(model: str, slots: int, max_len: int) -> dict[str, Any]:
+def count_collectives(model: str, slots: int, max_len: int, hire: str = "serving") -> dict[str, Any]:
     """The collectives in one compiled decode step (Engine.generate_steps, n=1) over this process's devices,
     sampling with hire.sampling.sample on the gathered logits (as before DA-TOP-k) and with each of
-    hire.sharding.sample_sharded's paths compiled alone, and in the engine's own step (every branch of its switch).
+    hire.sharding.sample_sharded's paths compiled alone, and in the engine's own step (every branch of its switch);
+    `hire` as in `hire_setting`; with HiRE also a greedy step with the HiRE operators left to GSPMD (not traced on
+    the mesh, as before hire.sharded_sparse). `shapes`: what each collective of the engine steps moves.
     """
     import functools
     import re
@@ -444,20 +465,27 @@ def count_collectives(model: str, slots: int, max_len: int) -> dict[str, Any]:
     from hire.sampling import sample
 
     mesh = sharding.make_mesh()
-    engine = Engine(sharding.load_sharded(model, mesh), slots, max_len, mesh=mesh)
+    engine = Engine(sharding.load_sharded(model, mesh, **hire_setting(model, hire)), slots, max_len, mesh=mesh)
     state = engine.init_state()
 
-    def count(step: Any) -> dict[str, int]:
+    def shapes(step: Any) -> dict[str, list[str]]:
         text = step.lower(engine.variables, state, 1, engine.max_len).compile().as_text()
-        return {op: n for op in COLLECTIVES if (n := len(re.findall(rf"= \S+ {op}(?:-start)?\(", text)))}
+        return {op: found for op in COLLECTIVES if (found := re.findall(rf"= (\S+) {op}(?:-start)?\(", text))}
 
     samplers = {"sample (gathered logits)": sample} | {
         f"sample_sharded {path}": functools.partial(sharding.sample_sharded, mesh=mesh, path=path)
         for path in sharding.PATHS}
-    rows = {name: count(jax.jit(functools.partial(engine_module._steps, Transformer(engine.cfg), sampler),
-                                static_argnums=(2, 3))) for name, sampler in samplers.items()}
-    rows["engine step (all branches)"] = count(engine._generate_steps)
-    return {"model": model, "devices": jax.device_count(), "slots": slots, "per_decode_step": rows}
+    net = Transformer(engine.cfg)
+    steps = {name: jax.jit(sharding.on_mesh(functools.partial(engine_module._steps, net, sampler), mesh),
+                           static_argnums=(2, 3)) for name, sampler in samplers.items()}
+    steps["engine step (all branches)"] = engine._generate_steps
+    if engine.cfg.sparse:  # not traced on the mesh: hire.sparse's operators as GSPMD alone partitions them
+        steps["engine step, HiRE by GSPMD alone"] = jax.jit(
+            functools.partial(engine_module._steps, net, samplers["sample_sharded greedy"]), static_argnums=(2, 3))
+    moved = {name: shapes(step) for name, step in steps.items()}
+    return {"model": model, "hire": engine.cfg.sparse, "devices": jax.device_count(), "slots": slots,
+            "per_decode_step": {name: {op: len(v) for op, v in ops.items()} for name, ops in moved.items()},
+            "shapes": {name: ops for name, ops in moved.items() if name.startswith("engine")}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -472,17 +500,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--hire", choices=("serving", "exact"), default="serving",
+                        help="serving: the HiRE setting the model's folder recommends, if any; exact: no predictors")
     a = parser.parse_args(argv)
     if a.what == "collectives":
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.hosts * a.devices_per_host}"
-        print(json.dumps(count_collectives(a.model, a.slots, bench_len(a.steps))))
+        print(json.dumps(count_collectives(a.model, a.slots, bench_len(a.steps), a.hire)))
     elif a.what == "restart":
         print(json.dumps(measure_restart(a.model, a.hosts, a.devices_per_host, a.slots, a.chunk)))
     elif a.what == "local":
-        engine = _local_engine(a.model, a.slots, bench_len(a.steps))
+        engine = _local_engine(a.model, a.slots, bench_len(a.steps), hire_setting(a.model, a.hire))
         print(json.dumps(time_decode(engine, a.steps, a.chunk, a.repeats)))
     else:
-        print(json.dumps(bench(a.model, a.hosts, a.devices_per_host, a.slots, a.steps, a.chunk, a.repeats)))
+        print(json.dumps(bench(a.model, a.hosts, a.devices_per_host, a.slots, a.steps, a.chunk, a.repeats, a.hire)))
 
 
 if __name__ == "__main__":

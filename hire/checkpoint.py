@@ -85,15 +85,20 @@ def load_model(path: str | Path, dtype: str | None = None, **hire: Any) -> Loade
     else:
         from hire.formats.llama2c import load_llama2c as load
     model = load(path, dtype)
-    if model.cfg.ffn == "group-topk" and hire.get("ffn") == "group-sparse":
-        hire = {"ffn_keep_k": True, **hire}  # trained on its top ffn_k groups: of the candidates, keep those
-    cfg = model.cfg.replace(**hire) if hire else model.cfg
+    cfg = with_hire(model.cfg, hire)
     if not cfg.sparse:
         return LoadedModel(cfg, model.variables, model.tokenizer) if hire else model
     from hire.calibrate import with_predictors
 
     dense = LoadedModel(cfg.dense(), model.variables, model.tokenizer)
     return with_predictors(dense, path if path.is_dir() else path.parent, cfg)
+
+
+def with_hire(cfg: ModelConfig, hire: dict[str, Any]) -> ModelConfig:
+    """`cfg` with the HiRE overrides `hire` (ModelConfig fields)."""
+    if cfg.ffn == "group-topk" and hire.get("ffn") == "group-sparse":
+        hire = {"ffn_keep_k": True, **hire}  # trained on its top ffn_k groups: of the candidates, keep those
+    return cfg.replace(**hire) if hire else cfg
 
 
 def load_tandem(path: str | Path, dtype: str | None = None) -> TandemModel:

@@ -134,12 +134,13 @@ class Engine:
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.buckets = buckets(self.max_len)
         net, layout = Transformer(model.cfg), _layouts(model.cfg, mesh)
-        # over a mesh, sampling reads the vocabulary-sharded logits through DA-TOP-k where it can
+        # over a mesh, sampling reads the vocabulary-sharded logits through DA-TOP-k where it can, and the model's
+        # HiRE operators run sharded (traced on the mesh: hire.sharded_sparse)
         sampler = sample if mesh is None else functools.partial(sharding.sample_sharded, mesh=mesh)
-        self._prefill = jax.jit(functools.partial(_prefill, net, sampler), **layout["prefix"])
+        self._prefill = jax.jit(sharding.on_mesh(functools.partial(_prefill, net, sampler), mesh), **layout["prefix"])
         self._insert = jax.jit(_insert, donate_argnums=1, **layout["state"])
-        self._generate_steps = jax.jit(functools.partial(_steps, net, sampler), static_argnums=(2, 3), donate_argnums=1,
-                                       **layout["steps"])
+        self._generate_steps = jax.jit(sharding.on_mesh(functools.partial(_steps, net, sampler), mesh),
+                                       static_argnums=(2, 3), donate_argnums=1, **layout["steps"])
         fresh = functools.partial(_init_state, self.cfg, slots, self.max_len)
         self._init_state = fresh if mesh is None else jax.jit(fresh, **layout["state"])
 

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hire import sparse
+from hire import sharded_sparse, sparse
 from hire.config import ModelConfig
 from hire.predictors import Predictor
 
@@ -184,8 +184,8 @@ class GroupSparseFFN(nn.Module):
                             jnp.dtype(cfg.dtype))
         approx = Predictor(cfg.predictor_kind("ffn"), (parts - 1) * cfg.ffn_dim, cfg.hire_rank, cfg.dtype,
                            name="predictor")(x)
-        return sparse.group_sparse_ffn(x, bundle, approx, lambda h: activation(cfg, h), cfg.ffn_candidates,
-                                       cfg.ffn_union, keep=cfg.ffn_k if cfg.ffn_keep_k else 0)
+        return sharded_sparse.group_sparse_ffn(x, bundle, approx, lambda h: activation(cfg, h), cfg.ffn_candidates,
+                                               cfg.ffn_union, keep=cfg.ffn_k if cfg.ffn_keep_k else 0)
 
 
 class MoE(nn.Module):
@@ -272,7 +272,8 @@ class Transformer(nn.Module):
         if cfg.softmax != "dense":  # HiRE: exact logits for the predicted candidates only (hire.sparse)
             approx = Predictor(cfg.predictor_kind("softmax"), cfg.vocab_size, cfg.hire_rank, cfg.dtype,
                                name="softmax")(x)
-            logits = sparse.hire_logits(x, weight, approx, cfg.softmax_candidates, 0 if cfg.tie_embeddings else 1)
+            logits = sharded_sparse.hire_logits(x, weight, approx, cfg.softmax_candidates,
+                                                0 if cfg.tie_embeddings else 1)
         elif cfg.tie_embeddings:
             logits = x @ embed.T
         else:

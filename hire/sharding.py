@@ -3,10 +3,13 @@ each process's own slice of a hire checkpoint.
 
 Megatron-style splits, so that a layer needs one all-reduce after attention and one after the FFN:
 q, k, v and the FFN's up and gate split their output features (attention heads, FFN neurons), o and down
-split their input features; the cache splits its KV heads; embed and lm_head split the vocabulary. Norms,
-a MoE router, LoRA adapters and anything not named here are replicated, and so is any tensor whose split
-dimension the device count does not divide (correct, only not split). The engine's jitted functions
-take these shardings from their inputs and GSPMD inserts the collectives.
+split their input features; the cache splits its KV heads; embed and lm_head split the vocabulary. With HiRE
+(hire.sparse) the group-sparse FFN's bundle splits its neuron groups, and each predictor splits the rows it
+predicts (vocabulary rows, FFN gate and up neurons: a quantized copy's rows and scales, a low-rank predictor's
+second factor b), its first factor a replicated. Norms, a MoE router, LoRA adapters and anything not named here
+are replicated, and so is any tensor whose split dimension the device count does not divide (correct, only not
+split). The engine's jitted functions take these shardings from their inputs and GSPMD inserts the collectives;
+traced under `on_mesh`, the HiRE operators run their own sharded code (hire.sharded_sparse).
 
 Sampling reads the logits that lm_head leaves vocabulary-sharded: `sample_sharded` takes greedy and top-k
 rows through DA-TOP-k (hire.topk.da_top_k: each device's own top-k, one all_gather of the candidates and of
@@ -14,12 +17,14 @@ each device's softmax sums) instead of gathering the logits; top-p and full-dist
 hire.sampling.sample, which XLA feeds by gathering them.
 
 With several processes (jax.distributed, one per host) every process runs this same code: `load_sharded`
-reads only the slices of model.safetensors that this process's devices hold.
+reads only the slices of model.safetensors (and of the HiRE predictors) that this process's devices hold.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,15 +33,17 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from safetensors import SafetensorError, safe_open
 
-from hire.checkpoint import LoadedModel, detect_format, resolve_model
+from hire.calibrate import PREDICTORS
+from hire.checkpoint import LoadedModel, detect_format, resolve_model, with_hire
 from hire.config import ModelConfig
 from hire.formats import CheckpointError, check_variables, expected_variables, unflatten
 from hire.formats.native import WEIGHTS, read_config
 from hire.sampling import RowSampling, gumbel_noise, sample, scale
+from hire.sharded_sparse import AXIS
+from hire.sparse import bundle_ffn
 from hire.tokenizer import load_tokenizer
 from hire.topk import da_top_k
 
-AXIS = "model"
 TOP_K_CAP = 64  # the largest top_k that sample_sharded serves through DA-TOP-k (candidates per device)
 
 _OUT = P(None, AXIS)  # output features split
@@ -47,6 +54,9 @@ RULES: dict[str, P] = {
     "attn/q/bias": P(AXIS), "attn/k/bias": P(AXIS), "attn/v/bias": P(AXIS),
     "ffn/up/kernel": _OUT, "ffn/gate/kernel": _OUT, "ffn/down/kernel": _IN,
     "moe/up": P(None, None, AXIS), "moe/gate": P(None, None, AXIS), "moe/down": P(None, AXIS, None),
+    # HiRE: the bundle [groups, parts, g, dim] splits its groups; predictors the rows they predict
+    "ffn/bundle": _IN, "softmax/b": _OUT, "softmax/q": _IN, "softmax/scale": P(AXIS),
+    "ffn/predictor/b": _OUT, "ffn/predictor/q": _IN, "ffn/predictor/scale": P(AXIS),
 }
 
 
@@ -61,8 +71,9 @@ def _fit(spec: P, shape: tuple[int, ...], n: int) -> P:
 
 
 def variable_spec(name: str, shape: tuple[int, ...], n: int) -> P:
-    """The PartitionSpec of the flattened variable `name` ("params/layers_0/attn/q/kernel") over `n` devices."""
-    match = re.fullmatch(r"params/(?:layers_\d+/)?(.+)", name)
+    """The PartitionSpec of the flattened variable `name` ("params/layers_0/attn/q/kernel", "hire/softmax/q") over
+    `n` devices."""
+    match = re.fullmatch(r"(?:params|hire)/(?:layers_\d+/)?(.+)", name)
     return _fit(RULES.get(match.group(1), P()) if match else P(), shape, n)
 
 
@@ -79,31 +90,98 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def load_sharded(path: str | Path, mesh: Mesh, dtype: str | None = None) -> LoadedModel:
-    """Load a hire-format checkpoint as arrays sharded over `mesh`, reading only this process's slices."""
+def load_sharded(path: str | Path, mesh: Mesh, dtype: str | None = None, **hire: Any) -> LoadedModel:
+    """Load a hire-format checkpoint as arrays sharded over `mesh`, reading only this process's slices.
+
+    `hire` overrides the config's HiRE fields as in hire.checkpoint.load_model. A config that asks for HiRE gets
+    what hire.calibrate.sparsify builds: each device bundles its own FFN groups from its slices of the kernels,
+    and the predictors come from the slices of hire_predictors.safetensors it holds.
+    """
     folder = resolve_model(path)
     if detect_format(folder) != "hire":
         raise CheckpointError(f"{folder} is not in hire's format; a sharded load reads hire checkpoints only "
                               "(write one with `hire convert`)")
-    cfg = read_config(folder, dtype)
-    if cfg.sparse:
-        raise CheckpointError(f"{folder}: a HiRE config (softmax={cfg.softmax}, ffn={cfg.ffn}) cannot be sharded yet")
-    want = expected_variables(cfg)
+    cfg = with_hire(read_config(folder, dtype), hire)
+    bundled = cfg.ffn == "group-sparse"
     try:
-        with safe_open(folder / WEIGHTS, framework="numpy") as f:
+        with contextlib.ExitStack() as files:
+            f = files.enter_context(safe_open(folder / WEIGHTS, framework="numpy"))
             stored = {k: jax.ShapeDtypeStruct(tuple(f.get_slice(k).get_shape()), np.float32) for k in f.keys()}
-            check_variables(cfg, unflatten(stored))  # names and shapes only
-            arrays = {k: _load(f, k, w, NamedSharding(mesh, variable_spec(k, w.shape, mesh.size)))
-                      for k, w in want.items()}
+            check_variables(cfg.dense(), unflatten(stored))  # names and shapes only
+            sources: dict[str, str] = {}
+            if cfg.sparse:
+                if not (folder / PREDICTORS).is_file():
+                    raise CheckpointError(f"no HiRE predictors in {folder} ({PREDICTORS}); build them with "
+                                          f"`hire calibrate --model {folder} --text FILE`")
+                pred = files.enter_context(safe_open(folder / PREDICTORS, framework="numpy"))
+                cfg, sources = _predictor_sources(cfg, pred, folder / PREDICTORS)
+            want = expected_variables(cfg)
+            have = {k: v for k, v in stored.items() if not (bundled and "/ffn/" in k)}
+            have |= {k: w for k, w in want.items() if k.endswith("/ffn/bundle")}
+            have |= {k: jax.ShapeDtypeStruct(tuple(pred.get_slice(key).get_shape()), np.float32)
+                     for k, key in sources.items()}
+            check_variables(cfg, unflatten(have))
+            arrays = {}
+            for k, w in want.items():
+                sharding = NamedSharding(mesh, variable_spec(k, w.shape, mesh.size))
+                arrays[k] = (_load(pred, sources[k], w, sharding) if k in sources
+                             else _load_bundle(f, k.rsplit("/", 1)[0], cfg, w, sharding) if k.endswith("/ffn/bundle")
+                             else _load(f, k, w, sharding))
     except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"cannot read {folder / WEIGHTS}: {e}") from None
+        raise CheckpointError(f"cannot read the weights in {folder}: {e}") from None
     return LoadedModel(cfg, unflatten(arrays), load_tokenizer(folder))
+
+
+def _predictor_sources(cfg: ModelConfig, f, file: Path) -> tuple[ModelConfig, dict[str, str]]:
+    """For each "hire" variable `cfg` asks for, its name in the open predictor file `f` (KIND/PATH/NAME), and `cfg`
+    with `hire_rank` set to a low-rank predictor's own rank (as hire.calibrate.sparsify does)."""
+    places = [("softmax", "softmax")] if cfg.softmax != "dense" else []
+    if cfg.ffn == "group-sparse":
+        places += [("ffn", f"layers_{i}/ffn/predictor") for i in range(cfg.n_layers)]
+    sources = {}
+    for part, place in places:
+        kind = cfg.predictor_kind(part)
+        names = [k for k in f.keys() if k.rsplit("/", 1)[0] == f"{kind}/{place}"]
+        if not names:
+            raise CheckpointError(f"no {kind} predictor for {place} in {file}")
+        if kind == "lr" and f"lr/{place}/a" in names:
+            cfg = cfg.replace(hire_rank=f.get_slice(f"lr/{place}/a").get_shape()[1])
+        sources |= {f"hire/{place}/{k.rsplit('/', 1)[1]}": k for k in names}
+    return cfg, sources
 
 
 def _load(f, name: str, want: jax.ShapeDtypeStruct, sharding: NamedSharding) -> jax.Array:
     """One variable, each local device's piece read from the open safetensors file `f` alone."""
     return jax.make_array_from_callback(want.shape, sharding,
                                         lambda index: np.asarray(f.get_slice(name)[index], want.dtype))
+
+
+def _load_bundle(f, ffn: str, cfg: ModelConfig, want: jax.ShapeDtypeStruct, sharding: NamedSharding) -> jax.Array:
+    """The bundle of the FFN `ffn` ("params/layers_0/ffn"; hire.sparse.bundle_ffn): each local device's piece
+    bundled from its groups' columns of up and gate and rows of down, read from the open file `f` alone."""
+    size = cfg.ffn_group
+
+    def piece(index: tuple[slice, ...]) -> np.ndarray:
+        groups = range(cfg.ffn_groups)[index[0]]
+        neurons = slice(groups.start * size, groups.stop * size)
+        columns = lambda name: f.get_slice(f"{ffn}/{name}/kernel")[:, neurons]  # noqa: E731
+        bundle = bundle_ffn(columns("up"), f.get_slice(f"{ffn}/down/kernel")[neurons],
+                            columns("gate") if cfg.gated else None, size)
+        return np.asarray(bundle, want.dtype)[(slice(None), *index[1:])]
+
+    return jax.make_array_from_callback(want.shape, sharding, piece)
+
+
+def on_mesh(fn: Callable, mesh: Mesh | None) -> Callable:
+    """`fn`, traced with `mesh` as the context mesh: the model's HiRE operators then run sharded over it
+    (hire.sharded_sparse). The engine's jitted functions are built so. Without a mesh, `fn` itself."""
+    if mesh is None:
+        return fn
+
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return traced
 
 
 def held_bytes(tree) -> int:

@@ -53,16 +53,27 @@ def hire_logits(x: jax.Array, weight: jax.Array, approx: jax.Array, candidates: 
     lead, vocab = x.shape[:-1], approx.shape[-1]
     x, approx = x.reshape(-1, x.shape[-1]), approx.reshape(-1, vocab)
     _, idx = jax.lax.top_k(approx, candidates)  # [N, k']
-    if use_gather(x.shape[0], candidates, vocab) if gather is None else gather:
+    gather = use_gather(x.shape[0], candidates, vocab) if gather is None else gather
+    return cap_logits(approx, idx, exact_logits(x, weight, idx, rows_axis, gather)).reshape(*lead, vocab)
+
+
+def exact_logits(x: jax.Array, weight: jax.Array, idx: jax.Array, rows_axis: int, gather: bool) -> jax.Array:
+    """Exact logits [N, k'] (float32) of x [N, dim] for the rows idx [N, k'] of `weight` (as in `hire_logits`):
+    from the gathered rows, or (`gather` False) from all rows computed."""
+    if gather:
         rows = jnp.take(weight, idx, axis=rows_axis)
         exact = jnp.einsum("nd,nkd->nk" if rows_axis == 0 else "nd,dnk->nk", x, rows)
     else:
         full = x @ (weight.T if rows_axis == 0 else weight)
         exact = jnp.take_along_axis(full, idx, -1)
-    exact = exact.astype(jnp.float32)
+    return exact.astype(jnp.float32)
+
+
+def cap_logits(approx: jax.Array, idx: jax.Array, exact: jax.Array) -> jax.Array:
+    """`approx` [N, V] capped just below the lowest of `exact` [N, k'], with `exact` set at idx [N, k'] (an index
+    past V is dropped: a candidate another shard's rows hold, hire.sharded_sparse)."""
     floor = jnp.nextafter(exact.min(-1, keepdims=True), -jnp.inf)
-    logits = jnp.minimum(approx, floor).at[jnp.arange(x.shape[0])[:, None], idx].set(exact)
-    return logits.reshape(*lead, vocab)
+    return jnp.minimum(approx, floor).at[jnp.arange(approx.shape[0])[:, None], idx].set(exact, mode="drop")
 
 
 def bundle_ffn(up: jax.Array, down: jax.Array, gate: jax.Array | None, group: int) -> jax.Array:
@@ -105,7 +116,7 @@ def _scan_groups(x: jax.Array, bundle: jax.Array, groups: jax.Array, rows: jax.A
     CPU backend copies far faster than a gather, and plain matrix-vector products on it).
 
     With `rows` [M], entry i adds group groups[i] to token rows[i] only; without, every token gets every
-    listed group, and entries past the last group (padding) add nothing.
+    listed group. Entries past the last group (padding) add nothing.
     """
     n_groups = bundle.shape[0]
 
@@ -116,7 +127,7 @@ def _scan_groups(x: jax.Array, bundle: jax.Array, groups: jax.Array, rows: jax.A
             pre = (x @ w[:-1].reshape(-1, x.shape[-1]).T).reshape(x.shape[0], w.shape[0] - 1, w.shape[1])
             h = _activations(pre, act) * (group < n_groups)
             return acc + h @ w[-1], None
-        h = _activations(w[:-1] @ jax.lax.dynamic_index_in_dim(x, row, 0, keepdims=False), act)
+        h = _activations(w[:-1] @ jax.lax.dynamic_index_in_dim(x, row, 0, keepdims=False), act) * (group < n_groups)
         return acc.at[row].add(h @ w[-1]), None
 
     entries = (groups, groups if rows is None else rows)
@@ -124,12 +135,14 @@ def _scan_groups(x: jax.Array, bundle: jax.Array, groups: jax.Array, rows: jax.A
 
 
 def _scan_kept_groups(x: jax.Array, bundle: jax.Array, groups: jax.Array, rows: jax.Array | None,
-                      act: Callable[[jax.Array], jax.Array], keep: int) -> jax.Array:
+                      act: Callable[[jax.Array], jax.Array], keep: int,
+                      combine: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
     """`_scan_groups`, but each token adds only the `keep` listed groups of largest exact sum |h|: a first scan
     reads the groups' gate and up parts and computes h, a second reads the down rows of the groups kept.
 
     With `rows` [M] (k' entries per token, in token order) each token ranks its own entries; without, every
-    token ranks all listed groups (padding entries past the last group count as zero).
+    token ranks all listed groups (padding entries past the last group count as zero). `combine`, when given,
+    maps h [M, tokens, g] before the ranking (hire.sharded_sparse: the sum over shards of each shard's entries).
     """
     (n_groups, parts, group, dim), n = bundle.shape, x.shape[0]
     part = lambda g, first, count: jax.lax.dynamic_slice(  # noqa: E731
@@ -142,6 +155,7 @@ def _scan_kept_groups(x: jax.Array, bundle: jax.Array, groups: jax.Array, rows: 
         return None, _activations(pre, act) * (g < n_groups)  # [tokens, g]
 
     h = jax.lax.scan(activations, None, (groups, groups if rows is None else rows))[1]  # [M, tokens, g]
+    h = h if combine is None else combine(h)
     h = h.reshape(n, -1, group) if rows is not None else jnp.moveaxis(h, 0, 1)  # [n, entries, g]
     _, top = jax.lax.top_k(jnp.abs(h).sum(-1), keep)  # [n, keep]
     entries = groups.reshape(n, -1) if rows is not None else jnp.broadcast_to(groups, (n, groups.shape[0]))
@@ -182,7 +196,15 @@ def group_sparse_ffn(x: jax.Array, bundle: jax.Array, approx: jax.Array, act: Ca
         out = _scan_kept_groups(x, bundle, chosen, None, act, keep) if keep else _scan_groups(x, bundle, chosen,
                                                                                                None, act)
     else:
-        rows = jnp.repeat(jnp.arange(n), candidates)
-        out = (_scan_kept_groups(x, bundle, idx.ravel(), rows, act, keep) if keep
-               else _scan_groups(x, bundle, idx.ravel(), rows, act))
+        out = per_token_groups(x, bundle, idx, act, keep)
     return out.astype(x.dtype).reshape(*lead, dim)
+
+
+def per_token_groups(x: jax.Array, bundle: jax.Array, idx: jax.Array, act: Callable[[jax.Array], jax.Array],
+                     keep: int = 0, combine: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """The FFN [N, dim] (float32) of x [N, dim] over each token's own groups idx [N, k'], read one at a time
+    (`group_sparse_ffn`'s decode path); `keep` as there, `combine` as in `_scan_kept_groups`. Indices past the
+    bundle's last group add nothing."""
+    rows = jnp.repeat(jnp.arange(x.shape[0]), idx.shape[1])
+    return (_scan_kept_groups(x, bundle, idx.ravel(), rows, act, keep, combine) if keep
+            else _scan_groups(x, bundle, idx.ravel(), rows, act))

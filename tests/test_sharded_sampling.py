@@ -1,13 +1,16 @@
-"""hire.sharding.sample_sharded: sampling from vocabulary-sharded logits through DA-TOP-k, checked on 4 CPU devices
-of one process (this file runs itself as a script with XLA_FLAGS) against hire.sampling.sample."""
+"""On 4 CPU devices of one process (this file runs itself as a script with XLA_FLAGS): hire.sharding.sample_sharded,
+sampling from vocabulary-sharded logits through DA-TOP-k, against hire.sampling.sample; and the engine with HiRE
+sharded over the 4 devices (hire.sharded_sparse) against the single-device engine."""
 from __future__ import annotations
 
 import functools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +20,37 @@ from jax.sharding import PartitionSpec as P
 from test_topk import finish
 
 from hire import sharding
+from hire.calibrate import build_predictors, save_predictors
+from hire.checkpoint import load_model, resolve_model
+from hire.engine import Engine
+from hire.generate import generate
 from hire.sampling import RowSampling, SamplingParams, sample
+
+# HiRE settings of stories260K (vocabulary 512, FFN 172 neurons), each run sharded over 4 devices against 1 device
+# (tests/test_shards.py runs default-sparse's serving setting, int8 predictors keeping the top ffn_k, over 2 hosts)
+HIRE = {
+    # 172 groups of 1 split over the devices, 16 candidates each: decode (4 rows) gathers the softmax rows and scans
+    # the groups, prefill (16 tokens) computes all groups and masks them
+    "lr": dict(softmax="hire-lr", softmax_k=8, softmax_oversample=2, ffn="group-sparse", ffn_predictor="lr",
+               ffn_group=1, ffn_k=8, ffn_oversample=2),
+    # 43 groups of 4 (replicated: 4 does not divide 43), the batch union, each token keeping its exact top ffn_k;
+    # 256 softmax candidates (the masked softmax path)
+    "int8, union, 43 groups": dict(softmax="hire-q", softmax_k=32, softmax_oversample=8, ffn="group-sparse",
+                                   ffn_predictor="q", ffn_group=4, ffn_k=4, ffn_oversample=2, ffn_union=True,
+                                   ffn_keep_k=True),
+}
+HIRE_PROMPTS = ["Once upon a time", "The cat sat", "Lily", "One day"]
+HIRE_PARAMS = [SamplingParams(temperature=0.0, max_tokens=8, logprobs=True),
+               SamplingParams(temperature=0.9, top_k=5, max_tokens=8, seed=1, logprobs=True),
+               SamplingParams(temperature=0.0, max_tokens=8, logprobs=True),
+               SamplingParams(temperature=0.7, top_p=0.9, max_tokens=8, seed=3, logprobs=True)]
+
+
+def hire_model(folder: Path) -> Path:
+    """A copy of stories260K in `folder` with HiRE predictors beside it: rank-16 low-rank (SVD) and int8."""
+    shutil.copytree(resolve_model("stories260K"), folder, dirs_exist_ok=True)
+    save_predictors(folder, build_predictors(load_model(folder), ["lr", "int8"], 16), {"rank": 16})
+    return folder
 
 
 def test_sampler_paths_on_four_devices():
@@ -34,6 +67,49 @@ def test_sampler_paths_on_four_devices():
     assert set(out["cases"]["top-k"]) == {"switch", "gather", "top_k"}
     assert out["collectives"]["greedy"] == out["collectives"]["top_k"] == {"all-gather": 1}
     assert out["collectives"]["gather"].get("all-reduce", 0) + out["collectives"]["gather"].get("all-gather", 0) > 1
+
+
+def test_hire_engine_on_four_devices(tmp_path):
+    """The engine with HiRE over 4 devices of one process generates the single-device engine's tokens (greedy and
+    seeded, logprobs within 1e-4) for every setting in HIRE; the bundle and predictors are split where 4 divides
+    their rows; and no collective of a decode step moves as much as one device's share of the bundle (GSPMD alone
+    gathers the whole bundle every step)."""
+    folder = hire_model(tmp_path / "stories260K-hire")
+    out = finish(subprocess.Popen([sys.executable, __file__, "hire", str(folder)], env=os.environ | {
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), timeout=240)
+    assert set(out) == set(HIRE)
+    for name, got in out.items():
+        assert got["same_tokens"] and got["logprob_error"] < 1e-4, (name, got)
+    assert out["lr"]["splits"] == {"bundle": True, "softmax/a": False, "softmax/b": True, "ffn/predictor/a": False,
+                                   "ffn/predictor/b": True}
+    assert out["int8, union, 43 groups"]["splits"] == {"bundle": False, "softmax/q": True, "ffn/predictor/q": True}
+    assert 0 < out["lr"]["largest_collective"] < out["lr"]["bundle_share"], out["lr"]
+
+
+def hire_engines(folder: str) -> dict:
+    """What test_hire_engine_on_four_devices checks, run here with this process's devices."""
+    mesh, out = sharding.make_mesh(), {}
+    for name, setting in HIRE.items():
+        one = Engine(load_model(folder, **setting), slots=4, max_len=16)  # one bucket: one prefill, one decode
+        loaded = sharding.load_sharded(folder, mesh, **setting)
+        split = Engine(loaded, slots=4, max_len=16, mesh=mesh)
+        want, got = (generate(e, HIRE_PROMPTS, HIRE_PARAMS, chunk=8) for e in (one, split))
+        hire, layer = loaded.variables["hire"], loaded.variables["params"]["layers_0"]
+        arrays = {"bundle": layer["ffn"]["bundle"]} | {f"softmax/{k}": v for k, v in hire["softmax"].items()
+                                                        if k != "scale"}
+        arrays |= {f"ffn/predictor/{k}": v for k, v in hire["layers_0"]["ffn"]["predictor"].items() if k != "scale"}
+        out[name] = {"same_tokens": all(g.tokens == w.tokens for g, w in zip(got, want)),
+                     "logprob_error": max(float(np.max(np.abs(np.subtract(g.logprobs, w.logprobs))))
+                                          for g, w in zip(got, want)),
+                     "splits": {k: v.sharding.spec != P() for k, v in arrays.items()}}
+        if out[name]["splits"]["bundle"]:
+            text = split._generate_steps.lower(split.variables, split.init_state(), 8, 16).compile().as_text()
+            moved = [np.prod([int(d) for d in dims.split(",") if d])  # elements of each collective's result
+                     for dims in re.findall(r"= \w+\[([\d,]*)\]\S* (?:all-reduce|all-gather|collective-permute|"
+                                            r"all-to-all)", text)]
+            out[name] |= {"largest_collective": int(max(moved)), "bundle_share": layer["ffn"]["bundle"].size // 4}
+    return out
 
 
 def sampler_paths() -> dict:
@@ -67,4 +143,4 @@ def sampler_paths() -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(sampler_paths()))
+    print(json.dumps(hire_engines(sys.argv[2]) if sys.argv[1:2] == ["hire"] else sampler_paths()))

@@ -1,5 +1,6 @@
 """The sharded engine on a real multi-node Ray cluster on this machine: a head and two worker nodes, one
-host (ShardWorker) per worker node, two CPU devices per host, one JAX program over the four devices."""
+host (ShardWorker) per worker node, two CPU devices per host, one JAX program over the four devices; exact and
+with HiRE."""
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,9 @@ import pytest
 import ray
 from jax.sharding import PartitionSpec as P
 from ray.cluster_utils import Cluster
+from test_sharded_sampling import hire_model
 
-from cluster.shards import ShardedEngine
+from cluster.shards import ShardedEngine, check_servable
 from hire import sharding
 from hire.checkpoint import load_model
 from hire.config import ModelConfig
@@ -28,6 +30,10 @@ HOSTS, DEVICES = 2, 2
 PROMPTS = ["Once upon a time", "The cat sat", "Lily was", "One day, a big"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, logprobs=True)  # prompts and outputs fit one bucket
 CHUNK = 4  # decode steps per call everywhere here, so one decode program is compiled (and rebuilt) for all tests
+# default-sparse's serving setting (int8 predictors; each token keeps its exact top ffn_k of the candidates) at
+# stories260K's size: its 512 tokens and 172 groups of 1 neuron split over the 4 devices
+SERVING_HIRE = dict(softmax="hire-q", softmax_k=8, softmax_oversample=2, ffn="group-sparse", ffn_predictor="q",
+                    ffn_group=1, ffn_k=8, ffn_oversample=2, ffn_keep_k=True)
 
 
 @pytest.fixture(scope="module")
@@ -172,14 +178,55 @@ def test_unrecoverable_group_fails_requests(sharded, expected):
     assert_same(serve_all(sharded, PROMPTS[:1]), expected[:1])
 
 
+def test_hire_matches_one_process(sharded, tmp_path):
+    """HiRE over the two hosts: a group of a model with predictors, started with default-sparse's serving setting
+    (it takes the nodes of the `sharded` group, which it shuts down: this test runs after the others that use it),
+    holds a share of the bundles and predictors on each host and generates the single-process engine's tokens."""
+    folder = hire_model(tmp_path / "stories260K-hire")
+    sharded.shutdown()
+    engine = ShardedEngine(str(folder), HOSTS, DEVICES, slots=4, max_len=16, call_timeout=120, start_timeout=120,
+                           hire=SERVING_HIRE)
+    try:
+        one = Engine(load_model(folder, **SERVING_HIRE), slots=4, max_len=16)
+        assert engine.cfg == one.cfg and engine.cfg.sparse
+        params = [GREEDY, SamplingParams(temperature=0.9, top_k=5, max_tokens=10, seed=1, logprobs=True), GREEDY,
+                  GREEDY]
+        assert_same(generate(engine, PROMPTS, params, chunk=CHUNK), generate(one, PROMPTS, params, chunk=CHUNK))
+        total = sharding.held_bytes(one.variables)
+        assert all(i["held_bytes"] < 0.51 * total for i in engine.group.info), (engine.group.info, total)
+    finally:
+        engine.shutdown()
+
+
+def test_check_servable():
+    """`hire serve --hosts N` takes HiRE (default-sparse recommends it) and refuses, naming `hire`, a setting that is
+    not valid or has no predictors."""
+    check_servable("default-sparse")
+    check_servable("stories260K", hire={"softmax": "dense"})
+    with pytest.raises(ValueError, match="^hire: .* needs the predictors"):
+        check_servable("stories260K", hire={"softmax": "hire-q"})
+    with pytest.raises(ValueError, match="^hire: invalid ModelConfig: ffn_group"):
+        check_servable("stories260K", hire={"ffn": "group-sparse", "ffn_group": 5})
+    with pytest.raises(ValueError, match="^lora: "):
+        check_servable("stories260K", lora={"a": "adapters/a"})
+
+
 def test_rules_name_real_variables():
     """Every rule matches a variable of a model that has it, so a renamed parameter cannot go silently unsplit."""
     base = dict(vocab_size=64, dim=16, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=32)
-    names = {n for cfg in (ModelConfig(**base, attention_bias=True), ModelConfig(**base, n_experts=2))
+    hire = dict(ffn="group-sparse", ffn_group=2)
+    names = {n for cfg in (ModelConfig(**base, attention_bias=True), ModelConfig(**base, n_experts=2),
+                           ModelConfig(**base, **hire, softmax="hire-lr"),
+                           ModelConfig(**base, **hire, softmax="hire-q", ffn_predictor="q"))
              for n in expected_variables(cfg)}
     for rule in sharding.RULES:
         assert any(n.endswith("/" + rule) for n in names), rule
     assert sharding.variable_spec("params/layers_0/attn/q/kernel", (16, 16), 4) == P(None, "model")
     assert sharding.variable_spec("params/layers_0/ffn/down/kernel", (30, 16), 4) == P()  # 4 does not divide 30
     assert sharding.variable_spec("params/norm/weight", (16,), 4) == P()
+    assert sharding.variable_spec("params/layers_0/ffn/bundle", (16, 3, 2, 16), 4) == P("model", None)
+    assert sharding.variable_spec("params/layers_0/ffn/bundle", (6, 3, 2, 16), 4) == P()  # 4 does not divide 6
+    assert sharding.variable_spec("hire/softmax/b", (8, 64), 4) == P(None, "model")
+    assert sharding.variable_spec("hire/softmax/a", (16, 8), 4) == P()
+    assert sharding.variable_spec("hire/layers_0/ffn/predictor/scale", (64,), 4) == P("model")
 

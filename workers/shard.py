@@ -39,9 +39,10 @@ class ShardWorker:
         return f"{ray.util.get_node_ip_address()}:{port}"
 
     def start(self, coordinator: str, model: str, slots: int, max_len: int | None, dtype: str | None,
-              timeout: int, compilation_cache: str | None) -> dict[str, Any]:
-        """Join the JAX program, load this host's slice of `model` and build the engine over the global mesh;
-        compiled programs are kept in `compilation_cache`, when given, for the next start."""
+              timeout: int, compilation_cache: str | None, hire: dict[str, Any]) -> dict[str, Any]:
+        """Join the JAX program, load this host's slice of `model` (with the HiRE overrides `hire`) and build the
+        engine over the global mesh; compiled programs are kept in `compilation_cache`, when given, for the next
+        start."""
         import jax
 
         from hire import sharding
@@ -56,7 +57,7 @@ class ShardWorker:
             raise RuntimeError(f"host {self.rank} sees {jax.local_device_count()} devices, not the "
                                f"{self.devices_per_host} asked for: jax was imported before XLA_FLAGS was set")
         mesh = sharding.make_mesh()
-        loaded = sharding.load_sharded(model, mesh, dtype)
+        loaded = sharding.load_sharded(model, mesh, dtype, **hire)
         self.engine = Engine(loaded, slots, max_len, mesh=mesh)
         return {"rank": self.rank, "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                 "devices": jax.device_count(),

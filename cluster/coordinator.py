@@ -36,6 +36,7 @@ import statistics
 import tempfile
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -47,6 +48,7 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from cluster.shards import remove_named_group
 from hire.checkpoint import resolve_model
 from hire.engine import Engine, EngineUnavailable, buckets
 from hire.generate import Completion, Event, Request, _requests
@@ -80,12 +82,14 @@ class _Down(Exception):
 
 class Workers:
     """A VerifyWorker and a DraftWorker, their gRPC stubs, and restarts. `options` are Ray actor options for the
-    "verify" and "draft" actors (default one CPU each)."""
+    "verify" and "draft" actors (default one CPU each); with `group` (cluster.shards.ShardedEngine's keywords) the
+    VerifyWorker drives the large model sharded over that group of hosts, and a restart starts a fresh group."""
 
     def __init__(self, target: str, draft: str, slots: int, max_len: int | None, gamma: int, dtype: str | None = None,
                  compilation_cache: str | None = None, host: str | None = None, start_timeout: float = 300.0,
-                 options: dict[str, dict] | None = None):
+                 options: dict[str, dict] | None = None, group: dict[str, Any] | None = None):
         self.target, self.draft, self.slots, self.gamma, self.dtype = target, draft, slots, gamma, dtype
+        self.group, self.group_name = group, ""  # the verifier's shard group, and its placement group's name
         self.max_len, self.compilation_cache, self.host = max_len, compilation_cache, host
         self.start_timeout = start_timeout
         self.options = {"verify": {"num_cpus": 1}, "draft": {"num_cpus": 1}} | (options or {})
@@ -115,8 +119,9 @@ class Workers:
         actor = kind.options(**self.options[which]).remote()
         self.actors[which] = actor
         if which == "verify":
+            self.group_name = f"hire-verify-{uuid.uuid4().hex}" if self.group else ""
             call = actor.start.remote(self.target, self.slots, self.max_len, self.dtype, self.compilation_cache,
-                                      self.host)
+                                      self.host, self.group and self.group | {"name": self.group_name})
         else:
             verify = self.info["verify"]
             call = actor.start.remote(self.draft, verify["cfg"], self.slots, verify["max_len"], self.gamma, self.dtype,
@@ -143,6 +148,8 @@ class Workers:
             channel.close()
         if (actor := self.actors.pop(which, None)) is not None and ray.is_initialized():
             ray.kill(actor, no_restart=True)
+            if which == "verify" and self.group_name:  # its hosts die with it, their placement group stays
+                remove_named_group(self.group_name)
 
     def shutdown(self) -> None:
         for which in ("draft", "verify"):
@@ -172,6 +179,7 @@ class CoordinatorStats(SpecStats):
     verify_calls: int = 0
     predrafts_used: int = 0  # rows whose block came from a draft made while their previous block was verified
     predrafts_discarded: int = 0  # pre-drafts thrown away: a draft of the previous block was rejected
+    cancelled: int = 0  # requests that left their slot cancelled (the client went away)
     restarts: dict[str, int] = field(default_factory=lambda: {"verify": 0, "draft": 0})
     restart_seconds: list[float] = field(default_factory=list)
     call_seconds: dict[str, float] = field(default_factory=dict)  # by "worker.Method": time from send to answer
@@ -180,7 +188,8 @@ class CoordinatorStats(SpecStats):
         return super().as_dict() | {"proposed": self.proposed, "accepted": self.accepted, "rounds": self.rounds,
                                     "verify_calls": self.verify_calls,
                                     "predrafts_used": self.predrafts_used,
-                                    "predrafts_discarded": self.predrafts_discarded, "restarts": dict(self.restarts),
+                                    "predrafts_discarded": self.predrafts_discarded, "cancelled": self.cancelled,
+                                    "restarts": dict(self.restarts),
                                     "restart_seconds": [round(s, 2) for s in self.restart_seconds],
                                     "call_seconds": {k: round(v, 3) for k, v in self.call_seconds.items()}}
 
@@ -196,7 +205,9 @@ class Coordinator:
     cache slots, in two Ray actors driven over gRPC; `pipelined` overlaps drafting with verification (see the
     module's docstring). Needs a running Ray (ray.init). `timeout` bounds every call, `start_timeout` every
     (re)start; `restarts` is how many restarts in a row a failure may take before requests fail. Up to
-    `queue_size` requests wait beyond the free slots (then QueueFull)."""
+    `queue_size` requests wait beyond the free slots (then QueueFull). With `verify_hosts` > 1 or
+    `devices_per_host` > 1 the large model is sharded over that many host actors of that many devices each
+    (cluster.shards), which its worker drives; a host that dies or hangs restarts the verifier with a fresh group."""
 
     check_request = Engine.check_request
 
@@ -204,11 +215,15 @@ class Coordinator:
                  max_len: int | None = None, gamma: int = 4, pipelined: bool = True, dtype: str | None = None,
                  timeout: float = 120.0, start_timeout: float = 300.0, restarts: int = 3,
                  compilation_cache: str | None = None, host: str | None = None,
-                 options: dict[str, dict] | None = None, queue_size: int = 128):
-        if gamma < 1 or slots < 1 or queue_size < 1:
-            raise ValueError(f"gamma, slots and queue_size must be >= 1, got {gamma}, {slots} and {queue_size}")
+                 options: dict[str, dict] | None = None, queue_size: int = 128, verify_hosts: int = 1,
+                 devices_per_host: int = 1):
+        if min(gamma, slots, queue_size, verify_hosts, devices_per_host) < 1:
+            raise ValueError(f"gamma, slots, queue_size, verify_hosts and devices_per_host must be >= 1, got {gamma}, "
+                             f"{slots}, {queue_size}, {verify_hosts} and {devices_per_host}")
+        group = {"hosts": verify_hosts, "devices_per_host": devices_per_host, "call_timeout": timeout,
+                 "start_timeout": start_timeout} if verify_hosts * devices_per_host > 1 else None
         self.workers = Workers(target, draft, slots, max_len, gamma, dtype, compilation_cache, host, start_timeout,
-                               options)
+                               options, group)
         verify, drafter = self.workers.info["verify"], self.workers.info["draft"]
         self.cfg, self.max_len, self.slots, self.gamma = verify["cfg"], verify["max_len"], slots, gamma
         self.buckets = buckets(self.max_len)
@@ -371,6 +386,7 @@ class Coordinator:
             gone = [slot for slot, job in self.live.items() if job.cancelled]
             for slot in gone:
                 del self.live[slot]
+        self.stats.cancelled += len(gone)
         if gone:
             self.ready[gone] = False
             if self.update is not None:
@@ -610,11 +626,12 @@ def held_out_text() -> str:
 
 
 def bench(target: str, draft: str, slots: int, gamma: int, max_tokens: int, prompt_len: int, temperature: float,
-          repeats: int, text: str | None = None) -> dict[str, Any]:
+          repeats: int, text: str | None = None, verify_hosts: int = 1) -> dict[str, Any]:
     """Tokens/s of the coordinator unpipelined and pipelined (one pair of workers, the mode switched between runs),
     of the in-process Speculator and of the large model alone, on `slots` held-out prompts at once (`max_tokens`
     each, no stop token): medians of `repeats` interleaved runs after one untimed run of each, and the paired
-    ratios. A local Ray (its own temporary folder) holds the two workers."""
+    ratios. A local Ray (its own temporary folder) holds the two workers (and the verifier's `verify_hosts` hosts,
+    one device each, when more than one)."""
     from hire.bench import text_prompts
     from hire.checkpoint import load_model
     from hire.generate import generate
@@ -630,11 +647,12 @@ def bench(target: str, draft: str, slots: int, gamma: int, max_tokens: int, prom
     drafter = load_any_drafter(draft, large.cfg)
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="hire-ray-") as tmp:
-        ray.init(address="local", num_cpus=3, include_dashboard=False, _temp_dir=tmp,
+        ray.init(address="local", num_cpus=3 + verify_hosts, include_dashboard=False, _temp_dir=tmp,
                  namespace=f"hire-bench-{os.getpid()}")
         coordinator = None
         try:
-            coordinator = Coordinator(target, draft, slots, max_len, gamma, compilation_cache=os.path.join(tmp, "xla"))
+            coordinator = Coordinator(target, draft, slots, max_len, gamma, compilation_cache=os.path.join(tmp, "xla"),
+                                      verify_hosts=verify_hosts)
             stats: dict[str, list[dict[str, Any]]] = {"unpipelined": [], "pipelined": [], "speculator": []}
 
             def mode(pipelined: bool):
@@ -677,9 +695,9 @@ def bench(target: str, draft: str, slots: int, gamma: int, max_tokens: int, prom
     rows = {name: {"tokens_per_s": round(tokens[name] / statistics.median(s), 1), "tokens": tokens[name],
                    "seconds": [round(x, 3) for x in s]} | ({"stats": stats[name][-1]} if stats.get(name) else {})
             for name, s in seconds.items()}
-    return {"target": target, "draft": draft, "slots": slots, "gamma": gamma, "max_tokens": max_tokens,
-            "prompt_len": prompt_len, "temperature": temperature, "repeats": repeats, "cpus": os.cpu_count(),
-            "load_avg_1min": [round(x, 1) for x in loads], "paths": rows,
+    return {"target": target, "draft": draft, "verify_hosts": verify_hosts, "slots": slots, "gamma": gamma,
+            "max_tokens": max_tokens, "prompt_len": prompt_len, "temperature": temperature, "repeats": repeats,
+            "cpus": os.cpu_count(), "load_avg_1min": [round(x, 1) for x in loads], "paths": rows,
             "speedup": {"pipelined_vs_unpipelined": speedup("pipelined", "unpipelined"),
                         "pipelined_vs_speculator": speedup("pipelined", "speculator"),
                         "pipelined_vs_large_alone": speedup("pipelined", "large_alone"),
@@ -698,10 +716,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--text", help="a text file to cut prompts from (default: the held-out stdlib modules)")
+    parser.add_argument("--verify-hosts", type=int, default=1, help="shard the large model over this many hosts")
     a = parser.parse_args(argv)
     text = open(a.text).read() if a.text else None
     print(json.dumps(bench(a.target, a.draft, a.slots, a.gamma, a.max_tokens, a.prompt_len, a.temperature,
-                           a.repeats, text)))
+                           a.repeats, text, a.verify_hosts)))
 
 
 if __name__ == "__main__":

@@ -89,6 +89,15 @@ def test_model_info_and_decoding_fields(client):
         assert e.value.code() == code and e.value.details().startswith(word), e.value.details()
 
 
+def test_a_cancelled_stream_leaves_its_slot(client):
+    before = engine_stats()["cancelled"]
+    call = client.stub.GenerateStream(pb.GenerateRequest(text="\n", temperature=0.0, ignore_eos=True))
+    next(call)  # the first tokens are out: the request holds a slot
+    call.cancel()
+    faults.wait_for(lambda: engine_stats()["cancelled"] == before + 1, 30, "the coordinator to drop the request")
+    assert serve.get_deployment_handle("engine", launch.APP).load.remote().result()["busy_slots"] == 0
+
+
 def load(target: str, inject, at: float = 3.0, duration: float = 12.0) -> tuple[dict, list[lt.Record]]:
     return asyncio.run(faults.under_load(target, inject, at=at, duration=duration, load=lt.Load(concurrency=4),
                                          workload=WORKLOAD, timeout=150.0))

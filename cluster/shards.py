@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from hire.calibrate import PREDICTORS, exact_settings, model_folder, serving_settings
@@ -79,20 +79,22 @@ class ShardGroup:
     `strategy` (one of STRATEGIES) places them; by default STRICT_SPREAD when enough alive nodes can take
     a bundle, else PACK. Each bundle asks for one CPU and, when the cluster has it, one `resource`.
     `compilation_cache`, a folder every host can reach, keeps compiled programs across (re)starts. `hire`
-    overrides the model's HiRE fields (hire.sharding.load_sharded).
+    overrides the model's HiRE fields (hire.sharding.load_sharded). `name` names the placement group, so that whoever
+    kills the group's driver can free it (`remove_named_group`): the hosts die with the actor that made them, their
+    placement group does not.
     """
 
     def __init__(self, model: str, hosts: int, devices_per_host: int = 1, slots: int = 8, max_len: int | None = None,
                  dtype: str | None = None, strategy: str | None = None, resource: str = "hire_host",
                  call_timeout: float = 120.0, start_timeout: float = 120.0, compilation_cache: str | None = None,
-                 hire: dict[str, Any] | None = None):
+                 hire: dict[str, Any] | None = None, name: str = ""):
         if strategy is not None and strategy not in STRATEGIES:
             raise ValueError(f"strategy: {strategy!r} is not one of {STRATEGIES}")
         if hosts < 1 or devices_per_host < 1:
             raise ValueError("hosts and devices_per_host must be >= 1")
         self.model, self.hosts, self.devices_per_host = str(resolve_model(model)), hosts, devices_per_host
         self.slots, self.max_len, self.dtype, self.hire = slots, max_len, dtype, dict(hire or {})
-        self.strategy, self.resource = strategy, resource
+        self.strategy, self.resource, self.name = strategy, resource, name
         self.call_timeout, self.start_timeout, self.compilation_cache = call_timeout, start_timeout, compilation_cache
         self.workers: list[Any] = []
         self.info: list[dict[str, Any]] = []  # what each host's `start` returned, by rank
@@ -114,7 +116,7 @@ class ShardGroup:
         """Place and start the hosts, join them into one JAX program and load the model's slices."""
         strategy, bundle = self._placement()
         self.generation += 1
-        self._pg = placement_group([bundle] * self.hosts, strategy=strategy)
+        self._pg = placement_group([bundle] * self.hosts, strategy=strategy, name=self.name)
         try:
             if not self._pg.wait(int(self.start_timeout)):
                 raise ShardGroupError(f"no room for {self.hosts} hosts of {bundle} ({strategy}) within "
@@ -196,6 +198,12 @@ class ShardGroup:
             ray.kill(w)
         if pg is not None:
             remove_placement_group(pg)
+
+
+def remove_named_group(name: str) -> None:
+    """Free the placement group of the ShardGroup called `name`, if it is still there, and with it its hosts."""
+    with contextlib.suppress(ValueError):  # not there: shut down already
+        remove_placement_group(get_placement_group(name))
 
 
 class ShardedEngine:

@@ -1,9 +1,10 @@
 """The tandem coordinator (cluster.coordinator) on a real two-node Ray cluster (ray.cluster_utils.Cluster): the large
 model's actor on one node and the drafter's on the other, driven over gRPC on loopback, unpipelined and pipelined,
-with default-draft and default-tandem."""
+with default-draft and default-tandem; and the large model sharded over two host actors (cluster.shards)."""
 from __future__ import annotations
 
 import os
+import signal
 import sysconfig
 import tempfile
 import threading
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import ray
 from ray.cluster_utils import Cluster
+from ray.util.placement_group import placement_group_table
 
 from cluster.coordinator import Coordinator, CoordinatorActor
 from hire.bench import text_prompts
@@ -190,3 +192,38 @@ def test_tandem_through_the_coordinator_actor(local_ray, prompts, expected):
     finally:
         ray.get(actor.shutdown.remote(), timeout=120)
         ray.kill(actor)
+
+
+def test_verifier_sharded_over_hosts(local_ray, prompts, expected):
+    """The large model sharded over two host actors, one per node (the KV cache split by KV heads), which the
+    verifier's actor drives in lockstep: greedy output equals the large model alone; a host killed mid-generation
+    restarts the verifier with a fresh group (the old one's placement group freed), every live slot is prefilled on
+    it again, and the output is unchanged."""
+    places = {"verify": {"num_cpus": 0, "resources": {"verify_node": 1}}, "draft": PLACES["draft"]}
+    coordinator = Coordinator("default", "ngram", SLOTS, MAX_LEN, GAMMA, timeout=120, start_timeout=180,
+                              compilation_cache=str(local_ray / "xla"), options=places, verify_hosts=2)
+    try:
+        hosts = coordinator.workers.info["verify"]["hosts"]
+        assert len({h["node"] for h in hosts}) == 2
+        outs, stats = run(coordinator, False, prompts)
+        assert same_tokens(outs, expected) and stats["accepted"] > 0
+        tokens = coordinator.stats.tokens
+
+        def kill() -> None:
+            deadline = time.monotonic() + 300
+            while coordinator.stats.tokens < tokens + 10 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.kill(hosts[1]["pid"], signal.SIGKILL)
+
+        killer = threading.Thread(target=kill)
+        killer.start()
+        outs, _ = run(coordinator, True, prompts)
+        killer.join()
+        assert same_tokens(outs, expected)
+        assert coordinator.stats.restarts == {"verify": 1, "draft": 0}
+        assert {h["pid"] for h in coordinator.workers.info["verify"]["hosts"]}.isdisjoint(h["pid"] for h in hosts)
+        groups = [g for g in placement_group_table().values()
+                  if g["name"].startswith("hire-verify-") and g["state"] != "REMOVED"]
+        assert [g["name"] for g in groups] == [coordinator.workers.group_name]
+    finally:
+        coordinator.shutdown()

@@ -3,6 +3,7 @@
 Every worker of a group runs the same jitted calls in the same order (cluster.shards.ShardGroup broadcasts
 each call and waits for all before the next), so together they run one program over the global mesh.
 Decode states and prefilled prompts stay here, under keys the driver chose; only rank 0 sends tokens back.
+A tandem coordinator's verifier runs its programs here too (`verifier`, on a decode state of its own).
 
 The process must see its devices when jax is first imported, so this module imports no jax at the top:
 the driver starts the actor with XLA_FLAGS (--xla_force_host_platform_device_count, CPU) and
@@ -17,8 +18,11 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
     from hire.engine import Engine
     from hire.sampling import SamplingParams
+    from workers.verify import VerifierPrograms
 
 
 @ray.remote(concurrency_groups={"health": 1})
@@ -28,6 +32,8 @@ class ShardWorker:
     def __init__(self, rank: int, hosts: int, devices_per_host: int):
         self.rank, self.hosts, self.devices_per_host = rank, hosts, devices_per_host
         self.engine: Engine | None = None
+        self.mesh: Mesh | None = None
+        self.verifier_programs: VerifierPrograms | None = None  # a tandem verifier's state, made at its first call
         self.states: dict[int, Any] = {}  # decode states by key
         self.prefixes: dict[int, Any] = {}  # prefilled prompts by key, until inserted or dropped
 
@@ -56,9 +62,9 @@ class ShardWorker:
         if jax.local_device_count() != self.devices_per_host:
             raise RuntimeError(f"host {self.rank} sees {jax.local_device_count()} devices, not the "
                                f"{self.devices_per_host} asked for: jax was imported before XLA_FLAGS was set")
-        mesh = sharding.make_mesh()
-        loaded = sharding.load_sharded(model, mesh, dtype, **hire)
-        self.engine = Engine(loaded, slots, max_len, mesh=mesh)
+        self.mesh = sharding.make_mesh()
+        loaded = sharding.load_sharded(model, self.mesh, dtype, **hire)
+        self.engine = Engine(loaded, slots, max_len, mesh=self.mesh)
         return {"rank": self.rank, "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                 "devices": jax.device_count(),
                 "held_bytes": sharding.held_bytes(loaded.variables), "cfg": loaded.cfg, "max_len": self.engine.max_len}
@@ -84,6 +90,15 @@ class ShardWorker:
         self.states[state], out = self.engine.generate_steps(self._take(self.states, state, "decode state"), n, reach)
         return self._result(out.tokens, out.logprobs)
 
+    def verifier(self, method: str, *args: Any):
+        """workers.verify.VerifierPrograms.`method` ("prefill" or "verify") on this host's shard of a Verifier's
+        decode state (workers.verify.GroupPrograms broadcasts it)."""
+        from workers.verify import VerifierPrograms
+
+        if self.verifier_programs is None:
+            self.verifier_programs = VerifierPrograms(self.engine, self.mesh)
+        return self._result(*getattr(self.verifier_programs, method)(*args))
+
     def warm_up(self, chunk: int) -> None:
         self.engine.warm_up(chunk)
 
@@ -97,9 +112,10 @@ class ShardWorker:
         return table.pop(key)
 
     def _result(self, *arrays):
-        """Rank 0 returns the (replicated) arrays as numpy; the others wait for them and return None."""
+        """Rank 0 returns the (replicated) arrays as numpy (None stays None); the others wait for them and return
+        None."""
         import jax
         import numpy as np
 
         jax.block_until_ready(arrays)
-        return tuple(np.asarray(a) for a in arrays) if self.rank == 0 else None
+        return tuple(None if a is None else np.asarray(a) for a in arrays) if self.rank == 0 else None

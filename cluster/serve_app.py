@@ -82,7 +82,8 @@ class EngineServer:
     The model runs with the HiRE setting its folder recommends (hire.calibrate.serving_settings), if any,
     with `hire` (ModelConfig HiRE fields, e.g. {"softmax": "dense"}) on top. With `draft` (a drafter's name or
     path, or "ngram") it is decoded speculatively, `gamma` tokens drafted per block, `pipelined` or not
-    (docs/coordinator.md); the large model then runs exactly, in its own worker actor.
+    (docs/coordinator.md); the large model then runs exactly, in its own worker actor (over `hosts` host actors
+    when > 1).
     """
 
     def __init__(self, model: str = "default", slots: int = 8, max_len: int | None = None, queue_size: int = 128,
@@ -94,7 +95,8 @@ class EngineServer:
             from cluster.coordinator import Coordinator
 
             coordinator = Coordinator(model, draft, slots, max_len, gamma, pipelined, dtype, queue_size=queue_size,
-                                      compilation_cache=compilation_cache_folder())
+                                      compilation_cache=compilation_cache_folder(), verify_hosts=hosts,
+                                      devices_per_host=devices_per_host)
             mode = pb.DECODING_MODE_TANDEM if coordinator.hidden_layers else pb.DECODING_MODE_SPECULATIVE
             self.served = Served(coordinator, coordinator.cfg.name, drafters=[Path(draft).name], mode=mode,
                                  gamma=gamma)

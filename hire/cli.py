@@ -790,7 +790,8 @@ def serve_grpc(model, host, port, slots, max_len, queue_size, chunk, prefills, d
               "else PACK).")
 @click.option("--draft", metavar="NAME", help="Decode speculatively with this drafter (default-draft, default-tandem, "
               "ngram, or a model path): each replica becomes a tandem coordinator driving the model and the drafter "
-              "in two worker actors over gRPC (one CPU each). Output is exactly the model's (docs/coordinator.md).")
+              "in two worker actors over gRPC (one CPU each; with --hosts N the model's worker drives N host actors). "
+              "Output is exactly the model's (docs/coordinator.md).")
 @click.option("--gamma", default=4, show_default=True, type=click.IntRange(1, 16),
               help="Tokens drafted per block (with --draft).")
 @click.option("--unpipelined", is_flag=True, help="With --draft: draft a block only after the previous one is verified "
@@ -832,9 +833,9 @@ def serve_command(model, host, http_port, grpc_port, replicas, address, replica_
     if replica_resource:
         args["replica_resource"] = replica_resource
     if draft:
-        clash = {"--hosts": hosts > 1, "--lora": bool(pairs), "--softmax / --ffn / --hire": bool(flags)}
+        clash = {"--lora": bool(pairs), "--softmax / --ffn / --hire": bool(flags)}
         if given := [name for name, on in clash.items() if on]:
-            raise click.BadParameter(f"speculative decoding runs one exact model in one worker; it does not combine "
+            raise click.BadParameter(f"speculative decoding verifies with the exact model; it does not combine "
                                      f"with {', '.join(given)} yet", param_hint="--draft")
         if draft != "ngram":
             try:

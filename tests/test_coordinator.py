@@ -152,6 +152,26 @@ def test_killed_worker_is_restarted_and_requests_finish(standalone, prompts, exp
     assert same_tokens(outs, expected)
 
 
+def test_a_cancelled_request_leaves_its_slot(standalone, prompts, expected):
+    """A request cancelled after its first token (as a server cancels the stream of a client that went away) gets
+    no further event and leaves its slot before the next round; a request beside it is not disturbed."""
+    first, go, events = threading.Event(), threading.Event(), []
+
+    def sink(item) -> None:  # on the coordinator's thread: hold it until the request is cancelled
+        events.append(item)
+        first.set()
+        go.wait(60)
+
+    before = standalone.stats.cancelled
+    job = standalone.submit(prompts[0], GREEDY, -1, sink)
+    first.wait(300)
+    standalone.cancel(job)
+    go.set()
+    outs = standalone.generate(prompts[1:2], GREEDY)
+    assert len(events) == 1 and standalone.stats.cancelled == before + 1 and standalone.busy_slots == 0
+    assert same_tokens(outs, expected[1:2])
+
+
 def test_bad_requests_answer_invalid_argument(standalone):
     channel = grpc.insecure_channel(standalone.workers.info["draft"]["address"])
     drafter = internal_pb2_grpc.DrafterStub(channel)

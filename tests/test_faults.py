@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import tempfile
 from collections import Counter
 
@@ -16,14 +15,9 @@ from ray import serve
 
 from cluster import faults, launch
 from cluster import loadtest as lt
+from cluster.bench_serving import free_port
 
 WORKLOAD = lt.Workload(lt.Dist("16"), lt.Dist("uniform:16:48"))  # varied lengths: requests end at any time
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +19,7 @@ from hypothesis import strategies as st
 from ray import serve
 
 from cluster import launch
+from cluster.bench_serving import free_port
 from cluster.openai_api import ChatMessage, chat_prompt
 from hire.checkpoint import load_model
 from hire.engine import Engine
@@ -30,12 +30,6 @@ from protos import inference_pb2_grpc, jetstream_pb2_grpc
 from protos import jetstream_pb2 as js
 
 MODEL, PROMPT = "stories260K", "Once upon a time"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

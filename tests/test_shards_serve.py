@@ -4,7 +4,6 @@ per host), against the single-process engine's greedy output."""
 from __future__ import annotations
 
 import json
-import socket
 import urllib.request
 
 import pytest
@@ -14,18 +13,13 @@ from ray import serve
 from ray.cluster_utils import Cluster
 
 from cluster import launch
+from cluster.bench_serving import free_port
 from hire.checkpoint import load_model, resolve_model
 from hire.engine import Engine
 from hire.generate import generate
 from hire.sampling import SamplingParams
 
 PROMPT, MAX_TOKENS = "Once upon a time", 10
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(url: str, body: dict | None = None) -> dict:

@@ -53,7 +53,7 @@ from hire.checkpoint import resolve_model
 from hire.engine import Engine, EngineUnavailable, buckets
 from hire.generate import Completion, Event, Request, _requests
 from hire.sampling import SamplingParams
-from hire.scheduler import Job, QueueFull, Sink
+from hire.scheduler import Job, Sink, check_room, deliver
 from hire.speculative import SpecStats
 from hire.tokenizer import load_tokenizer
 from protos import internal_pb2 as pb
@@ -274,8 +274,7 @@ class Coordinator:
         with self.cond:
             if self.closed:
                 raise WorkerError("the coordinator is shut down")
-            if len(self.queue) >= self.queue_size + self.slots - len(self.live):
-                raise QueueFull(f"all {self.slots} slots are busy and {self.queue_size} requests wait; retry later")
+            check_room(len(self.queue), len(self.live), self.slots, self.queue_size)
             self.queue.append(job)
             self.cond.notify()
 
@@ -366,11 +365,7 @@ class Coordinator:
         if job.done or job.cancelled:
             return
         job.done = isinstance(item, Exception) or item.finish_reason is not None
-        try:
-            job.sink(item)
-        except Exception:  # noqa: BLE001 - e.g. the caller's event loop has closed
-            log.exception("request %d: its sink failed; cancelling it", job.request.index)
-            job.cancelled = True
+        deliver(job, item, self.cancel)
 
     def _push(self, job: Job, token: int, logprob: float) -> bool:
         """Add a decided token to the request and tell its sink; whether the request has ended."""

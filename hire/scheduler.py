@@ -36,6 +36,22 @@ class QueueFull(Exception):
     """The queue already holds as many waiting requests as the scheduler allows."""
 
 
+def check_room(waiting: int, running: int, slots: int, queue_size: int) -> None:
+    """QueueFull when `queue_size` requests already wait beyond the slots the `running` ones leave free."""
+    if waiting >= queue_size + slots - running:
+        raise QueueFull(f"all {slots} slots are busy and {queue_size} requests wait; retry later")
+
+
+def deliver(job: Job, item: Event | Exception, cancel: Callable[[Job], None]) -> None:
+    """Call the job's sink with `item`; a sink that fails (e.g. the caller's event loop has closed) is logged and
+    the job cancelled with `cancel`."""
+    try:
+        job.sink(item)
+    except Exception:  # noqa: BLE001 - one caller's failure must not stop the loop that serves the others
+        log.exception("request %d: its sink failed; cancelling it", job.request.index)
+        cancel(job)
+
+
 @dataclass(eq=False)
 class Job:
     """A submitted request and where its events go."""
@@ -111,9 +127,7 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the scheduler has stopped")
-            if len(self._waiting) >= self.queue_size + self.engine.slots - len(self._running):
-                raise QueueFull(f"all {self.engine.slots} slots are busy and {self.queue_size} requests wait; "
-                                "retry later")
+            check_room(len(self._waiting), len(self._running), self.engine.slots, self.queue_size)
             self._waiting.append(job)
             self._cond.notify()
         return job
@@ -229,13 +243,8 @@ class Scheduler:
         if isinstance(item, Exception) or item.finish_reason is not None:
             job.done = True
             self._running.pop(job.request.index, None)
-        if job.cancelled:
-            return
-        try:
-            job.sink(item)
-        except Exception:  # noqa: BLE001 - e.g. the caller's event loop has closed
-            log.exception("request %d: its sink failed; cancelling it", job.request.index)
-            self.cancel(job)
+        if not job.cancelled:
+            deliver(job, item, self.cancel)
 
 
 class Stream:

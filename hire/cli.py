@@ -421,8 +421,14 @@ def bench_router(model, draft, train_file, text_file, batch, n_prompts, train_pr
               help="Expected DA-TOP-k recall that sets the per-shard candidate count k_local.")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
               help="Timed runs; the median is kept.")
-def bench_topk(devices, vocab, batch, k, dim, methods, recall_target, repeats) -> None:
-    """DA-TOP-k against all_gather-all-logits + exact top-k on sharded random logits, and the top-k methods."""
+@click.option("--predictor", default="int8", show_default=True, type=click.Choice(["int8", "int4", "none"]),
+              help="Also time DA-TOP-k scored by this HiRE-Q copy of the weight, candidates rescored exactly.")
+@click.option("--oversample", default=4, show_default=True, type=click.IntRange(min=1),
+              help="HiRE candidates per shard, as a multiple of k_local.")
+def bench_topk(devices, vocab, batch, k, dim, methods, recall_target, repeats, predictor, oversample) -> None:
+    """DA-TOP-k against all_gather-all-logits + exact top-k on sharded random logits, and the top-k methods.
+
+    The 'hire' entry is the same step with approximate scores from an int8/int4 copy of the weight."""
     if vocab % devices or k > vocab:
         raise click.BadParameter(f"needs a multiple of --devices ({devices}), at least --k", param_hint="--vocab")
     # The JAX backend starts at the first device query, so the host device count still takes effect here.
@@ -435,7 +441,8 @@ def bench_topk(devices, vocab, batch, k, dim, methods, recall_target, repeats) -
     if jax.device_count() < devices:
         raise click.ClickException(f"--devices {devices}, but JAX has {jax.device_count()} "
                                    f"{jax.default_backend()} devices (was its backend started already?)")
-    click.echo(json.dumps(run(jax.devices()[:devices], vocab, batch, k, dim, methods, repeats, recall_target)))
+    click.echo(json.dumps(run(jax.devices()[:devices], vocab, batch, k, dim, methods, repeats, recall_target,
+                              predictor=None if predictor == "none" else predictor, oversample=oversample)))
 
 
 @bench.command("window")

@@ -7,8 +7,11 @@ Two kinds, each a dict of arrays (a plain pytree, stored in the model's "hire" c
   Without calibration (C = I) that is the truncated SVD of W; at r = dim it is W itself.
 - quantized ("int8", "int4"): {"q": int8 [n, dim] or uint8 [n, dim/2], "scale": f32 [n]}, one symmetric
   scale per row: row i is q_i * scale_i with q in [-127, 127] (int8) or [-7, 7] (int4, two per byte:
-  the even column in the low nibble, the odd one in the high nibble, each stored plus 8).
-  Each score is off by at most |x|_1 * scale_i / 2.
+  the even column in the low nibble, the odd one in the high nibble, each stored plus 8). Scoring
+  quantizes x too (int8, one symmetric scale per row, s_x = max|x| / 127) and takes an int8 x int8 -> int32
+  product: XLA's CPU backend runs that on the int8 bytes (3.4x faster than f32 at [8, 2048] x [2048, 32k]),
+  where converting q to float first costs more than the f32 product. Each score is off by at most
+  |x|_1 * scale_i / 2 (the weight's rounding) + s_x * |q_i|_1 * scale_i / 2 (the hidden state's).
 """
 from __future__ import annotations
 
@@ -79,8 +82,12 @@ def scores(pred: dict[str, Any], x: jax.Array) -> jax.Array:
     if kind == "lr":
         return ((x @ pred["a"]) @ pred["b"]).astype(jnp.float32)
     q = unpack_int4(pred["q"]) if kind == "int4" else pred["q"]
-    dots = jnp.einsum("...d,nd->...n", x, q.astype(x.dtype), preferred_element_type=jnp.float32)
-    return dots * pred["scale"]
+    x = x.astype(jnp.float32)
+    x_scale = jnp.max(jnp.abs(x), -1, keepdims=True) / 127
+    x_scale = jnp.where(x_scale > 0, x_scale, 1.0)
+    x_q = jnp.clip(jnp.round(x / x_scale), -127, 127).astype(jnp.int8)
+    dots = jnp.einsum("...d,nd->...n", x_q, q, preferred_element_type=jnp.int32)
+    return dots.astype(jnp.float32) * x_scale * pred["scale"]
 
 
 def spec(kind: str, dim: int, n: int, rank: int, dtype: str) -> dict[str, tuple[tuple[int, ...], Any]]:

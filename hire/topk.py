@@ -14,7 +14,8 @@ API (all shapes static, so everything runs under `jax.jit`):
 - `da_top_k(score_fn, x, params, mesh=, axis=, k=, k_local=)`: DA-TOP-k. The rows of `params` are
   sharded over the mesh axis `axis`; each device scores its rows with `score_fn(x, params_shard)`,
   keeps its top `k_local` (value, global index) pairs, one `all_gather` merges them and the top k is
-  taken; `logsumexp=True` adds the scores' log-sum-exp to the same all_gather. `gather_top_k` is the
+  taken; `logsumexp=True` adds the scores' log-sum-exp to the same all_gather; `rescore=` with
+  `candidates=` makes `score_fn` a HiRE predictor whose top candidates each shard computes exactly. `gather_top_k` is the
   exact baseline: all_gather every score, then `jax.lax.top_k`.
 - `shard_recall(k, shards, n, k_local)`: expected recall of keeping `k_local` per shard when the global
   top-k rows are spread at random over `shards` equal shards of `n` rows (hypergeometric).
@@ -37,6 +38,7 @@ from jax.sharding import Mesh, PartitionSpec
 METHODS = ("exact", "approx", "statistical")
 
 ScoreFn = Callable[[Any, Any], jax.Array]
+RescoreFn = Callable[[Any, Any, jax.Array], jax.Array]
 
 
 def top_k(scores: jax.Array, k: int, method: str = "exact", *, recall_target: float = 0.95,
@@ -104,9 +106,11 @@ def _statistical_top_k(scores: jax.Array, k: int, capacity: int) -> tuple[jax.Ar
 
 
 def _sharded_top_k(score_fn: ScoreFn, x: Any, params: Any, mesh: Mesh, axis: str, k: int,
-                   k_local: int | None, method: str, logsumexp: bool = False) -> tuple[jax.Array, ...]:
+                   k_local: int | None, method: str, logsumexp: bool = False,
+                   rescore: RescoreFn | None = None, candidates: int = 0) -> tuple[jax.Array, ...]:
     """DA-TOP-k with `k_local` candidates per shard, or the gather-everything baseline when it is None; with
-    `logsumexp`, also the log-sum-exp of all scores from each shard's (max, sum of exp) in the same all_gather."""
+    `logsumexp`, also the log-sum-exp of all scores from each shard's (max, sum of exp) in the same all_gather;
+    with `rescore`, each shard's top `candidates` by `score_fn` rescored before its top `k_local` is kept."""
     shards = mesh.shape[axis]
 
     def local(x: Any, params: Any) -> tuple[jax.Array, ...]:
@@ -115,7 +119,12 @@ def _sharded_top_k(score_fn: ScoreFn, x: Any, params: Any, mesh: Mesh, axis: str
         if k_local is None:
             every = jax.lax.all_gather(scores, axis, axis=last, tiled=True, to="invarying")
             return tuple(jax.lax.top_k(every, k)) + ((jax.nn.logsumexp(every, -1),) if logsumexp else ())
-        values, indices = top_k(scores, min(k_local, n_local), method)
+        if rescore is None:
+            values, indices = top_k(scores, min(k_local, n_local), method)
+        else:
+            _, rows = top_k(scores, min(candidates, n_local), method)
+            values, pos = jax.lax.top_k(rescore(x, params, rows).astype(scores.dtype), min(k_local, rows.shape[-1]))
+            indices = jnp.take_along_axis(rows, pos, -1)
         indices = indices + jax.lax.axis_index(axis).astype(jnp.int32) * n_local
         parts = [values.astype(jnp.float32), indices.astype(jnp.float32)]  # exact below 2**24 rows (checked)
         if logsumexp:  # this shard's max and sum of exp(score - max); merged below into the log-sum-exp
@@ -145,7 +154,8 @@ def _sharded_top_k(score_fn: ScoreFn, x: Any, params: Any, mesh: Mesh, axis: str
 
 
 def da_top_k(score_fn: ScoreFn, x: Any, params: Any, *, mesh: Mesh, axis: str, k: int, k_local: int,
-             method: str = "exact", logsumexp: bool = False) -> tuple[jax.Array, ...]:
+             method: str = "exact", logsumexp: bool = False, rescore: RescoreFn | None = None,
+             candidates: int = 0) -> tuple[jax.Array, ...]:
     """DA-TOP-k: the top k of `score_fn` over all rows, from `k_local` candidates per shard of `axis`.
 
     `params` is a pytree whose leaves are sharded on their leading (row) axis over `axis`, `x` a pytree
@@ -157,8 +167,15 @@ def da_top_k(score_fn: ScoreFn, x: Any, params: Any, *, mesh: Mesh, axis: str, k
 
     With `logsumexp`, a third output [...] is the log-sum-exp of all N scores, a softmax's normalizer: each
     shard's max and sum of exp(score - max) travel in the same all_gather (hire.sharding samples with it).
+
+    With `rescore` (HiRE inside DA-TOP-k), `score_fn` gives cheap approximate scores: each shard takes its top
+    `candidates` (>= k_local) rows by them, `rescore(x, params_shard, local_rows)` [..., candidates] computes
+    those rows exactly, and the shard's top `k_local` of the exact values go to the merge. Only the candidates'
+    rows of the exact weight are read. `logsumexp` is then that of the approximate scores.
     """
-    return _sharded_top_k(score_fn, x, params, mesh, axis, k, k_local, method, logsumexp)
+    if rescore is not None and candidates < k_local:
+        raise ValueError(f"candidates ({candidates}) must be at least k_local ({k_local})")
+    return _sharded_top_k(score_fn, x, params, mesh, axis, k, k_local, method, logsumexp, rescore, candidates)
 
 
 def gather_top_k(score_fn: ScoreFn, x: Any, params: Any, *, mesh: Mesh, axis: str, k: int
@@ -198,7 +215,7 @@ def k_local_for_recall(k: int, shards: int, n: int, target: float) -> int:
 
 def bench_topk(devices: list[jax.Device], vocab: int, batch: int, k: int, dim: int = 2048,
                methods: tuple[str, ...] = METHODS, repeats: int = 5, recall_target: float = 0.99,
-               seed: int = 0) -> dict[str, Any]:
+               seed: int = 0, predictor: str | None = "int8", oversample: int = 4) -> dict[str, Any]:
     """Time DA-TOP-k against the gather-everything baseline over `devices`, and the `top_k` methods on one.
 
     A random softmax weight W [vocab, dim] (rows ~ N(0, I / dim), so about unit norm) is sharded by rows.
@@ -209,6 +226,9 @@ def bench_topk(devices: list[jax.Device], vocab: int, batch: int, k: int, dim: i
     the sharded logits h @ W.T alone; the full step (logits on each shard, then top-k) of the baseline and
     of DA-TOP-k; the merge alone, the same two on precomputed sharded logits; and each single-device
     `top_k` method on the full [batch, vocab] logits. Recall is against `lax.top_k` of the same logits.
+
+    With `predictor` ("int8" or "int4", hire.predictors' per-row copy of W), also the HiRE step: DA-TOP-k
+    scoring with the predictor, k_local x `oversample` candidates per shard rescored exactly from W's rows.
     """
     shards = len(devices)
     mesh = Mesh(np.array(devices), ("rows",))
@@ -243,6 +263,19 @@ def bench_topk(devices: list[jax.Device], vocab: int, batch: int, k: int, dim: i
         "merge_exact": sharded(logits_t, transposed, None), "merge_da_top_k": sharded(logits_t, transposed, k_local),
         **{f"single_{m}": on_one(m) for m in methods},
     }
+    if predictor:
+        from hire import predictors
+
+        pred = jax.device_put(predictors.quantize(np.asarray(w).T, predictor), by_rows)
+        candidates = k_local * oversample
+
+        def rescore(h: jax.Array, p: dict, rows: jax.Array) -> jax.Array:
+            return jnp.einsum("bd,bcd->bc", h, p["w"][rows])
+
+        hire_step = jax.jit(lambda h, p: _sharded_top_k(
+            lambda h, p: predictors.scores(p["pred"], h), h, p, mesh, "rows", k, k_local, "exact",
+            rescore=rescore, candidates=candidates))
+        programs["hire"] = lambda: hire_step(h, {"w": w, "pred": pred})
     results = {name: jax.block_until_ready(run()) for name, run in programs.items()}
     times: dict[str, list[float]] = {name: [] for name in programs}
     for _ in range(repeats):
@@ -269,5 +302,10 @@ def bench_topk(devices: list[jax.Device], vocab: int, batch: int, k: int, dim: i
         "single_device": {m: {"ms": round(ms[f"single_{m}"], 3), "recall": recall(f"single_{m}"),
                               "speedup_vs_exact": round(ms["single_exact"] / ms[f"single_{m}"], 3)
                               if "exact" in methods else None} for m in methods},
+        **({"hire": {
+            "predictor": predictor, "candidates_per_shard": candidates, "recall": recall("hire"),
+            "ms": round(ms["hire"], 3), "speedup_vs_exact": round(ms["exact"] / ms["hire"], 3),
+            "bytes_read": sum(a.nbytes for a in jax.tree.leaves(pred)) + shards * batch * candidates * dim * 4,
+            "exact_bytes_read": w.nbytes}} if predictor else {}),
         "device": devices[0].device_kind, "jax": jax.__version__,
     }

@@ -446,7 +446,7 @@ def bench_topk(devices, vocab, batch, k, dim, methods, recall_target, repeats, p
 
 
 @bench.command("window")
-@click.option("--model", default="default-sparse", show_default=True, help=MODEL_HELP)
+@click.option("--model", default="default", show_default=True, help=MODEL_HELP)
 @click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="UTF-8 text the model reads (held-out text: VALID).")
 @click.option("--window", "window_sizes", default=(0, 1, 2, 4, 8, 16), multiple=True, show_default=True,

@@ -208,9 +208,9 @@ def test_engine_decodes_with_hire_as_one_forward_pass_does(stories, stories_pred
     assert np.argmax(logits[0, len(prompt) - 1:-1], -1).tolist() == out.tokens
 
 
-def test_recall_on_the_trained_default_model():
+def test_recall_on_the_trained_dense_default_model():
     """Predictors fitted on a little of the standard library's source, measured on other held-out code."""
-    model = load_model("default")
+    model = load_model("default-dense")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     tokens = model.tokenizer.encode((stdlib / "functools.py").read_text() + (stdlib / "textwrap.py").read_text())
     settings = {"softmax_k": 32, "ffn_k": 4}

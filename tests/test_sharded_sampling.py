@@ -27,7 +27,7 @@ from hire.generate import generate
 from hire.sampling import RowSampling, SamplingParams, sample
 
 # HiRE settings of stories260K (vocabulary 512, FFN 172 neurons), each run sharded over 4 devices against 1 device
-# (tests/test_shards.py runs default-sparse's serving setting, int8 predictors keeping the top ffn_k, over 2 hosts)
+# (tests/test_shards.py runs default's serving setting, int8 predictors keeping the top ffn_k, over 2 hosts)
 HIRE = {
     # 172 groups of 1 split over the devices, 16 candidates each: decode (4 rows) gathers the softmax rows and scans
     # the groups, prefill (16 tokens) computes all groups and masks them

@@ -30,7 +30,7 @@ HOSTS, DEVICES = 2, 2
 PROMPTS = ["Once upon a time", "The cat sat", "Lily was", "One day, a big"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, logprobs=True)  # prompts and outputs fit one bucket
 CHUNK = 4  # decode steps per call everywhere here, so one decode program is compiled (and rebuilt) for all tests
-# default-sparse's serving setting (int8 predictors; each token keeps its exact top ffn_k of the candidates) at
+# default's serving setting (int8 predictors; each token keeps its exact top ffn_k of the candidates) at
 # stories260K's size: its 512 tokens and 172 groups of 1 neuron split over the 4 devices
 SERVING_HIRE = dict(softmax="hire-q", softmax_k=8, softmax_oversample=2, ffn="group-sparse", ffn_predictor="q",
                     ffn_group=1, ffn_k=8, ffn_oversample=2, ffn_keep_k=True)
@@ -179,7 +179,7 @@ def test_unrecoverable_group_fails_requests(sharded, expected):
 
 
 def test_hire_matches_one_process(sharded, tmp_path):
-    """HiRE over the two hosts: a group of a model with predictors, started with default-sparse's serving setting
+    """HiRE over the two hosts: a group of a model with predictors, started with default's serving setting
     (it takes the nodes of the `sharded` group, which it shuts down: this test runs after the others that use it),
     holds a share of the bundles and predictors on each host and generates the single-process engine's tokens."""
     folder = hire_model(tmp_path / "stories260K-hire")
@@ -199,9 +199,9 @@ def test_hire_matches_one_process(sharded, tmp_path):
 
 
 def test_check_servable():
-    """`hire serve --hosts N` takes HiRE (default-sparse recommends it) and refuses, naming `hire`, a setting that is
+    """`hire serve --hosts N` takes HiRE (default recommends it) and refuses, naming `hire`, a setting that is
     not valid or has no predictors."""
-    check_servable("default-sparse")
+    check_servable("default")
     check_servable("stories260K", hire={"softmax": "dense"})
     with pytest.raises(ValueError, match="^hire: .* needs the predictors"):
         check_servable("stories260K", hire={"softmax": "hire-q"})

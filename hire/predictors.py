@@ -85,9 +85,12 @@ def scores(pred: dict[str, Any], x: jax.Array) -> jax.Array:
     x = x.astype(jnp.float32)
     x_scale = jnp.max(jnp.abs(x), -1, keepdims=True) / 127
     x_scale = jnp.where(x_scale > 0, x_scale, 1.0)
-    x_q = jnp.clip(jnp.round(x / x_scale), -127, 127).astype(jnp.int8)
-    dots = jnp.einsum("...d,nd->...n", x_q, q, preferred_element_type=jnp.int32)
-    return dots.astype(jnp.float32) * x_scale * pred["scale"]
+    x_q = jnp.clip(jnp.round(x / x_scale), -127, 127).astype(jnp.int8).reshape(-1, x.shape[-1])
+    # XLA's CPU backend runs a one-row int8 product 20-30x slower than two rows (1.2 against 37 ms at
+    # [2048] x [2048, 16384]): a lone token gets a zero row beside it
+    padded = jnp.pad(x_q, ((0, 1), (0, 0))) if x_q.shape[0] == 1 else x_q
+    dots = jnp.einsum("td,nd->tn", padded, q, preferred_element_type=jnp.int32)[:x_q.shape[0]]
+    return dots.reshape(*x.shape[:-1], -1).astype(jnp.float32) * x_scale * pred["scale"]
 
 
 def spec(kind: str, dim: int, n: int, rank: int, dtype: str) -> dict[str, tuple[tuple[int, ...], Any]]:

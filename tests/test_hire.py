@@ -70,6 +70,11 @@ def test_quantized_scores_error_is_bounded(quant):
     assert np.mean(error) < 0.2 * np.mean(bound)  # typically far under the worst case
     relative = np.linalg.norm(error) / np.linalg.norm(x @ kernel)
     assert relative < (0.01 if quant == "int8" else 0.15)
+    batched = np.asarray(predictors.scores(jax.tree.map(jnp.asarray, pred), jnp.asarray(x)))
+    for one in (x[0], x[:1], x[None, :1]):  # a lone token takes the padded path: the same scores, its shape
+        alone = np.asarray(predictors.scores(jax.tree.map(jnp.asarray, pred), jnp.asarray(one)))
+        assert alone.shape == one.shape[:-1] + (200,)
+        np.testing.assert_allclose(alone.reshape(-1), batched[0], rtol=1e-6)
 
 
 def test_low_rank_full_rank_is_exact_and_calibration_fits_the_hidden_states():

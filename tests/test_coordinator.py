@@ -64,6 +64,9 @@ PLACES = {"verify": {"num_cpus": 1, "resources": {"verify_node": 1}},
 def local_ray():
     tmp = tempfile.mkdtemp(prefix="hire-coordinator-")
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # the shared machine can be slow to start a raylet
+    # Cluster writes the head's address into Ray's default temp folder even with temp_dir set, and does not make
+    # that folder: on a fresh machine where no Ray ran yet, it is not there
+    Path(ray._private.utils.get_ray_address_file(None)).parent.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "resources": {"verify_node": 2},
                                                             "temp_dir": tmp})
     try:

@@ -8,7 +8,6 @@ import urllib.request
 
 import pytest
 import ray
-import ray.util.state
 from ray import serve
 from ray.cluster_utils import Cluster
 
@@ -58,5 +57,8 @@ def test_completion_through_serve_equals_one_process(http_url):
     assert body["choices"][0]["text"] == want.text
     assert body["usage"]["completion_tokens"] == len(want.tokens)
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("hire_host")}
-    hosts = ray.util.state.list_actors(filters=[("class_name", "=", "ShardWorker"), ("state", "=", "ALIVE")])
-    assert sorted(a.node_id for a in hosts) == sorted(nodes)  # one host per worker node
+    # the hosts' placement group (read from the GCS: the state API would need the dashboard, which a fresh
+    # machine can be slow to start): one bundle per worker node
+    groups = [g for g in ray.util.placement_group_table().values()
+              if g["state"] == "CREATED" and all("hire_host" in b for b in g["bundles"].values())]
+    assert [sorted(g["bundles_to_node_id"].values()) for g in groups] == [sorted(nodes)]

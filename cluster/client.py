@@ -10,7 +10,9 @@ from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc
 
 # What a server that is still starting answers (Serve's proxy says NOT_FOUND until the app is deployed).
-STARTING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
+# What a server that is still starting answers: not up yet, its application not deployed yet, or (Serve's proxy
+# holding the call while the engine replica compiles its programs) no answer within the probe's 10 s
+STARTING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def channel(target: str, tls_ca: bytes | None = None) -> grpc.Channel:

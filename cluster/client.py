@@ -31,12 +31,12 @@ class Client:
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
 
-    def wait(self, seconds: float) -> pb.ModelInfo:
-        """The server's model info, retrying for up to `seconds` while it starts."""
+    def wait(self, seconds: float, probe: float = 10.0) -> pb.ModelInfo:
+        """The server's model info, retrying for up to `seconds` while it starts (each try waits `probe` seconds)."""
         deadline = time.monotonic() + seconds
         while True:
             try:
-                return self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata, timeout=10)
+                return self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata, timeout=probe)
             except grpc.RpcError as e:
                 if e.code() not in STARTING or time.monotonic() > deadline:
                     raise

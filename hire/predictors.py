@@ -9,8 +9,8 @@ Two kinds, each a dict of arrays (a plain pytree, stored in the model's "hire" c
   scale per row: row i is q_i * scale_i with q in [-127, 127] (int8) or [-7, 7] (int4, two per byte:
   the even column in the low nibble, the odd one in the high nibble, each stored plus 8). Scoring
   quantizes x too (int8, one symmetric scale per row, s_x = max|x| / 127) and takes an int8 x int8 -> int32
-  product: XLA's CPU backend runs that on the int8 bytes (3.4x faster than f32 at [8, 2048] x [2048, 32k]),
-  where converting q to float first costs more than the f32 product. Each score is off by at most
+  product: XLA's CPU backend runs that on the int8 bytes (faster than the f32 product from 2 rows on), where
+  converting q to float first costs more than the f32 product (docs/hire.md, Predictors). Each score is off by at most
   |x|_1 * scale_i / 2 (the weight's rounding) + s_x * |q_i|_1 * scale_i / 2 (the hidden state's).
 """
 from __future__ import annotations
@@ -86,8 +86,8 @@ def scores(pred: dict[str, Any], x: jax.Array) -> jax.Array:
     x_scale = jnp.max(jnp.abs(x), -1, keepdims=True) / 127
     x_scale = jnp.where(x_scale > 0, x_scale, 1.0)
     x_q = jnp.clip(jnp.round(x / x_scale), -127, 127).astype(jnp.int8).reshape(-1, x.shape[-1])
-    # XLA's CPU backend runs a one-row int8 product 20-30x slower than two rows (1.2 against 37 ms at
-    # [2048] x [2048, 16384]): a lone token gets a zero row beside it
+    # XLA's CPU backend runs a one-row int8 product ~25x slower than two rows (docs/hire.md, Predictors): a lone
+    # token gets a zero row beside it
     padded = jnp.pad(x_q, ((0, 1), (0, 0))) if x_q.shape[0] == 1 else x_q
     dots = jnp.einsum("td,nd->tn", padded, q, preferred_element_type=jnp.int32)[:x_q.shape[0]]
     return dots.reshape(*x.shape[:-1], -1).astype(jnp.float32) * x_scale * pred["scale"]

@@ -15,8 +15,8 @@ API (all shapes static, so everything runs under `jax.jit`):
   sharded over the mesh axis `axis`; each device scores its rows with `score_fn(x, params_shard)`,
   keeps its top `k_local` (value, global index) pairs, one `all_gather` merges them and the top k is
   taken; `logsumexp=True` adds the scores' log-sum-exp to the same all_gather; `rescore=` with
-  `candidates=` makes `score_fn` a HiRE predictor whose top candidates each shard computes exactly. `gather_top_k` is the
-  exact baseline: all_gather every score, then `jax.lax.top_k`.
+  `candidates=` makes `score_fn` a HiRE predictor whose top candidates each shard computes exactly.
+  `gather_top_k` is the exact baseline: all_gather every score, then `jax.lax.top_k`.
 - `shard_recall(k, shards, n, k_local)`: expected recall of keeping `k_local` per shard when the global
   top-k rows are spread at random over `shards` equal shards of `n` rows (hypergeometric).
 - `k_local_for_recall(k, shards, n, target)`: the smallest `k_local` whose expected recall meets `target`.
@@ -264,13 +264,13 @@ def bench_topk(devices: list[jax.Device], vocab: int, batch: int, k: int, dim: i
         **{f"single_{m}": on_one(m) for m in methods},
     }
     if predictor:
-        from hire import predictors
+        from hire import predictors, sparse
 
         pred = jax.device_put(predictors.quantize(np.asarray(w).T, predictor), by_rows)
         candidates = k_local * oversample
 
         def rescore(h: jax.Array, p: dict, rows: jax.Array) -> jax.Array:
-            return jnp.einsum("bd,bcd->bc", h, p["w"][rows])
+            return sparse.exact_logits(h, p["w"], rows, 0, gather=True)
 
         hire_step = jax.jit(lambda h, p: _sharded_top_k(
             lambda h, p: predictors.scores(p["pred"], h), h, p, mesh, "rows", k, k_local, "exact",

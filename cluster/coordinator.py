@@ -211,7 +211,7 @@ class Coordinator:
 
     check_request = Engine.check_request
 
-    def __init__(self, target: str = "default", draft: str = "default-draft", slots: int = 8,
+    def __init__(self, target: str = "stdlib-9m", draft: str = "stdlib-9m-draft", slots: int = 8,
                  max_len: int | None = None, gamma: int = 4, pipelined: bool = True, dtype: str | None = None,
                  timeout: float = 120.0, start_timeout: float = 300.0, restarts: int = 3,
                  compilation_cache: str | None = None, host: str | None = None,
@@ -702,8 +702,8 @@ def bench(target: str, draft: str, slots: int, gamma: int, max_tokens: int, prom
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cluster.coordinator", description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("bench",))
-    parser.add_argument("--target", default="default")
-    parser.add_argument("--draft", default="default-draft")
+    parser.add_argument("--target", default="stdlib-9m")
+    parser.add_argument("--draft", default="stdlib-9m-draft")
     parser.add_argument("--slots", type=int, default=1)
     parser.add_argument("--gamma", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)

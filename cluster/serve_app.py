@@ -36,6 +36,7 @@ from cluster.messages import decode_response, request_id, stream_response
 from cluster.metrics import RayMetrics
 from cluster.requests import Served, from_decode, from_generate, model_info
 from cluster.shards import serving_engine
+from hire.checkpoint import DEFAULT_MODEL
 from hire.calibrate import model_folder, serving_settings
 from hire.checkpoint import load_model
 from hire.engine import Engine, EngineUnavailable, compilation_cache_folder, use_compilation_cache
@@ -86,7 +87,7 @@ class EngineServer:
     when > 1).
     """
 
-    def __init__(self, model: str = "default", slots: int = 8, max_len: int | None = None, queue_size: int = 128,
+    def __init__(self, model: str = DEFAULT_MODEL, slots: int = 8, max_len: int | None = None, queue_size: int = 128,
                  chunk: int = 4, prefills: int = 4, dtype: str | None = None, lora: dict[str, str] | None = None,
                  hire: dict | None = None, hosts: int = 1, devices_per_host: int = 1, placement: str | None = None,
                  draft: str | None = None, gamma: int = 4, pipelined: bool = True):

@@ -7,8 +7,8 @@
 #       sharded (the default): `hire serve --hosts 2 --replica-resource hire_driver`, the model sharded over two
 #         host actors, one per worker, driven by the engine replica on the head;
 #       replicas: `hire serve --replicas 2 --replica-resource hire_host`, a whole-model replica per worker;
-#       tandem: `hire serve --draft default-tandem --replica-resource hire_driver`, the default pair: the coordinator
-#         replica on the head drives the large model's and default-tandem's worker actors (a CPU each, placed by Ray).
+#       tandem: `hire serve --draft stdlib-9m-tandem --replica-resource hire_driver`, the default pair: the coordinator
+#         replica on the head drives the large model's and stdlib-9m-tandem's worker actors (a CPU each, placed by Ray).
 #   deploy/local-cluster.sh down                    stop everything `up` started and remove it (idempotent)
 #   deploy/local-cluster.sh status                  namespaces, links, Ray nodes and the Serve application
 #   deploy/local-cluster.sh cut w1|w2|head          cut a node off the network (its link goes down)
@@ -114,7 +114,7 @@ up() {
   if [[ ${1:-} == sharded || ${1:-} == replicas || ${1:-} == tandem ]]; then mode=$1; shift; fi
   flags=(--replicas 2 --replica-resource hire_host)
   [[ $mode == sharded ]] && flags=(--hosts 2 --replica-resource hire_driver)
-  [[ $mode == tandem ]] && flags=(--draft default-tandem --replica-resource hire_driver)
+  [[ $mode == tandem ]] && flags=(--draft stdlib-9m-tandem --replica-resource hire_driver)
   [[ -f $STATE/serve.pid ]] && kill -0 "$(cat "$STATE/serve.pid")" 2>/dev/null && die "already up (down first)"
   make_net
   mkdir -p "$STATE"

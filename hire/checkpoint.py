@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from hire.tandem import TandemModel
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = "stdlib-9m"  # what --model means when left out
 
 
 @dataclass

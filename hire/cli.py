@@ -9,15 +9,16 @@ from pathlib import Path
 
 import click
 
+from hire.checkpoint import DEFAULT_MODEL
 from hire.formats import DTYPES, CheckpointError
 from hire.topk import METHODS
 
-MODEL_HELP = "Model folder (hire, Hugging Face or llama2.c format) or a name under models/ (default: 'default')."
-TANDEM_ONLY_HELP = ("With --draft naming a tandem model (e.g. default-tandem): the tandem generates alone, the model "
+MODEL_HELP = "Model folder (hire, Hugging Face or llama2.c format) or a name under models/."
+TANDEM_ONLY_HELP = ("With --draft naming a tandem model (e.g. stdlib-9m-tandem): the tandem generates alone, the model "
                     "runs in block mode only to refresh what it reads; nothing is verified (docs/speculative.md).")
 DRAFT_HELP = ("Decode speculatively with this drafter: 'ngram' (prompt lookup, no model; 'ngram-N' matches up to N "
-              "tokens) or a draft model with the same tokenizer, by name or path (e.g. default-draft, or the tandem "
-              "default-tandem).")
+              "tokens) or a draft model with the same tokenizer, by name or path (e.g. stdlib-9m-draft, or the tandem "
+              "stdlib-9m-tandem).")
 
 
 def _load(model: str, dtype: str | None, hire: dict | None = None):
@@ -104,7 +105,7 @@ def _load_tandem(model: str, dtype: str | None):
 
 def _drafter(name: str, target, dtype: str | None):
     """The drafter called NAME for the loaded model `target`: hire.tandem's for a tandem model (e.g.
-    default-tandem), else hire.drafters.load_drafter's."""
+    stdlib-9m-tandem), else hire.drafters.load_drafter's."""
     from hire.drafters import load_drafter
     from hire.tandem import tandem_drafter
 
@@ -122,7 +123,7 @@ def _speculator(engine, drafter, gamma: int, tandem_only: bool):
     if not tandem_only:
         return Speculator(engine, drafter, gamma)
     if not isinstance(drafter, TandemDrafter):
-        raise click.BadParameter("needs --draft to name a tandem model (e.g. default-tandem)",
+        raise click.BadParameter("needs --draft to name a tandem model (e.g. stdlib-9m-tandem)",
                                  param_hint="--tandem-only")
     return TandemAlone(engine, drafter, gamma)
 
@@ -156,7 +157,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--model", default="default", show_default=True, help=MODEL_HELP)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1),
               help="Tokens to generate at most.")
@@ -203,7 +204,7 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, stop, i
                             stop_strings=stop, ignore_eos=ignore_eos, logprobs=logprobs)
     stats = SpecStats()
     if tandem_only and draft is None:
-        raise click.UsageError("--tandem-only needs --draft (a tandem model, e.g. default-tandem)")
+        raise click.UsageError("--tandem-only needs --draft (a tandem model, e.g. stdlib-9m-tandem)")
     try:
         if draft is None:
             events = stream(engine, prompt, params, names.get(adapter, -1))
@@ -324,7 +325,7 @@ def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype, 
                            text_file, tandem_only, n_prompts)
         return
     if tandem_only:
-        raise click.UsageError("--tandem-only needs --draft (a tandem model, e.g. default-tandem)")
+        raise click.UsageError("--tandem-only needs --draft (a tandem model, e.g. stdlib-9m-tandem)")
     for b in batch:
         click.echo(json.dumps(run(loaded, b, steps, prompt_len, chunk, repeats, dense)))
 
@@ -366,7 +367,7 @@ def _bench_speculative(loaded, draft, dtype, batch, gamma, steps, prompt_len, ch
 
 
 @bench.command("router")
-@click.option("--model", default="default", show_default=True, help=MODEL_HELP)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @click.option("--draft", required=True, help=DRAFT_HELP)
 @click.option("--train", "train_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Text whose prompts log the drafts the MLP router trains on.")
@@ -446,7 +447,7 @@ def bench_topk(devices, vocab, batch, k, dim, methods, recall_target, repeats, p
 
 
 @bench.command("window")
-@click.option("--model", default="default", show_default=True, help=MODEL_HELP)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="UTF-8 text the model reads (held-out text: VALID).")
 @click.option("--window", "window_sizes", default=(0, 1, 2, 4, 8, 16), multiple=True, show_default=True,
@@ -500,7 +501,7 @@ def bench_window(model, text_file, window_sizes, predictor_dir, kinds, oversampl
 
 
 @bench.command("serving")
-@click.option("--model", default="default", show_default=True, help=MODEL_HELP)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @click.option("--concurrency", default=(1, 8, 32, 64), multiple=True, type=click.IntRange(min=1), show_default=True,
               help="Clients sending requests back to back (repeatable).")
 @click.option("--prompt-len", default=16, show_default=True, type=click.IntRange(min=1), help="Prompt tokens each.")
@@ -568,7 +569,7 @@ def train_command(config, out, until, init, quiet) -> None:
 
 
 @main.command("eval")
-@click.option("--model", default="default", show_default=True, help=MODEL_HELP)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="UTF-8 text file to score.")
 @click.option("--context", type=click.IntRange(min=2),
@@ -576,7 +577,7 @@ def train_command(config, out, until, init, quiet) -> None:
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Windows per forward pass.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Cast weights to this dtype.")
 @click.option("--reference", help="Also report `agreement`: how often this model's argmax equals the reference "
-              "model's (e.g. --model default-draft --reference default).")
+              "model's (e.g. --model stdlib-9m-draft --reference default).")
 @hire_options
 @click.option("--draft", help="Also score this drafter ('ngram' or a draft model, as in hire generate --draft) for "
               "the model, run as speculative decoding runs it but fed the text: draft_next_token_accuracy and "
@@ -598,7 +599,7 @@ def eval_command(model, text_file, context, batch, dtype, reference, softmax, ff
     windows, context. A progress bar goes to stderr. With HiRE (--softmax, --ffn) also dense_loss,
     dense_perplexity, top1_agreement (with the exact model's argmax), softmax_recall, ffn_recall, ffn_mass;
     the exact model is the dense one, or for a model trained with the group-topk mask its exact-mask forward.
-    A tandem small model (e.g. default-tandem) is scored beside its large model, teacher-forced in its
+    A tandem small model (e.g. stdlib-9m-tandem) is scored beside its large model, teacher-forced in its
     training block pattern (docs/speculative.md). With --draft, also the drafter's keys (hire.speculative.
     drafter_accuracy): draft_next_token_accuracy, draft_agreement, draft_predictions, draft_gamma.
     """
@@ -638,7 +639,7 @@ def eval_command(model, text_file, context, batch, dtype, reference, softmax, ff
 
 
 @main.command("calibrate")
-@click.option("--model", default="default", show_default=True, help=MODEL_HELP)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="UTF-8 calibration text (the last windows are held out to measure recall).")
 @click.option("--rank", default=64, show_default=True, type=click.IntRange(min=0),
@@ -730,7 +731,7 @@ def _log_hire(cfg) -> None:
 
 
 @main.command("serve-grpc")
-@click.option("--model", default="default", show_default=True, help=MODEL_HELP)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on ('0.0.0.0': all).")
 @click.option("--port", default=50051, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free one.")
 @serving_options
@@ -774,7 +775,7 @@ def serve_grpc(model, host, port, slots, max_len, queue_size, chunk, prefills, d
 
 
 @main.command("serve")
-@click.option("--model", default="default", show_default=True, help=MODEL_HELP)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the proxies listen on ('0.0.0.0': all).")
 @click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, 65535),
               help="OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health).")
@@ -795,7 +796,7 @@ def serve_grpc(model, host, port, slots, max_len, queue_size, chunk, prefills, d
 @click.option("--placement", type=click.Choice(("STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK")),
               help="Placement-group strategy of the hosts (default: STRICT_SPREAD when enough nodes have room, "
               "else PACK).")
-@click.option("--draft", metavar="NAME", help="Decode speculatively with this drafter (default-draft, default-tandem, "
+@click.option("--draft", metavar="NAME", help="Decode speculatively with this drafter (stdlib-9m-draft, stdlib-9m-tandem, "
               "ngram, or a model path): each replica becomes a tandem coordinator driving the model and the drafter "
               "in two worker actors over gRPC (one CPU each; with --hosts N the model's worker drives N host actors). "
               "Output is exactly the model's (docs/coordinator.md).")

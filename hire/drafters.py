@@ -21,7 +21,7 @@ class ModelDraftState(NamedTuple):
 
 
 class ModelDrafter:
-    """A standalone small model with the large model's tokenizer (e.g. `default-draft` for `default`).
+    """A standalone small model with the large model's tokenizer (e.g. `stdlib-9m-draft` for `default`).
 
     Each step runs the small model over two tokens: the one it is fed and the committed token before it.
     That rewrites a cache entry that is usually there already, and fills it when the whole previous block

@@ -71,7 +71,7 @@ class TandemConfig:
     large_dim: int
     large_layers: tuple[tuple[int, ...], ...]
     block: int = 4
-    large: str = "default"
+    large: str = "stdlib-9m"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "large_layers", tuple(tuple(int(j) for j in ls) for ls in self.large_layers))

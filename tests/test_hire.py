@@ -215,7 +215,7 @@ def test_engine_decodes_with_hire_as_one_forward_pass_does(stories, stories_pred
 
 def test_recall_on_the_trained_dense_default_model():
     """Predictors fitted on a little of the standard library's source, measured on other held-out code."""
-    model = load_model("default-dense")
+    model = load_model("stdlib-9m-dense")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     tokens = model.tokenizer.encode((stdlib / "functools.py").read_text() + (stdlib / "textwrap.py").read_text())
     settings = {"softmax_k": 32, "ffn_k": 4}

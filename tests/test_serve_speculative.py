@@ -1,5 +1,5 @@
 """Speculative decoding served by `hire serve --draft` on a real local Ray: the engine replica is a tandem
-coordinator (cluster.coordinator) that owns the large model's and default-tandem's worker actors. Greedy answers
+coordinator (cluster.coordinator) that owns the large model's and stdlib-9m-tandem's worker actors. Greedy answers
 through Serve's gRPC proxy equal the large model alone; the decoding fields of a request are checked against what
 the server runs; under a closed-loop load, a killed drafter or verifier is restarted with no request lost, and a
 killed coordinator (the replica) costs only the requests it was running, each ended UNAVAILABLE, until Serve has
@@ -39,7 +39,7 @@ def grpc_port():
     ray.init(num_cpus=2, include_dashboard=False, namespace="hire-serve-speculative", log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="hire-spec-serve-"))
     try:
-        launch.start({"model": "default", "draft": "default-tandem", "gamma": GAMMA, "slots": SLOTS,
+        launch.start({"model": "stdlib-9m", "draft": "stdlib-9m-tandem", "gamma": GAMMA, "slots": SLOTS,
                       "max_len": MAX_LEN, "replicas": 1}, http_port=http, grpc_port=port)
         yield port
     finally:
@@ -58,7 +58,7 @@ def engine_stats() -> dict:
 
 
 def test_greedy_through_serve_equals_model_alone(client):
-    large = load_model("default")
+    large = load_model("stdlib-9m")
     want = generate(Engine(large, SLOTS, MAX_LEN), PROMPTS, SamplingParams(temperature=0.0, max_tokens=20))
     requests = [pb.GenerateRequest(text=p, temperature=0.0, max_tokens=20) for p in PROMPTS]
     got = [client.generate(r) for r in requests]  # one at a time, then all at once (3 requests over 2 slots)
@@ -73,16 +73,16 @@ def test_greedy_through_serve_equals_model_alone(client):
 
 def test_model_info_and_decoding_fields(client):
     info = client.wait(10)
-    assert list(info.drafters) == ["default-tandem"]
+    assert list(info.drafters) == ["stdlib-9m-tandem"]
     assert list(info.modes) == [pb.DECODING_MODE_PLAIN, pb.DECODING_MODE_TANDEM]
     ok = client.generate(pb.GenerateRequest(text="import os\n", temperature=0.0, max_tokens=6,
                                             mode=pb.DECODING_MODE_TANDEM, gamma=GAMMA))
     assert len(ok.token_ids) == 6
-    for fields, code, word in (({"mode": pb.DECODING_MODE_SPECULATIVE, "drafter": "default-tandem"},
+    for fields, code, word in (({"mode": pb.DECODING_MODE_SPECULATIVE, "drafter": "stdlib-9m-tandem"},
                                 grpc.StatusCode.UNIMPLEMENTED, "mode"),
                                ({"mode": pb.DECODING_MODE_TANDEM, "gamma": GAMMA + 1},
                                 grpc.StatusCode.INVALID_ARGUMENT, "gamma"),
-                               ({"mode": pb.DECODING_MODE_SPECULATIVE, "drafter": "default-draft"},
+                               ({"mode": pb.DECODING_MODE_SPECULATIVE, "drafter": "stdlib-9m-draft"},
                                 grpc.StatusCode.INVALID_ARGUMENT, "drafter")):
         with pytest.raises(grpc.RpcError) as e:
             client.generate(pb.GenerateRequest(text="import os\n", max_tokens=4, **fields))

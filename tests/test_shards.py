@@ -201,7 +201,7 @@ def test_hire_matches_one_process(sharded, tmp_path):
 def test_check_servable():
     """`hire serve --hosts N` takes HiRE (default recommends it) and refuses, naming `hire`, a setting that is
     not valid or has no predictors."""
-    check_servable("default")
+    check_servable("stdlib-9m")
     check_servable("stories260K", hire={"softmax": "dense"})
     with pytest.raises(ValueError, match="^hire: .* needs the predictors"):
         check_servable("stories260K", hire={"softmax": "hire-q"})

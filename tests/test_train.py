@@ -310,7 +310,7 @@ def test_recipes_parse():
     for path in sorted((REPO / "configs").glob("*.toml")):
         cfg = load_config(path)
         assert isinstance(cfg, TrainConfig) and cfg.model.name == path.stem
-    default, draft = (load_config(REPO / "configs" / f"{name}.toml") for name in ("default", "default-draft"))
+    default, draft = (load_config(REPO / "configs" / f"{name}.toml") for name in ("stdlib-9m", "stdlib-9m-draft"))
     assert default.tokenizer == draft.tokenizer and default.tokenizer.vocab_size >= 8192
     sizes = [sum(np.prod(s.shape) for s in jax.tree.leaves(jax.eval_shape(lambda c=c: init_params(c.model))))
              for c in (default, draft)]

@@ -1,6 +1,6 @@
 """DraftWorker: the Ray actor holding the small model, serving hire.internal.v1.Drafter over gRPC.
 
-Any hire.speculative drafter: a standalone small model (default-draft), the tandem small model (default-tandem),
+Any hire.speculative drafter: a standalone small model (stdlib-9m-draft), the tandem small model (stdlib-9m-tandem),
 or the n-gram drafter. It holds the drafter's state and each slot's sampling rows, and runs the drafter's half of
 a speculative block (hire.speculative.draft_block) for the rows a Draft names, after the verdicts it carries
 (Drafter.update). Rows a call does not name keep their state: the drafters' states have the slots as the leading

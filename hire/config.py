@@ -34,6 +34,10 @@ class ModelConfig:
     is SwiGLU; `n_experts > 0` turns every FFN into a Mixtral-style mixture of experts;
     `lora_adapters > 0` reserves room for that many LoRA adapters of rank `lora_rank`.
 
+    Gemma 3 is `norm_offset=1` ((1 + w) RMSNorm, weights as Hugging Face stores them), `qk_norm`, `post_norms`
+    (sandwich norms), `embed_scale`, `query_scale` (query_pre_attn_scalar), tanh-GELU GeGLU, and local layers
+    sliding over `sliding_window` tokens with RoPE base `rope_local_theta`, every `global_every`-th one global.
+
     HiRE (hire.sparse, docs/hire.md): `softmax` "hire-lr" / "hire-q" computes exact logits only for the
     softmax_k * softmax_oversample candidates a low-rank / quantized predictor ranks highest; `ffn`
     "group-sparse" computes only the ffn_k * ffn_oversample best-predicted groups of `ffn_group` neurons
@@ -59,6 +63,13 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     max_seq_len: int = 2048
     sliding_window: int = 0  # 0 means full attention
+    global_every: int = 0  # with sliding_window: layer i is global when (i + 1) % global_every == 0
+    rope_local_theta: float = 0.0  # RoPE base of the sliding layers; 0 means rope_theta
+    query_scale: float = 0.0  # attention scores scaled by query_scale ** -0.5; 0 means head_dim
+    norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + weight); Gemma: 1
+    qk_norm: bool = False  # per-head RMSNorm of q and k over head_dim before RoPE
+    post_norms: bool = False  # RMSNorm of the attention and FFN outputs before each residual add
+    embed_scale: bool = False  # embeddings multiplied by sqrt(dim)
     tie_embeddings: bool = False
     attention_bias: bool = False
     n_experts: int = 0
@@ -88,6 +99,9 @@ class ModelConfig:
         for f in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             if getattr(self, f) <= 0:
                 problems.append(f"{f} must be positive, got {getattr(self, f)}")
+        for f in ("sliding_window", "global_every", "rope_local_theta", "query_scale"):
+            if getattr(self, f) < 0:
+                problems.append(f"{f} must not be negative, got {getattr(self, f)}")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
         if self.head_dim == 0:
@@ -133,6 +147,10 @@ class ModelConfig:
         if self.ffn == "group-sparse" and self.lora_adapters and {"gate", "up", "down"} & set(self.lora_targets):
             problems.append("a group-sparse FFN takes no LoRA adapters on gate, up or down")
         return problems
+
+    def layer_window(self, i: int) -> int:
+        """The sliding window of layer i: 0 when it attends globally."""
+        return 0 if self.global_every and (i + 1) % self.global_every == 0 else self.sliding_window
 
     @property
     def q_per_kv(self) -> int:

@@ -16,7 +16,7 @@ from hire.formats.native import save_native
 from hire.model import Transformer
 from hire.tokenizer import HFTokenizer, Llama2cTokenizer, StreamDecoder, load_tokenizer
 
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
+STORIES = Path(__file__).resolve().parent / "data" / "stories260K"
 TOKENS = jnp.array([[1, 403, 407, 261, 378], [1, 5, 6, 7, 8]])
 POSITIONS = jnp.broadcast_to(jnp.arange(5), (2, 5))
 

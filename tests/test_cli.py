@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from hire.checkpoint import load_model
 from hire.cli import main
 
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
+STORIES = Path(__file__).resolve().parent / "data" / "stories260K"
 LILY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
 
 

@@ -15,7 +15,7 @@ from hire.generate import generate, stream
 from hire.model import Transformer, init_params
 from hire.sampling import SamplingParams, filter_logits
 
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
+STORIES = Path(__file__).resolve().parent / "data" / "stories260K"
 PROMPTS = ["Once upon a time", "The cat", "Tom and his mom went to the big park to play with a red ball and"]
 
 

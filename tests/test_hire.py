@@ -25,7 +25,7 @@ from hire.generate import generate
 from hire.model import Transformer, init_params
 from hire.sampling import SamplingParams
 
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
+STORIES = Path(__file__).resolve().parent / "data" / "stories260K"
 LILY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
 STORY = ("Once upon a time, there was a little dog named Max. Max liked to run in the big green park with his friend "
          "Sue. One day, Sue found a red ball under a tree. She threw the ball and Max ran very fast to get it. "

@@ -14,8 +14,8 @@ from hire.formats.llama2c import MAGIC, layout, read_header
 from hire.model import Transformer, init_cache
 from hire.tokenizer import Llama2cTokenizer, StreamDecoder
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
-STORIES = SHARED / "stories260K"
+DATA = Path(__file__).resolve().parent / "data"
+STORIES = DATA / "stories260K"
 TEXTS = ["Once upon a time", "", " ", "a", "Hello world", "  two  spaces\nand\ttabs", "naïve café, über straße",
          "日本語のテキスト", "emoji 😀🚀 and 👩‍👩‍👧 family", "<0x41> <s> </s>", "x" * 50]
 
@@ -25,7 +25,7 @@ def stories() -> LoadedModel:
     return load_model(STORIES)
 
 
-@pytest.fixture(scope="module", params=[STORIES / "tok512.bin", SHARED / "llama2-tokenizer-32000.bin"],
+@pytest.fixture(scope="module", params=[STORIES / "tok512.bin", DATA / "llama2-tokenizer-32000.bin"],
                 ids=["tok512", "llama2"])
 def tokenizer(request) -> Llama2cTokenizer:
     return Llama2cTokenizer(request.param)
@@ -74,7 +74,7 @@ def test_encode_matches_run_c(tokenizer):
 
 def test_known_ids():
     assert Llama2cTokenizer(STORIES / "tok512.bin").encode("Once upon a time") == [1, 403, 407, 261, 378]
-    llama = Llama2cTokenizer(SHARED / "llama2-tokenizer-32000.bin")
+    llama = Llama2cTokenizer(DATA / "llama2-tokenizer-32000.bin")
     assert llama.encode("Hello world") == [1, 15043, 3186]
     assert llama.encode("Hello world", bos=False) == [15043, 3186]
     assert llama.encode("") == [1]

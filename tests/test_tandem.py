@@ -37,7 +37,7 @@ from hire.tandem import (
 from hire.train import train
 from hire.train_config import ConfigError, config_from_dict
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt"
 VOCAB = 300
 LARGE = ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
 SMALL = ModelConfig(vocab_size=VOCAB, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=32, max_seq_len=64,

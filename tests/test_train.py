@@ -25,7 +25,7 @@ from hire.train import fit, lm_loss, partition, train
 from hire.train_config import ConfigError, TrainConfig, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = REPO / "tests" / "data" / "tinyshakespeare.txt"
 STEPS = 40
 
 

@@ -20,7 +20,7 @@ union = jax.jit(window_union, static_argnums=1)
 reuse_of = jax.jit(reuse_figures, static_argnums=1)
 recall_of = jax.jit(recall_figures, static_argnums=2)
 
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
+STORIES = Path(__file__).resolve().parent / "data" / "stories260K"
 STORY = ("Once upon a time, there was a little dog named Max. Max liked to run in the big green park with his friend "
          "Sue. One day, Sue found a red ball under a tree. She threw the ball and Max ran very fast to get it. ")
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from cluster.auth import bearer
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc
 
@@ -22,13 +23,13 @@ def channel(target: str, tls_ca: bytes | None = None) -> grpc.Channel:
 
 
 class Client:
-    """hire.v1.Inference on `target`; `token` is sent as a bearer token."""
+    """hire.v1.Inference on `target`; `api_key` is sent as a bearer token."""
 
-    def __init__(self, target: str, token: str | None = None, tls_ca: bytes | None = None,
+    def __init__(self, target: str, api_key: str | None = None, tls_ca: bytes | None = None,
                  timeout: float | None = None):
         self.channel = channel(target, tls_ca)
         self.stub = inference_pb2_grpc.InferenceStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.metadata = bearer(api_key) if api_key else ()
         self.timeout = timeout
 
     def wait(self, seconds: float, probe: float = 10.0) -> pb.ModelInfo:

@@ -1,15 +1,15 @@
 """The asyncio gRPC server: hire.v1.Inference and JetStream's Orchestrator over one Scheduler.
 
 Every generation request is checked (cluster.requests), queued in the scheduler and streamed back
-as the engine decodes it; a bad field answers INVALID_ARGUMENT, a mode not implemented yet
-UNIMPLEMENTED, a full queue RESOURCE_EXHAUSTED. A call that ends early (client cancel, deadline)
-frees its slot before the next decode chunk. Standard health checking and reflection are served
-too; TLS and a bearer token are opt-in (see docs/serving.md).
+as the engine decodes it; a bad field or a request over its limits answers INVALID_ARGUMENT, a mode not
+implemented yet UNIMPLEMENTED, a full queue RESOURCE_EXHAUSTED, a message over `Limits.request_bytes`
+RESOURCE_EXHAUSTED. A call that ends early (client cancel, deadline) frees its slot before the next decode chunk.
+Standard health checking and reflection are served too. With API keys every call but health checks needs one;
+without, the server listens on loopback only unless told `insecure` (docs/serving.md, "Security").
 """
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import signal
 import time
@@ -21,7 +21,7 @@ import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cluster.auth import BearerToken, server_credentials
+from cluster.auth import ApiKeyInterceptor, ApiKeys, check_exposure, loopback, server_credentials
 from cluster.messages import decode_response, full_response, request_id, stream_response
 from cluster.metrics import Metrics
 from cluster.requests import Served, Work, from_decode, from_generate, model_info
@@ -46,7 +46,8 @@ class Options:
 
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port
-    token: str | None = None  # bearer token required on every call but health checks
+    api_keys: tuple[str, ...] = ()  # one is required on every call but health checks
+    insecure: bool = False  # listen beyond loopback with no key
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
@@ -110,6 +111,10 @@ class Inference(inference_pb2_grpc.InferenceServicer):
             yield stream_response(batch, req, rid)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        try:
+            self.served.limits.check_text("text", request.text)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.generation.count("Tokenize")
         return pb.TokenizeResponse(token_ids=self.served.engine.tokenizer.encode(request.text))
 
@@ -152,8 +157,10 @@ class GrpcServer:
     async def start(self) -> int:
         """Start the scheduler and listen; returns the port."""
         opts = self.options
-        interceptors = [BearerToken(opts.token)] if opts.token else []
-        server = grpc.aio.server(interceptors=interceptors)
+        check_exposure(opts.host, opts.api_keys, opts.insecure)
+        interceptors = [ApiKeyInterceptor(ApiKeys(opts.api_keys))] if opts.api_keys else []
+        server = grpc.aio.server(interceptors=interceptors,
+                                 options=[("grpc.max_receive_message_length", self.served.limits.request_bytes)])
         generation = Generation(self.served, self.scheduler, self.metrics)
         inference_pb2_grpc.add_InferenceServicer_to_server(Inference(generation), server)
         jetstream_pb2_grpc.add_OrchestratorServicer_to_server(Orchestrator(generation), server)
@@ -166,8 +173,8 @@ class GrpcServer:
             self.port = server.add_secure_port(address, server_credentials(opts.tls_cert, opts.tls_key,
                                                                            opts.tls_client_ca))
         else:
-            if not _loopback(opts.host):
-                log.warning("serving %s without TLS: traffic and any bearer token travel in clear", address)
+            if not loopback(opts.host):
+                log.warning("serving %s without TLS: traffic and any API key travel in clear", address)
             self.port = server.add_insecure_port(address)
         self.scheduler.start()
         await server.start()
@@ -175,36 +182,50 @@ class GrpcServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         log.info("serving %s on %s:%d (%s%s)", self.served.name, opts.host, self.port,
-                 "TLS" if opts.tls_cert else "plaintext", ", bearer token" if opts.token else "")
+                 "TLS" if opts.tls_cert else "plaintext", ", API keys" if opts.api_keys else ", no API key")
         return self.port
 
     async def stop(self, grace: float | None = 5.0) -> None:
-        """Report NOT_SERVING, let calls in flight finish for `grace` seconds, then stop the scheduler."""
+        """Report NOT_SERVING and refuse new calls (UNAVAILABLE), let calls in flight finish for `grace` seconds
+        (cancelling those still running then), then stop the scheduler."""
         await self.health.enter_graceful_shutdown()
+        log.info("stopping: %d requests in flight, %s s to finish", self.in_flight, grace)
         await self._server.stop(grace)
         self.scheduler.stop()
         log.info("stopped")
+
+    @property
+    def in_flight(self) -> int:
+        """Requests decoding or waiting for a slot."""
+        return self.scheduler.busy_slots + self.scheduler.queue_depth
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
 
 
-def _loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-async def serve(served: Served, options: Options, metrics_port: int | None = None, **scheduling: int) -> None:
-    """Serve until SIGINT or SIGTERM, then stop gracefully (the `hire serve-grpc` command)."""
+async def serve(served: Served, options: Options, metrics: tuple[str, int] | None = None, grace: float = 20.0,
+                **scheduling: int) -> None:
+    """Serve until SIGINT or SIGTERM, then stop gracefully within `grace` seconds (a second signal stops at once);
+    the `hire serve-grpc` command. `metrics`: where to serve Prometheus metrics (host, port)."""
     server = GrpcServer(served, options, **scheduling)
-    await asyncio.to_thread(served.engine.warm_up, server.scheduler.chunk)
-    await server.start()
-    if metrics_port is not None:
-        prometheus_client.start_http_server(metrics_port, addr=options.host, registry=server.metrics.registry)
-    stopping = asyncio.Event()
+    check_exposure(options.host, options.api_keys, options.insecure)
+    signals = asyncio.Queue()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stopping.set)
-    await stopping.wait()
-    await server.stop()
+        asyncio.get_running_loop().add_signal_handler(sig, signals.put_nowait, sig)
+    warm = asyncio.create_task(asyncio.to_thread(served.engine.warm_up, server.scheduler.chunk))
+    first = asyncio.create_task(signals.get())
+    await asyncio.wait([warm, first], return_when=asyncio.FIRST_COMPLETED)
+    if first.done():  # stopped while compiling: nothing to drain
+        log.info("stopped before serving")
+        return
+    await server.start()
+    if metrics is not None:
+        prometheus_client.start_http_server(metrics[1], addr=metrics[0], registry=server.metrics.registry)
+    await first
+    stopping = asyncio.create_task(server.stop(grace))
+    again = asyncio.create_task(signals.get())
+    await asyncio.wait([stopping, again], return_when=asyncio.FIRST_COMPLETED)
+    if again.done():
+        log.info("second signal: stopping now")
+        await server.stop(0)
+    await stopping

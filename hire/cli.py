@@ -708,6 +708,46 @@ def serving_options(command):
     return hire_options(command)
 
 
+LIMIT_HELP = ("Set a request limit (repeatable), checked before any work: prompt_bytes (default 32 per token of "
+              "context), request_bytes (HTTP body or gRPC message; default 8 x prompt_bytes + 64 KiB), "
+              "stop_strings (16), stop_bytes (256 per stop string), stop_token_ids (64). docs/serving.md, 'Limits'.")
+
+
+def access_options(command):
+    """Who may call `hire serve` and `hire serve-grpc`, what a request may carry and how they stop: --api-key,
+    --insecure, --limit and --grace."""
+    options = [
+        click.option("--api-key", "api_keys", multiple=True, envvar="HIRE_API_KEY", metavar="KEY",
+                     help="Require 'Authorization: Bearer KEY' on every HTTP route but /health and every gRPC call "
+                          "but grpc.health.v1.Health (repeatable, or $HIRE_API_KEY: keys separated by commas)."),
+        click.option("--insecure", is_flag=True,
+                     help="Allow a --host beyond loopback with no API key (anyone who reaches it may use it)."),
+        click.option("--limit", "limits", multiple=True, metavar="NAME=VALUE", help=LIMIT_HELP),
+        click.option("--grace", default=20.0, show_default=True, type=click.FloatRange(min=0),
+                     help="On SIGTERM or Ctrl-C: seconds requests in flight have to finish (new ones are refused "
+                          "and health turns NOT_SERVING); a second signal stops at once."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _access(host: str, api_keys: tuple[str, ...], insecure: bool, limits: tuple[str, ...]):
+    """The API keys and request limits of the flags; a usage error naming the flag when they do not hold."""
+    from cluster.auth import check_exposure, parse_keys
+    from cluster.requests import Limits
+
+    try:
+        keys = parse_keys(api_keys)
+        check_exposure(host, keys, insecure)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--api-key / --insecure") from None
+    try:
+        return keys, Limits.parse(limits)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--limit") from None
+
+
 def _serving_hire(model: str, flags: dict) -> dict:
     """The HiRE overrides MODEL is served with: its folder's recommended setting under the flags (hire.calibrate.
     serving_settings)."""
@@ -735,15 +775,16 @@ def _log_hire(cfg) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on ('0.0.0.0': all).")
 @click.option("--port", default=50051, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free one.")
 @serving_options
-@click.option("--token", envvar="HIRE_TOKEN", help="Require 'authorization: Bearer TOKEN' on every call but health "
-              "checks (or set $HIRE_TOKEN).")
+@access_options
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate chain: serve TLS.")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key of --tls-cert.")
 @click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False),
               help="PEM CA certificate(s): require client certificates it signed (mutual TLS).")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve Prometheus metrics on this port.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address the metrics listen on.")
 def serve_grpc(model, host, port, slots, max_len, queue_size, chunk, prefills, dtype, loras, softmax, ffn,
-               hire_settings, token, tls_cert, tls_key, tls_client_ca, metrics_port) -> None:
+               hire_settings, api_keys, insecure, limits, grace, tls_cert, tls_key, tls_client_ca, metrics_port,
+               metrics_host) -> None:
     """Serve a model over gRPC (hire.v1.Inference and JetStream's Orchestrator) until Ctrl-C or SIGTERM.
 
     HiRE runs as --softmax, --ffn and --hire say, on top of the setting the model's folder recommends
@@ -764,14 +805,16 @@ def serve_grpc(model, host, port, slots, max_len, queue_size, chunk, prefills, d
         raise click.UsageError("--tls-cert and --tls-key go together")
     if tls_client_ca and not tls_cert:
         raise click.UsageError("--tls-client-ca needs --tls-cert and --tls-key")
+    keys, request_limits = _access(host, api_keys, insecure, limits)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("cluster", "hire"):
         logging.getLogger(name).setLevel(logging.INFO)
     loaded, names = _load_with_adapters(model, dtype, loras, _serving_hire(model, _hire(softmax, ffn, hire_settings)))
     _log_hire(loaded.cfg)
-    served = Served(Engine(loaded, slots=slots, max_len=max_len), loaded.cfg.name, names)
-    options = Options(host, port, token, tls_cert, tls_key, tls_client_ca)
-    asyncio.run(serve(served, options, metrics_port, queue_size=queue_size, chunk=chunk, prefills=prefills))
+    served = Served(Engine(loaded, slots=slots, max_len=max_len), loaded.cfg.name, names, limits=request_limits)
+    options = Options(host, port, tuple(keys), insecure, tls_cert, tls_key, tls_client_ca)
+    metrics = (metrics_host, metrics_port) if metrics_port is not None else None
+    asyncio.run(serve(served, options, metrics, grace, queue_size=queue_size, chunk=chunk, prefills=prefills))
 
 
 @main.command("serve")
@@ -877,10 +920,11 @@ def serve_command(model, host, http_port, grpc_port, replicas, address, replica_
 @click.option("--wait", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds to wait for a server that is still starting.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Deadline of the call in seconds.")
-@click.option("--token", envvar="HIRE_TOKEN", help="Bearer token (or set $HIRE_TOKEN).")
+@click.option("--api-key", envvar="HIRE_API_KEY",
+              help="Send 'Authorization: Bearer KEY' (or set $HIRE_API_KEY; of several keys, the first is sent).")
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), help="PEM CA certificate: connect with TLS.")
 def client_command(prompt, target, max_tokens, temperature, top_k, top_p, seed, stop, adapter, no_stream, wait,
-                   timeout, token, tls_ca) -> None:
+                   timeout, api_key, tls_ca) -> None:
     """Send PROMPT to a hire gRPC server (`hire serve` or `hire serve-grpc`) and print the completion.
 
     The text streams to stdout; usage (tokens, time to first token, seed) goes to stderr.
@@ -896,7 +940,8 @@ def client_command(prompt, target, max_tokens, temperature, top_k, top_p, seed, 
     for name, value in (("max_tokens", max_tokens), ("top_p", top_p), ("seed", seed)):
         if value is not None:
             setattr(request, name, value)
-    client = Client(target, token, Path(tls_ca).read_bytes() if tls_ca else None, timeout)
+    key = next(iter(api_key.split(",")), "").strip() if api_key else None
+    client = Client(target, key, Path(tls_ca).read_bytes() if tls_ca else None, timeout)
     try:
         if wait:
             client.wait(wait)

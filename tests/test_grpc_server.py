@@ -1,5 +1,5 @@
 """The gRPC server on 127.0.0.1 with real clients: every RPC, bad requests, cancellation, deadlines,
-a full queue, 64 concurrent streams, bearer token, TLS, metrics and up-to-date generated stubs."""
+a full queue, 64 concurrent streams, request limits, API keys, TLS, metrics and up-to-date generated stubs."""
 from __future__ import annotations
 
 import asyncio
@@ -216,6 +216,12 @@ BAD = [
     (greedy(4, mode=9), CODE.INVALID_ARGUMENT, "mode"),
     (greedy(4, gamma=3), CODE.INVALID_ARGUMENT, "gamma"),
     (greedy(4, hire=True), CODE.UNIMPLEMENTED, "hire"),
+    # over a limit (docs/serving.md, "Limits"; max_len 128): each names the field and the limit
+    (greedy(4, stop=["x"] * 17), CODE.INVALID_ARGUMENT, "stop: 17 stop strings, over the limit of 16"),
+    (greedy(4, stop=["é" * 129]), CODE.INVALID_ARGUMENT, "stop: a stop string of 258 bytes, over the limit of 256"),
+    (greedy(4, stop_token_ids=[3] * 65), CODE.INVALID_ARGUMENT, "stop_token_ids: 65 ids, over the limit of 64"),
+    (greedy(4, "a" * 4097), CODE.INVALID_ARGUMENT, "prompt: 4097 bytes, over the limit of 4096 (limit prompt_bytes)"),
+    (greedy(4, "€" * 1366), CODE.INVALID_ARGUMENT, "prompt: 4098 bytes"),
 ]
 
 
@@ -236,6 +242,10 @@ def test_bad_requests_are_named_and_the_server_goes_on(stub, request_, code, fie
      CODE.INVALID_ARGUMENT, "prompt"),
     (js.DecodeRequest(text_content=js.DecodeRequest.TextContent(text="Hi"), max_tokens=5, num_samples=2),
      CODE.UNIMPLEMENTED, "num_samples"),
+    (js.DecodeRequest(text_content=js.DecodeRequest.TextContent(text="Hi"), max_tokens=10**9), CODE.INVALID_ARGUMENT,
+     "max_tokens: 1000000000 runs past the context: the prompt's 3 tokens leave 125 of 128"),
+    (js.DecodeRequest(text_content=js.DecodeRequest.TextContent(text="a" * 5000), max_tokens=5),
+     CODE.INVALID_ARGUMENT, "prompt: 5000 bytes, over the limit of 4096"),
 ])
 def test_bad_jetstream_requests(server, request_, code, field):
     with server.channel() as channel:
@@ -316,20 +326,45 @@ def test_64_concurrent_streams_equal_each_alone(engine, stub):
     print(f"\n64 concurrent streams, {sum(len(o) for o in outs)} responses: {seconds:.2f}s")
 
 
-def test_bearer_token(engine):
-    with running(engine, Options(port=0, token="s3cret")) as server, server.channel() as channel:
+def test_oversized_messages_and_texts_are_refused_before_any_work(stub):
+    request_bytes = 8 * 4096 + 2**16  # Limits.request_bytes for a context of 128
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(pb.GenerateRequest(tokens=pb.TokenIds(ids=[5] * request_bytes)))
+    assert e.value.code() == CODE.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Tokenize(pb.TokenizeRequest(text="a" * 5000))
+    assert e.value.code() == CODE.INVALID_ARGUMENT and e.value.details().startswith("text: 5000 bytes")
+    assert stub.Generate(greedy(3)).usage.completion_tokens == 3
+
+
+def test_api_keys(engine):
+    with running(engine, Options(port=0, api_keys=("s3cret-one", "s3cret-two"))) as server, \
+            server.channel() as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
-        for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", "s3cret"),)):
+        for value in (None, "Bearer wrong", "s3cret-one", "Basic s3cret-one", "Bearer s3cret-one,s3cret-two",
+                      "Bearer s3cret-on", "Bearer s3cret-one-and-more", "Bearer"):
+            metadata = (("authorization", value),) if value is not None else ()
             for call in (lambda: stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata),
-                         lambda: list(stub.GenerateStream(greedy(3), metadata=metadata))):
+                         lambda: stub.Tokenize(pb.TokenizeRequest(text="hi"), metadata=metadata),
+                         lambda: list(stub.GenerateStream(greedy(3), metadata=metadata)),
+                         lambda: jetstream_pb2_grpc.OrchestratorStub(channel).HealthCheck(js.HealthCheckRequest(),
+                                                                                          metadata=metadata)):
                 with pytest.raises(grpc.RpcError) as e:
                     call()
-                assert e.value.code() == CODE.UNAUTHENTICATED
-        good = (("authorization", "Bearer s3cret"),)
-        assert sum(len(r.token_ids) for r in stub.GenerateStream(greedy(3), metadata=good)) == 3
-        assert stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=good).slots == 8
-        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())  # probes need no token
+                assert e.value.code() == CODE.UNAUTHENTICATED, value
+        for value in ("Bearer s3cret-one", "bearer s3cret-two", "BEARER  s3cret-one "):  # RFC 6750: any case
+            good = (("authorization", value),)
+            assert sum(len(r.token_ids) for r in stub.GenerateStream(greedy(3), metadata=good)) == 3
+            assert stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=good).slots == 8
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())  # probes need no key
         assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_no_key_means_loopback_only(engine):
+    with pytest.raises(ValueError, match="host: 0.0.0.0 lets anyone"):
+        asyncio.run(GrpcServer(Served(engine, "stories260K"), Options(host="0.0.0.0", port=0)).start())
+    with running(engine, Options(host="0.0.0.0", port=0, insecure=True)) as server, server.channel() as channel:
+        assert inference_pb2_grpc.InferenceStub(channel).Generate(greedy(2)).usage.completion_tokens == 2
 
 
 def certificate(name: str, issuer: tuple | None = None) -> tuple[bytes, bytes, tuple]:
@@ -399,7 +434,14 @@ def test_generated_stubs_are_fresh(tmp_path):
     assert not mismatch and not errors, f"stale: {mismatch + errors}; run scripts/gen_protos.sh"
 
 
-def test_serve_grpc_command_checks_tls_flags(tmp_path):
+def test_serve_grpc_command_checks_tls_access_and_limit_flags(tmp_path):
     (tmp_path / "ca.pem").write_text("")
     result = CliRunner().invoke(main, ["serve-grpc", "--tls-client-ca", str(tmp_path / "ca.pem")])
     assert result.exit_code != 0 and "--tls-client-ca needs --tls-cert" in result.output
+    for args, message in ((["--host", "0.0.0.0"], "host: 0.0.0.0 lets anyone who can reach it use the server"),
+                          (["--api-key", "two words"], "a key is visible ASCII characters"),
+                          (["--limit", "prompt_bytes"], "expected NAME=VALUE"),
+                          (["--limit", "prompts=3"], "unknown limit 'prompts'"),
+                          (["--limit", "stop_bytes=-1"], "limit stop_bytes: -1 is not a whole number")):
+        result = CliRunner().invoke(main, ["serve-grpc", *args], env={"HIRE_API_KEY": ""})
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output

@@ -36,9 +36,8 @@ from cluster.messages import decode_response, request_id, stream_response
 from cluster.metrics import RayMetrics
 from cluster.requests import Served, from_decode, from_generate, model_info
 from cluster.shards import serving_engine
-from hire.checkpoint import DEFAULT_MODEL
 from hire.calibrate import model_folder, serving_settings
-from hire.checkpoint import load_model
+from hire.checkpoint import DEFAULT_MODEL, load_model
 from hire.engine import Engine, EngineUnavailable, compilation_cache_folder, use_compilation_cache
 from hire.lora import load_adapters
 from hire.scheduler import QueueFull, Scheduler, Stream

@@ -55,7 +55,7 @@ def bytes_per_token(cfg: ModelConfig, variables: dict, batch: int) -> int:
     return total // batch
 
 
-def _decode_timer(model: LoadedModel, batch: int, steps: int, prompt_len: int, chunk: int) -> Callable[[], float]:
+def _decode_timer(model: LoadedModel, batch: int, steps: int, prompt_len: int, chunk: int) -> Callable[..., float]:
     """A function that times `steps` greedy decode steps of `batch` slots (compiled at its first call)."""
     cfg = model.cfg
     max_len = min(cfg.max_seq_len, prompt_len + steps + 1)
@@ -63,7 +63,12 @@ def _decode_timer(model: LoadedModel, batch: int, steps: int, prompt_len: int, c
     prompt = list(np.random.default_rng(0).integers(0, cfg.vocab_size, prompt_len))
     prefix = engine.prefill(prompt, SamplingParams(temperature=0.0, seed=0))
 
-    def run() -> float:
+    def run(prefill: bool = False) -> float:
+        """Seconds of the decode steps, or with `prefill` of prefilling the prompt alone."""
+        if prefill:
+            start = time.perf_counter()
+            jax.block_until_ready(engine.prefill(prompt, SamplingParams(temperature=0.0, seed=0)))
+            return time.perf_counter() - start
         state = engine.init_state()
         for slot in range(batch):
             state = engine.insert(prefix, state, slot)
@@ -101,6 +106,7 @@ def bench_decode(model: LoadedModel, batch: int, steps: int = 128, prompt_len: i
             timer()  # compile
     bandwidths, seconds, dense_seconds = zip(*((measure_bandwidth(repeats=3), run(), run_dense and run_dense())
                                                for _ in range(repeats)))
+    prefill_seconds = statistics.median(run(prefill=True) for _ in range(repeats))
     bandwidth = statistics.median(bandwidths)
     ms_per_step = statistics.median(seconds) / steps * 1e3
     floor_ms = (read + kv_bytes) / (bandwidth * 1e9) * 1e3
@@ -113,6 +119,7 @@ def bench_decode(model: LoadedModel, batch: int, steps: int = 128, prompt_len: i
         "bandwidth_gbps": round(bandwidth, 2),
         "floor_ms_per_token": round(floor_ms, 4),
         "ratio_to_floor": round(ratio, 3),
+        "prefill_tokens_per_s": round(prompt_len / prefill_seconds, 1),
         "device": jax.devices()[0].device_kind, "jax": jax.__version__,
     } | (_versus_dense(cfg, model.variables, dense, batch, steps, seconds, dense_seconds) if dense else {})
 

@@ -500,6 +500,50 @@ def bench_window(model, text_file, window_sizes, predictor_dir, kinds, oversampl
         click.echo(json.dumps({"model": loaded.cfg.name, "text": str(text_file), **result}))
 
 
+@bench.command("peers")
+@click.option("--model", default="smollm2-135m-instruct", show_default=True,
+              help="A GGUF model: a pulled name (hire pull) or a .gguf file; every engine reads this file.")
+@click.option("--precision", "precisions", default=("f32", "int8", "int4"), multiple=True, show_default=True,
+              type=click.Choice(["f32", "int8", "int4"]),
+              help="Weight precision (repeatable): hire float32 / int8 / int4 against llama.cpp F32 / Q8_0 / Q4_1 "
+                   "of the same weights (made with llama-quantize).")
+@click.option("--batch", default=(1, 8), multiple=True, type=click.IntRange(min=1), show_default=True,
+              help="Sequences decoding together (repeatable).")
+@click.option("--steps", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens decoded.")
+@click.option("--prompt-len", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Prompt tokens before decoding.")
+@click.option("--prefill", "prefill_len", default=512, show_default=True, type=click.IntRange(min=0),
+              help="Also time prefilling a prompt of this many tokens at batch 1 (0: skip).")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Interleaved rounds (each engine once per round and precision); medians are kept.")
+@click.option("--threads", default=os.cpu_count() or 2, show_default=True, type=click.IntRange(min=1),
+              help="Threads for llama.cpp and torch.")
+@click.option("--transformers/--no-transformers", "with_transformers", default=True, show_default=True,
+              help="Also time transformers' generate at float32.")
+@click.option("--markdown", is_flag=True, help="Print the table as Markdown after the JSON.")
+def bench_peers(model, precisions, batch, steps, prompt_len, prefill_len, rounds, threads, with_transformers,
+                markdown) -> None:
+    """hire against llama.cpp (and transformers) on the same GGUF file and precision, interleaved: one JSON object.
+
+    Builds llama.cpp's llama-bench, llama-batched-bench and llama-quantize once into $HIRE_CACHE/llama.cpp from the
+    llama-cpp-python source distribution on the package index (10-20 minutes on 2 cores; needs cmake and a C++
+    compiler). Decode tokens/s are aggregate over the batch; prefill rows are tokens/s of a --prefill prompt.
+    See docs/benchmarks.md.
+    """
+    from hire import peers
+    from hire.checkpoint import resolve_model
+
+    path = resolve_model(model)
+    gguf = path if path.suffix == ".gguf" else next(path.glob("*.gguf"), None)
+    if gguf is None:
+        raise click.BadParameter(f"{path} holds no .gguf file", param_hint="--model")
+    result = peers.bench_peers(model, gguf, list(precisions), sorted(set(batch)), steps, prompt_len, prefill_len,
+                               rounds, threads, with_transformers)
+    click.echo(json.dumps(result))
+    if markdown:
+        click.echo(peers.markdown(result))
+
+
 @bench.command("serving")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @click.option("--concurrency", default=(1, 8, 32, 64), multiple=True, type=click.IntRange(min=1), show_default=True,
@@ -839,10 +883,10 @@ def serve_grpc(model, host, port, slots, max_len, queue_size, chunk, prefills, d
 @click.option("--placement", type=click.Choice(("STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK")),
               help="Placement-group strategy of the hosts (default: STRICT_SPREAD when enough nodes have room, "
               "else PACK).")
-@click.option("--draft", metavar="NAME", help="Decode speculatively with this drafter (stdlib-9m-draft, stdlib-9m-tandem, "
-              "ngram, or a model path): each replica becomes a tandem coordinator driving the model and the drafter "
-              "in two worker actors over gRPC (one CPU each; with --hosts N the model's worker drives N host actors). "
-              "Output is exactly the model's (docs/coordinator.md).")
+@click.option("--draft", metavar="NAME", help="Decode speculatively with this drafter (stdlib-9m-draft, "
+              "stdlib-9m-tandem, ngram, or a model path): each replica becomes a tandem coordinator driving the model "
+              "and the drafter in two worker actors over gRPC (one CPU each; with --hosts N the model's worker "
+              "drives N host actors). Output is exactly the model's (docs/coordinator.md).")
 @click.option("--gamma", default=4, show_default=True, type=click.IntRange(1, 16),
               help="Tokens drafted per block (with --draft).")
 @click.option("--unpipelined", is_flag=True, help="With --draft: draft a block only after the previous one is verified "

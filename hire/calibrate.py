@@ -121,7 +121,7 @@ def sparsify(model: LoadedModel, cfg: ModelConfig, found: dict[str, Any]) -> Loa
         if not arrays:
             have = sorted({k.split("/")[0] for k in found if k.split("/", 1)[1].startswith(path + "/")})
             raise CheckpointError(f"no {kind} predictor for {path}; the predictors found are: "
-                                  f"{', '.join(have) or 'none'}")
+                                  f"{', '.join(have) or 'none'} (`hire calibrate --model M --text FILE` builds them)")
         if kind == "lr":
             cfg = cfg.replace(hire_rank=arrays["a"].shape[1])
         hire |= {f"{path}/{name}": value for name, value in arrays.items()}
@@ -152,8 +152,33 @@ def load_predictors(folder: str | Path) -> dict[str, np.ndarray]:
 
 
 def with_predictors(model: LoadedModel, folder: str | Path, cfg: ModelConfig) -> LoadedModel:
-    """`model` (dense) as `cfg` asks, with the predictors saved in `folder`."""
-    return sparsify(model, cfg, load_predictors(folder))
+    """`model` (dense) as `cfg` asks, with the predictors saved in `folder`.
+
+    A quantized softmax predictor (an int8 or int4 copy of the output embedding: no calibration text needed) that
+    the folder lacks is built here and cached in it, so a pulled model runs with `--softmax hire-q` at once.
+    """
+    folder = Path(folder)
+    found = load_predictors(folder) if (folder / PREDICTORS).is_file() else {}
+    kind = cfg.predictor_kind("softmax")
+    if cfg.softmax != "dense" and kind != "lr" and not any(k.startswith(f"{kind}/softmax/") for k in found):
+        built = predictors.quantize(np.asarray(softmax_kernel(cfg, model.variables["params"]), np.float32), kind)
+        found |= {f"{kind}/softmax/{name}": value for name, value in built.items()}
+        _cache_predictors(folder, found)
+    if not found:
+        load_predictors(folder)  # raises, naming the command that builds them
+    return sparsify(model, cfg, found)
+
+
+def _cache_predictors(folder: Path, found: dict[str, np.ndarray]) -> None:
+    """Save `found` into `folder` (written aside, then renamed); a folder that cannot be written is left as is."""
+    tmp = folder / f".{PREDICTORS}.tmp"
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in found.items()}, tmp, metadata={"format": "hire"})
+        tmp.replace(folder / PREDICTORS)
+        if not (folder / META).is_file():
+            (folder / META).write_text(json.dumps({"built": "at load time: quantized softmax predictor"}) + "\n")
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def model_folder(name_or_path: str | Path) -> Path:

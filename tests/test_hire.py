@@ -213,6 +213,28 @@ def test_engine_decodes_with_hire_as_one_forward_pass_does(stories, stories_pred
     assert np.argmax(logits[0, len(prompt) - 1:-1], -1).tolist() == out.tokens
 
 
+def test_a_quantized_softmax_predictor_is_built_at_load_and_cached(stories, tmp_path):
+    """A folder with no predictors runs --softmax hire-q at once: the int4 copy of the output embedding is built at
+    load, saved beside the model and read from there next time; with every row a candidate the logits are exact."""
+    folder = Path(shutil.copytree(STORIES, tmp_path / "stories"))
+    settings = {"softmax": "hire-q", "hire_quant": "int4", "softmax_k": 32, "softmax_oversample": 16}
+    hired = load_model(folder, **settings)
+    cached = folder / "hire_predictors.safetensors"
+    built = predictors.quantize(np.asarray(stories.variables["params"]["embed"]).T, "int4")
+    for name, value in built.items():
+        np.testing.assert_array_equal(np.asarray(hired.variables["hire"]["softmax"][name]), value)
+    stamp = cached.stat().st_mtime_ns
+    again = load_model(folder, **settings)
+    assert cached.stat().st_mtime_ns == stamp
+    tokens = jnp.array([stories.tokenizer.encode(LILY)])
+    positions = jnp.arange(tokens.shape[1])[None]
+    exact, _ = Transformer(stories.cfg).apply(stories.variables, tokens, positions)
+    logits, _ = Transformer(again.cfg).apply(again.variables, tokens, positions)
+    np.testing.assert_allclose(logits, exact, atol=1e-4)
+    with pytest.raises(CheckpointError, match="hire calibrate"):
+        load_model(folder, ffn="group-sparse", softmax="dense")
+
+
 def test_recall_on_the_trained_dense_default_model():
     """Predictors fitted on a little of the standard library's source, measured on other held-out code."""
     model = load_model("stdlib-9m-dense")

@@ -57,12 +57,11 @@ def recovery(records: list[lt.Record], fault_at: float) -> dict:
     last_error = max((r.start + r.end for r in failed if r.start + r.end >= fault_at), default=None)
     after = max(fault_at, last_error or fault_at)
     back = next((t for t in ok_ends if t >= after), None)
-    marks = [fault_at] + [t for t in ok_ends if t > fault_at]
     short = sum(r.tokens < r.wanted for r in records if r.status == "OK")
     return {"fault_at_s": round(fault_at, 3), "failed": len(failed),
             "last_error_s": None if last_error is None else round(last_error - fault_at, 3),
             "back_s": None if back is None else round(back - fault_at, 3),
-            "longest_gap_s": round(max(b - a for a, b in zip(marks, marks[1:])) if len(marks) > 1 else 0.0, 3),
+            "longest_gap_s": round(lt.longest_gap(records, fault_at), 3),
             "short": short}
 
 

@@ -338,9 +338,19 @@ class Slo:
         return all(bound is None or value * 1000 <= bound for bound, value in bounds)
 
 
-def summarize(records: list[Record], seconds: float, load: Load, slo: Slo, window: float | None = None) -> dict:
-    """The run's report; with `window` (seconds) also `windows`: the same figures for the requests that ended in
-    each window of the run in turn (`t_s` its start), to watch latency, errors and throughput over time."""
+def longest_gap(records: list[Record], start: float, end: float | None = None) -> float:
+    """The longest stretch from `start` to `end` (default: the last completion) without a request completing
+    successfully (times on the records' clock)."""
+    marks = sorted(t for r in records if r.status == "OK" and r.arrivals and start < (t := r.start + r.end))
+    marks = [start, *marks, *([] if end is None else [max([end, *marks])])]
+    return max((b - a for a, b in zip(marks, marks[1:])), default=0.0)
+
+
+def summarize(records: list[Record], seconds: float, load: Load, slo: Slo, window: float | None = None,
+              t: float = 0.0) -> dict:
+    """The run's report, for requests that ended from `t` to `t` + `seconds`; `longest_gap_s` is the longest stretch
+    of those without a completion. With `window` (seconds) also `windows`: the same figures for the requests that
+    ended in each window of the run in turn (`t_s` its start), to watch latency, errors and throughput over time."""
     ok = [r for r in records if r.status == "OK" and r.arrivals]
     ttft = [r.arrivals[0][0] for r in ok]
     tpot = {id(r): (r.end - r.arrivals[0][0]) / (r.tokens - 1) for r in ok if r.tokens > 1}
@@ -354,12 +364,12 @@ def summarize(records: list[Record], seconds: float, load: Load, slo: Slo, windo
               "output_tokens_per_s": round(sum(r.tokens for r in ok) / seconds, 2),
               "goodput_requests_per_s": round(good / seconds, 3), "slo": asdict(slo),
               "ttft_ms": stats(ttft), "tpot_ms": stats(list(tpot.values())), "itl_ms": stats(itl),
-              "e2e_ms": stats([r.end for r in ok])}
+              "e2e_ms": stats([r.end for r in ok]), "longest_gap_s": round(longest_gap(ok, t, t + seconds), 3)}
     if window:
         report["windows"] = [  # every request ends within the run's `seconds`
-            {"t_s": round(float(t), 3), **{k: v for k, v in summarize(
-                [r for r in records if t <= r.start + r.end < t + window], min(window, seconds - t), load,
-                slo).items() if k not in ("load", "slo")}} for t in np.arange(0.0, seconds, window)]
+            {"t_s": round(float(w), 3), **{k: v for k, v in summarize(
+                [r for r in records if w <= r.start + r.end < w + window], min(window, seconds - w), load,
+                slo, t=float(w)).items() if k not in ("load", "slo")}} for w in np.arange(0.0, seconds, window)]
     return report
 
 

@@ -130,3 +130,13 @@ def test_windows_report_each_stretch_of_the_run():
     assert second["errors"] == {"UNAVAILABLE": 1} and second["requests_per_s"] == 0.5
     assert first["e2e_ms"]["p50"] == 500.0 and "load" not in first and "windows" not in first
     assert "windows" not in lt.summarize(records, 4.0, lt.Load(concurrency=1), lt.Slo())
+
+
+def test_longest_gap_is_the_longest_stretch_without_a_completion():
+    # Completions at 0.5, 1.5 and 4.5 s of a 6 s run; a failure at 3 s does not count as one.
+    records = [lt.Record(start=t, arrivals=[(0.2, 2)], end=0.5, wanted=2) for t in (0.0, 1.0, 4.0)]
+    records.append(lt.Record(start=2.0, end=1.0, status="UNAVAILABLE", wanted=2))
+    report = lt.summarize(records, 6.0, lt.Load(rate=1.0), lt.Slo(), window=3.0)
+    assert report["longest_gap_s"] == 3.0  # 1.5 -> 4.5
+    assert [w["longest_gap_s"] for w in report["windows"]] == [1.5, 1.5]  # 1.5 -> 3.0; 3.0 -> 4.5 (-> 6.0)
+    assert lt.summarize(records[3:], 6.0, lt.Load(rate=1.0), lt.Slo())["longest_gap_s"] == 6.0

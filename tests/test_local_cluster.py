@@ -1,8 +1,10 @@
 """deploy/local-cluster.sh on this machine: a Ray head and two worker nodes, each in its own network namespace,
-serve a model with one engine replica per worker; one worker is cut off the network under load. Every request
-ends with a full answer or UNAVAILABLE (none hangs: the client's deadline is far off and never reached), the
-failures are counted by status, and requests succeed in full again within a bound; the measured times print
-with -s. The cluster always goes down, whatever happens. Needs root (ip netns)."""
+serve a model with one engine replica per worker; one worker is cut off the network under load. The test
+asserts what holds however the cut falls (it may catch requests in flight on the cut worker, or none): every
+request ends with a full answer or UNAVAILABLE (none hangs: the client's deadline is far off and never reached),
+every failure is counted by status, the longest stretch without a completion is bounded, and requests succeed in
+full again within a bound; the measured times print with -s. The cluster always goes down, whatever happens.
+Needs root (ip netns)."""
 from __future__ import annotations
 
 import asyncio
@@ -58,15 +60,17 @@ def test_cutting_a_worker_off_under_load(cluster):
                                                     workload=workload, timeout=120.0, window=5.0))
     print(json.dumps({"recovery": report["recovery"], "errors": report["errors"], "requests": report["requests"]}))
 
+    # What must hold whichever way the race goes (the cut may catch requests in flight on w1, or none):
     statuses = Counter(r.status for r in records)
     assert set(statuses) <= {"OK", "UNAVAILABLE"}, statuses  # no TIMEOUT (a hang), no INTERNAL
-    assert report["recovery"]["short"] == 0  # every answer in full
-    # The requests in flight on the cut node fail, and are counted by their status: none vanishes.
-    assert statuses["UNAVAILABLE"] >= 1 and report["errors"] == {"UNAVAILABLE": statuses["UNAVAILABLE"]}
-    assert report["requests"] == len(records) == report["completed"] + statuses["UNAVAILABLE"]
+    assert report["recovery"]["short"] == 0  # every answer in full: nothing lost without a status
+    errors = report["requests"] - report["completed"]  # every failure counted, by its status
+    assert report["requests"] == len(records) and report["errors"] == ({"UNAVAILABLE": errors} if errors else {})
+    assert all(r.end < 30 for r in records)  # no request waited anywhere near its deadline
     recovery = report["recovery"]
-    assert recovery["back_s"] is not None and recovery["back_s"] < 30
-    after = [r for r in records if r.start > recovery["fault_at_s"] + recovery["last_error_s"]]
+    assert recovery["longest_gap_s"] < 30 and recovery["back_s"] is not None and recovery["back_s"] < 30
+    settled = recovery["fault_at_s"] + (recovery["last_error_s"] or 0.0)
+    after = [r for r in records if r.start > settled]
     assert len(after) >= 8 and all(r.status == "OK" for r in after)  # the other worker serves alone
 
     status = script("status", timeout=60).stdout

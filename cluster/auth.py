@@ -138,3 +138,16 @@ def _refusal(handler: grpc.RpcMethodHandler, refuse: Callable) -> grpc.RpcMethod
 def bearer(key: str) -> tuple[tuple[str, str], ...]:
     """The call metadata that carries `key`."""
     return (("authorization", f"Bearer {key}"),)
+
+
+class WithKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor, grpc.StreamUnaryClientInterceptor,
+              grpc.StreamStreamClientInterceptor):
+    """Sends `key` with every call of a channel: `grpc.intercept_channel(channel, WithKey(key))`."""
+
+    def __init__(self, key: str):
+        self.metadata = bearer(key)
+
+    def _call(self, continuation: Callable, details: grpc.ClientCallDetails, request):
+        return continuation(details._replace(metadata=[*(details.metadata or ()), *self.metadata]), request)
+
+    intercept_unary_unary = intercept_unary_stream = intercept_stream_unary = intercept_stream_stream = _call

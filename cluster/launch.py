@@ -1,26 +1,37 @@
-"""`hire serve`: start (or join) Ray, start Serve's HTTP and gRPC proxies, deploy the application, wait."""
+"""`hire serve`: start (or join) Ray, start Serve's HTTP and gRPC proxies, deploy the application, wait; on SIGTERM
+or Ctrl-C stop taking requests, let those in flight finish, shut down."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
 import ray
 from ray import serve
 
+from cluster.auth import check_exposure, env_keys, loopback
+from cluster.requests import Limits
 from cluster.serve_app import GRPC_SERVICERS, build
 
 log = logging.getLogger(__name__)
 APP = "hire"
+GRPC_MESSAGE = 4 * 2**20  # Serve's gRPC proxy takes messages up to this (gRPC's default), or request_bytes if larger
 
 
 def start(args: dict, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 50051,
           address: str | None = None, num_cpus: int | None = None) -> None:
-    """Deploy the application with EngineServer keyword arguments `args` (plus `replicas`) and return when it
-    answers. `address` joins a running Ray cluster ("auto" finds a local one); by default a local Ray starts
-    inside this process and ends with it.
+    """Deploy the application with `build`'s arguments `args` and return when it answers. `address` joins a running
+    Ray cluster ("auto" finds a local one); by default a local Ray starts inside this process and ends with it.
+
+    With no API key (`args["api_keys"]` or $HIRE_API_KEY) a `host` beyond loopback needs `args["insecure"]`.
     """
+    check_exposure(host, args.get("api_keys") or env_keys(), args.get("insecure", False))
+    args = {**args, "insecure": args.get("insecure", False) or loopback(host)}
     if not ray.is_initialized():
+        # the proxy processes Ray starts here read their gRPC message limit from the environment
+        limit = max(GRPC_MESSAGE, Limits.parse(args.get("limits")).request_bytes)
+        os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(limit))
         # "local": a Ray of its own, even where another runs on this machine (None would join the latest one)
         ray.init(address=address or "local", num_cpus=num_cpus if address is None else None, include_dashboard=False,
                  namespace="hire")
@@ -29,19 +40,35 @@ def start(args: dict, host: str = "127.0.0.1", http_port: int = 8000, grpc_port:
     serve.run(build(args), name=APP, route_prefix="/")
 
 
+def drain(grace: float, cut: threading.Event | None = None) -> list[int] | None:
+    """Have every ingress replica stop taking requests (health NOT_SERVING, new ones refused) and wait up to `grace`
+    seconds for those in flight; the number each still had running, or None when `cut` was set first."""
+    response = serve.get_app_handle(APP).broadcast("drain", grace)
+    out: list = []
+    waiter = threading.Thread(target=lambda: out.append(response.results(timeout_s=grace + 30,
+                                                                          return_exceptions=True)), daemon=True)
+    waiter.start()
+    while waiter.is_alive() and not (cut is not None and cut.wait(0.1)):
+        waiter.join(0.1)
+    return [n for n in out[0] if isinstance(n, int)] if out else None
+
+
 def stop() -> None:
     serve.shutdown()
     ray.shutdown()
 
 
-def serve_until_signal(args: dict, **where) -> None:
-    """`start`, then serve until SIGINT or SIGTERM, then shut Serve (and a Ray started here) down."""
-    done = threading.Event()
+def serve_until_signal(args: dict, grace: float = 20.0, **where) -> None:
+    """`start`, then serve until SIGINT or SIGTERM; then `drain` for up to `grace` seconds (a second signal cuts it
+    short) and shut Serve (and a Ray started here) down."""
+    stopping, cut = threading.Event(), threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
+        signal.signal(sig, lambda *_: (cut if stopping.is_set() else stopping).set())
     start(args, **where)
     log.info("serving: HTTP http://%s:%d/v1, gRPC %s:%d; Ctrl-C stops", where.get("host", "127.0.0.1"),
              where.get("http_port", 8000), where.get("host", "127.0.0.1"), where.get("grpc_port", 50051))
-    done.wait()
-    log.info("stopping")
+    stopping.wait()
+    log.info("stopping: new requests are refused, those in flight have %.0f s (a second signal stops now)", grace)
+    left = drain(grace, cut)
+    log.info("stopping: %s", "cut short" if left is None else f"{sum(left)} requests still running are cut")
     stop()

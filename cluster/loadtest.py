@@ -28,6 +28,7 @@ import grpc
 import numpy as np
 from tqdm import tqdm
 
+from cluster.auth import bearer, env_keys
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc, jetstream_pb2_grpc
 from protos import jetstream_pb2 as js
@@ -129,13 +130,14 @@ class Target:
 class GrpcTarget(Target):
     """hire.v1.Inference GenerateStream, greedy to exactly max_tokens (ignore_eos)."""
 
-    def __init__(self, address: str, timeout: float | None = None):
+    def __init__(self, address: str, timeout: float | None = None, api_key: str | None = None):
         self.url, self.timeout = f"grpc://{address}", timeout
+        self.metadata = bearer(api_key) if api_key else ()
         self.channel = grpc.aio.insecure_channel(address)
         self.stub = inference_pb2_grpc.InferenceStub(self.channel)
 
     async def model_vocab(self) -> int | None:
-        return (await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)).vocab_size
+        return (await self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata, timeout=30)).vocab_size
 
     async def send(self, item: Item) -> AsyncIterator[int]:
         request = pb.GenerateRequest(temperature=0, max_tokens=item.max_tokens, ignore_eos=True)
@@ -144,7 +146,7 @@ class GrpcTarget(Target):
         else:
             request.tokens.ids.extend(item.prompt)
         try:
-            async for msg in self.stub.GenerateStream(request, timeout=self.timeout):
+            async for msg in self.stub.GenerateStream(request, metadata=self.metadata, timeout=self.timeout):
                 yield len(msg.token_ids)
         except grpc.aio.AioRpcError as e:
             raise RequestFailed(e.code().name, e.details() or "") from None
@@ -156,8 +158,8 @@ class GrpcTarget(Target):
 class JetStreamTarget(GrpcTarget):
     """JetStream's Orchestrator/Decode (greedy; it stops at EOS, so outputs may be shorter than max_tokens)."""
 
-    def __init__(self, address: str, timeout: float | None = None):
-        super().__init__(address, timeout)
+    def __init__(self, address: str, timeout: float | None = None, api_key: str | None = None):
+        super().__init__(address, timeout, api_key)
         self.url, self.orchestrator = f"jetstream://{address}", jetstream_pb2_grpc.OrchestratorStub(self.channel)
 
     async def model_vocab(self) -> int | None:
@@ -170,7 +172,7 @@ class JetStreamTarget(GrpcTarget):
             request = js.DecodeRequest(token_content=js.DecodeRequest.TokenContent(token_ids=item.prompt))
         request.max_tokens = item.max_tokens
         try:
-            async for msg in self.orchestrator.Decode(request, timeout=self.timeout):
+            async for msg in self.orchestrator.Decode(request, metadata=self.metadata, timeout=self.timeout):
                 yield sum(len(s.token_ids) for s in msg.stream_content.samples)
         except grpc.aio.AioRpcError as e:
             raise RequestFailed(e.code().name, e.details() or "") from None
@@ -179,10 +181,11 @@ class JetStreamTarget(GrpcTarget):
 class HttpTarget(Target):
     """The OpenAI completions API, streamed with usage; `model` defaults to the server's first model."""
 
-    def __init__(self, base: str, model: str | None = None, timeout: float | None = None):
+    def __init__(self, base: str, model: str | None = None, timeout: float | None = None, api_key: str | None = None):
         self.url, self.model = base.rstrip("/"), model
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                             timeout=aiohttp.ClientTimeout(total=timeout))
+                                             timeout=aiohttp.ClientTimeout(total=timeout),
+                                             headers=dict(bearer(api_key)) if api_key else None)
 
     async def _model(self) -> str:
         if self.model is None:
@@ -218,17 +221,19 @@ class HttpTarget(Target):
         await self.session.close()
 
 
-def connect(url: str, model: str | None = None, timeout: float | None = None) -> Target:
+def connect(url: str, model: str | None = None, timeout: float | None = None, api_key: str | None = None) -> Target:
+    """The target at `url`; `api_key` is sent with every request (default: the first key in $HIRE_API_KEY)."""
+    api_key = api_key or next(iter(env_keys()), None)
     parts = urlsplit(url)
     if not parts.hostname or not parts.port:
         raise ValueError(f"target {url!r}: expected grpc://HOST:PORT, jetstream://HOST:PORT or http://HOST:PORT")
     address = f"{parts.hostname}:{parts.port}"
     if parts.scheme == "grpc":
-        return GrpcTarget(address, timeout)
+        return GrpcTarget(address, timeout, api_key)
     if parts.scheme == "jetstream":
-        return JetStreamTarget(address, timeout)
+        return JetStreamTarget(address, timeout, api_key)
     if parts.scheme in ("http", "https"):
-        return HttpTarget(url, model, timeout)
+        return HttpTarget(url, model, timeout, api_key)
     raise ValueError(f"target {url!r}: unknown scheme {parts.scheme!r} (grpc, jetstream, http)")
 
 

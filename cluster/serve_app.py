@@ -10,8 +10,11 @@
   engine through a deployment handle.
 
 `build` is the application builder named by deploy/serve.yaml (`serve run deploy/serve.yaml`) and
-used by `hire serve`. Bad requests end as HTTP 400 (404 for an unknown model, 429 for a full queue)
-or INVALID_ARGUMENT / UNIMPLEMENTED / RESOURCE_EXHAUSTED, with a message that names the field.
+used by `hire serve`. Bad requests end as HTTP 400 (404 for an unknown model, 413 for a body over
+`request_bytes`, 429 for a full queue) or INVALID_ARGUMENT / UNIMPLEMENTED / RESOURCE_EXHAUSTED, with a
+message that names the field. With API keys, every HTTP route but /health and every gRPC method but
+grpc.health.v1.Health needs one (401 / UNAUTHENTICATED). `Ingress.drain` stops taking requests (health
+NOT_SERVING, new ones 503 / UNAVAILABLE) and waits for those in flight: `hire serve`'s graceful stop.
 """
 from __future__ import annotations
 
@@ -29,12 +32,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.grpc_util import RayServegRPCContext
+from grpc_health.v1 import health_pb2
 from ray.serve.handle import DeploymentHandle
 
 from cluster import openai_api as oa
+from cluster.auth import REFUSED, ApiKeys, env_keys, parse_keys
 from cluster.messages import decode_response, request_id, stream_response
 from cluster.metrics import RayMetrics
-from cluster.requests import Served, from_decode, from_generate, model_info
+from cluster.requests import Limits, Served, from_decode, from_generate, model_info
 from cluster.shards import serving_engine
 from hire.calibrate import model_folder, serving_settings
 from hire.checkpoint import DEFAULT_MODEL, load_model
@@ -46,9 +51,14 @@ from protos import jetstream_pb2 as js
 
 log = logging.getLogger(__name__)
 
-# Servicers Serve's gRPC proxy registers (serve.start's grpc_options, or http/grpc_options in serve.yaml).
+# Servicers Serve's gRPC proxy registers (serve.start's grpc_options, or http/grpc_options in serve.yaml); the proxy
+# routes each method to the ingress's method of that name (grpc.health.v1.Health's Check and Watch too).
 GRPC_SERVICERS = ("protos.inference_pb2_grpc.add_InferenceServicer_to_server",
-                  "protos.jetstream_pb2_grpc.add_OrchestratorServicer_to_server")
+                  "protos.jetstream_pb2_grpc.add_OrchestratorServicer_to_server",
+                  "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server")
+SERVICES = ("", pb.DESCRIPTOR.services_by_name["Inference"].full_name,
+            js.DESCRIPTOR.services_by_name["Orchestrator"].full_name)  # the names health checks answer for
+STOPPING = "the server is shutting down; retry on another"
 # A replica that died or cannot be reached (its process killed, its node cut off) fails its calls with a
 # RayActorError: UNAVAILABLE / 503, a status a client may retry.
 GRPC_STATUS = {ValueError: grpc.StatusCode.INVALID_ARGUMENT, NotImplementedError: grpc.StatusCode.UNIMPLEMENTED,
@@ -83,14 +93,15 @@ class EngineServer:
     with `hire` (ModelConfig HiRE fields, e.g. {"softmax": "dense"}) on top. With `draft` (a drafter's name or
     path, or "ngram") it is decoded speculatively, `gamma` tokens drafted per block, `pipelined` or not
     (docs/coordinator.md); the large model then runs exactly, in its own worker actor (over `hosts` host actors
-    when > 1).
+    when > 1). `limits` bound each request (cluster.requests.Limits' fields).
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, slots: int = 8, max_len: int | None = None, queue_size: int = 128,
                  chunk: int = 4, prefills: int = 4, dtype: str | None = None, lora: dict[str, str] | None = None,
                  hire: dict | None = None, hosts: int = 1, devices_per_host: int = 1, placement: str | None = None,
-                 draft: str | None = None, gamma: int = 4, pipelined: bool = True):
+                 draft: str | None = None, gamma: int = 4, pipelined: bool = True, limits: dict | None = None):
         use_compilation_cache()
+        bounds = Limits.parse(limits)
         if draft:
             from cluster.coordinator import Coordinator
 
@@ -99,18 +110,18 @@ class EngineServer:
                                       devices_per_host=devices_per_host)
             mode = pb.DECODING_MODE_TANDEM if coordinator.hidden_layers else pb.DECODING_MODE_SPECULATIVE
             self.served = Served(coordinator, coordinator.cfg.name, drafters=[Path(draft).name], mode=mode,
-                                 gamma=gamma)
+                                 gamma=gamma, limits=bounds)
             coordinator.warm_up()
             self.scheduler = coordinator
         elif hosts > 1:  # the model sharded over `hosts` Ray actors (cluster.shards); this replica drives them
             sharded = serving_engine(model, hosts, devices_per_host, placement, slots, max_len, dtype, lora, hire)
-            self.served = Served(sharded, sharded.cfg.name)
+            self.served = Served(sharded, sharded.cfg.name, limits=bounds)
         else:
             loaded = load_model(model, dtype=dtype, **serving_settings(model_folder(model), hire))
             names: dict[str, int] = {}
             if lora:
                 loaded, names = load_adapters(loaded, lora)
-            self.served = Served(Engine(loaded, slots=slots, max_len=max_len), loaded.cfg.name, names)
+            self.served = Served(Engine(loaded, slots=slots, max_len=max_len), loaded.cfg.name, names, limits=bounds)
         if not draft:
             self.served.engine.warm_up(chunk)
             self.scheduler = Scheduler(self.served.engine, queue_size, chunk, prefills).start()
@@ -163,7 +174,11 @@ class EngineServer:
         """The actor handle of a speculative replica's "verify" or "draft" worker (fault tests)."""
         return self.scheduler.workers.actors[which]
 
+    def limits(self) -> Limits:
+        return self.served.limits
+
     def tokenize(self, text: str) -> list[int]:
+        self.served.limits.check_text("text", text)
         return self.served.engine.tokenizer.encode(text)
 
     def token_texts(self, ids: list[int]) -> list[str]:
@@ -185,7 +200,58 @@ class EngineServer:
             self.scheduler.recover()
 
 
+class Guard:
+    """ASGI middleware in front of every HTTP route: the API key (all but /health: 401), the shutdown (503), and the
+    body, read here up to `Limits.request_bytes` (413 past it) before any route parses it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        ingress: Ingress = serve.get_replica_context().servable_object
+        headers = dict(scope["headers"])
+        if scope["path"] != "/health":
+            if ingress.keys is not None and not ingress.keys.allows(headers.get(b"authorization")):
+                return await reply(send, 401, oa.error(REFUSED, "authentication_error"),
+                                   [(b"www-authenticate", b"Bearer")])
+            if ingress.draining:
+                return await reply(send, 503, oa.error(STOPPING, "server_error"))
+        limit = (await ingress.limits()).request_bytes
+        too_large = oa.error(f"request: the body is over the limit of {limit} bytes (limit request_bytes)",
+                             "invalid_request_error")
+        if int(headers.get(b"content-length", b"0") or 0) > limit:
+            return await reply(send, 413, too_large)
+        body, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body.append(message.get("body", b""))
+            more = message.get("more_body", False)
+            if sum(map(len, body)) > limit:
+                return await reply(send, 413, too_large)
+        whole = {"type": "http.request", "body": b"".join(body), "more_body": False}
+
+        async def replay() -> dict:
+            nonlocal whole
+            message, whole = whole, None
+            return message if message is not None else await receive()
+        await self.app(scope, replay, send)
+
+
+async def reply(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """Answer an HTTP request with a JSON body."""
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": data})
+
+
 app = FastAPI(title="hire", description="OpenAI-compatible completions served by hire on Ray Serve.")
+app.add_middleware(Guard)
 
 
 @app.exception_handler(RequestValidationError)
@@ -207,18 +273,56 @@ def http_error(e: BaseException) -> JSONResponse:
     return JSONResponse(oa.error(describe(e), kind, oa.field_of(str(e)) if status < 429 else None), status_code=status)
 
 
+class Refused(Exception):
+    """A gRPC call refused before it reached the engine (its status is set on the call's context)."""
+
+
 @serve.ingress(app)
 class Ingress:
-    """HTTP (OpenAI API) and gRPC (hire.v1 and JetStream) in front of an `EngineServer` handle."""
+    """HTTP (OpenAI API) and gRPC (hire.v1, JetStream and grpc.health.v1) in front of an `EngineServer` handle.
+    With `api_keys`, every call but health checks needs one."""
 
-    def __init__(self, engine: DeploymentHandle):
+    def __init__(self, engine: DeploymentHandle, api_keys: list[str] | None = None):
         self.engine = engine
+        self.keys = ApiKeys(api_keys) if api_keys else None
+        self.draining, self.active = False, 0  # active: requests being answered
         self._info: pb.ModelInfo | None = None
+        self._limits: Limits | None = None
 
     async def model_info(self) -> pb.ModelInfo:
         if self._info is None:
             self._info = await self.engine.info.remote()
         return self._info
+
+    async def limits(self) -> Limits:
+        if self._limits is None:
+            self._limits = await self.engine.limits.remote()
+        return self._limits
+
+    async def drain(self, grace: float) -> int:
+        """Stop taking requests (health NOT_SERVING, new calls 503 / UNAVAILABLE) and wait up to `grace` seconds
+        for those in flight to finish; how many are still running."""
+        self.draining = True
+        deadline = time.monotonic() + grace
+        while self.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.active
+
+    async def _admit(self, request, context: RayServegRPCContext) -> None:
+        """Raise Refused, with the call's status set, for a call without a key, while stopping, or over
+        request_bytes."""
+        refusal = None
+        if self.keys is not None and not self.keys.allows_metadata(context.invocation_metadata()):
+            refusal = grpc.StatusCode.UNAUTHENTICATED, REFUSED
+        elif self.draining:
+            refusal = grpc.StatusCode.UNAVAILABLE, STOPPING
+        elif (size := request.ByteSize()) > (limit := (await self.limits()).request_bytes):
+            refusal = grpc.StatusCode.RESOURCE_EXHAUSTED, f"request: {size} bytes, over the limit of {limit} " \
+                                                          "(limit request_bytes)"
+        if refusal:
+            context.set_code(refusal[0])
+            context.set_details(refusal[1])
+            raise Refused(refusal[1])
 
     def _stream(self, request: pb.GenerateRequest | js.DecodeRequest):
         return self.engine.generate.options(stream=True).remote(request)
@@ -226,7 +330,9 @@ class Ingress:
     # HTTP
 
     @app.get("/health")
-    async def health(self) -> dict:
+    async def health(self):
+        if self.draining:
+            return JSONResponse({"status": "stopping"}, status_code=503)
         await self.engine.check_health.remote()
         return {"status": "ok"}
 
@@ -246,23 +352,28 @@ class Ingress:
         return await self._openai(body, chat=True)
 
     async def _openai(self, body: oa.CompletionRequest | oa.ChatRequest, chat: bool):
-        rid = oa.new_id(chat)
+        rid, streaming = oa.new_id(chat), False
+        self.active += 1
         try:
-            info = await self.model_info()
-            responses = self._stream(oa.to_generate(body, info.name, list(info.adapters)))
-            first = await responses.__anext__()  # a bad request fails here, before any byte is sent
-        except Exception as e:  # noqa: BLE001 - every failure becomes an error response
-            return http_error(e)
-        if body.stream:
-            return StreamingResponse(self._sse(rid, body, chat, first, responses), media_type="text/event-stream")
-        try:
-            msgs = [first] + [m async for m in responses]
-        except Exception as e:  # noqa: BLE001
-            return http_error(e)
-        msg = oa.merge(msgs)
-        lp = await self._logprobs(msg, chat) if msg.logprobs else None
-        out = oa.body(rid, body.model, chat, False, [oa.choice(msg, chat, False, True, lp)])
-        return {**out, "usage": oa.usage(msg)}
+            try:
+                info = await self.model_info()
+                responses = self._stream(oa.to_generate(body, info.name, list(info.adapters)))
+                first = await responses.__anext__()  # a bad request fails here, before any byte is sent
+            except Exception as e:  # noqa: BLE001 - every failure becomes an error response
+                return http_error(e)
+            if body.stream:
+                streaming = True  # _sse counts it out
+                return StreamingResponse(self._sse(rid, body, chat, first, responses), media_type="text/event-stream")
+            try:
+                msgs = [first] + [m async for m in responses]
+            except Exception as e:  # noqa: BLE001
+                return http_error(e)
+            msg = oa.merge(msgs)
+            lp = await self._logprobs(msg, chat) if msg.logprobs else None
+            out = oa.body(rid, body.model, chat, False, [oa.choice(msg, chat, False, True, lp)])
+            return {**out, "usage": oa.usage(msg)}
+        finally:
+            self.active -= not streaming
 
     async def _logprobs(self, msg: pb.GenerateResponse, chat: bool) -> dict:
         return oa.logprobs(await self.engine.token_texts.remote(list(msg.token_ids)), list(msg.logprobs), chat)
@@ -284,11 +395,15 @@ class Ingress:
             yield f"data: {json.dumps(json.loads(http_error(e).body))}\n\n"
         finally:
             rest.cancel()
+            self.active -= 1
         yield "data: [DONE]\n\n"
 
-    # gRPC, through Serve's proxy: the methods of hire.v1.Inference and jetstream_proto.Orchestrator
+    # gRPC, through Serve's proxy: the methods of hire.v1.Inference, jetstream_proto.Orchestrator and
+    # grpc.health.v1.Health (the one service that needs no key)
 
     async def _grpc(self, request, context: RayServegRPCContext) -> AsyncIterator[pb.GenerateResponse]:
+        await self._admit(request, context)
+        self.active += 1
         responses = self._stream(request)
         try:
             async for msg in responses:
@@ -303,6 +418,7 @@ class Ingress:
             raise e from None  # Serve's proxy answers with the status set above
         finally:
             responses.cancel()
+            self.active -= 1
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
         msgs = [m async for m in self._grpc(request, grpc_context)]
@@ -315,10 +431,20 @@ class Ingress:
         async for msg in self._grpc(request, grpc_context):
             yield msg
 
-    async def Tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
-        return pb.TokenizeResponse(token_ids=await self.engine.tokenize.remote(request.text))
+    async def Tokenize(self, request: pb.TokenizeRequest, grpc_context: RayServegRPCContext) -> pb.TokenizeResponse:
+        await self._admit(request, grpc_context)
+        try:
+            return pb.TokenizeResponse(token_ids=await self.engine.tokenize.remote(request.text))
+        except Exception as e:  # noqa: BLE001 - a text over prompt_bytes
+            if not isinstance(e := cause(e), ValueError):
+                raise
+            grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            grpc_context.set_details(str(e))
+            raise e from None
 
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest) -> pb.ModelInfo:
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest,
+                           grpc_context: RayServegRPCContext) -> pb.ModelInfo:
+        await self._admit(request, grpc_context)
         return await self.model_info()
 
     async def Decode(self, request: js.DecodeRequest,
@@ -328,12 +454,49 @@ class Ingress:
             if out := decode_response(msg, text):
                 yield out
 
-    async def HealthCheck(self, request: js.HealthCheckRequest) -> js.HealthCheckResponse:
+    async def HealthCheck(self, request: js.HealthCheckRequest,
+                          grpc_context: RayServegRPCContext) -> js.HealthCheckResponse:
+        await self._admit(request, grpc_context)
+        return js.HealthCheckResponse(is_live=await self._live())
+
+    async def _live(self) -> bool:
+        if self.draining:
+            return False
         try:
             await self.engine.check_health.remote()
         except Exception:  # noqa: BLE001 - any failure means not live
-            return js.HealthCheckResponse(is_live=False)
-        return js.HealthCheckResponse(is_live=True)
+            return False
+        return True
+
+    async def _status(self, service: str) -> int | None:
+        """grpc.health.v1's status of `service` ("": the server), or None for a service not served here."""
+        if service not in SERVICES:
+            return None
+        return health_pb2.HealthCheckResponse.SERVING if await self._live() else \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    grpc_context: RayServegRPCContext) -> health_pb2.HealthCheckResponse:
+        """grpc.health.v1.Health/Check: SERVING, NOT_SERVING (stopping, or the engine is down), NOT_FOUND."""
+        status = await self._status(request.service)
+        if status is None:
+            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+            grpc_context.set_details(f"service: {request.service!r} is not served here")
+            raise Refused(request.service)
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest,
+                    grpc_context: RayServegRPCContext) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        """grpc.health.v1.Health/Watch: the status now, then each change (checked every second)."""
+        last = None
+        while True:
+            status = await self._status(request.service)
+            if status is None:
+                status = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(1.0)
 
 
 def build(args: dict) -> serve.Application:
@@ -343,9 +506,20 @@ def build(args: dict) -> serve.Application:
     such as deploy/local-cluster.sh's `hire_host`, hold one replica each), which also keeps the ingress on
     the head node beside Serve's proxy.
 
+    Every call but health checks needs one of `api_keys` (a list, or one string of keys separated by commas),
+    or of $HIRE_API_KEY's where the application is built (a Kubernetes Secret in deploy/rayservice.yaml). With
+    neither, `insecure: true` must say that anyone who reaches the proxies may use the model (`hire serve` says it
+    for a loopback address).
+
     Each engine replica admits up to slots + queue_size requests: it queues and batches them itself.
     """
     args = dict(args)
+    keys = args.pop("api_keys", None)
+    keys = parse_keys([keys] if isinstance(keys, str) else keys or []) or env_keys()
+    if not keys and not args.pop("insecure", False):
+        raise ValueError("api_keys: no API key; set $HIRE_API_KEY where the application is built (or args "
+                         "api_keys), or say `insecure: true` in args for a server that only trusted clients reach")
+    args.pop("insecure", None)
     replicas = {"num_replicas": int(args.pop("replicas"))} if "replicas" in args else {}
     resource = args.pop("replica_resource", None)
     slots, queue = int(args.get("slots", 8)), int(args.get("queue_size", 128))
@@ -358,4 +532,4 @@ def build(args: dict) -> serve.Application:
     ingress = serve.deployment(Ingress, name="ingress", max_ongoing_requests=16 * (slots + queue),
                                ray_actor_options={"num_cpus": 0,  # waits on the engine; needs no core of its own
                                                   **({"resources": {HEAD_NODE: 0.001}} if resource else {})})
-    return ingress.bind(engine.bind(**args))
+    return ingress.bind(engine.bind(**args), keys)

@@ -19,6 +19,7 @@
 #
 # Addresses: bridge hlc-br0 10.77.0.1/24 in this namespace; namespaces hlc-head 10.77.0.10, hlc-w1 10.77.0.11,
 # hlc-w2 10.77.0.12. The head serves HTTP on 10.77.0.10:8000 and gRPC on 10.77.0.10:50051 (reachable from here):
+#   export HIRE_API_KEY=$(cat /tmp/hire-lc/api_key)   # `up` makes the server's API key there
 #   hire client --target 10.77.0.10:50051 "import os"; hire loadtest --target grpc://10.77.0.10:50051 ...
 # Each worker has 1 CPU and one unit of the Ray resource `hire_host`, which a host actor or a replica takes (so
 # one per worker); the head has 1 CPU and one `hire_driver`; the ingress stays on the head. The GCS declares a
@@ -118,8 +119,11 @@ up() {
   [[ -f $STATE/serve.pid ]] && kill -0 "$(cat "$STATE/serve.pid")" 2>/dev/null && die "already up (down first)"
   make_net
   mkdir -p "$STATE"
-  [[ -f $RAY_AUTH_TOKEN_PATH ]] || (umask 077 && "$BIN/python" -c "import secrets; print(secrets.token_hex(32))" \
-    >"$RAY_AUTH_TOKEN_PATH")
+  for secret in "$RAY_AUTH_TOKEN_PATH" "$STATE/api_key"; do  # Ray's token; hire serve's API key
+    [[ -f $secret ]] || (umask 077 && "$BIN/python" -c "import secrets; print(secrets.token_hex(32))" >"$secret")
+  done
+  HIRE_API_KEY=$(cat "$STATE/api_key")
+  export HIRE_API_KEY
   start_node head
   local workers=() pid
   for node in "${WORKERS[@]}"; do start_node "$node" & workers+=($!); done

@@ -892,16 +892,20 @@ def serve_grpc(model, host, port, slots, max_len, queue_size, chunk, prefills, d
 @click.option("--unpipelined", is_flag=True, help="With --draft: draft a block only after the previous one is verified "
               "(default: draft block b+1 while b is verified).")
 @serving_options
+@access_options
 def serve_command(model, host, http_port, grpc_port, replicas, address, replica_resource, num_cpus, hosts,
                   devices_per_host, placement, draft, gamma, unpipelined, slots, max_len, queue_size, chunk, prefills,
-                  dtype, loras, softmax, ffn, hire_settings) -> None:
+                  dtype, loras, softmax, ffn, hire_settings, api_keys, insecure, limits, grace) -> None:
     """Serve a model on Ray Serve (HTTP and gRPC) until Ctrl-C or SIGTERM.
 
     Starts a local Ray in this process (or joins --address), deploys the application of deploy/serve.yaml
     and serves the OpenAI-compatible HTTP API on --http-port and hire.v1.Inference / JetStream's Orchestrator
     on --grpc-port. HiRE runs as --softmax, --ffn and --hire say, on top of the setting the model's folder
-    recommends (docs/hire.md). Needs the serve extra (pip install -e '.[serve]'). See docs/serving.md.
+    recommends (docs/hire.md). With --api-key every call but health checks needs a key; without one, --host must be
+    loopback (or --insecure). SIGTERM stops gracefully (--grace). Needs the serve extra (pip install -e
+    '.[serve]'). See docs/serving.md.
     """
+    import dataclasses
     import logging
 
     try:
@@ -911,6 +915,7 @@ def serve_command(model, host, http_port, grpc_port, replicas, address, replica_
     pairs = [spec.split("=", 1) for spec in loras]
     if any(len(p) != 2 or not all(p) for p in pairs):
         raise click.BadParameter("expected NAME=PATH", param_hint="--lora")
+    keys, request_limits = _access(host, api_keys, insecure, limits)
     from hire.checkpoint import detect_format, resolve_model
 
     try:  # fail here, not inside a replica, on a model that is not there; pass replicas a path
@@ -924,7 +929,7 @@ def serve_command(model, host, http_port, grpc_port, replicas, address, replica_
         _log_hire(_load(model, dtype, settings).cfg)
     args = dict(model=model, slots=slots, max_len=max_len, queue_size=queue_size, chunk=chunk, prefills=prefills,
                 dtype=dtype, lora={name: str(Path(path).resolve()) for name, path in pairs} or None, replicas=replicas,
-                hire=flags or None)
+                hire=flags or None, api_keys=keys, insecure=insecure, limits=dataclasses.asdict(request_limits))
     if replica_resource:
         args["replica_resource"] = replica_resource
     if draft:
@@ -947,7 +952,8 @@ def serve_command(model, host, http_port, grpc_port, replicas, address, replica_
             option = {"lora": "--lora", "model": "--model"}.get(str(e).split(":")[0], "--softmax / --ffn / --hire")
             raise click.BadParameter(str(e), param_hint=option) from None
         args |= dict(hosts=hosts, devices_per_host=devices_per_host, placement=placement)
-    serve_until_signal(args, host=host, http_port=http_port, grpc_port=grpc_port, address=address, num_cpus=num_cpus)
+    serve_until_signal(args, grace, host=host, http_port=http_port, grpc_port=grpc_port, address=address,
+                       num_cpus=num_cpus)
 
 
 @main.command("client")
@@ -1005,7 +1011,7 @@ def client_command(prompt, target, max_tokens, temperature, top_k, top_p, seed, 
 
 @main.command("loadtest")
 @click.option("--target", help="grpc://HOST:PORT (hire.v1), jetstream://HOST:PORT (Orchestrator/Decode) or "
-              "http://HOST:PORT (OpenAI completions).")
+              "http://HOST:PORT (OpenAI completions); the first key in $HIRE_API_KEY goes with every request.")
 @click.option("--rate", "rates", multiple=True, type=click.FloatRange(min=0, min_open=True),
               help="Open loop: Poisson arrivals at this many requests/s (repeat for a sweep).")
 @click.option("--concurrency", "concurrencies", multiple=True, type=click.IntRange(min=1),

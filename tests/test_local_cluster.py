@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -33,6 +34,9 @@ def cluster():
     try:
         up = script("up", "replicas", "--model", "stories260K", "--max-len", "256", timeout=400)
         assert up.returncode == 0, up.stderr[-4000:]
+        # the API key `up` made; the load test's requests carry it (cluster.loadtest.connect)
+        state = Path(os.environ.get("HIRE_LOCAL_CLUSTER_DIR", "/tmp/hire-lc"))
+        os.environ["HIRE_API_KEY"] = (state / "api_key").read_text()
         yield
     finally:
         down = script("down", timeout=120)

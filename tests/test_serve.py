@@ -1,7 +1,8 @@
 """The Ray Serve application on a real local Ray: the official `openai` client over HTTP (completions and
-chat, streamed and not), gRPC through Serve's proxy (every hire.v1 RPC and JetStream's Decode), bad
-requests answered 4xx / INVALID_ARGUMENT with the server still serving, a closed stream cancelled in
-the engine, and 64 concurrent streams equal to each request alone."""
+chat, streamed and not), gRPC through Serve's proxy (every hire.v1 RPC, JetStream's Decode, standard health
+checks and reflection), API keys on every door but health, request limits, bad requests answered 4xx /
+INVALID_ARGUMENT with the server still serving, a closed stream cancelled in the engine, and 64 concurrent
+streams equal to each request alone."""
 from __future__ import annotations
 
 import asyncio
@@ -14,11 +15,14 @@ import grpc
 import openai
 import pytest
 import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ray import serve
 
 from cluster import launch
+from cluster.auth import WithKey, bearer
 from cluster.bench_serving import free_port
 from cluster.openai_api import ChatMessage, chat_prompt
 from hire.checkpoint import load_model
@@ -30,12 +34,16 @@ from protos import inference_pb2_grpc, jetstream_pb2_grpc
 from protos import jetstream_pb2 as js
 
 MODEL, PROMPT = "stories260K", "Once upon a time"
+KEY, OTHER_KEY = "test-key-0c4f", "second-key-9a1e"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+REQUEST_BYTES = 8 * 32 * 512 + 2**16  # Limits.request_bytes for a context of 512
 
 
 @pytest.fixture(scope="module")
 def ports():
     http, grpc_port = free_port(), free_port()
-    launch.start({"model": MODEL, "slots": 8, "max_len": 512}, http_port=http, grpc_port=grpc_port, num_cpus=2)
+    launch.start({"model": MODEL, "slots": 8, "max_len": 512, "api_keys": [KEY, OTHER_KEY]}, http_port=http,
+                 grpc_port=grpc_port, num_cpus=2)
     yield http, grpc_port
     launch.stop()
 
@@ -47,13 +55,19 @@ def engine() -> Engine:
 
 @pytest.fixture(scope="module")
 def client(ports) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{ports[0]}/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{ports[0]}/v1", api_key=KEY, max_retries=0)
 
 
 @pytest.fixture(scope="module")
-def channel(ports):
+def bare(ports):
+    """A channel whose calls carry no key."""
     with grpc.insecure_channel(f"127.0.0.1:{ports[1]}") as channel:
         yield channel
+
+
+@pytest.fixture(scope="module")
+def channel(bare):
+    return grpc.intercept_channel(bare, WithKey(KEY))
 
 
 def alone(engine: Engine, prompt: str | list[int], max_tokens: int, **params):
@@ -113,11 +127,16 @@ def test_models_health_and_seeded_sampling(ports, client):
     ({"stop": [""]}, 400, "stop"),
     ({"model": "no-such-model"}, 404, "model"),
     ({"temperature": "hot"}, 400, "temperature"),
+    ({"stop": ["x"] * 17}, 400, "stop"),
+    ({"stop_token_ids": [3] * 65}, 400, "stop_token_ids"),
+    ({"prompt": "é" * 8193}, 400, "prompt"),  # 16386 bytes: over prompt_bytes (32 per token of context)
+    ({"max_tokens": 10**9}, 400, "max_tokens"),
+    ({"logprobs": 5}, 400, "logprobs"),
 ])
 def test_bad_completions_are_4xx_naming_the_field(ports, client, fields, status, param):
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 5, **fields}
     request = urllib.request.Request(f"http://127.0.0.1:{ports[0]}/v1/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
+                                     {"Content-Type": "application/json", **AUTH})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(request)
     error = json.load(e.value)["error"]
@@ -185,7 +204,7 @@ def test_64_concurrent_streams_equal_each_alone(engine, ports):
     lengths = [5 + (7 * i) % 60 for i in range(64)]
 
     async def one(stub, prompt: str, n: int) -> list[int]:
-        call = stub.GenerateStream(pb.GenerateRequest(text=prompt, temperature=0, max_tokens=n))
+        call = stub.GenerateStream(pb.GenerateRequest(text=prompt, temperature=0, max_tokens=n), metadata=bearer(KEY))
         return [t async for msg in call for t in msg.token_ids]
 
     async def run() -> list[list[int]]:
@@ -220,7 +239,8 @@ VALUES = {"model": st.sampled_from([MODEL, "other"]) | JSON, "prompt": st.text(m
        raw=st.booleans())
 def test_no_request_body_gets_a_5xx(ports, route, body, raw):
     data = json.dumps(body).encode() if not raw else json.dumps(body).encode()[:-1]  # raw: cut off, not JSON
-    request = urllib.request.Request(f"http://127.0.0.1:{ports[0]}{route}", data, {"Content-Type": "application/json"})
+    request = urllib.request.Request(f"http://127.0.0.1:{ports[0]}{route}", data,
+                                     {"Content-Type": "application/json", **AUTH})
     try:
         with urllib.request.urlopen(request, timeout=60) as r:
             r.read()
@@ -233,3 +253,90 @@ def test_no_request_body_gets_a_5xx(ports, route, body, raw):
 
 def test_still_serving_after_the_fuzz(client):
     assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3).usage.completion_tokens == 3
+
+
+def http(ports, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    """The status and JSON body of an HTTP request to the server."""
+    request = urllib.request.Request(f"http://127.0.0.1:{ports[0]}{path}", body,
+                                     {"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def test_keys_on_every_http_route_but_health(ports):
+    completion = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 2}).encode()
+    routes = [("/v1/models", None), ("/v1/completions", completion), ("/v1/chat/completions", b"{}"),
+              ("/docs", None), ("/openapi.json", None), ("/no/such/route", None)]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"},
+                    {"Authorization": f"Bearer {KEY[:-1]}"}):
+        for path, body in routes:
+            status, error = http(ports, path, body, headers)
+            assert status == 401 and "API key" in error["error"]["message"], (path, headers)
+    assert http(ports, "/health") == (200, {"status": "ok"})
+    for value in (f"Bearer {KEY}", f"bearer {OTHER_KEY}", f"BEARER {KEY}"):  # RFC 6750: any case
+        status, out = http(ports, "/v1/completions", completion, {"Authorization": value})
+        assert status == 200 and out["usage"]["completion_tokens"] == 2
+
+
+def test_bodies_over_request_bytes_are_413(ports):
+    big = json.dumps({"model": MODEL, "prompt": "a" * REQUEST_BYTES, "max_tokens": 2}).encode()
+    status, error = http(ports, "/v1/completions", big, AUTH)
+    assert status == 413 and "limit request_bytes" in error["error"]["message"]
+
+    def chunks():  # no Content-Length: the body is counted as it arrives
+        for _ in range(REQUEST_BYTES // 2**14 + 2):
+            yield b" " * 2**14
+    request = urllib.request.Request(f"http://127.0.0.1:{ports[0]}/v1/completions", chunks(),
+                                     {"Content-Type": "application/json", **AUTH})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=60)
+    assert e.value.code == 413
+
+
+def test_keys_on_every_grpc_method_but_health(bare):
+    inference, orchestrator = inference_pb2_grpc.InferenceStub(bare), jetstream_pb2_grpc.OrchestratorStub(bare)
+    text = js.DecodeRequest.TextContent(text=PROMPT)
+    calls = [lambda m: inference.Generate(pb.GenerateRequest(text=PROMPT, max_tokens=2), metadata=m),
+             lambda m: list(inference.GenerateStream(pb.GenerateRequest(text=PROMPT, max_tokens=2), metadata=m)),
+             lambda m: inference.Tokenize(pb.TokenizeRequest(text=PROMPT), metadata=m),
+             lambda m: inference.GetModelInfo(pb.GetModelInfoRequest(), metadata=m),
+             lambda m: list(orchestrator.Decode(js.DecodeRequest(text_content=text, max_tokens=2), metadata=m)),
+             lambda m: orchestrator.HealthCheck(js.HealthCheckRequest(), metadata=m)]
+    for metadata in ((), (("authorization", "Bearer nope"),), (("authorization", KEY),)):
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as e:
+                call(metadata)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "API key" in e.value.details()
+    for call in calls:
+        call((("authorization", f"bearer {OTHER_KEY}"),))
+    check = health_pb2_grpc.HealthStub(bare).Check  # no key: probes
+    for service in ("", "hire.v1.Inference", "jetstream_proto.Orchestrator"):
+        assert check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as e:
+        check(health_pb2.HealthCheckRequest(service="no.Such"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    watch = health_pb2_grpc.HealthStub(bare).Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+    ask = reflection_pb2_grpc.ServerReflectionStub(bare).ServerReflectionInfo
+    listed = next(ask(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    assert {"hire.v1.Inference", "jetstream_proto.Orchestrator", "grpc.health.v1.Health"} <= \
+        {s.name for s in listed.list_services_response.service}
+
+
+def test_grpc_limits_through_the_proxy(channel):
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    for size, says in ((REQUEST_BYTES + 10, "limit request_bytes"), (5 * 2**20, "")):  # the ingress; the proxy
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(pb.GenerateRequest(tokens=pb.TokenIds(ids=[5] * size)), timeout=60)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and says in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Tokenize(pb.TokenizeRequest(text="a" * 20000))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("text: 20000 bytes")
+    with pytest.raises(grpc.RpcError) as e:
+        list(jetstream_pb2_grpc.OrchestratorStub(channel).Decode(js.DecodeRequest(
+            text_content=js.DecodeRequest.TextContent(text=PROMPT), max_tokens=10**9)))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in e.value.details()

@@ -16,14 +16,23 @@ HIRE_FIELDS = ("softmax", "softmax_k", "softmax_oversample", "ffn", "ffn_predict
                "ffn_oversample", "ffn_union", "ffn_keep_k", "hire_rank", "hire_quant")
 
 
+ROPE_SCALINGS = ("llama3", "linear")
+
+
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 style frequency scaling ("rope_type": "llama3" in Hugging Face configs)."""
+    """RoPE frequency scaling, Hugging Face's "rope_type": "llama3" (Llama 3's smoothed bands) or "linear"
+    (every frequency divided by `factor`: Gemma 3's global layers beyond 270M)."""
 
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+    kind: str = "llama3"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROPE_SCALINGS:
+            raise ValueError(f"invalid RopeScaling: kind must be one of {ROPE_SCALINGS}, got {self.kind!r}")
 
 
 @dataclass(frozen=True)

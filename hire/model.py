@@ -3,12 +3,15 @@
 RoPE (plain or Llama-3 scaled), grouped-query attention over a KV cache indexed by absolute
 position, RMSNorm, a gated or plain FFN or a Mixtral-style mixture of experts, and optional
 LoRA adapters selected per batch row. Parameters live in the "params" collection, adapters
-in "lora"; both are plain pytrees.
+in "lora"; both are plain pytrees. Gemma 3's pieces are options of the same blocks: (1 + w)
+RMSNorm, QK-norm, sandwich norms, scaled embeddings, and sliding-window (local) layers
+interleaved with global ones, each kind with its own RoPE base.
 
 The cache is a tuple of (k, v) per layer: k [batch, n_kv_heads, head_dim, length] (stored
 transposed, so both attention products are plain matrix products) and v [batch, n_kv_heads,
 length, head_dim]; the token at position p is written at index p, and a step may attend over only the first `kv_len`
-entries when no position reaches further. One forward pass serves prefill (many tokens),
+entries when no position reaches further. Sliding layers keep the same layout and mask what lies
+outside their window. One forward pass serves prefill (many tokens),
 decode (one token) and block verification (a few tokens): new keys are scattered at their
 positions, then queries attend to every cached key at a position not after their own.
 """
@@ -42,13 +45,17 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
     return tuple((jnp.zeros(k_shape, dt), jnp.zeros(v_shape, dt)) for _ in range(cfg.n_layers))
 
 
-def rope_frequencies(cfg: ModelConfig) -> jax.Array:
-    """Inverse frequencies [head_dim/2], with Llama-3 scaling when configured."""
+def rope_frequencies(cfg: ModelConfig, local: bool = False) -> jax.Array:
+    """Inverse frequencies [head_dim/2], with Llama-3 or linear scaling when configured; `local`: those of the sliding
+    layers, at base rope_local_theta unscaled when it is set."""
     d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    local = local and cfg.rope_local_theta > 0
+    inv = 1.0 / ((cfg.rope_local_theta if local else cfg.rope_theta) ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
     s = cfg.rope_scaling
-    if s is None:
+    if s is None or local:
         return inv
+    if s.kind == "linear":
+        return inv / s.factor
     low_wavelen = s.original_max_position / s.low_freq_factor
     high_wavelen = s.original_max_position / s.high_freq_factor
     wavelen = 2 * math.pi / inv
@@ -69,15 +76,24 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) * w (Llama: scaled in x's dtype), or * (offset + w) in float32 (Gemma's (1 + w))."""
+
     eps: float
     dtype: str
+    offset: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.dtype(self.dtype))
+        w = self.param("weight", nn.initializers.constant(1 - self.offset), (x.shape[-1],), jnp.dtype(self.dtype))
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (x32 * (self.offset + w.astype(jnp.float32))).astype(x.dtype)
         return w * x32.astype(x.dtype)
+
+
+def norm(cfg: ModelConfig, name: str) -> RMSNorm:
+    return RMSNorm(cfg.norm_eps, cfg.dtype, cfg.norm_offset, name=name)
 
 
 class Linear(nn.Module):
@@ -107,7 +123,10 @@ class Linear(nn.Module):
 
 
 class Attention(nn.Module):
+    """Grouped-query attention; `window` > 0 sees only the last `window` positions (a sliding layer)."""
+
     cfg: ModelConfig
+    window: int = 0
 
     @nn.compact
     def __call__(self, x, positions, cache, lora, inv_freq, kv_len=None):
@@ -118,6 +137,8 @@ class Attention(nn.Module):
         q = Linear(H * D, cfg, bias, "q", name="q")(x, lora).reshape(B, T, H, D)
         k = Linear(K * D, cfg, bias, "k", name="k")(x, lora).reshape(B, T, K, D)
         v = Linear(K * D, cfg, bias, "v", name="v")(x, lora).reshape(B, T, K, D)
+        if cfg.qk_norm:
+            q, k = norm(cfg, "q_norm")(q), norm(cfg, "k_norm")(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
         if cache is None:  # attend within this call only
@@ -132,10 +153,11 @@ class Attention(nn.Module):
             key_pos = jnp.broadcast_to(jnp.arange(span), (B, span))
 
         visible = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
-        if cfg.sliding_window:
-            visible &= key_pos[:, None, :] > positions[:, :, None] - cfg.sliding_window
+        if self.window:
+            visible &= key_pos[:, None, :] > positions[:, :, None] - self.window
         qg = q.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4).reshape(B, K, -1, D)  # [B, K, G*T, D]
-        scores = jnp.einsum("bkqd,bkds->bkqs", qg, keys, preferred_element_type=jnp.float32) / math.sqrt(D)
+        scores = jnp.einsum("bkqd,bkds->bkqs", qg, keys, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(cfg.query_scale or D)
         scores = scores.reshape(B, K, H // K, T, -1)
         scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype).reshape(B, K, H // K * T, -1)
@@ -215,22 +237,29 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm attention and FFN, each output normed again before its residual add with `post_norms` (Gemma)."""
+
     cfg: ModelConfig
+    window: int = 0
 
     @nn.compact
     def __call__(self, x, positions, cache, lora, inv_freq, kv_len):
         cfg = self.cfg
-        h, cache = Attention(cfg, name="attn")(RMSNorm(cfg.norm_eps, cfg.dtype, name="attn_norm")(x),
-                                               positions, cache, lora, inv_freq, kv_len)
+        h, cache = Attention(cfg, self.window, name="attn")(norm(cfg, "attn_norm")(x), positions, cache, lora,
+                                                            inv_freq, kv_len)
+        if cfg.post_norms:
+            h = norm(cfg, "post_attn_norm")(h)
         x = x + h
-        y = RMSNorm(cfg.norm_eps, cfg.dtype, name="ffn_norm")(x)
+        y = norm(cfg, "ffn_norm")(x)
         if cfg.n_experts:
-            x = x + MoE(cfg, name="moe")(y, lora)
+            y = MoE(cfg, name="moe")(y, lora)
         elif cfg.ffn == "group-sparse":
-            x = x + GroupSparseFFN(cfg, name="ffn")(y)
+            y = GroupSparseFFN(cfg, name="ffn")(y)
         else:
-            x = x + FFN(cfg, name="ffn")(y, lora)
-        return x, cache
+            y = FFN(cfg, name="ffn")(y, lora)
+        if cfg.post_norms:
+            y = norm(cfg, "post_ffn_norm")(y)
+        return x + y, cache
 
 
 class Transformer(nn.Module):
@@ -255,16 +284,20 @@ class Transformer(nn.Module):
             if adapter is not None:
                 ids = jnp.clip(adapter, 0, cfg.lora_adapters - 1)
                 lora = Lora(ids, jnp.where(adapter >= 0, scale[ids], 0.0))
-        inv_freq = rope_frequencies(cfg)
+        inv_freq = {False: rope_frequencies(cfg), True: rope_frequencies(cfg, local=True)}
         x = embed[tokens]
+        if cfg.embed_scale:
+            x = x * jnp.asarray(math.sqrt(cfg.dim), dt)
         self.sow("intermediates", "hidden_0", x)
         new_cache = []
         for i in range(cfg.n_layers):
             layer_cache = None if cache is None else cache[i]
-            x, c = Block(cfg, name=f"layers_{i}")(x, positions, layer_cache, lora, inv_freq, kv_len)
+            window = cfg.layer_window(i)
+            x, c = Block(cfg, window, name=f"layers_{i}")(x, positions, layer_cache, lora, inv_freq[window > 0],
+                                                          kv_len)
             self.sow("intermediates", f"hidden_{i + 1}", x)
             new_cache.append(c)
-        x = RMSNorm(cfg.norm_eps, cfg.dtype, name="norm")(x)
+        x = norm(cfg, "norm")(x)
         if logit_index is not None:
             x = x[jnp.arange(x.shape[0]), logit_index]
         weight = embed if cfg.tie_embeddings else self.param("lm_head", nn.initializers.normal(0.02),

@@ -216,6 +216,9 @@ class TandemTransformer(nn.Module):
 
     def setup(self) -> None:
         cfg = self.cfg
+        if cfg.sliding_window or cfg.norm_offset or cfg.qk_norm or cfg.post_norms or cfg.embed_scale or cfg.query_scale:
+            raise ValueError("the tandem's small model is a plain Llama-style decoder: sliding_window, norm_offset, "
+                             "qk_norm, post_norms, embed_scale and query_scale must keep their defaults")
         if len(self.tandem.large_layers) != cfg.n_layers:
             raise ValueError(f"large_layers names {len(self.tandem.large_layers)} layers' inputs; the small model "
                              f"has {cfg.n_layers}")

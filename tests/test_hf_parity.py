@@ -20,6 +20,7 @@ import transformers as hf
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
+from hire.calibrate import build_predictors, sparsify
 from hire.checkpoint import LoadedModel
 from hire.config import RopeScaling
 from hire.engine import Engine
@@ -42,6 +43,11 @@ ARCHS = {
     "mistral": (hf.MistralConfig, hf.MistralForCausalLM, dict(sliding_window=16)),
     "qwen2": (hf.Qwen2Config, hf.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
     "mixtral": (hf.MixtralConfig, hf.MixtralForCausalLM, dict(num_local_experts=4, num_experts_per_tok=2)),
+    # MQA, head_dim apart from width, a window shorter than the prompt on layers 0 and 2 (RoPE base 1e4) and
+    # global layers 1 and 3 (1e6), attention scaled by 24 ** -0.5 rather than head_dim's.
+    "gemma3": (hf.Gemma3TextConfig, hf.Gemma3ForCausalLM, dict(
+        num_hidden_layers=4, num_key_value_heads=1, head_dim=32, sliding_window=16, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention"] * 2)),
 }
 
 
@@ -70,7 +76,7 @@ def save(arch: str, folder: Path, **save_args) -> torch.nn.Module:
     """A random `arch` model with O(1) logits and nonzero biases, saved with a tokenizer into `folder`."""
     config_cls, model_cls, extra = ARCHS[arch]
     torch.manual_seed(0)
-    model = model_cls(config_cls(**COMMON, **extra)).eval()
+    model = model_cls(config_cls(**{**COMMON, **extra})).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
@@ -102,8 +108,9 @@ def test_prefill_logits(case):
     logits, _ = case.hire(case.prompt[None], positions)
     report(case, "prefill", np.abs(np.asarray(logits[0]) - case.logits).max())
     cfg = case.loaded.cfg
-    # The sliding window and the rope scaling must matter over this prompt.
+    # The sliding window, the rope scaling and Gemma's local layers must matter over this prompt.
     changes = [dict(sliding_window=0)] * bool(cfg.sliding_window) + [dict(rope_scaling=None)] * bool(cfg.rope_scaling)
+    changes += [dict(global_every=0), dict(rope_local_theta=0.0), dict(query_scale=0.0)] * bool(cfg.global_every)
     for change in changes:
         other, _ = Transformer(cfg.replace(**change)).apply(case.loaded.variables, case.prompt[None], positions)
         assert np.abs(np.asarray(other[0]) - case.logits).max() > 100 * TOL, change
@@ -141,6 +148,26 @@ def test_right_padded_batch(case):
     logits, _ = case.hire(nxt[:, None], lengths[:, None], cache)
     alone = np.stack([torch_logits(case.torch_model, [*case.prompt[:n], t])[-1] for n, t in zip(lengths, nxt)])
     report(case, "padded batch decode", np.abs(np.asarray(logits[:, 0]) - alone).max())
+
+
+def test_hire_on_gemma3(tmp_path):
+    """HiRE's candidate softmax and group-sparse FFN between Gemma's sandwich norms: exact when every row and group
+    is a candidate, and different (so wired in) when few are."""
+    save("gemma3", tmp_path)
+    model = load_hf(tmp_path)
+    found = build_predictors(model, ["lr", "int8"], rank=8)
+    prompt = np.random.default_rng(0).integers(0, COMMON["vocab_size"], (1, PROMPT_LEN))
+    positions = np.arange(PROMPT_LEN)[None]
+    dense, _ = Transformer(model.cfg).apply(model.variables, prompt, positions)
+
+    def hired(**settings):
+        sparse_model = sparsify(model, model.cfg.replace(**settings), found)
+        return Transformer(sparse_model.cfg).apply(sparse_model.variables, prompt, positions)[0]
+
+    every_row = dict(softmax="hire-q", softmax_k=160, softmax_oversample=1, ffn="group-sparse", ffn_predictor="lr",
+                     ffn_k=6, ffn_oversample=1)
+    assert np.abs(np.asarray(hired(**every_row) - dense)).max() <= TOL
+    assert np.abs(np.asarray(hired(**{**every_row, "ffn_k": 1}) - dense)).max() > 100 * TOL
 
 
 def test_mixtral_fused_expert_layout(tmp_path):
@@ -248,6 +275,44 @@ BASE = dict(model_type="llama", vocab_size=32, hidden_size=64, num_hidden_layers
 def test_config_mapping(extra, expected):
     cfg = hf_config({**BASE, **extra})
     assert {field: getattr(cfg, field) for field in expected} == expected
+
+
+# Gemma 3 270M's config.json as transformers 4 wrote it (the pattern as sliding_window_pattern, flat rope fields).
+GEMMA3_270M = dict(
+    model_type="gemma3_text", vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+    num_attention_heads=4, num_key_value_heads=1, head_dim=256, hidden_activation="gelu_pytorch_tanh",
+    query_pre_attn_scalar=256, rms_norm_eps=1e-6, rope_theta=1e6, rope_local_base_freq=1e4, rope_scaling=None,
+    sliding_window=512, sliding_window_pattern=6, final_logit_softcapping=None, attn_logit_softcapping=None,
+    max_position_embeddings=32768, bos_token_id=2, eos_token_id=[1, 106], torch_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ({}, dict(n_kv_heads=1, head_dim=256, activation="gelu_tanh", sliding_window=512, global_every=6,
+              rope_theta=1e6, rope_local_theta=1e4, rope_scaling=None, query_scale=256.0, norm_offset=1.0,
+              qk_norm=True, post_norms=True, embed_scale=True, tie_embeddings=True, bos_id=2, eos_id=1)),
+    # Gemma 3 4B's linear scaling of the global layers, in transformers 5's per-layer-type rope_parameters.
+    (dict(rope_parameters=dict(full_attention=dict(rope_type="linear", factor=8.0, rope_theta=1e6),
+                               sliding_attention=dict(rope_type="default", rope_theta=1e4))),
+     dict(rope_theta=1e6, rope_local_theta=1e4, rope_scaling=RopeScaling(factor=8.0, kind="linear"))),
+    (dict(layer_types=["sliding_attention"] * 18), dict(sliding_window=512, global_every=0)),
+    (dict(layer_types=["full_attention"] * 18), dict(sliding_window=0, global_every=0)),
+])
+def test_gemma3_config_mapping(extra, expected):
+    cfg = hf_config({**GEMMA3_270M, **extra})
+    assert {field: getattr(cfg, field) for field in expected} == expected
+
+
+@pytest.mark.parametrize("extra, message", [
+    (dict(final_logit_softcapping=30.0), "final_logit_softcapping"),
+    (dict(attn_logit_softcapping=50.0), "attn_logit_softcapping"),
+    (dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
+    (dict(layer_types=["full_attention", "sliding_attention"] * 9), "layer_types"),
+    (dict(layer_types=["sliding_attention"] * 17), "layer_types"),
+    (dict(hidden_activation="swish"), "hidden_activation 'swish'"),
+])
+def test_gemma3_config_errors(extra, message):
+    with pytest.raises(CheckpointError, match=message):
+        hf_config({**GEMMA3_270M, **extra})
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -2,8 +2,8 @@
 
 Supports the Llama family as transformers writes it: `llama`, `mistral`, `qwen2` and `mixtral`
 (with experts either per-expert `block_sparse_moe.experts.{e}.w1/w2/w3` or fused
-`mlp.experts.gate_up_proj`/`down_proj`). Tensors are read one at a time, checked by name and
-shape, and transposed from torch's [out, in] to hire's [in, out].
+`mlp.experts.gate_up_proj`/`down_proj`), and Gemma 3's text model `gemma3_text`. Tensors are read
+one at a time, checked by name and shape, and transposed from torch's [out, in] to hire's [in, out].
 """
 from __future__ import annotations
 
@@ -21,8 +21,13 @@ from hire.config import ModelConfig, RopeScaling
 from hire.formats import CheckpointError, build_config, prepare_variables, read_json, unflatten, with_dtype
 from hire.tokenizer import HFTokenizer
 
-SUPPORTED = ("llama", "mistral", "qwen2", "mixtral")
+SUPPORTED = ("llama", "mistral", "qwen2", "mixtral", "gemma3_text")
 ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+# hire's layer norms <- Hugging Face's: Llama's pre-norms, and Gemma's four (its post_attention_layernorm is
+# the attention output's norm)
+NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+NORMS_SANDWICH = {"attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
+                  "ffn_norm": "pre_feedforward_layernorm", "post_ffn_norm": "post_feedforward_layernorm"}
 
 
 def load_hf(folder: Path, dtype: str | None = None) -> LoadedModel:
@@ -44,20 +49,25 @@ def hf_config(raw: dict[str, Any], dtype: str | None = None, folder: Path = Path
     kind = raw.get("model_type")
     if kind not in SUPPORTED:
         raise CheckpointError(f"model_type {kind!r} is not supported; supported: {', '.join(SUPPORTED)}")
-    act = raw.get("hidden_act", "silu")
+    gemma = kind == "gemma3_text"
+    act_field = "hidden_activation" if gemma else "hidden_act"
+    act = raw.get(act_field, "gelu_pytorch_tanh" if gemma else "silu")
     if act not in ACTIVATIONS:
-        raise CheckpointError(f"hidden_act {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
-    theta, scaling = _rope(raw)
+        raise CheckpointError(f"{act_field} {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+    theta, scaling, local_theta = _rope(raw)
+    window, global_every = _attention_layers(raw)
     heads = raw["num_attention_heads"]
     cfg = build_config(folder / "config.json", dict(
         vocab_size=raw["vocab_size"], dim=raw["hidden_size"], n_layers=raw["num_hidden_layers"],
         n_heads=heads, n_kv_heads=raw.get("num_key_value_heads") or heads, ffn_dim=raw["intermediate_size"],
         head_dim=raw.get("head_dim") or 0, activation=ACTIVATIONS[act], norm_eps=raw.get("rms_norm_eps", 1e-6),
         rope_theta=theta, rope_scaling=scaling, max_seq_len=raw.get("max_position_embeddings", 2048),
-        sliding_window=_sliding_window(raw), tie_embeddings=raw.get("tie_word_embeddings", False),
+        sliding_window=window, global_every=global_every, rope_local_theta=local_theta,
+        tie_embeddings=raw.get("tie_word_embeddings", gemma),
         attention_bias=kind == "qwen2" or raw.get("attention_bias", False),
         n_experts=raw.get("num_local_experts", 0) if kind == "mixtral" else 0,
-        n_experts_per_token=raw.get("num_experts_per_tok", 2), name=folder.name, **_special_ids(raw)))
+        n_experts_per_token=raw.get("num_experts_per_tok", 2), name=folder.name, **_special_ids(raw),
+        **(_gemma3(raw) if gemma else {})))
     return with_dtype(cfg, dtype or raw.get("dtype") or raw.get("torch_dtype"))
 
 
@@ -73,34 +83,66 @@ def _adds_bos(tokenizer_file: Path, bos_id: int | None) -> bool:
     return bos_id is not None and tokenizers.Tokenizer.from_file(str(tokenizer_file)).encode("x").ids[:1] == [bos_id]
 
 
-def _rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    """(theta, scaling) from transformers 5's `rope_parameters` or the older `rope_theta`/`rope_scaling`."""
+def _gemma3(raw: dict[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields that make a decoder Gemma 3's; refuses the options hire lacks."""
+    for f in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if raw.get(f) is not None:
+            raise CheckpointError(f"{f} {raw[f]} is not supported (hire has no softcapping; it must be null)")
+    if raw.get("use_bidirectional_attention"):
+        raise CheckpointError("use_bidirectional_attention true is not supported (hire decodes causally)")
+    return dict(norm_offset=1.0, qk_norm=True, post_norms=True, embed_scale=True,
+                query_scale=float(raw.get("query_pre_attn_scalar", 256)))
+
+
+def _rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None, float]:
+    """(theta, scaling, local theta) from transformers 5's `rope_parameters` (Gemma 3: one per layer type) or the
+    older `rope_theta`/`rope_scaling`/`rope_local_base_freq`; the local theta is 0 but for Gemma 3."""
+    kind = raw["model_type"]
     params = {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 1e6 if raw["model_type"] == "mixtral" else 1e4)))
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind == "default":
-        return theta, None
-    if kind != "llama3":
-        raise CheckpointError(f"rope_type {kind!r} is not supported; supported: default, llama3")
+    local: dict[str, Any] = {}
+    if "full_attention" in params or "sliding_attention" in params:
+        params, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 1e6 if kind in ("mixtral", "gemma3_text") else 1e4)))
+    local_theta = float(local.get("rope_theta", raw.get("rope_local_base_freq", 1e4))) if kind == "gemma3_text" else 0.0
+    if (local_kind := local.get("rope_type", "default")) != "default":
+        raise CheckpointError(f"rope_type {local_kind!r} of the sliding layers is not supported; supported: default")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None, local_theta
+    if rope_type == "linear":
+        return theta, RopeScaling(factor=params["factor"], kind="linear"), local_theta
+    if rope_type != "llama3":
+        raise CheckpointError(f"rope_type {rope_type!r} is not supported; supported: default, linear, llama3")
     return theta, RopeScaling(factor=params["factor"], low_freq_factor=params["low_freq_factor"],
                               high_freq_factor=params["high_freq_factor"],
-                              original_max_position=params["original_max_position_embeddings"])
+                              original_max_position=params["original_max_position_embeddings"]), local_theta
 
 
-def _sliding_window(raw: dict[str, Any]) -> int:
-    """The window when every layer slides, 0 when none does; hire has no per-layer mix."""
-    window = raw.get("sliding_window") or 0
-    kind = raw["model_type"]
+def _attention_layers(raw: dict[str, Any]) -> tuple[int, int]:
+    """(sliding_window, global_every): (0, 0) when every layer attends globally, (window, 0) when every layer
+    slides, (window, n) when every n-th layer is global and the others slide (Gemma 3); other mixes are refused."""
+    window, kind, n = raw.get("sliding_window") or 0, raw["model_type"], raw["num_hidden_layers"]
     if not window or kind == "llama" or (kind == "qwen2" and not raw.get("use_sliding_window")):
-        return 0
-    first = raw.get("max_window_layers", 28) if kind == "qwen2" else 0  # qwen2 slides from this layer on
-    layers = raw.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
-                                        for i in range(raw["num_hidden_layers"])]
-    if set(layers) == {"full_attention"}:
-        return 0
-    if set(layers) == {"sliding_attention"}:
-        return window
-    raise CheckpointError("checkpoint mixes full and sliding-window attention layers, which hire does not support")
+        return 0, 0
+    if kind == "gemma3_text":
+        every = raw.get("sliding_window_pattern", 6)
+        default = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)]
+    else:
+        first = raw.get("max_window_layers", 28) if kind == "qwen2" else 0  # qwen2 slides from this layer on
+        default = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    layers = list(raw.get("layer_types") or default)
+    full = [i for i, t in enumerate(layers) if t == "full_attention"]
+    if len(layers) != n or set(layers) - {"full_attention", "sliding_attention"}:
+        raise CheckpointError(f"layer_types must list {n} of full_attention and sliding_attention, got {layers}")
+    if not full:
+        return window, 0
+    if len(full) == n:
+        return 0, 0
+    every = full[0] + 1
+    if layers != ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)]:
+        raise CheckpointError("layer_types mixes full and sliding-window attention other than every n-th layer "
+                              f"global, which hire does not support: {layers}")
+    return window, every
 
 
 def _shards(folder: Path) -> dict[str, Path]:
@@ -170,8 +212,11 @@ def _map_weights(cfg: ModelConfig, t: _Tensors) -> dict[str, np.ndarray]:
         flat["lm_head"] = linear("lm_head.weight", V, D)
     for i in range(cfg.n_layers):
         p, h = f"layers_{i}/", f"model.layers.{i}."
-        flat[p + "attn_norm/weight"] = take(h + "input_layernorm.weight", D)
-        flat[p + "ffn_norm/weight"] = take(h + "post_attention_layernorm.weight", D)
+        norms = NORMS_SANDWICH if cfg.post_norms else NORMS
+        flat |= {f"{p}{n}/weight": take(f"{h}{hf_name}.weight", D) for n, hf_name in norms.items()}
+        if cfg.qk_norm:
+            for n in ("q_norm", "k_norm"):
+                flat[f"{p}attn/{n}/weight"] = take(f"{h}self_attn.{n}.weight", cfg.head_dim)
         for n, n_out, n_in in (("q", q_dim, D), ("k", kv_dim, D), ("v", kv_dim, D), ("o", D, q_dim)):
             flat[f"{p}attn/{n}/kernel"] = linear(f"{h}self_attn.{n}_proj.weight", n_out, n_in)
             if cfg.attention_bias and n != "o":

@@ -11,10 +11,11 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from hire.chat import ChatTemplate, chat_prompt
 from protos import inference_pb2 as pb
 
 FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
@@ -61,7 +62,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | None = ""
+    content: str | list[dict[str, Any]] | None = ""  # text, or OpenAI's content parts (text ones only)
 
 
 class ChatRequest(Sampling):
@@ -71,18 +72,10 @@ class ChatRequest(Sampling):
     top_logprobs: int | None = None
 
 
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """hire's chat template: one "role: content" line per message, then "assistant:" to answer.
-
-    hire's models are plain language models with no chat template of their own.
-    """
-    if not messages:
-        raise ValueError("messages: at least one message is needed")
-    return "".join(f"{m.role}: {m.content or ''}\n" for m in messages) + "assistant:"
-
-
-def to_generate(body: CompletionRequest | ChatRequest, model: str, adapters: list[str]) -> pb.GenerateRequest:
-    """The hire.v1 request for an OpenAI one. `model` is the served model's name; an adapter name selects it."""
+def to_generate(body: CompletionRequest | ChatRequest, model: str, adapters: list[str],
+                template: ChatTemplate | None = None) -> pb.GenerateRequest:
+    """The hire.v1 request for an OpenAI one. `model` is the served model's name; an adapter name selects it.
+    Chat messages become a prompt by the model's chat `template`, or in hire's plain format (hire.chat)."""
     if body.model != model and body.model not in adapters:
         raise UnknownModel(f"model: {body.model!r} is not served here; models: {[model, *adapters]}")
     for name, default in (("n", 1), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
@@ -95,7 +88,8 @@ def to_generate(body: CompletionRequest | ChatRequest, model: str, adapters: lis
     if isinstance(body, ChatRequest):
         if body.top_logprobs:
             raise NotImplementedError("top_logprobs: only the sampled token's log-probability is available")
-        msg.text, msg.logprobs = chat_prompt(body.messages), body.logprobs
+        msg.text = chat_prompt(template, [m.model_dump() for m in body.messages])
+        msg.logprobs = body.logprobs
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     else:
         if body.echo:

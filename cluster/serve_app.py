@@ -42,6 +42,7 @@ from cluster.metrics import RayMetrics
 from cluster.requests import Limits, Served, from_decode, from_generate, model_info
 from cluster.shards import serving_engine
 from hire.calibrate import model_folder, serving_settings
+from hire.chat import ChatTemplate
 from hire.checkpoint import DEFAULT_MODEL, load_model
 from hire.engine import Engine, EngineUnavailable, compilation_cache_folder, use_compilation_cache
 from hire.lora import load_adapters
@@ -165,6 +166,10 @@ class EngineServer:
     def info(self) -> pb.ModelInfo:
         return model_info(self.served, self.scheduler.queue_size)
 
+    def chat_template(self) -> ChatTemplate | None:
+        """The model's chat template (hire.chat), None when it has none."""
+        return ChatTemplate.of(self.served.engine.tokenizer)
+
     def stats(self) -> dict:
         """Speculative decoding's counters (acceptance, calls, restarts: CoordinatorStats), or {} for plain."""
         stats = getattr(self.scheduler, "stats", None)
@@ -286,13 +291,17 @@ class Ingress:
         self.engine = engine
         self.keys = ApiKeys(api_keys) if api_keys else None
         self.draining, self.active = False, 0  # active: requests being answered
-        self._info: pb.ModelInfo | None = None
+        self._served: tuple[pb.ModelInfo, ChatTemplate | None] | None = None
         self._limits: Limits | None = None
 
+    async def served(self) -> tuple[pb.ModelInfo, ChatTemplate | None]:
+        """The model's info and chat template, asked of the engine once; chat prompts are rendered here."""
+        if self._served is None:
+            self._served = (await self.engine.info.remote(), await self.engine.chat_template.remote())
+        return self._served
+
     async def model_info(self) -> pb.ModelInfo:
-        if self._info is None:
-            self._info = await self.engine.info.remote()
-        return self._info
+        return (await self.served())[0]
 
     async def limits(self) -> Limits:
         if self._limits is None:
@@ -356,8 +365,8 @@ class Ingress:
         self.active += 1
         try:
             try:
-                info = await self.model_info()
-                responses = self._stream(oa.to_generate(body, info.name, list(info.adapters)))
+                info, template = await self.served()
+                responses = self._stream(oa.to_generate(body, info.name, list(info.adapters), template))
                 first = await responses.__anext__()  # a bad request fails here, before any byte is sent
             except Exception as e:  # noqa: BLE001 - every failure becomes an error response
                 return http_error(e)

@@ -156,19 +156,47 @@ def main() -> None:
     use_compilation_cache()
 
 
+def sampling_options(max_tokens: int):
+    """--max-tokens (default `max_tokens`), --temperature, --top-k, --top-p, --seed and --stop."""
+    options = [
+        click.option("--max-tokens", default=max_tokens, show_default=True, type=click.IntRange(min=1),
+                     help="Tokens to generate at most."),
+        click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0),
+                     help="0 is greedy."),
+        click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="Keep the k likeliest tokens (0: all)."),
+        click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+                     help="Nucleus mass to keep."),
+        click.option("--seed", type=int,
+                     help="Sampling seed: the same seed gives the same text (random when left out)."),
+        click.option("--stop", multiple=True, help="Stop when this text appears (repeatable); it is not printed."),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _print_stream(events) -> tuple[list, float]:
+    """Write each generation event's text to stdout as it comes; the events, and the seconds they took."""
+    start, seen = time.perf_counter(), []
+    for event in events:
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+        seen.append(event)
+    return seen, time.perf_counter() - start
+
+
 @main.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
-@click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1),
-              help="Tokens to generate at most.")
-@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0), help="0 is greedy.")
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Keep the k likeliest tokens (0: all).")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="Nucleus mass to keep.")
-@click.option("--seed", type=int, help="Sampling seed: the same seed gives the same text (random when left out).")
-@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable); it is not printed.")
-@click.option("--ignore-eos", is_flag=True, help="Keep going past the end-of-sequence token.")
+@click.option("--prompt", required=True, help="Text to continue (with --chat, the user's message).")
+@click.option("--chat", "as_chat", is_flag=True,
+              help="Send --prompt as one user message through the model's chat template and print the answer only.")
+@sampling_options(max_tokens=128)
+@click.option("--ignore-eos", is_flag=True, help="Keep going past the end-of-sequence and end-of-turn tokens.")
 @click.option("--logprobs", is_flag=True, help="Print each token's id and log-probability to stderr at the end.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Cast weights to this dtype.")
 @click.option("--lora", "loras", multiple=True, metavar="NAME=PATH",
@@ -180,15 +208,19 @@ def main() -> None:
 @click.option("--gamma", default=4, show_default=True, type=click.IntRange(min=1),
               help="Tokens drafted per block with --draft.")
 @click.option("--tandem-only", is_flag=True, help=TANDEM_ONLY_HELP)
-def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, logprobs, dtype, loras,
-             adapter, softmax, ffn, hire_settings, draft, gamma, tandem_only) -> None:
+def generate(model, prompt, as_chat, max_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, logprobs, dtype,
+             loras, adapter, softmax, ffn, hire_settings, draft, gamma, tandem_only) -> None:
     """Continue PROMPT with a model, streaming the text to stdout.
+
+    With --chat, PROMPT is a user's message to an instruct model: it is prompted through the model's chat
+    template (hire chat keeps a conversation going) and only the answer is printed.
 
     With --draft, decode speculatively (docs/speculative.md): the drafter proposes --gamma tokens, the model
     checks them in one pass; the output is the model's own (token for token when greedy, in distribution when
     sampled), and the acceptance statistics go to stderr. With --tandem-only the tandem drafter generates
     alone (its output, not the model's).
     """
+    from hire.chat import ChatTemplate, chat_prompt
     from hire.engine import Engine
     from hire.generate import _requests, stream
     from hire.sampling import SamplingParams
@@ -206,22 +238,19 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, stop, i
     if tandem_only and draft is None:
         raise click.UsageError("--tandem-only needs --draft (a tandem model, e.g. stdlib-9m-tandem)")
     try:
+        text = chat_prompt(ChatTemplate.of(loaded.tokenizer), [{"role": "user", "content": prompt}]) if as_chat \
+            else prompt
         if draft is None:
-            events = stream(engine, prompt, params, names.get(adapter, -1))
+            events = stream(engine, text, params, names.get(adapter, -1))
         else:
             spec = _speculator(engine, _drafter(draft, loaded, dtype), gamma, tandem_only)
-            events = speculate(spec, _requests(engine, [prompt], params, [names.get(adapter, -1)]), stats)
+            events = speculate(spec, _requests(engine, [text], params, [names.get(adapter, -1)]), stats)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--prompt") from None
-    sys.stdout.write(prompt)
-    start, count, record = time.perf_counter(), 0, []
-    for event in events:
-        sys.stdout.write(event.text)
-        sys.stdout.flush()
-        count += not event.stop_token
-        record.append((event.token, round(event.logprob, 4)))
-        finish = event.finish_reason
-    seconds = time.perf_counter() - start
+    sys.stdout.write("" if as_chat else prompt)
+    seen, seconds = _print_stream(events)
+    count, finish = sum(not e.stop_token for e in seen), seen[-1].finish_reason
+    record = [(e.token, round(e.logprob, 4)) for e in seen]
     sys.stdout.write("\n")
     click.echo(f"[{count} tokens in {seconds:.2f}s, {count / seconds:.1f} tokens/s, finish: {finish}, "
                f"seed: {params.seed}]", err=True)
@@ -234,6 +263,61 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, stop, i
                    f"{stats.calls_per_token:.3f} model calls per token]", err=True)
     if logprobs:
         click.echo(json.dumps({"tokens_logprobs": record}), err=True)
+
+
+@main.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+@click.option("--system", help="System prompt: the first message of the conversation (kept by /reset).")
+@sampling_options(max_tokens=512)
+@click.option("--dtype", type=click.Choice(DTYPES), help="Cast weights to this dtype.")
+@hire_options
+def chat(model, system, max_tokens, temperature, top_k, top_p, seed, stop, dtype, softmax, ffn, hire_settings) -> None:
+    """Talk with a model: each line read is the user's message, and the answer streams back.
+
+    The whole conversation is prompted through the model's own chat template (a model without one gets plain
+    "role: content" lines), and an answer ends at the model's end-of-turn token or after --max-tokens.
+    Commands: /reset forgets the conversation (the --system prompt stays), /exit or the end of input quits.
+    Reads a pipe too: one message per line, each answer printed on its own line(s).
+    """
+    from hire.chat import ChatTemplate, chat_prompt
+    from hire.engine import Engine
+    from hire.generate import stream
+    from hire.sampling import SamplingParams
+
+    loaded = _load(model, dtype, _hire(softmax, ffn, hire_settings))
+    engine, template = Engine(loaded, slots=1), ChatTemplate.of(loaded.tokenizer)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed,
+                            stop_strings=stop)
+    start = [{"role": "system", "content": system}] if system else []
+    history, interactive = list(start), sys.stdin.isatty()
+    if interactive:
+        click.echo(f"[{loaded.cfg.name}: {'its chat template' if template else 'no chat template, plain format'}; "
+                   "/reset, /exit]", err=True)
+    while True:
+        if interactive:
+            click.echo(">>> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        text = line.strip()
+        if not line or text == "/exit":
+            break
+        if text == "/reset":
+            history = list(start)
+            click.echo("[conversation reset]", err=True)
+            continue
+        if not text:
+            continue
+        turn = [*history, {"role": "user", "content": line.rstrip("\r\n")}]
+        try:
+            events = stream(engine, chat_prompt(template, turn), params)
+        except ValueError as e:  # the template refuses the conversation, or it outgrew the context
+            click.echo(f"error: {e} (/reset starts over)", err=True)
+            continue
+        seen, seconds = _print_stream(events)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        count = sum(not e.stop_token for e in seen)
+        click.echo(f"[{count} tokens, {count / seconds:.1f} tokens/s, finish: {seen[-1].finish_reason}]", err=True)
+        history = [*turn, {"role": "assistant", "content": "".join(e.text for e in seen)}]
 
 
 @main.command()

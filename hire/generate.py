@@ -33,7 +33,7 @@ class Completion:
 class Event:
     """One streamed token of request `index`; `finish_reason` is set on its last event.
 
-    `stop_token` marks a last event whose token is the stop token (EOS or a stop id): not part of
+    `stop_token` marks a last event whose token is the stop token (an end id or a stop id): not part of
     the completion's tokens, its text is what the decoder still held back.
     """
 
@@ -54,8 +54,7 @@ class Request:
         self.out = Completion(prompt)
         self.decoder = StreamDecoder(engine.tokenizer, prompt)
         self.room = engine.max_len - len(prompt)
-        eos = engine.tokenizer.eos_id
-        self.stops = set(params.stop_ids) | ({eos} if eos is not None and not params.ignore_eos else set())
+        self.stops = set(params.stop_ids) | (set() if params.ignore_eos else set(engine.tokenizer.end_ids))
         self.start = time.perf_counter()
 
     def push(self, token: int, logprob: float) -> Event:
@@ -140,11 +139,13 @@ def run(engine: Engine, requests: Sequence[Request], chunk: int = 16) -> Iterato
 
 
 def encode_prompt(engine: Engine, prompt: str | Sequence[int]) -> list[int]:
-    """A prompt's token ids: text is tokenized (with BOS), ids are taken as they are."""
+    """A prompt's token ids: text is tokenized (with BOS, unless the text starts with BOS itself, as a chat
+    template may write it), ids are taken as they are."""
     if isinstance(prompt, str):
         if not prompt:
             raise ValueError("prompt: empty prompt")
-        return engine.tokenizer.encode(prompt)
+        ids, bos = engine.tokenizer.encode(prompt, bos=False), engine.tokenizer.bos_id
+        return ids if bos is not None and ids[:1] == [bos] else engine.tokenizer.encode(prompt)
     return list(prompt)
 
 

@@ -1,4 +1,8 @@
-"""Tokenizers: Hugging Face tokenizer.json, llama2.c's tokenizer .bin, and streaming detokenization."""
+"""Tokenizers: Hugging Face tokenizer.json, llama2.c's tokenizer .bin, and streaming detokenization.
+
+Each carries the model's chat template (hire.chat), if it has one, and `end_ids`: every id that ends
+generation (EOS and the end-of-turn ids the model declares).
+"""
 from __future__ import annotations
 
 import heapq
@@ -12,6 +16,7 @@ from typing import Protocol
 
 import tokenizers
 
+from hire import chat
 from hire.formats import CheckpointError, read_json
 
 META = "tokenizer_meta.json"
@@ -21,20 +26,29 @@ class Tokenizer(Protocol):
     vocab_size: int
     bos_id: int | None
     eos_id: int | None
+    chat_template: str | None  # Jinja source (hire.chat), None when the model has none
+    end_ids: tuple[int, ...]  # generation stops at each: EOS and the model's end-of-turn ids
 
     def encode(self, text: str, bos: bool = True) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text as its vocabulary writes it, special tokens included (e.g. "<|im_end|>")."""
 
     def save(self, folder: Path) -> None:
         """Write the tokenizer's file(s) into a hire model folder."""
 
 
 class HFTokenizer:
-    """A Hugging Face fast tokenizer (tokenizer.json); BOS/EOS ids come from the model's config."""
+    """A Hugging Face fast tokenizer (tokenizer.json); BOS/EOS ids come from the model's config.
+
+    `end_ids` are the ids (or token texts) the model declares as ends besides EOS; the end-of-turn special
+    tokens the chat template writes are added (hire.chat.end_ids).
+    """
 
     def __init__(self, path: str | Path, bos_id: int | None = None, eos_id: int | None = None,
-                 add_bos: bool = True):
+                 add_bos: bool = True, chat_template: str | None = None, end_ids: Sequence[int | str] = ()):
         self.path = Path(path)
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(self.path))
@@ -42,6 +56,16 @@ class HFTokenizer:
             raise CheckpointError(f"cannot read tokenizer {self.path}: {e}") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
+        self.chat_template = chat_template
+        declared = [self._tok.token_to_id(e) if isinstance(e, str) else e for e in end_ids]
+        self.end_ids = chat.end_ids(eos_id, declared, chat_template, self.specials(), self.vocab_size)
+
+    def specials(self) -> dict[str, int]:
+        """The special tokens' texts and ids."""
+        return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
+    def token_text(self, token_id: int) -> str:
+        return self._tok.id_to_token(token_id) or ""
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         """Token ids of `text`; BOS is prepended here, never by the tokenizer's post-processor."""
@@ -53,8 +77,9 @@ class HFTokenizer:
 
     def save(self, folder: Path) -> None:
         shutil.copyfile(self.path, Path(folder) / "tokenizer.json")
-        meta = {"bos_id": self.bos_id, "eos_id": self.eos_id, "add_bos": self.add_bos}
+        meta = {"bos_id": self.bos_id, "eos_id": self.eos_id, "add_bos": self.add_bos, "end_ids": list(self.end_ids)}
         (Path(folder) / META).write_text(json.dumps(meta) + "\n")
+        save_template(folder, self.chat_template)
 
 
 _BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
@@ -70,10 +95,11 @@ class Llama2cTokenizer:
     bos_id = 1
     eos_id = 2
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, chat_template: str | None = None):
         self.path = Path(path)
         self.pieces, self.scores = read_llama2c_vocab(self.path)
         self.vocab_size = len(self.pieces)
+        self.chat_template, self.end_ids = chat_template, (self.eos_id,)
         self._ids = {piece: i for i, piece in enumerate(self.pieces)}
         self._text = [bytes([int(m[1], 16)]) if (m := _BYTE_PIECE.fullmatch(p)) else p for p in self.pieces]
 
@@ -126,8 +152,19 @@ class Llama2cTokenizer:
             prev = i
         return out.decode(errors="replace")
 
+    def token_text(self, token_id: int) -> str:
+        """A piece's text; BOS and EOS, stored as "\\n<s>\\n" and "\\n</s>\\n", are "<s>" and "</s>"."""
+        return {self.bos_id: "<s>", self.eos_id: "</s>"}.get(token_id) or self.pieces[token_id].decode(errors="replace")
+
     def save(self, folder: Path) -> None:
         shutil.copyfile(self.path, Path(folder) / "tokenizer.bin")
+        save_template(folder, self.chat_template)
+
+
+def save_template(folder: Path, template: str | None) -> None:
+    """Write the chat template, if any, to chat_template.jinja in `folder`."""
+    if template is not None:
+        (Path(folder) / chat.TEMPLATE_FILE).write_text(template)
 
 
 def read_llama2c_vocab(path: Path) -> tuple[list[bytes], list[float]]:
@@ -179,14 +216,24 @@ class StreamDecoder:
 
 
 def load_tokenizer(folder: Path, name: str | None = None) -> Tokenizer:
-    """The tokenizer in a model folder: `name` if given, else tokenizer.json or tokenizer.bin."""
+    """The tokenizer in a model folder: `name` if given, else tokenizer.json or tokenizer.bin, with the chat
+    template in chat_template.jinja, if any."""
     folder = Path(folder)
     names = [name] if name else ["tokenizer.json", "tokenizer.bin"]
+    template = chat_template_in(folder)
     for n in names:
         path = folder / n
         if path.suffix == ".json" and path.is_file():
             meta = read_json(folder / META) if (folder / META).is_file() else {}
-            return HFTokenizer(path, **meta)
+            return HFTokenizer(path, chat_template=template, **meta)
         if path.is_file():
-            return Llama2cTokenizer(path)
+            return Llama2cTokenizer(path, template)
     raise CheckpointError(f"no tokenizer in {folder}: expected {' or '.join(names)}")
+
+
+def chat_template_in(folder: Path) -> str | None:
+    """The chat template in a model folder (hire.chat.template_in); a bad one is a CheckpointError naming its file."""
+    try:
+        return chat.template_in(folder)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from hire.checkpoint import LoadedModel
 from hire.config import ModelConfig, RopeScaling
 from hire.formats import CheckpointError, build_config, prepare_variables, read_json, unflatten, with_dtype
-from hire.tokenizer import HFTokenizer
+from hire.tokenizer import HFTokenizer, chat_template_in
 
 SUPPORTED = ("llama", "mistral", "qwen2", "mixtral", "gemma3_text")
 ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -39,7 +39,8 @@ def load_hf(folder: Path, dtype: str | None = None) -> LoadedModel:
     if not tokenizer_file.is_file():
         raise CheckpointError(f"{folder}: no tokenizer.json (hire reads Hugging Face fast tokenizers only)")
     ids = _special_ids(raw)
-    tokenizer = HFTokenizer(tokenizer_file, ids.get("bos_id"), ids.get("eos_id"))
+    tokenizer = HFTokenizer(tokenizer_file, ids.get("bos_id"), ids.get("eos_id"),
+                            chat_template=chat_template_in(folder), end_ids=_declared_ends(folder, raw))
     tokenizer.add_bos = _adds_bos(tokenizer_file, ids.get("bos_id"))
     return LoadedModel(cfg, prepare_variables(cfg, {"params": unflatten(_read_weights(folder, cfg))}), tokenizer)
 
@@ -76,6 +77,19 @@ def _special_ids(raw: dict[str, Any]) -> dict[str, int]:
     eos = raw.get("eos_token_id")
     ids = {"bos_id": raw.get("bos_token_id"), "eos_id": eos[0] if isinstance(eos, list) else eos}
     return {k: v for k, v in ids.items() if v is not None}
+
+
+def _declared_ends(folder: Path, raw: dict[str, Any]) -> list[int | str]:
+    """The ids (or token texts) that end generation, as the folder declares them: config.json's and
+    generation_config.json's eos_token_id (an id or a list), tokenizer_config.json's eos_token."""
+    listed = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
+    ends = listed(raw.get("eos_token_id"))
+    if (generation := folder / "generation_config.json").is_file():
+        ends += listed(read_json(generation).get("eos_token_id"))
+    if (config := folder / "tokenizer_config.json").is_file():
+        eos = read_json(config).get("eos_token")
+        ends.append(eos.get("content") if isinstance(eos, dict) else eos)
+    return [e for e in ends if isinstance(e, int | str)]
 
 
 def _adds_bos(tokenizer_file: Path, bos_id: int | None) -> bool:

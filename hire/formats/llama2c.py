@@ -1,4 +1,5 @@
-"""llama2.c checkpoints: a model .bin (the legacy format or the version-1 fp32 export) and a tokenizer .bin.
+"""llama2.c checkpoints: a model .bin (the legacy format or the version-1 fp32 export) and a tokenizer .bin
+(with a chat_template.jinja beside them, if the model has a chat template).
 
 Weights are stored as float32 in torch's [out, in] layout, layer-stacked per tensor kind.
 llama2.c rotates interleaved pairs (2i, 2i+1) of each head for RoPE while hire rotates halves
@@ -16,7 +17,7 @@ import numpy as np
 from hire.checkpoint import LoadedModel
 from hire.config import ModelConfig
 from hire.formats import CheckpointError, prepare_variables, unflatten, with_dtype
-from hire.tokenizer import Llama2cTokenizer
+from hire.tokenizer import Llama2cTokenizer, chat_template_in
 
 MAGIC = 0x616B3432  # "ak42" in the version-1+ exports
 MAX_TOKENIZER_BYTES = 64 << 20
@@ -96,10 +97,11 @@ def find_files(path: Path) -> tuple[Path, Header, Llama2cTokenizer]:
             raise CheckpointError(f"{folder}: expected one llama2.c model .bin, found {len(models)}"
                                   + (f" ({found}); name the file instead" if found else ""))
         (model, header), = models
+    template = chat_template_in(folder)
     for p in sorted(folder.glob("*.bin"), key=lambda p: p.name != "tokenizer.bin"):
         if p != model and p.stat().st_size <= MAX_TOKENIZER_BYTES:
             try:
-                tokenizer = Llama2cTokenizer(p)
+                tokenizer = Llama2cTokenizer(p, template)
             except CheckpointError:
                 continue
             if tokenizer.vocab_size == header.vocab_size:

@@ -12,11 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import openai
 import pytest
 from click.testing import CliRunner
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from cluster import launch
+from cluster.bench_serving import free_port
 from cluster.openai_api import ChatRequest, to_generate
 from hire.chat import ChatError, ChatTemplate, chat_prompt
 from hire.checkpoint import REPO, convert, load_model
@@ -58,6 +61,7 @@ CONVERSATION = [{"role": "system", "content": "Answer briefly."}, {"role": "user
                 {"role": "assistant", "content": "Hello! ü"}, {"role": "user", "content": "What is 2+2?"}]
 SHIPPED = REPO / "models" / "stdlib-9m"  # a small shipped model with a Hugging Face tokenizer
 GREEDY = dict(temperature=0.0)
+QUESTION = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "import os"}]
 
 
 def transformers_render(template: str, messages: list[dict], **tokens: str) -> str:
@@ -95,7 +99,8 @@ def test_content_parts_and_refusals():
     for why, messages in refused.items():
         with pytest.raises(ChatError, match=rf"^messages: .*{re.escape(why)}"):
             template.render(messages)
-    with pytest.raises(ChatError, match="^messages: .*has no attribute .nothing."):  # a template error on the messages, not a 500
+    # a template that fails on the messages it is given: the request's fault (400), not the server's
+    with pytest.raises(ChatError, match="^messages: .*has no attribute .nothing."):
         ChatTemplate("{{ messages[0].content.nothing.deeper }}").render([{"role": "user", "content": "a"}])
 
 
@@ -165,7 +170,7 @@ def test_the_templates_bos_is_not_doubled(tmp_path):
 def chat_model(tmp_path_factory) -> Path:
     """stdlib-9m with a ChatML template."""
     folder = tmp_path_factory.mktemp("chat") / "stdlib-9m"
-    shutil.copytree(SHIPPED, folder)
+    shutil.copytree(SHIPPED, folder, ignore=shutil.ignore_patterns("hire_predictors*"))  # served as loaded
     (folder / "chat_template.jinja").write_text(CHATML)
     return folder
 
@@ -182,19 +187,56 @@ def answers(folder: Path, conversation: list[dict], max_tokens: int, **params) -
     return generate(engine, [prompt], SamplingParams(max_tokens=max_tokens, **GREEDY, **params))[0]
 
 
-def test_generation_stops_at_every_end_id(chat_model, tmp_path):
-    """An end id the model declares (tokenizer_meta.json's end_ids, as hire convert writes them) ends the answer
-    where greedy decoding produces it, as EOS would; ignore_eos goes past it."""
-    user = [{"role": "user", "content": "import os"}]
-    free = answers(chat_model, user, 24, ignore_eos=True)
-    k = next(i for i in range(2, 24) if free.tokens[i] not in free.tokens[:i])
-    folder = tmp_path / "ends"
+@pytest.fixture(scope="module")
+def ended(chat_model, tmp_path_factory) -> tuple[Path, list[int], int]:
+    """stdlib-9m with the Gemma-style template and an end id (tokenizer_meta.json's end_ids, as hire convert writes
+    them): the token its greedy answer to QUESTION produces at position k; that answer's tokens, and k."""
+    folder = tmp_path_factory.mktemp("ended") / "stdlib-9m"
     shutil.copytree(chat_model, folder)
+    (folder / "chat_template.jinja").write_text(GEMMA)
+    engine = Engine(load_model(folder), slots=1)  # not engine_of's: that one loads the end id written below
+    prompt = ChatTemplate.of(engine.tokenizer).render(QUESTION)
+    free = generate(engine, [prompt], SamplingParams(max_tokens=24, ignore_eos=True, **GREEDY))[0].tokens
+    k = next(i for i in range(2, 24) if free[i] not in free[:i])
+    assert 2 not in free[:k]
     meta = json.loads((folder / "tokenizer_meta.json").read_text())
-    (folder / "tokenizer_meta.json").write_text(json.dumps({**meta, "end_ids": [2, free.tokens[k]]}))
-    stopped = answers(folder, user, 24)
-    assert stopped.finish_reason == "stop" and stopped.tokens == free.tokens[:k]
-    assert answers(folder, user, 24, ignore_eos=True).tokens == free.tokens
+    (folder / "tokenizer_meta.json").write_text(json.dumps({**meta, "end_ids": [2, free[k]]}))
+    return folder, free, k
+
+
+def test_generation_stops_at_every_end_id(ended):
+    folder, free, k = ended
+    stopped, past = answers(folder, QUESTION, 24), answers(folder, QUESTION, 24, ignore_eos=True)
+    assert stopped.finish_reason == "stop" and stopped.tokens == free[:k] and past.tokens == free
+
+
+@pytest.fixture(scope="module")
+def server(ended):
+    """hire serve's application on a local Ray, serving the `ended` model; its OpenAI base URL."""
+    http = free_port()
+    launch.start({"model": str(ended[0]), "slots": 2, "max_len": 256}, http_port=http, grpc_port=free_port(),
+                 num_cpus=2)
+    yield f"http://127.0.0.1:{http}/v1"
+    launch.stop()
+
+
+def test_served_chat_applies_the_template_and_stops_at_its_end(ended, server):
+    folder, free, k = ended
+    expected = answers(folder, QUESTION, 24)
+    client = openai.OpenAI(base_url=server, api_key="unused", max_retries=0)
+    r = client.chat.completions.create(model="stdlib-9m", messages=QUESTION, max_tokens=24, temperature=0)
+    assert r.choices[0].message.content == expected.text and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == k == len(expected.tokens)
+    assert r.usage.prompt_tokens == len(expected.prompt_tokens)
+    assert expected.prompt_tokens[:2] == [1, 30]  # the template's own <bos>, not a second one
+    refused = {"roles must alternate": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+               "not a text part": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+    for why, messages in refused.items():
+        with pytest.raises(openai.BadRequestError, match=why) as e:
+            client.chat.completions.create(model="stdlib-9m", messages=messages, max_tokens=4)
+        assert e.value.status_code == 400 and e.value.body["param"] == "messages"
+    again = client.chat.completions.create(model="stdlib-9m", messages=QUESTION, max_tokens=24, temperature=0)
+    assert again.choices[0].message.content == r.choices[0].message.content  # still serving
 
 
 def test_generate_chat(chat_model, monkeypatch, tmp_path):

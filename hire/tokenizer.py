@@ -217,23 +217,27 @@ class StreamDecoder:
 
 def load_tokenizer(folder: Path, name: str | None = None) -> Tokenizer:
     """The tokenizer in a model folder: `name` if given, else tokenizer.json or tokenizer.bin, with the chat
-    template in chat_template.jinja, if any."""
+    template in chat_template.jinja (or tokenizer_meta.json's "chat_template"), if any."""
     folder = Path(folder)
     names = [name] if name else ["tokenizer.json", "tokenizer.bin"]
-    template = chat_template_in(folder)
+    meta = read_json(folder / META) if (folder / META).is_file() else {}
+    template = chat_template_in(folder, meta.pop("chat_template", None))
     for n in names:
         path = folder / n
         if path.suffix == ".json" and path.is_file():
-            meta = read_json(folder / META) if (folder / META).is_file() else {}
             return HFTokenizer(path, chat_template=template, **meta)
         if path.is_file():
             return Llama2cTokenizer(path, template)
     raise CheckpointError(f"no tokenizer in {folder}: expected {' or '.join(names)}")
 
 
-def chat_template_in(folder: Path) -> str | None:
-    """The chat template in a model folder (hire.chat.template_in); a bad one is a CheckpointError naming its file."""
+def chat_template_in(folder: Path, meta_template: str | None = None) -> str | None:
+    """The chat template in a model folder (hire.chat.template_in), else `meta_template` (tokenizer_meta.json's);
+    a bad one is a CheckpointError naming where it is."""
     try:
-        return chat.template_in(folder)
+        found = chat.template_in(folder)
+        if found is None and meta_template is not None:
+            found = chat.check_template(meta_template, f"{folder / META}: chat_template")
+        return found
     except ValueError as e:
         raise CheckpointError(str(e)) from None

@@ -150,6 +150,10 @@ def test_hugging_face_templates_and_end_ids(tmp_path):
     tok = load_model(tmp_path / "hire").tokenizer
     assert (tmp_path / "hire" / "chat_template.jinja").read_text() == CHATML
     assert tok.chat_template == CHATML and tok.end_ids == (0, 3, 159)
+    meta = json.loads((tmp_path / "hire" / "tokenizer_meta.json").read_text())  # the template in the meta file
+    (tmp_path / "hire" / "chat_template.jinja").unlink()
+    (tmp_path / "hire" / "tokenizer_meta.json").write_text(json.dumps({**meta, "chat_template": GEMMA}))
+    assert load_model(tmp_path / "hire").tokenizer.chat_template == GEMMA
     bad = hf_folder(tmp_path / "d", {"chat_template.jinja": "{% for m in messages %}{{ m }"})
     with pytest.raises(CheckpointError, match=r"chat_template.jinja: the chat template does not parse"):
         load_model(bad)

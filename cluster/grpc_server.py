@@ -188,9 +188,11 @@ class GrpcServer:
     async def stop(self, grace: float | None = 5.0) -> None:
         """Report NOT_SERVING and refuse new calls (UNAVAILABLE), let calls in flight finish for `grace` seconds
         (cancelling those still running then), then stop the scheduler."""
+        stopped = asyncio.ensure_future(self._server.stop(grace))
+        await asyncio.sleep(0)  # the server refuses new calls once stop has begun; then health says so
         await self.health.enter_graceful_shutdown()
         log.info("stopping: %d requests in flight, %s s to finish", self.in_flight, grace)
-        await self._server.stop(grace)
+        await stopped
         self.scheduler.stop()
         log.info("stopped")
 

@@ -28,16 +28,22 @@ def start(args: dict, host: str = "127.0.0.1", http_port: int = 8000, grpc_port:
     """
     check_exposure(host, args.get("api_keys") or env_keys(), args.get("insecure", False))
     args = {**args, "insecure": args.get("insecure", False) or loopback(host)}
-    if not ray.is_initialized():
-        # the proxy processes Ray starts here read their gRPC message limit from the environment
-        limit = max(GRPC_MESSAGE, Limits.parse(args.get("limits")).request_bytes)
-        os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(limit))
-        # "local": a Ray of its own, even where another runs on this machine (None would join the latest one)
-        ray.init(address=address or "local", num_cpus=num_cpus if address is None else None, include_dashboard=False,
-                 namespace="hire")
+    init_ray(args, address, num_cpus)
     serve.start(http_options={"host": host, "port": http_port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": list(GRPC_SERVICERS)})
     serve.run(build(args), name=APP, route_prefix="/")
+
+
+def init_ray(args: dict, address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join Ray at `address`, or start a local Ray in this process (unless one is connected already)."""
+    if ray.is_initialized():
+        return
+    # the proxy processes Ray starts here read their gRPC message limit from the environment
+    limit = max(GRPC_MESSAGE, Limits.parse(args.get("limits")).request_bytes)
+    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(limit))
+    # "local": a Ray of its own, even where another runs on this machine (None would join the latest one)
+    ray.init(address=address or "local", num_cpus=num_cpus if address is None else None, include_dashboard=False,
+             namespace="hire")
 
 
 def drain(grace: float, cut: threading.Event | None = None) -> list[int] | None:
@@ -62,8 +68,13 @@ def serve_until_signal(args: dict, grace: float = 20.0, **where) -> None:
     """`start`, then serve until SIGINT or SIGTERM; then `drain` for up to `grace` seconds (a second signal cuts it
     short) and shut Serve (and a Ray started here) down."""
     stopping, cut = threading.Event(), threading.Event()
+
+    def handle(*_) -> None:
+        (cut if stopping.is_set() else stopping).set()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: (cut if stopping.is_set() else stopping).set())
+        signal.signal(sig, handle)
+    init_ray(args, where.get("address"), where.get("num_cpus"))
+    signal.signal(signal.SIGTERM, handle)  # again: a Ray started here put its own (kill everything, exit 1)
     start(args, **where)
     log.info("serving: HTTP http://%s:%d/v1, gRPC %s:%d; Ctrl-C stops", where.get("host", "127.0.0.1"),
              where.get("http_port", 8000), where.get("host", "127.0.0.1"), where.get("grpc_port", 50051))

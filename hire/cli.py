@@ -180,13 +180,18 @@ def sampling_options(max_tokens: int):
     return decorate
 
 
-def _print_stream(events) -> tuple[list, float]:
-    """Write each generation event's text to stdout as it comes; the events, and the seconds they took."""
+def _print_stream(events, interruptible: bool = False) -> tuple[list, float]:
+    """Write each generation event's text to stdout as it comes; the events, and the seconds they took.
+    `interruptible`: Ctrl-C ends the stream early (the events so far are returned) instead of the program."""
     start, seen = time.perf_counter(), []
-    for event in events:
-        sys.stdout.write(event.text)
-        sys.stdout.flush()
-        seen.append(event)
+    try:
+        for event in events:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+            seen.append(event)
+    except KeyboardInterrupt:
+        if not interruptible:
+            raise
     return seen, time.perf_counter() - start
 
 
@@ -276,8 +281,9 @@ def chat(model, system, max_tokens, temperature, top_k, top_p, seed, stop, dtype
 
     The whole conversation is prompted through the model's own chat template (a model without one gets plain
     "role: content" lines), and an answer ends at the model's end-of-turn token or after --max-tokens.
-    Commands: /reset forgets the conversation (the --system prompt stays), /exit or the end of input quits.
-    Reads a pipe too: one message per line, each answer printed on its own line(s).
+    Commands: /reset forgets the conversation (the --system prompt stays), /exit or the end of input quits;
+    on a terminal, Ctrl-C stops an answer. Reads a pipe too: one message per line, each answer printed on its
+    own line(s).
     """
     from hire.chat import ChatTemplate, chat_prompt
     from hire.engine import Engine
@@ -291,33 +297,40 @@ def chat(model, system, max_tokens, temperature, top_k, top_p, seed, stop, dtype
     start = [{"role": "system", "content": system}] if system else []
     history, interactive = list(start), sys.stdin.isatty()
     if interactive:
+        import readline  # noqa: F401 - line editing and history for input()
+
         click.echo(f"[{loaded.cfg.name}: {'its chat template' if template else 'no chat template, plain format'}; "
-                   "/reset, /exit]", err=True)
-    while True:
-        if interactive:
-            click.echo(">>> ", nl=False, err=True)
-        line = sys.stdin.readline()
-        text = line.strip()
-        if not line or text == "/exit":
-            break
-        if text == "/reset":
+                   "/reset, /exit, Ctrl-C stops an answer]", err=True)
+    while (line := _read_message(interactive)) is not None and line.strip() != "/exit":
+        if line.strip() == "/reset":
             history = list(start)
             click.echo("[conversation reset]", err=True)
+        if line.strip() in ("", "/reset"):
             continue
-        if not text:
-            continue
-        turn = [*history, {"role": "user", "content": line.rstrip("\r\n")}]
+        turn = [*history, {"role": "user", "content": line}]
         try:
             events = stream(engine, chat_prompt(template, turn), params)
         except ValueError as e:  # the template refuses the conversation, or it outgrew the context
             click.echo(f"error: {e} (/reset starts over)", err=True)
             continue
-        seen, seconds = _print_stream(events)
+        seen, seconds = _print_stream(events, interruptible=interactive)
         sys.stdout.write("\n")
         sys.stdout.flush()
-        count = sum(not e.stop_token for e in seen)
-        click.echo(f"[{count} tokens, {count / seconds:.1f} tokens/s, finish: {seen[-1].finish_reason}]", err=True)
+        count, finish = sum(not e.stop_token for e in seen), seen[-1].finish_reason if seen else None
+        click.echo(f"[{count} tokens, {count / seconds:.1f} tokens/s, finish: {finish or 'interrupted'}]", err=True)
         history = [*turn, {"role": "assistant", "content": "".join(e.text for e in seen)}]
+
+
+def _read_message(interactive: bool) -> str | None:
+    """The next line of input without its line end (with line editing on a terminal); None at its end."""
+    if interactive:
+        try:
+            return input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            click.echo(err=True)
+            return None
+    line = sys.stdin.readline()
+    return line.rstrip("\r\n") if line else None
 
 
 @main.command()

@@ -29,10 +29,10 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.grpc_util import RayServegRPCContext
-from grpc_health.v1 import health_pb2
 from ray.serve.handle import DeploymentHandle
 
 from cluster import openai_api as oa
@@ -40,7 +40,7 @@ from cluster.auth import REFUSED, ApiKeys, env_keys, parse_keys
 from cluster.messages import decode_response, request_id, stream_response
 from cluster.metrics import RayMetrics
 from cluster.requests import Limits, Served, from_decode, from_generate, model_info
-from cluster.shards import serving_engine
+from cluster.shards import RETRY_S, serving_engine
 from hire.calibrate import model_folder, serving_settings
 from hire.chat import ChatTemplate
 from hire.checkpoint import DEFAULT_MODEL, load_model
@@ -85,6 +85,13 @@ def describe(e: BaseException) -> str:
     if isinstance(e, RayActorError):
         return "the engine replica serving this request died or became unreachable; retry"
     return str(e)
+
+
+def retry_after(e: BaseException) -> dict[str, str]:
+    """{"retry-after": seconds} when the error says when a retry may succeed (an engine being rebuilt), else {}:
+    the HTTP header, and the gRPC trailing metadata."""
+    seconds = getattr(e, "retry_after", None)
+    return {"retry-after": str(round(seconds))} if seconds else {}
 
 
 class EngineServer:
@@ -195,14 +202,24 @@ class EngineServer:
         return {"busy_slots": self.scheduler.busy_slots, "queue_depth": self.scheduler.queue_depth,
                 "cancelled": self.cancelled}
 
-    async def check_health(self) -> None:
-        """Serve's health probe: a replica whose scheduler thread died is restarted. A sharded engine with a host
-        that does not answer is rebuilt by the scheduler instead, which retries the requests it was decoding."""
+    async def check_health(self) -> str | None:
+        """Serve's health probe, and the ingress's: a replica whose scheduler thread died is restarted (it raises).
+        Otherwise why the engine cannot serve now (one line for clients), or None while it can. A sharded engine that
+        is down or has a host that does not answer is rebuilt by the scheduler instead (which retries the requests
+        that had no token yet), and one on fewer hosts than configured grows back between requests."""
         if not self.scheduler.alive:
             raise RuntimeError("the scheduler thread has stopped")
-        ping = getattr(self.served.engine, "ping", None)
+        engine = self.served.engine
+        if down := getattr(engine, "unavailable", None):
+            self.scheduler.recover()
+            return down
+        ping = getattr(engine, "ping", None)
         if ping is not None and not await asyncio.to_thread(ping, 5.0):
             self.scheduler.recover()
+            return "a shard host does not answer; rebuilding"
+        if getattr(engine, "degraded", False):
+            self.scheduler.recover(grow=True)
+        return None
 
 
 class Guard:
@@ -275,7 +292,8 @@ def http_error(e: BaseException) -> JSONResponse:
         log.error("request failed", exc_info=e)
         return JSONResponse(oa.error("internal error; see the server's log", "server_error"), status_code=500)
     kind = {404: "not_found_error", 429: "rate_limit_error", 503: "server_error"}.get(status, "invalid_request_error")
-    return JSONResponse(oa.error(describe(e), kind, oa.field_of(str(e)) if status < 429 else None), status_code=status)
+    return JSONResponse(oa.error(describe(e), kind, oa.field_of(str(e)) if status < 429 else None), status_code=status,
+                        headers=retry_after(e))
 
 
 class Refused(Exception):
@@ -342,7 +360,9 @@ class Ingress:
     async def health(self):
         if self.draining:
             return JSONResponse({"status": "stopping"}, status_code=503)
-        await self.engine.check_health.remote()
+        if down := await self.engine.check_health.remote():
+            return JSONResponse({"status": "unavailable", "error": down}, status_code=503,
+                                headers=retry_after(EngineUnavailable(down, RETRY_S)))
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -424,6 +444,8 @@ class Ingress:
                 log.error("gRPC request failed", exc_info=e)
             context.set_code(code or grpc.StatusCode.INTERNAL)
             context.set_details(describe(e) if code else "internal error; see the server's log")
+            if hint := retry_after(e):
+                context.set_trailing_metadata(list(hint.items()))
             raise e from None  # Serve's proxy answers with the status set above
         finally:
             responses.cancel()
@@ -472,10 +494,9 @@ class Ingress:
         if self.draining:
             return False
         try:
-            await self.engine.check_health.remote()
+            return await self.engine.check_health.remote() is None
         except Exception:  # noqa: BLE001 - any failure means not live
             return False
-        return True
 
     async def _status(self, service: str) -> int | None:
         """grpc.health.v1's status of `service` ("": the server), or None for a service not served here."""

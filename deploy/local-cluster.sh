@@ -37,6 +37,7 @@ BRIDGE=hlc-br0
 NET=10.77.0
 HEAD_IP=$NET.10
 GCS_PORT=6379
+NETNS_MARK=/etc/netns/.made-by-hire-local-cluster
 UP_TIMEOUT=${HIRE_LOCAL_CLUSTER_TIMEOUT:-600}
 WORKERS=()
 declare -A IP=([head]=$NET.10)
@@ -81,6 +82,8 @@ make_net() {
     ip -n "$n" addr replace "${IP[$node]}/24" dev eth0
     # As on a real host, this machine's hostname resolves to the node's own address inside its namespace
     # (`ip netns exec` mounts /etc/netns/NS/hosts over /etc/hosts): gloo, under jax.distributed, listens there.
+    # An /etc/netns made here is marked, so that `down` removes it too.
+    [[ -d /etc/netns ]] || { mkdir -p /etc/netns && touch "$NETNS_MARK"; }
     mkdir -p "/etc/netns/$n"
     printf '127.0.0.1 localhost\n%s %s\n' "${IP[$node]}" "$(hostname)" >"/etc/netns/$n/hosts"
     ip -n "$n" link set eth0 up
@@ -140,8 +143,10 @@ up() {
     ((SECONDS < deadline)) || { tail -n 30 "$STATE/logs/serve.log" >&2; die "not serving after ${UP_TIMEOUT}s"; }
     sleep 1
   done
-  "$BIN/hire" client --target "$HEAD_IP:50051" --wait 60 --timeout 60 --max-tokens 4 --temperature 0 "import" >/dev/null
-  say "serving: HTTP http://$HEAD_IP:8000/v1, gRPC $HEAD_IP:50051"
+  say "test request: hire client --target $HEAD_IP:50051 --max-tokens 4 --temperature 0 import"
+  "$BIN/hire" client --target "$HEAD_IP:50051" --wait 60 --timeout 60 --max-tokens 4 --temperature 0 "import" |
+    sed 's/^/local-cluster: test request answered: /' >&2
+  say "serving: HTTP http://$HEAD_IP:8000/v1, gRPC $HEAD_IP:50051 (hire client --target $HEAD_IP:50051 \"import os\")"
 }
 
 down() {
@@ -156,6 +161,7 @@ down() {
     ip link del "$(ns "$node")" 2>/dev/null || true
   done
   ip link del "$BRIDGE" 2>/dev/null || true
+  if [[ -f $NETNS_MARK ]]; then rm -f "$NETNS_MARK"; rmdir /etc/netns 2>/dev/null || true; fi
   rm -rf "$STATE"
   say "down"
 }

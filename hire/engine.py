@@ -49,7 +49,12 @@ class DecodeState(NamedTuple):
 
 class EngineUnavailable(RuntimeError):
     """The engine failed as a whole (a host died or hung): its decode states and prefixes are lost. An engine
-    that can rebuild itself has `recover()`; hire.scheduler then retries the requests it was decoding."""
+    that can rebuild itself has `recover()`; hire.scheduler then retries the requests that had no token yet.
+    `retry_after`: seconds after which a client's retry may find it back (servers pass it on), or None."""
+
+    def __init__(self, message: str = "", retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class StepOutput(NamedTuple):

@@ -8,10 +8,11 @@ called on the scheduler thread; `Stream` turns them into an asyncio iterator. Th
 are `hire.generate.Request`'s and the slots `hire.generate.Batch`'s, as in `generate`.
 
 When the engine fails as a whole (hire.engine.EngineUnavailable: a host of a sharded engine died or hung),
-the scheduler calls `engine.recover()` and puts the requests that were decoding back at the head of the
-queue, each at most `retries` times: re-prefilled from their prompt and tokens so far, they go on with the
-output they would have had. A request past its retries, or every one when the engine cannot be rebuilt,
-ends with EngineUnavailable (gRPC UNAVAILABLE, HTTP 503).
+the streams cut mid-way (a token already sent) end at once with EngineUnavailable (gRPC UNAVAILABLE, HTTP 503);
+then the scheduler calls `engine.recover()` and puts the requests that had no token yet back at the head of
+the queue, each at most `retries` times. A request past its retries, or every one when the engine cannot be
+rebuilt, ends with EngineUnavailable. `recover(grow=True)` (a health check found a sharded engine on fewer
+hosts than configured) rebuilds it between requests: once none is decoding or waiting.
 """
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ class Scheduler:
         except EngineUnavailable:
             log.warning("the engine is down; the first request will rebuild it")
         self._recover_asked = False
+        self._grow_asked = False
         self._waiting: deque[Job] = deque()
         self._cancelled: list[Job] = []
         self._running: dict[int, Job] = {}  # by request index: the jobs in (or entering) a slot
@@ -114,11 +116,14 @@ class Scheduler:
             self._cond.notify()
         self._thread.join()
 
-    def recover(self) -> None:
+    def recover(self, grow: bool = False) -> None:
         """Ask the scheduler thread to call `engine.recover()` before its next engine call (a health check found
-        the engine down); if the engine rebuilds itself, the requests decoding are retried."""
+        the engine down), or with `grow`, `engine.recover(grow=True)` once no request is decoding or waiting."""
         with self._cond:
-            self._recover_asked = True
+            if grow:
+                self._grow_asked = True
+            else:
+                self._recover_asked = True
             self._cond.notify()
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, adapter: int, sink: Sink) -> Job:
@@ -148,10 +153,12 @@ class Scheduler:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._stopping or self._waiting or self._cancelled or self._recover_asked
-                                    or (self._batch and self._batch.live))
+                                    or (self._batch and self._batch.live) or (self._grow_asked and not self._running))
                 if self._stopping:
                     break
                 asked, self._recover_asked = self._recover_asked, False
+                grow = self._grow_asked and not self._running and not self._waiting and not self._cancelled
+                self._grow_asked &= not grow
                 for job in self._cancelled:
                     if self._batch:
                         self._batch.drop(job.request)
@@ -160,8 +167,9 @@ class Scheduler:
                 free = self._batch.free_slots() if self._batch else list(range(self.engine.slots))
                 admitted = [(slot, self._waiting.popleft()) for slot in free[: min(self.prefills, len(self._waiting))]]
                 self._running.update((job.request.index, job) for _, job in admitted)
-            if asked or (admitted and self._batch is None):
-                self._recover(None if asked else EngineUnavailable("the engine failed before this request"))
+            if asked or grow or (admitted and self._batch is None):
+                self._recover(None if asked or grow else EngineUnavailable("the engine failed before this request"),
+                              grow=grow)
             for slot, job in admitted:
                 if self._running.get(job.request.index) is job:  # not sent back to the queue or failed by _recover
                     self._admit(job, slot)
@@ -203,21 +211,27 @@ class Scheduler:
         for event in events:
             self._send(self._running[event.index], event)
 
-    def _recover(self, error: EngineUnavailable | None, failed: Job | None = None) -> None:
-        """Rebuild the engine after `error` (with None, only if `engine.recover()` finds it down). The requests in
-        flight go back to the head of the queue: those that were in the engine (decoding, or `failed` while
-        being prefilled) use up one retry, or fail with EngineUnavailable when none is left. When the engine
-        cannot be rebuilt, every request in flight fails."""
+    def _recover(self, error: EngineUnavailable | None, failed: Job | None = None, grow: bool = False) -> None:
+        """Rebuild the engine after `error` (with None, only if `engine.recover(grow=grow)` finds it down, or with
+        `grow` on fewer hosts than configured). After an error the streams cut mid-way end at once; the other
+        requests in flight go back to the head of the queue, those that were in the engine (`failed` while being
+        prefilled) using up one retry, or fail with EngineUnavailable when none is left. When the engine cannot be
+        rebuilt, every request in flight fails."""
         tried = set(self._batch.live.values()) if self._batch else set()
         tried |= {failed.request} if failed else set()
         if error is None and not hasattr(self.engine, "recover"):
             return
+        if error is not None:
+            self._cut(error)
         try:
-            rebuilt = self.engine.recover()  # AttributeError: this engine cannot rebuild itself
+            rebuilt = self.engine.recover(grow=grow)  # AttributeError: this engine cannot rebuild itself
             if error is None and not rebuilt:
                 return
             self._batch = Batch(self.engine, self._chunk)
             ok = True
+        except EngineUnavailable as e:  # its message says what is lost and when to retry
+            log.warning("the engine could not be rebuilt: %s", e)
+            self._batch, ok, error = None, False, e
         except Exception as e:  # noqa: BLE001 - whatever stops the rebuild fails the requests, not the thread
             log.exception("the engine could not be rebuilt")
             self._batch, ok = None, False
@@ -238,6 +252,15 @@ class Scheduler:
                         len(failing))
         for job in failing:
             self._send(job, error)
+
+    def _cut(self, error: EngineUnavailable) -> None:
+        """End the requests that have sent tokens with `error`: their stream cannot go on from a rebuilt engine."""
+        with self._cond:
+            cut = [job for job in self._running.values() if job.request.out.tokens]
+        for job in cut:
+            n = len(job.request.out.tokens)
+            self._send(job, EngineUnavailable(f"the stream was cut after {n} token{'s' * (n != 1)}: {error}",
+                                              getattr(error, "retry_after", None)))
 
     def _send(self, job: Job, item: Event | Exception) -> None:
         if isinstance(item, Exception) or item.finish_reason is not None:

@@ -65,7 +65,8 @@ class ShardWorker:
         self.mesh = sharding.make_mesh()
         loaded = sharding.load_sharded(model, self.mesh, dtype, **hire)
         self.engine = Engine(loaded, slots, max_len, mesh=self.mesh)
-        return {"rank": self.rank, "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+        return {"rank": self.rank, "node": ray.get_runtime_context().get_node_id(),
+                "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
                 "devices": jax.device_count(),
                 "held_bytes": sharding.held_bytes(loaded.variables), "cfg": loaded.cfg, "max_len": self.engine.max_len}
 

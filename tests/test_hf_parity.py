@@ -76,17 +76,25 @@ def save(arch: str, folder: Path, **save_args) -> torch.nn.Module:
     """A random `arch` model with O(1) logits and nonzero biases, saved with a tokenizer into `folder`."""
     config_cls, model_cls, extra = ARCHS[arch]
     torch.manual_seed(0)
-    model = model_cls(config_cls(**{**COMMON, **extra})).eval()
+    model = randomize(model_cls(config_cls(**{**COMMON, **extra})).eval())
+    model.generation_config.eos_token_id = None  # generate exactly NEW_TOKENS tokens
+    model.save_pretrained(folder, **save_args)
+    save_tokenizer(folder)
+    return model
+
+
+def randomize(model: torch.nn.Module) -> torch.nn.Module:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
-    model.generation_config.eos_token_id = None  # generate exactly NEW_TOKENS tokens
-    model.save_pretrained(folder, **save_args)
+    return model
+
+
+def save_tokenizer(folder: Path) -> None:
     vocab = {f"t{i}": i for i in range(COMMON["vocab_size"])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.save(str(folder / "tokenizer.json"))
-    return model
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))
@@ -168,6 +176,26 @@ def test_hire_on_gemma3(tmp_path):
                      ffn_k=6, ffn_oversample=1)
     assert np.abs(np.asarray(hired(**every_row) - dense)).max() <= TOL
     assert np.abs(np.asarray(hired(**{**every_row, "ffn_k": 1}) - dense)).max() > 100 * TOL
+
+
+def test_gemma3_multimodal_folder_loads_its_text_model(tmp_path):
+    """A gemma3 folder (Gemma3ForConditionalGeneration: text_config, language_model.* tensors, a vision tower):
+    hire runs its text model as transformers does on text alone."""
+    _, _, extra = ARCHS["gemma3"]
+    text = {**COMMON, **extra, "vocab_size": COMMON["vocab_size"] + 3}  # + image, begin- and end-of-image tokens
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    model = randomize(hf.Gemma3ForConditionalGeneration(hf.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=160, eoi_token_index=161,
+        image_token_index=162, eos_token_id=[1, 106])).eval())
+    model.save_pretrained(tmp_path)
+    save_tokenizer(tmp_path)
+    loaded = load_hf(tmp_path)
+    assert (loaded.cfg.global_every, loaded.cfg.sliding_window, loaded.cfg.eos_id) == (2, 16, 1)
+    prompt = np.random.default_rng(0).integers(0, COMMON["vocab_size"], PROMPT_LEN)
+    logits, _ = Transformer(loaded.cfg).apply(loaded.variables, prompt[None], np.arange(PROMPT_LEN)[None])
+    assert np.abs(np.asarray(logits[0]) - torch_logits(model, prompt)).max() <= TOL
 
 
 def test_mixtral_fused_expert_layout(tmp_path):
@@ -298,8 +326,19 @@ GEMMA3_270M = dict(
     (dict(layer_types=["full_attention"] * 18), dict(sliding_window=0, global_every=0)),
 ])
 def test_gemma3_config_mapping(extra, expected):
+    """Gemma 3 270M's own config.json, and variants of it."""
     cfg = hf_config({**GEMMA3_270M, **extra})
     assert {field: getattr(cfg, field) for field in expected} == expected
+
+
+def test_gemma3_multimodal_config_takes_text_config_and_defaults():
+    """Gemma 3 4B's config.json as transformers 4 wrote it: text_config lists only what differs from the defaults."""
+    cfg = hf_config(dict(model_type="gemma3", eos_token_id=[1, 106], text_config=dict(
+        model_type="gemma3_text", hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+        rope_scaling=dict(factor=8.0, rope_type="linear"), sliding_window=1024)))
+    assert (cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size) == (2560, 8, 4, 256, 262208)
+    assert (cfg.rope_theta, cfg.rope_local_theta, cfg.rope_scaling) == (1e6, 1e4, RopeScaling(8.0, kind="linear"))
+    assert (cfg.sliding_window, cfg.global_every, cfg.eos_id, cfg.bos_id, cfg.tie_embeddings) == (1024, 6, 1, 2, True)
 
 
 @pytest.mark.parametrize("extra, message", [

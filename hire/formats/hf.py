@@ -2,8 +2,9 @@
 
 Supports the Llama family as transformers writes it: `llama`, `mistral`, `qwen2` and `mixtral`
 (with experts either per-expert `block_sparse_moe.experts.{e}.w1/w2/w3` or fused
-`mlp.experts.gate_up_proj`/`down_proj`), and Gemma 3's text model `gemma3_text`. Tensors are read
-one at a time, checked by name and shape, and transposed from torch's [out, in] to hire's [in, out].
+`mlp.experts.gate_up_proj`/`down_proj`), and Gemma 3's text model: `gemma3_text`, or the text half of a
+`gemma3` folder (its vision tower left unread). Tensors are read one at a time, checked by name and
+shape, and transposed from torch's [out, in] to hire's [in, out].
 """
 from __future__ import annotations
 
@@ -21,19 +22,28 @@ from hire.config import ModelConfig, RopeScaling
 from hire.formats import CheckpointError, build_config, prepare_variables, read_json, unflatten, with_dtype
 from hire.tokenizer import HFTokenizer, chat_template_in
 
-SUPPORTED = ("llama", "mistral", "qwen2", "mixtral", "gemma3_text")
+SUPPORTED = ("llama", "mistral", "qwen2", "mixtral", "gemma3_text", "gemma3")
 ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 # hire's layer norms <- Hugging Face's: Llama's pre-norms, and Gemma's four (its post_attention_layernorm is
 # the attention output's norm)
 NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 NORMS_SANDWICH = {"attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
                   "ffn_norm": "pre_feedforward_layernorm", "post_ffn_norm": "post_feedforward_layernorm"}
+# Where the text decoder's tensors live: a CausalLM's, and a gemma3 folder's as transformers 5 and 4 save it
+TEXT_BASES = ("model.", "model.language_model.", "language_model.model.")
+OTHER_MODALITIES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+# Gemma3TextConfig's defaults: hub configs written by transformers 4 leave out the fields that equal them
+GEMMA3_DEFAULTS = dict(
+    vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072,
+    rms_norm_eps=1e-6, bos_token_id=2, eos_token_id=1, tie_word_embeddings=True, query_pre_attn_scalar=256,
+    sliding_window=4096, rope_theta=1e6, rope_local_base_freq=1e4)
 
 
 def load_hf(folder: Path, dtype: str | None = None) -> LoadedModel:
     """Load a Hugging Face folder, computing in `dtype` (default: the checkpoint's, else float32)."""
     folder = Path(folder)
-    raw = read_json(folder / "config.json")
+    raw = _text_config(read_json(folder / "config.json"))
     cfg = hf_config(raw, dtype, folder)
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.is_file():
@@ -47,12 +57,13 @@ def load_hf(folder: Path, dtype: str | None = None) -> LoadedModel:
 
 def hf_config(raw: dict[str, Any], dtype: str | None = None, folder: Path = Path("model")) -> ModelConfig:
     """The ModelConfig of a config.json dict; `dtype` overrides the checkpoint's own."""
-    kind = raw.get("model_type")
-    if kind not in SUPPORTED:
+    if (kind := raw.get("model_type")) not in SUPPORTED:
         raise CheckpointError(f"model_type {kind!r} is not supported; supported: {', '.join(SUPPORTED)}")
+    raw = _text_config(raw)
+    kind = raw["model_type"]
     gemma = kind == "gemma3_text"
     act_field = "hidden_activation" if gemma else "hidden_act"
-    act = raw.get(act_field, "gelu_pytorch_tanh" if gemma else "silu")
+    act = raw.get(act_field, "silu")
     if act not in ACTIVATIONS:
         raise CheckpointError(f"{act_field} {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
     theta, scaling, local_theta = _rope(raw)
@@ -64,12 +75,22 @@ def hf_config(raw: dict[str, Any], dtype: str | None = None, folder: Path = Path
         head_dim=raw.get("head_dim") or 0, activation=ACTIVATIONS[act], norm_eps=raw.get("rms_norm_eps", 1e-6),
         rope_theta=theta, rope_scaling=scaling, max_seq_len=raw.get("max_position_embeddings", 2048),
         sliding_window=window, global_every=global_every, rope_local_theta=local_theta,
-        tie_embeddings=raw.get("tie_word_embeddings", gemma),
+        tie_embeddings=raw.get("tie_word_embeddings", False),
         attention_bias=kind == "qwen2" or raw.get("attention_bias", False),
         n_experts=raw.get("num_local_experts", 0) if kind == "mixtral" else 0,
         n_experts_per_token=raw.get("num_experts_per_tok", 2), name=folder.name, **_special_ids(raw),
         **(_gemma3(raw) if gemma else {})))
     return with_dtype(cfg, dtype or raw.get("dtype") or raw.get("torch_dtype"))
+
+
+def _text_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """A gemma3 config's text_config (the outer ids and dtype where it lacks them), with Gemma 3's defaults
+    filled in; other configs as they are."""
+    if raw.get("model_type") == "gemma3":
+        outer = {k: raw[k] for k in ("bos_token_id", "eos_token_id", "dtype", "torch_dtype", "tie_word_embeddings")
+                 if k in raw}
+        raw = {**outer, **(raw.get("text_config") or {}), "model_type": "gemma3_text"}
+    return {**GEMMA3_DEFAULTS, **raw} if raw.get("model_type") == "gemma3_text" else raw
 
 
 def _special_ids(raw: dict[str, Any]) -> dict[str, int]:
@@ -105,7 +126,7 @@ def _gemma3(raw: dict[str, Any]) -> dict[str, Any]:
     if raw.get("use_bidirectional_attention"):
         raise CheckpointError("use_bidirectional_attention true is not supported (hire decodes causally)")
     return dict(norm_offset=1.0, qk_norm=True, post_norms=True, embed_scale=True,
-                query_scale=float(raw.get("query_pre_attn_scalar", 256)))
+                query_scale=float(raw["query_pre_attn_scalar"]))
 
 
 def _rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None, float]:
@@ -116,8 +137,8 @@ def _rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None, float]:
     local: dict[str, Any] = {}
     if "full_attention" in params or "sliding_attention" in params:
         params, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 1e6 if kind in ("mixtral", "gemma3_text") else 1e4)))
-    local_theta = float(local.get("rope_theta", raw.get("rope_local_base_freq", 1e4))) if kind == "gemma3_text" else 0.0
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 1e6 if kind == "mixtral" else 1e4)))
+    local_theta = float(local.get("rope_theta", raw["rope_local_base_freq"])) if kind == "gemma3_text" else 0.0
     if (local_kind := local.get("rope_type", "default")) != "default":
         raise CheckpointError(f"rope_type {local_kind!r} of the sliding layers is not supported; supported: default")
     rope_type = params.get("rope_type", params.get("type", "default"))
@@ -210,7 +231,8 @@ def _read_weights(folder: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
     except SafetensorError as e:
         raise CheckpointError(f"{folder}: cannot read safetensors: {e}") from None
     if cfg.tie_embeddings:
-        tensors.left.discard("lm_head.weight")
+        tensors.left -= {"lm_head.weight", "language_model.lm_head.weight"}
+    tensors.left = {k for k in tensors.left if not k.startswith(OTHER_MODALITIES)}
     if tensors.left:
         raise CheckpointError(f"{folder}: unexpected tensors {sorted(tensors.left)}")
     return flat
@@ -221,11 +243,12 @@ def _map_weights(cfg: ModelConfig, t: _Tensors) -> dict[str, np.ndarray]:
     take, linear = t.take, t.linear
     D, F, V, E = cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.n_experts
     q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    flat = {"embed": take("model.embed_tokens.weight", V, D), "norm/weight": take("model.norm.weight", D)}
+    base = next((b for b in TEXT_BASES if b + "embed_tokens.weight" in t), "model.")
+    flat = {"embed": take(base + "embed_tokens.weight", V, D), "norm/weight": take(base + "norm.weight", D)}
     if not cfg.tie_embeddings:
         flat["lm_head"] = linear("lm_head.weight", V, D)
     for i in range(cfg.n_layers):
-        p, h = f"layers_{i}/", f"model.layers.{i}."
+        p, h = f"layers_{i}/", f"{base}layers.{i}."
         norms = NORMS_SANDWICH if cfg.post_norms else NORMS
         flat |= {f"{p}{n}/weight": take(f"{h}{hf_name}.weight", D) for n, hf_name in norms.items()}
         if cfg.qk_norm:

@@ -144,6 +144,59 @@ def _load_with_adapters(model: str, dtype: str | None, loras: tuple[str, ...], h
         raise click.ClickException(str(e)) from None
 
 
+def _bytes(ctx, param, value):
+    """A click callback: "2.6GB", "64MiB" or a plain number of bytes -> int (hire.flash.parse_bytes)."""
+    from hire.flash import parse_bytes
+
+    try:
+        return None if value is None else parse_bytes(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def memory_options(command):
+    """--memory-budget and --window: weights on disk (hire.flash)."""
+    options = [
+        click.option("--memory-budget", callback=_bytes, metavar="BYTES",
+                     help="Memory the model may use: the resident part (embeddings, attention, norms, predictors, KV "
+                          "cache), FFN buffers and the window's groups; e.g. 2600000000, 2.6GB or 64MiB."),
+        click.option("--window", type=click.IntRange(min=0),
+                     help="Keep the groups the last W decode steps used (at most what the budget holds); default: "
+                          "as many recently used groups as the budget holds."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def on_disk_options(command):
+    """--weights-on-disk with memory_options."""
+    return click.option("--weights-on-disk", is_flag=True,
+                        help="Keep the FFN on disk (ffn_groups.bin, from `hire convert --weights-on-disk`) and read "
+                             "each token's predicted groups the window does not hold; needs --memory-budget "
+                             "(docs/hire.md, Weights on disk).")(memory_options(command))
+
+
+def _engine_on_disk(model: str, budget: int | None, window: int | None, hire: dict):
+    """An Engine of one slot for MODEL with its FFN on disk, run with its serving HiRE settings and `hire`."""
+    from hire.calibrate import model_folder, serving_settings
+    from hire.engine import Engine
+    from hire.flash import BudgetError, OnDiskNet, load_on_disk
+
+    if budget is None:
+        raise click.UsageError("--weights-on-disk needs --memory-budget")
+    try:
+        loaded, store, _ = load_on_disk(model, budget, window, slots=1,
+                                        **serving_settings(model_folder(model), {"ffn": "group-sparse", **hire}))
+    except BudgetError as e:
+        raise click.BadParameter(str(e), param_hint="--memory-budget") from None
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--softmax/--ffn/--hire") from None
+    return Engine(loaded, slots=1, net=OnDiskNet(loaded.cfg, store))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """hire: LLM inference with HiRE approximate top-k sparsity and tandem transformers.
@@ -213,8 +266,10 @@ def _print_stream(events, interruptible: bool = False) -> tuple[list, float]:
 @click.option("--gamma", default=4, show_default=True, type=click.IntRange(min=1),
               help="Tokens drafted per block with --draft.")
 @click.option("--tandem-only", is_flag=True, help=TANDEM_ONLY_HELP)
+@on_disk_options
 def generate(model, prompt, as_chat, max_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, logprobs, dtype,
-             loras, adapter, softmax, ffn, hire_settings, draft, gamma, tandem_only) -> None:
+             loras, adapter, softmax, ffn, hire_settings, draft, gamma, tandem_only, weights_on_disk, memory_budget,
+             window) -> None:
     """Continue PROMPT with a model, streaming the text to stdout.
 
     With --chat, PROMPT is a user's message to an instruct model: it is prompted through the model's chat
@@ -232,18 +287,23 @@ def generate(model, prompt, as_chat, max_tokens, temperature, top_k, top_p, seed
     from hire.speculative import SpecStats
     from hire.speculative import run as speculate
 
-    loaded, names = _load_with_adapters(model, dtype, loras, _hire(softmax, ffn, hire_settings))
+    if weights_on_disk:
+        if loras or draft or dtype:
+            raise click.UsageError("--weights-on-disk takes no --lora, --draft or --dtype")
+        engine, names = _engine_on_disk(model, memory_budget, window, _hire(softmax, ffn, hire_settings)), {}
+    else:
+        loaded, names = _load_with_adapters(model, dtype, loras, _hire(softmax, ffn, hire_settings))
+        engine = Engine(loaded, slots=1)
     if adapter is not None and adapter not in names:
         raise click.BadParameter(f"no adapter {adapter!r} loaded; loaded: {sorted(names) or 'none'}",
                                  param_hint="--adapter")
-    engine = Engine(loaded, slots=1)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed,
                             stop_strings=stop, ignore_eos=ignore_eos, logprobs=logprobs)
     stats = SpecStats()
     if tandem_only and draft is None:
         raise click.UsageError("--tandem-only needs --draft (a tandem model, e.g. stdlib-9m-tandem)")
     try:
-        text = chat_prompt(ChatTemplate.of(loaded.tokenizer), [{"role": "user", "content": prompt}]) if as_chat \
+        text = chat_prompt(ChatTemplate.of(engine.tokenizer), [{"role": "user", "content": prompt}]) if as_chat \
             else prompt
         if draft is None:
             events = stream(engine, text, params, names.get(adapter, -1))
@@ -337,12 +397,16 @@ def _read_message(interactive: bool) -> str | None:
 @click.argument("src")
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--dtype", type=click.Choice(DTYPES), help="Cast weights to this dtype.")
-def convert(src, dst, dtype) -> None:
+@click.option("--weights-on-disk", is_flag=True,
+              help="Also write ffn_groups.bin (the FFN's neuron groups bundled, for `--weights-on-disk` serving) and "
+                   "copy SRC's HiRE predictors (docs/hire.md, Weights on disk).")
+def convert(src, dst, dtype, weights_on_disk) -> None:
     """Convert the model at SRC (any supported format) into hire's format at DST."""
-    from hire.checkpoint import convert as run
+    from hire.checkpoint import convert
+    from hire.flash import convert_on_disk
 
     try:
-        loaded = run(src, dst, dtype)
+        loaded = (convert_on_disk if weights_on_disk else convert)(src, dst, dtype)
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
     cfg = loaded.cfg
@@ -639,6 +703,82 @@ def bench_peers(model, precisions, batch, steps, prompt_len, prefill_len, rounds
     click.echo(json.dumps(result))
     if markdown:
         click.echo(peers.markdown(result))
+
+
+@bench.command("flash")
+@click.option("--model", help=MODEL_HELP + " Its ffn_groups.bin is used; without one, the model is first converted "
+              "into --dir as `hire convert --weights-on-disk` does.")
+@click.option("--shape", help="A synthetic model of this shape (e.g. 1b) with random weights and predictors, written "
+                              "into --dir.")
+@memory_options
+@click.option("--steps", default=64, show_default=True, type=click.IntRange(min=1), help="Decode steps timed per run.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Timed runs of each way; medians are kept.")
+@click.option("--prompt", help="Text to continue (default: 'def parse_args(argv):', or 16 random token ids for a "
+                               "model without a tokenizer).")
+@click.option("--threads", default=16, show_default=True, type=click.IntRange(min=1), help="Reads in flight at once.")
+@click.option("--dir", "folder", type=click.Path(file_okay=False),
+              help="Where the converted or random model is written and kept (reused when it holds ffn_groups.bin); "
+                   "default: a temporary folder, deleted after.")
+@hire_options
+def bench_flash(model, shape, memory_budget, window, steps, repeats, prompt, threads, folder, softmax, ffn,
+                hire_settings) -> None:
+    """Decoding with the FFN on disk under --memory-budget against the naive way: one JSON object.
+
+    The naive way memory-maps the float checkpoint and lets the OS page it, in a child process held to the same
+    budget (a memory cgroup, or its pages dropped before every step where none can be made: naive_budget says
+    which). Both compute the same thing (identical: whether their tokens are). Prints bytes_read_per_token,
+    reuse (share of needed groups the window held), tokens_per_s, naive_tokens_per_s, speedup (median of paired
+    ratios) and the memory plan. See hire/flash_bench.py and docs/hire.md (Weights on disk).
+    """
+    import shutil
+    import tempfile
+
+    import numpy as np
+
+    from hire.calibrate import model_folder, serving_settings
+    from hire.config import SHAPES
+    from hire.flash import GROUPS, BudgetError, convert_on_disk
+    from hire.flash_bench import bench_flash as run
+    from hire.flash_bench import random_model
+    from hire.formats.native import read_config
+    from hire.tokenizer import load_tokenizer
+
+    if (model is None) == (shape is None):
+        raise click.UsageError("give exactly one of --model and --shape")
+    if memory_budget is None:
+        raise click.UsageError("--memory-budget is required")
+    if shape is not None and shape not in SHAPES:
+        raise click.BadParameter(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}", param_hint="--shape")
+    hire = {"ffn": "group-sparse", **_hire(softmax, ffn, hire_settings)}
+    temporary = None if folder else Path(tempfile.mkdtemp(prefix="hire-flash-"))
+    work = Path(folder) if folder else temporary
+    try:
+        if model is not None:
+            hire = serving_settings(model_folder(model), hire)
+            if (model_folder(model) / GROUPS).is_file():
+                work = model_folder(model)
+            elif not (work / GROUPS).is_file():
+                convert_on_disk(model, work)
+        elif not (work / GROUPS).is_file():
+            try:
+                random_model(work, SHAPES[shape], SHAPES[shape].replace(**hire))
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="--softmax/--ffn/--hire") from None
+        if any(work.glob("tokenizer.*")):
+            ids = load_tokenizer(work).encode(prompt or "def parse_args(argv):")
+        elif prompt:
+            raise click.BadParameter("this model has no tokenizer", param_hint="--prompt")
+        else:
+            ids = np.random.default_rng(0).integers(0, read_config(work).vocab_size, 16).tolist()
+        click.echo(json.dumps(run(work, memory_budget, window, ids, steps, repeats, threads, hire)))
+    except BudgetError as e:
+        raise click.BadParameter(str(e), param_hint="--memory-budget") from None
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
 
 
 @bench.command("serving")

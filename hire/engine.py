@@ -126,19 +126,21 @@ def _layouts(cfg: ModelConfig, mesh: Mesh | None) -> dict[str, dict]:
 class Engine:
     """Holds a model's weights and the compiled prefill / insert / generate functions.
 
-    With a `mesh`, the variables are arrays sharded over it (hire.sharding.load_sharded), the cache is split
-    over it too and everything else replicated; with jax.distributed, every process builds this same engine
+    `net` replaces Transformer(model.cfg) (anything with its `cfg` and `apply`: hire.flash.OnDiskNet). With a `mesh`,
+    the variables are arrays sharded over it (hire.sharding.load_sharded), the cache is split over it too and
+    everything else replicated; with jax.distributed, every process builds this same engine
     and makes the same calls in the same order (cluster.shards drives that).
     """
 
-    def __init__(self, model: LoadedModel, slots: int = 8, max_len: int | None = None, mesh: Mesh | None = None):
+    def __init__(self, model: LoadedModel, slots: int = 8, max_len: int | None = None, mesh: Mesh | None = None,
+                 net: Transformer | None = None):
         self.cfg = model.cfg
         self.variables = model.variables
         self.tokenizer = model.tokenizer
         self.slots = slots
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.buckets = buckets(self.max_len)
-        net, layout = Transformer(model.cfg), _layouts(model.cfg, mesh)
+        net, layout = Transformer(model.cfg) if net is None else net, _layouts(model.cfg, mesh)
         # over a mesh, sampling reads the vocabulary-sharded logits through DA-TOP-k where it can, and the model's
         # HiRE operators run sharded (traced on the mesh: hire.sharded_sparse)
         sampler = sample if mesh is None else functools.partial(sharding.sample_sharded, mesh=mesh)

@@ -114,7 +114,7 @@ def load_sharded(path: str | Path, mesh: Mesh, dtype: str | None = None, **hire:
                     raise CheckpointError(f"no HiRE predictors in {folder} ({PREDICTORS}); build them with "
                                           f"`hire calibrate --model {folder} --text FILE`")
                 pred = files.enter_context(safe_open(folder / PREDICTORS, framework="numpy"))
-                cfg, sources = _predictor_sources(cfg, pred, folder / PREDICTORS)
+                cfg, sources = predictor_sources(cfg, pred, folder / PREDICTORS)
             want = expected_variables(cfg)
             have = {k: v for k, v in stored.items() if not (bundled and "/ffn/" in k)}
             have |= {k: w for k, w in want.items() if k.endswith("/ffn/bundle")}
@@ -132,7 +132,7 @@ def load_sharded(path: str | Path, mesh: Mesh, dtype: str | None = None, **hire:
     return LoadedModel(cfg, unflatten(arrays), load_tokenizer(folder))
 
 
-def _predictor_sources(cfg: ModelConfig, f, file: Path) -> tuple[ModelConfig, dict[str, str]]:
+def predictor_sources(cfg: ModelConfig, f, file: Path) -> tuple[ModelConfig, dict[str, str]]:
     """For each "hire" variable `cfg` asks for, its name in the open predictor file `f` (KIND/PATH/NAME), and `cfg`
     with `hire_rank` set to a low-rank predictor's own rank (as hire.calibrate.sparsify does)."""
     places = [("softmax", "softmax")] if cfg.softmax != "dense" else []

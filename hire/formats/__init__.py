@@ -91,8 +91,11 @@ def check_variables(cfg: ModelConfig, variables: Mapping[str, Any]) -> None:
     _check(cfg, expected_variables(cfg), flatten(variables))
 
 
-def prepare_variables(cfg: ModelConfig, variables: Mapping[str, Any]) -> dict[str, Any]:
-    """Check `variables` (numpy or jax leaves) and return them as jax arrays in the model's dtypes."""
+def prepare_variables(cfg: ModelConfig, variables: Mapping[str, Any], held_elsewhere: str = "") -> dict[str, Any]:
+    """Check `variables` (numpy or jax leaves) and return them as jax arrays in the model's dtypes; variables whose
+    names end with `held_elsewhere` (when given) are expected absent (hire.flash keeps the FFN bundles on disk)."""
     want, got = expected_variables(cfg), flatten(variables)
+    if held_elsewhere:
+        want = {k: v for k, v in want.items() if not k.endswith(held_elsewhere)}
     _check(cfg, want, got)
     return unflatten({k: jnp.asarray(got[k], dtype=want[k].dtype) for k in want})

@@ -32,8 +32,9 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 
 
-def save_native(folder: str | Path, cfg: ModelConfig, variables: dict, tokenizer: Tokenizer) -> None:
-    """Write a hire checkpoint folder, replacing the hire checkpoint already there, if any.
+def save_native(folder: str | Path, cfg: ModelConfig, variables: dict, tokenizer: Tokenizer | None) -> None:
+    """Write a hire checkpoint folder, replacing the hire checkpoint already there, if any (with no tokenizer:
+    a model of random weights, hire.flash_bench).
 
     Files are written to a temporary sibling folder that then takes `folder`'s place, so an
     interrupted save never leaves a half-written checkpoint.
@@ -50,7 +51,8 @@ def save_native(folder: str | Path, cfg: ModelConfig, variables: dict, tokenizer
         tensors = {k: np.ascontiguousarray(v) for k, v in flatten(variables).items()}
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "hire"})
         (tmp / WEIGHTS).chmod(0o644)
-        tokenizer.save(tmp)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
         meta = {**cfg.to_dict(), "format": "hire", "format_version": FORMAT_VERSION}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         if folder.exists():

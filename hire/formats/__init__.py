@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hire.config import ModelConfig
 from hire.model import init_params
@@ -50,6 +51,14 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
+
+
+def half_split(w: np.ndarray, n_heads: int, axis: int = 0) -> np.ndarray:
+    """Permute the q or k rows along `axis` (n_heads heads) from interleaved RoPE pairs (2i, 2i+1), as llama.cpp
+    and llama.c store them, to hire's and Hugging Face's half-split pairs (i, i + head_dim/2)."""
+    w = np.moveaxis(w, axis, 0)
+    out = w.reshape(n_heads, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return np.moveaxis(out, 0, axis)
 
 
 def build_config(source: Path, fields: Mapping[str, Any]) -> ModelConfig:

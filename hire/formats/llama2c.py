@@ -16,7 +16,7 @@ import numpy as np
 
 from hire.checkpoint import LoadedModel
 from hire.config import ModelConfig
-from hire.formats import CheckpointError, prepare_variables, unflatten, with_dtype
+from hire.formats import CheckpointError, half_split, prepare_variables, unflatten, with_dtype
 from hire.tokenizer import Llama2cTokenizer, chat_template_in
 
 MAGIC = 0x616B3432  # "ak42" in the version-1+ exports
@@ -109,12 +109,6 @@ def find_files(path: Path) -> tuple[Path, Header, Llama2cTokenizer]:
     raise CheckpointError(f"{folder}: no llama2.c tokenizer .bin with {header.vocab_size} tokens for {model.name}")
 
 
-def _half_split(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Permute the rows of stacked q/k weights [L, heads*hd, in] from interleaved to half-split RoPE."""
-    L, rows, cols = w.shape
-    return w.reshape(L, n_heads, rows // n_heads // 2, 2, cols).swapaxes(2, 3).reshape(L, rows, cols)
-
-
 def load_llama2c(path: Path, dtype: str | None = None) -> LoadedModel:
     """Load a llama2.c model .bin, or the folder holding it, with the tokenizer .bin beside it."""
     path = Path(path)
@@ -125,7 +119,7 @@ def load_llama2c(path: Path, dtype: str | None = None) -> LoadedModel:
         n = math.prod(shape)
         t[name] = data[at:at + n].reshape(shape)
         at += n
-    t["wq"], t["wk"] = _half_split(t["wq"], h.n_heads), _half_split(t["wk"], h.n_kv_heads)
+    t["wq"], t["wk"] = half_split(t["wq"], h.n_heads, 1), half_split(t["wk"], h.n_kv_heads, 1)
     flat = {"embed": t["embed"], "norm/weight": t["rms_final"]}
     if not h.shared_classifier:
         flat["lm_head"] = t["wcls"].T

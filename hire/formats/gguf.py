@@ -1,0 +1,282 @@
+"""GGUF files (llama.cpp's format), read with ggml's own `gguf` package.
+
+A GGUF file holds metadata (architecture, shape, tokenizer: hire.formats.gguf_tokenizer) and tensors,
+quantized or not. Architectures: llama, qwen2 and gemma3. Every tensor is checked by name, type and shape
+against what the metadata implies before any is read; then each is dequantized to float32 (read_tensor)
+and cast to the model's dtype.
+
+Layouts: GGUF lists a tensor's dims innermost first, so numpy reads a weight as torch's [out, in], which
+is transposed to hire's [in, out]; embeddings are [vocab, dim] as in hire. llama.cpp's converter permutes
+a llama model's q and k rows into interleaved RoPE pairs (undone by hire.formats.half_split; qwen2 and
+gemma3 rotate halves already) and stores Gemma's norm weights plus 1 (hire keeps Hugging Face's w and
+adds norm_offset 1 when it runs).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from hire.checkpoint import LoadedModel
+from hire.config import ModelConfig, RopeScaling
+from hire.formats import (
+    CheckpointError,
+    build_config,
+    expected_variables,
+    half_split,
+    prepare_variables,
+    unflatten,
+    with_dtype,
+)
+
+ARCHITECTURES = ("llama", "qwen2", "gemma3")
+Q = gguf.GGMLQuantizationType
+TYPES = tuple(Q[n] for n in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                             "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
+# hire's variable names -> GGUF's tensor names (per layer: "layers_{i}/" -> "blk.{i}.")
+GLOBAL = {"embed": "token_embd.weight", "norm/weight": "output_norm.weight", "lm_head": "output.weight"}
+LAYER = {"attn_norm/weight": "attn_norm.weight", "ffn_norm/weight": "ffn_norm.weight",
+         "post_attn_norm/weight": "post_attention_norm.weight", "post_ffn_norm/weight": "post_ffw_norm.weight",
+         "attn/q_norm/weight": "attn_q_norm.weight", "attn/k_norm/weight": "attn_k_norm.weight",
+         **{f"attn/{n}/kernel": f"attn_{n}.weight" for n in "qkv"}, "attn/o/kernel": "attn_output.weight",
+         **{f"attn/{n}/bias": f"attn_{n}.bias" for n in "qkv"},
+         **{f"ffn/{n}/kernel": f"ffn_{n}.weight" for n in ("gate", "up", "down")}}
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1's RoPE frequency factors
+_MISSING = object()
+
+
+class _Reader(gguf.GGUFReader):
+    """gguf.GGUFReader that remembers the last metadata field it read, names the tensor whose type is unknown
+    or whose data runs past the end of the file (the reader's own errors name neither), and opens a file
+    several times faster: it slices the mapped file as a plain ndarray (a numpy.memmap slice costs a Python
+    call) and reads an array of numbers (Gemma's 262,144 token scores and types) as one part, not one each."""
+
+    last_field = ""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, mapped: np.memmap) -> None:
+        self._data = mapped.view(np.ndarray)
+
+    def _get_field_parts(self, offs: int, raw_type: int) -> tuple[int, list[np.ndarray], list[int], list[Any]]:
+        if raw_type == gguf.GGUFValueType.ARRAY:
+            item = self._get(offs, np.uint32)
+            if (kind := self.gguf_scalar_to_np.get(gguf.GGUFValueType(int(item[0])))) is not None:
+                count = self._get(offs + 4, np.uint64)
+                values = self._get(offs + 12, kind, int(count[0]))
+                if len(values) != int(count[0]):
+                    raise ValueError(f"an array of {int(count[0])} values runs past the end of the file")
+                return 12 + values.nbytes, [item, count, values], [2], [gguf.GGUFValueType.ARRAY,
+                                                                        gguf.GGUFValueType(int(item[0]))]
+        return super()._get_field_parts(offs, raw_type)
+
+    def _push_field(self, field: gguf.ReaderField, skip_sum: bool = False) -> int:
+        self.last_field = field.name
+        return super()._push_field(field, skip_sum)
+
+    def _build_tensors(self, start_offs: int, fields: list[gguf.ReaderField]) -> None:
+        for field in fields:
+            _, name, _, dims, raw_type, offset = field.parts
+            name = bytes(name).decode(errors="replace")
+            try:
+                kind = Q(int(raw_type[0]))
+                block, size = gguf.GGML_QUANT_SIZES[kind]
+            except (ValueError, KeyError):
+                raise CheckpointError(f"tensor {name}: unknown tensor type {int(raw_type[0])}") from None
+            if int(dims[0]) % block:
+                raise CheckpointError(f"tensor {name}: rows of {int(dims[0])} are not whole {kind.name} blocks")
+            end = start_offs + int(offset[0]) + int(np.prod(dims)) * size // block
+            if end > len(self.data):
+                raise CheckpointError(f"tensor {name}: its data ends at byte {end}, past the end of the file "
+                                      f"({len(self.data)} bytes): the file is truncated")
+        super()._build_tensors(start_offs, fields)
+
+
+class GGUFFile:
+    """An open GGUF file (memory-mapped): typed metadata fields, and tensors by name."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        reader = _Reader.__new__(_Reader)
+        try:
+            reader.__init__(self.path)
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
+        except (ValueError, IndexError, OSError, UnicodeDecodeError, OverflowError) as e:
+            where = f" after metadata field {reader.last_field}" if reader.last_field else ""
+            raise CheckpointError(f"{self.path}: not a readable GGUF file (corrupt or truncated{where}: {e})") from None
+        self.reader = reader
+        self.tensors = {t.name: t for t in reader.tensors}
+        self.arch = self.get("general.architecture", str)
+
+    def get(self, key: str, kind: type, default: Any = _MISSING) -> Any:
+        """Metadata field `key` as `kind` (int, float, str, bool or list), else `default` when it is absent."""
+        field = self.reader.fields.get(key)
+        if field is None:
+            if default is _MISSING:
+                raise CheckpointError(f"{self.path}: missing metadata field {key}")
+            return default
+        try:
+            value = field.contents()
+        except (UnicodeDecodeError, ValueError) as e:
+            raise CheckpointError(f"{self.path}: metadata field {key} cannot be read: {e}") from None
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            shown = f"{len(value)} values" if isinstance(value, list) else repr(value)
+            raise CheckpointError(f"{self.path}: metadata field {key} should be a {kind.__name__}, got {shown}")
+        return value
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Tensor `name`'s shape as numpy reads it (a weight [out, in])."""
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.path}: missing tensor {name}")
+        return tuple(int(d) for d in reversed(self.tensors[name].shape))
+
+
+def read_tensor(t: gguf.ReaderTensor) -> np.ndarray:
+    """Tensor `t` dequantized to float32, shaped as numpy reads GGUF dims (a weight [out, in])."""
+    return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(
+        tuple(int(d) for d in reversed(t.shape)))
+
+
+def find_gguf(path: Path) -> Path:
+    """The GGUF file at `path`, or the one GGUF file in the folder `path`."""
+    if path.is_file():
+        return path
+    files = sorted(path.glob("*.gguf"))
+    if len(files) != 1:
+        raise CheckpointError(f"{path}: expected one .gguf file, found {len(files)}"
+                              + (f" ({', '.join(p.name for p in files)}); name the file instead" if files else ""))
+    return files[0]
+
+
+def gguf_config(f: GGUFFile, dtype: str | None = None) -> ModelConfig:
+    """The ModelConfig the metadata of `f` describes; `dtype` (default float32) is the compute dtype."""
+    arch = f.arch
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"{f.path}: general.architecture {arch!r} is not supported; "
+                              f"supported: {', '.join(ARCHITECTURES)}")
+
+    def get(key: str, kind: type, default: Any = _MISSING) -> Any:
+        return f.get(f"{arch}.{key}", kind, default)
+
+    if get("expert_count", int, 0):
+        raise CheckpointError(f"{f.path}: {arch}.expert_count: mixture-of-experts GGUF files are not supported")
+    dim, n_heads = get("embedding_length", int), get("attention.head_count", int)
+    head_dim = get("attention.key_length", int, 0) or (dim // n_heads if n_heads else 0)
+    if (value_dim := get("attention.value_length", int, head_dim)) != head_dim:
+        raise CheckpointError(f"{f.path}: {arch}.attention.value_length {value_dim} differs from the key length "
+                              f"{head_dim}, which hire does not support")
+    if (rotated := get("rope.dimension_count", int, head_dim)) != head_dim:
+        raise CheckpointError(f"{f.path}: {arch}.rope.dimension_count {rotated}: RoPE on part of a head "
+                              f"(head dim {head_dim}) is not supported")
+    if (scaling := get("rope.scaling.type", str, "none")) != "none":
+        raise CheckpointError(f"{f.path}: {arch}.rope.scaling.type {scaling!r} is not supported")
+    vocab = f.shape(GLOBAL["embed"])[0]
+    fields = dict(
+        vocab_size=vocab, dim=dim, n_layers=get("block_count", int), n_heads=n_heads,
+        n_kv_heads=get("attention.head_count_kv", int, n_heads), ffn_dim=get("feed_forward_length", int),
+        head_dim=head_dim, norm_eps=get("attention.layer_norm_rms_epsilon", float),
+        rope_theta=get("rope.freq_base", float, 10000.0), max_seq_len=get("context_length", int, 2048),
+        tie_embeddings=GLOBAL["lm_head"] not in f.tensors, attention_bias="blk.0.attn_q.bias" in f.tensors,
+        name=f.path.parent.name if f.path.name == "model.gguf" else f.path.stem)
+    for field, key in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id")):
+        if (value := f.get(f"tokenizer.ggml.{key}", int, None)) is not None:
+            fields[field] = value
+    if arch == "gemma3":
+        # llama.cpp's own Gemma 3 settings, which its files do not store: a global layer every 6th,
+        # local RoPE base 10000, queries scaled by head_dim (27B, 62 layers: by dim / n_heads)
+        fields.update(activation="gelu_tanh", norm_offset=1.0, qk_norm=True, post_norms=True, embed_scale=True,
+                      sliding_window=get("attention.sliding_window", int), global_every=6,
+                      rope_local_theta=get("rope.freq_base_swa", float, 10000.0),
+                      query_scale=dim / n_heads if fields["n_layers"] == 62 else 0.0)
+    cfg = build_config(f.path, fields)
+    if ROPE_FREQS in f.tensors:
+        cfg = cfg.replace(rope_scaling=_llama3_scaling(f, cfg))
+    return with_dtype(cfg, dtype)
+
+
+def _llama3_scaling(f: GGUFFile, cfg: ModelConfig) -> RopeScaling:
+    """The Llama 3 RoPE scaling whose frequency factors rope_freqs.weight holds (llama.cpp stores the factors,
+    not the parameters): Llama 3.1's low/high frequency factors 1 and 4 over 8192 positions, the largest
+    factor as the scale; anything else is an error."""
+    from hire.model import rope_frequencies
+
+    factors = read_tensor(f.tensors[ROPE_FREQS])
+    if factors.shape != (cfg.head_dim // 2,):
+        raise CheckpointError(f"{f.path}: tensor {ROPE_FREQS} has shape {factors.shape}, "
+                              f"expected ({cfg.head_dim // 2},)")
+    scaling = RopeScaling(float(factors.max()), 1.0, 4.0, 8192)
+    implied = np.asarray(rope_frequencies(cfg) / rope_frequencies(cfg.replace(rope_scaling=scaling)))
+    if not np.allclose(implied, factors, rtol=1e-3):
+        raise CheckpointError(f"{f.path}: tensor {ROPE_FREQS} holds RoPE frequency factors that are not "
+                              "Llama 3.1's scaling, which is the only one hire reads from GGUF")
+    return scaling
+
+
+def _source(name: str) -> str:
+    """The GGUF tensor that fills hire variable `name` ("params/layers_3/attn/q/kernel")."""
+    name = name.removeprefix("params/")
+    if m := re.fullmatch(r"layers_(\d+)/(.+)", name):
+        return f"blk.{m[1]}.{LAYER[m[2]]}" if m[2] in LAYER else name
+    return GLOBAL.get(name, name)
+
+
+def _plan(f: GGUFFile, cfg: ModelConfig) -> dict[str, str]:
+    """hire variable -> GGUF tensor, after checking that every tensor is there, of a supported type and of
+    the shape the config implies, and that no tensor is left over."""
+    plan = {}
+    for name, want in expected_variables(cfg).items():
+        src = _source(name)
+        shape = tuple(want.shape)
+        if name.endswith("kernel") or name.endswith("lm_head"):
+            shape = shape[::-1]  # stored [out, in]
+        if (found := f.shape(src)) != shape:
+            raise CheckpointError(f"{f.path}: tensor {src} has shape {found}, but the metadata implies {shape}")
+        if (kind := f.tensors[src].tensor_type) not in TYPES:
+            raise CheckpointError(f"{f.path}: tensor {src} has type {kind.name}, which is not supported; "
+                                  f"supported: {', '.join(t.name for t in TYPES)}")
+        plan[name] = src
+    if extra := sorted(set(f.tensors) - set(plan.values()) - {ROPE_FREQS}):
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise CheckpointError(f"{f.path}: unexpected tensors {', '.join(extra[:3])}{more} for a {f.arch} model")
+    return plan
+
+
+def _convert(name: str, w: np.ndarray, cfg: ModelConfig, arch: str) -> np.ndarray:
+    """A GGUF tensor as hire variable `name`."""
+    if arch == "llama" and (m := re.search(r"attn/([qk])/", name)):
+        w = half_split(w, cfg.n_heads if m[1] == "q" else cfg.n_kv_heads)
+    if name.endswith("norm/weight") and arch == "gemma3":
+        w = w - 1.0
+    return w.T if name.endswith("kernel") or name.endswith("lm_head") else w
+
+
+def check_gguf(path: str | Path) -> ModelConfig:
+    """Check a GGUF file as load_gguf would, without reading its tensors: metadata, tokenizer, tensor names,
+    types and shapes. Returns its config."""
+    from hire.formats.gguf_tokenizer import gguf_tokenizer
+
+    f = GGUFFile(find_gguf(Path(path)))
+    cfg = gguf_config(f)
+    gguf_tokenizer(f, cfg.vocab_size)
+    _plan(f, cfg)
+    return cfg
+
+
+def load_gguf(path: str | Path, dtype: str | None = None) -> LoadedModel:
+    """Load a GGUF file, or the folder holding one, computing in `dtype` (default float32)."""
+    from hire.formats.gguf_tokenizer import gguf_tokenizer
+
+    f = GGUFFile(find_gguf(Path(path)))
+    cfg = gguf_config(f, dtype)
+    tokenizer = gguf_tokenizer(f, cfg.vocab_size)
+    flat = {name: _convert(name, read_tensor(f.tensors[src]), cfg, f.arch) for name, src in _plan(f, cfg).items()}
+    return LoadedModel(cfg, prepare_variables(cfg, unflatten(flat)), tokenizer)

@@ -3,6 +3,7 @@ GGUF loader: tiny random llama models written with gguf.GGUFWriter in every type
 SmolLM2 and Gemma 3 files (fetched by hire's registry, as `hire pull` does), and broken files."""
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -130,22 +131,51 @@ def test_real_tokenizer_matches_transformers(real):
         assert tok.chat_template is None and tok.end_ids == (1,) and tok.bos_id == 2 and tok.add_bos
 
 
+def greedy_matches_transformers(loaded, ref, prompts: list[str], n: int) -> list[str]:
+    """hire's greedy tokens against transformers' for each prompt (up to transformers' EOS); hire's texts."""
+    engine, texts = Engine(loaded, slots=1, max_len=64), []
+    for prompt in prompts:
+        ids = loaded.tokenizer.encode(prompt)
+        want = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                            do_sample=False, max_new_tokens=n)[0, len(ids):].tolist()
+        [out] = generate(engine, [ids], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        assert out.tokens[:len(want)] == want, prompt  # transformers stops at EOS
+        assert len(want) == n or want[-1] in loaded.tokenizer.end_ids
+        texts.append(out.text)
+    return texts
+
+
 def test_smollm2_greedy_matches_transformers():
     path = next(resolve_model("smollm2-135m-instruct").glob("*.gguf"))
     loaded = load_model(path)
     assert (loaded.cfg.n_layers, loaded.cfg.dim, loaded.cfg.n_heads, loaded.cfg.n_kv_heads) == (30, 576, 9, 3)
     assert loaded.cfg.tie_embeddings and loaded.cfg.vocab_size == 49152
-    ref = hf_gguf(path)
-    engine = Engine(loaded, slots=1, max_len=64)
     prompts = ["The capital of France is", "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n",
                "def fibonacci(n):"]
-    for prompt in prompts:
-        ids = loaded.tokenizer.encode(prompt)
-        want = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                            do_sample=False, max_new_tokens=30)[0, len(ids):].tolist()
-        [out] = generate(engine, [ids], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
-        assert out.tokens[:len(want)] == want, prompt  # transformers stops at EOS
-        assert len(want) == 30 or want[-1] == loaded.tokenizer.eos_id
+    greedy_matches_transformers(loaded, hf_gguf(path), prompts, 30)
+
+
+def test_gemma3_matches_transformers():
+    """Gemma 3 270M (Q5_0, Q4_K, Q6_K, Q8_0 and F32 tensors): logits and greedy tokens as transformers', and
+    a low loss on plain English, which taking llama.cpp's +1 off every norm (q/k norms included) gives: left on
+    the q/k norms, the loss below goes from 1.56 to 2.90 nats."""
+    path = next(resolve_model("gemma3-270m").glob("*.gguf"))
+    loaded = load_model(path)
+    cfg = loaded.cfg
+    assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size) == (
+        18, 640, 4, 1, 256, 262144)
+    assert (cfg.sliding_window, cfg.global_every, cfg.rope_theta, cfg.rope_local_theta) == (512, 6, 1e6, 1e4)
+    ref = hf_gguf(path)
+    text = ("The capital of France is Paris. It is known for the Eiffel Tower, which was built in 1889 for the "
+            "World's Fair. Paris is also famous for its museums, such as the Louvre.")
+    ids = np.array(loaded.tokenizer.encode(text))
+    with torch.no_grad():
+        want = ref(torch.tensor(ids[None])).logits[0].numpy()
+    got = hire_logits(loaded, ids)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    logp = np.asarray(jax.nn.log_softmax(got[:-1]))
+    assert -logp[np.arange(len(ids) - 1), ids[1:]].mean() < 2.0
+    greedy_matches_transformers(loaded, ref, ["The capital of France is", "def fibonacci(n):"], 20)
 
 
 # --- broken files: one-line errors that name the field or tensor ------------------------------------------

@@ -177,14 +177,16 @@ def gguf_config(f: GGUFFile, dtype: str | None = None) -> ModelConfig:
     if (rotated := get("rope.dimension_count", int, head_dim)) != head_dim:
         raise CheckpointError(f"{f.path}: {arch}.rope.dimension_count {rotated}: RoPE on part of a head "
                               f"(head dim {head_dim}) is not supported")
-    if (scaling := get("rope.scaling.type", str, "none")) != "none":
-        raise CheckpointError(f"{f.path}: {arch}.rope.scaling.type {scaling!r} is not supported")
+    scaling = get("rope.scaling.type", str, "none")
+    if scaling not in ("none", "linear"):
+        raise CheckpointError(f"{f.path}: {arch}.rope.scaling.type {scaling!r} is not supported; supported: linear")
     vocab = f.shape(GLOBAL["embed"])[0]
     fields = dict(
         vocab_size=vocab, dim=dim, n_layers=get("block_count", int), n_heads=n_heads,
         n_kv_heads=get("attention.head_count_kv", int, n_heads), ffn_dim=get("feed_forward_length", int),
         head_dim=head_dim, norm_eps=get("attention.layer_norm_rms_epsilon", float),
         rope_theta=get("rope.freq_base", float, 10000.0), max_seq_len=get("context_length", int, 2048),
+        rope_scaling=RopeScaling(get("rope.scaling.factor", float), kind="linear") if scaling == "linear" else None,
         tie_embeddings=GLOBAL["lm_head"] not in f.tensors, attention_bias="blk.0.attn_q.bias" in f.tensors,
         name=f.path.parent.name if f.path.name == "model.gguf" else f.path.stem)
     for field, key in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id")):

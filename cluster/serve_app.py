@@ -107,7 +107,8 @@ class EngineServer:
     def __init__(self, model: str = DEFAULT_MODEL, slots: int = 8, max_len: int | None = None, queue_size: int = 128,
                  chunk: int = 4, prefills: int = 4, dtype: str | None = None, lora: dict[str, str] | None = None,
                  hire: dict | None = None, hosts: int = 1, devices_per_host: int = 1, placement: str | None = None,
-                 draft: str | None = None, gamma: int = 4, pipelined: bool = True, limits: dict | None = None):
+                 draft: str | None = None, gamma: int = 4, pipelined: bool = True, limits: dict | None = None,
+                 quantize: str | None = None):
         use_compilation_cache()
         bounds = Limits.parse(limits)
         if draft:
@@ -125,7 +126,7 @@ class EngineServer:
             sharded = serving_engine(model, hosts, devices_per_host, placement, slots, max_len, dtype, lora, hire)
             self.served = Served(sharded, sharded.cfg.name, limits=bounds)
         else:
-            loaded = load_model(model, dtype=dtype, **serving_settings(model_folder(model), hire))
+            loaded = load_model(model, dtype=dtype, quantize=quantize, **serving_settings(model_folder(model), hire))
             names: dict[str, int] = {}
             if lora:
                 loaded, names = load_adapters(loaded, lora)

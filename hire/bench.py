@@ -113,6 +113,7 @@ def bench_decode(model: LoadedModel, batch: int, steps: int = 128, prompt_len: i
     ratio = statistics.median(s / steps * bw * 1e9 / (read + kv_bytes) for s, bw in zip(seconds, bandwidths))
     return {
         "model": cfg.name, "batch": batch, "steps": steps, "prompt_len": prompt_len, "chunk": chunk, "dtype": cfg.dtype,
+        "quantize": cfg.quantize,
         "tokens_per_s": round(batch / ms_per_step * 1e3, 1),
         "ms_per_token": round(ms_per_step, 4),
         "weight_bytes": weights, "kv_bytes_per_step": kv_bytes,

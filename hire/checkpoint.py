@@ -83,8 +83,9 @@ def _is_gguf(file: Path) -> bool:
         return file.suffix == ".gguf" or f.read(4) == b"GGUF"
 
 
-def load_model(path: str | Path, dtype: str | None = None, **hire: Any) -> LoadedModel:
-    """Load a model by name or path; `dtype` ("float32", "bfloat16", "float16") overrides the stored one.
+def load_model(path: str | Path, dtype: str | None = None, quantize: str | None = None, **hire: Any) -> LoadedModel:
+    """Load a model by name or path; `dtype` ("float32", "bfloat16", "float16") overrides the stored one, `quantize`
+    ("none", "int8", "int4") the stored weights' quantization (hire.quant; "none" dequantizes).
 
     `hire` overrides the config's HiRE fields (e.g. softmax="hire-lr", ffn="group-sparse"); a config that
     asks for HiRE runs with the predictors saved beside the checkpoint (hire.calibrate).
@@ -103,6 +104,8 @@ def load_model(path: str | Path, dtype: str | None = None, **hire: Any) -> Loade
     else:
         from hire.formats.llama2c import load_llama2c as load
     model = load(path, dtype)
+    if quantize is not None:
+        model = quantized(model, quantize)
     cfg = with_hire(model.cfg, hire)
     if not cfg.sparse:
         return LoadedModel(cfg, model.variables, model.tokenizer) if hire else model
@@ -110,6 +113,18 @@ def load_model(path: str | Path, dtype: str | None = None, **hire: Any) -> Loade
 
     dense = LoadedModel(cfg.dense(), model.variables, model.tokenizer)
     return with_predictors(dense, path if path.is_dir() else path.parent, cfg)
+
+
+def quantized(model: LoadedModel, kind: str) -> LoadedModel:
+    """`model` with its Linear kernels and embedding quantized to `kind` (hire.quant), or dequantized by "none"."""
+    from hire import quant
+    from hire.formats import prepare_variables
+
+    if kind == model.cfg.quantize:
+        return model
+    cfg = model.cfg.replace(quantize=kind)
+    params = quant.quantize_params(model.variables["params"], kind)
+    return LoadedModel(cfg, prepare_variables(cfg, {**model.variables, "params": params}), model.tokenizer)
 
 
 def with_hire(cfg: ModelConfig, hire: dict[str, Any]) -> ModelConfig:
@@ -129,10 +144,10 @@ def load_tandem(path: str | Path, dtype: str | None = None) -> TandemModel:
     return load_tandem_folder(path, dtype)
 
 
-def convert(src: str | Path, dst: str | Path, dtype: str | None = None) -> LoadedModel:
-    """Load `src` in any format and save it to the folder `dst` in hire's format."""
+def convert(src: str | Path, dst: str | Path, dtype: str | None = None, quantize: str | None = None) -> LoadedModel:
+    """Load `src` in any format and save it to the folder `dst` in hire's format (quantized as `quantize` says)."""
     from hire.formats.native import save_native
 
-    model = load_model(src, dtype)
+    model = load_model(src, dtype, quantize)
     save_native(dst, model.cfg, model.variables, model.tokenizer)
     return model

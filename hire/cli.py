@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from hire.checkpoint import DEFAULT_MODEL
+from hire.config import QUANTIZE
 from hire.formats import DTYPES, CheckpointError
 from hire.topk import METHODS
 
@@ -22,16 +23,25 @@ DRAFT_HELP = ("Decode speculatively with this drafter: 'ngram' (prompt lookup, n
               "stdlib-9m-tandem).")
 
 
-def _load(model: str, dtype: str | None, hire: dict | None = None):
-    """Load a model; `hire` overrides its config's HiRE fields (see hire_options)."""
+def _load(model: str, dtype: str | None, hire: dict | None = None, quantize: str | None = None):
+    """Load a model; `hire` overrides its config's HiRE fields (see hire_options), `quantize` its weights'."""
     from hire.checkpoint import load_model
 
     try:
-        return load_model(model, dtype=dtype, **(hire or {}))
+        return load_model(model, dtype=dtype, quantize=quantize, **(hire or {}))
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
     except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--softmax/--ffn/--hire") from None
+        hint = "--quantize" if quantize and "quantize" in str(e) else "--softmax/--ffn/--hire"
+        raise click.BadParameter(str(e), param_hint=hint) from None
+
+
+def quantize_option(command):
+    """--quantize int8|int4|none: the weights kept quantized in memory (hire.quant)."""
+    return click.option("--quantize", type=click.Choice(QUANTIZE),
+                        help="Keep the weights quantized in memory: int8 or int4 in blocks of 32 (as llama.cpp's Q8_0 "
+                             "and Q4_1), multiplied as such; none dequantizes a quantized model (default: as "
+                             "stored).")(command)
 
 
 def hire_options(command):
@@ -129,11 +139,12 @@ def _speculator(engine, drafter, gamma: int, tandem_only: bool):
     return TandemAlone(engine, drafter, gamma)
 
 
-def _load_with_adapters(model: str, dtype: str | None, loras: tuple[str, ...], hire: dict | None = None):
+def _load_with_adapters(model: str, dtype: str | None, loras: tuple[str, ...], hire: dict | None = None,
+                        quantize: str | None = None):
     """The model with the `--lora NAME=PATH` adapters loaded, and each adapter name's index."""
     from hire.lora import load_adapters
 
-    loaded = _load(model, dtype, hire)
+    loaded = _load(model, dtype, hire, quantize)
     if not loras:
         return loaded, {}
     pairs = [spec.split("=", 1) for spec in loras]
@@ -258,6 +269,7 @@ def _print_stream(events, interruptible: bool = False) -> tuple[list, float]:
 @click.option("--ignore-eos", is_flag=True, help="Keep going past the end-of-sequence and end-of-turn tokens.")
 @click.option("--logprobs", is_flag=True, help="Print each token's id and log-probability to stderr at the end.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Cast weights to this dtype.")
+@quantize_option
 @click.option("--lora", "loras", multiple=True, metavar="NAME=PATH",
               help="Load the Hugging Face PEFT LoRA adapter in folder PATH as NAME (repeatable).")
 @click.option("--adapter",
@@ -269,8 +281,8 @@ def _print_stream(events, interruptible: bool = False) -> tuple[list, float]:
 @click.option("--tandem-only", is_flag=True, help=TANDEM_ONLY_HELP)
 @on_disk_options
 def generate(model, prompt, as_chat, max_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, logprobs, dtype,
-             loras, adapter, softmax, ffn, hire_settings, draft, gamma, tandem_only, weights_on_disk, memory_budget,
-             window) -> None:
+             quantize, loras, adapter, softmax, ffn, hire_settings, draft, gamma, tandem_only, weights_on_disk,
+             memory_budget, window) -> None:
     """Continue PROMPT with a model, streaming the text to stdout.
 
     With --chat, PROMPT is a user's message to an instruct model: it is prompted through the model's chat
@@ -289,11 +301,11 @@ def generate(model, prompt, as_chat, max_tokens, temperature, top_k, top_p, seed
     from hire.speculative import run as speculate
 
     if weights_on_disk:
-        if loras or draft or dtype:
-            raise click.UsageError("--weights-on-disk takes no --lora, --draft or --dtype")
+        if loras or draft or dtype or quantize:
+            raise click.UsageError("--weights-on-disk takes no --lora, --draft, --dtype or --quantize")
         engine, names = _engine_on_disk(model, memory_budget, window, _hire(softmax, ffn, hire_settings)), {}
     else:
-        loaded, names = _load_with_adapters(model, dtype, loras, _hire(softmax, ffn, hire_settings))
+        loaded, names = _load_with_adapters(model, dtype, loras, _hire(softmax, ffn, hire_settings), quantize)
         engine = Engine(loaded, slots=1)
     if adapter is not None and adapter not in names:
         raise click.BadParameter(f"no adapter {adapter!r} loaded; loaded: {sorted(names) or 'none'}",
@@ -336,8 +348,10 @@ def generate(model, prompt, as_chat, max_tokens, temperature, top_k, top_p, seed
 @click.option("--system", help="System prompt: the first message of the conversation (kept by /reset).")
 @sampling_options(max_tokens=512)
 @click.option("--dtype", type=click.Choice(DTYPES), help="Cast weights to this dtype.")
+@quantize_option
 @hire_options
-def chat(model, system, max_tokens, temperature, top_k, top_p, seed, stop, dtype, softmax, ffn, hire_settings) -> None:
+def chat(model, system, max_tokens, temperature, top_k, top_p, seed, stop, dtype, quantize, softmax, ffn,
+         hire_settings) -> None:
     """Talk with a model: each line read is the user's message, and the answer streams back.
 
     The whole conversation is prompted through the model's own chat template (a model without one gets plain
@@ -351,7 +365,7 @@ def chat(model, system, max_tokens, temperature, top_k, top_p, seed, stop, dtype
     from hire.generate import stream
     from hire.sampling import SamplingParams
 
-    loaded = _load(model, dtype, _hire(softmax, ffn, hire_settings))
+    loaded = _load(model, dtype, _hire(softmax, ffn, hire_settings), quantize)
     engine, template = Engine(loaded, slots=1), ChatTemplate.of(loaded.tokenizer)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed,
                             stop_strings=stop)
@@ -401,17 +415,23 @@ def _read_message(interactive: bool) -> str | None:
 @click.option("--weights-on-disk", is_flag=True,
               help="Also write ffn_groups.bin (the FFN's neuron groups bundled, for `--weights-on-disk` serving) and "
                    "copy SRC's HiRE predictors (docs/hire.md, Weights on disk).")
-def convert(src, dst, dtype, weights_on_disk) -> None:
+@quantize_option
+def convert(src, dst, dtype, weights_on_disk, quantize) -> None:
     """Convert the model at SRC (any supported format) into hire's format at DST."""
     from hire.checkpoint import convert
     from hire.flash import convert_on_disk
 
     try:
-        loaded = (convert_on_disk if weights_on_disk else convert)(src, dst, dtype)
+        if weights_on_disk and quantize:
+            raise click.UsageError("--weights-on-disk takes no --quantize")
+        loaded = convert_on_disk(src, dst, dtype) if weights_on_disk else convert(src, dst, dtype, quantize)
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--quantize") from None
     cfg = loaded.cfg
-    click.echo(f"wrote {dst} ({cfg.name}: {cfg.n_layers} layers, dim {cfg.dim}, {cfg.dtype})")
+    weights = cfg.dtype if cfg.quantize == "none" else f"{cfg.quantize} weights, {cfg.dtype} activations"
+    click.echo(f"wrote {dst} ({cfg.name}: {cfg.n_layers} layers, dim {cfg.dim}, {weights})")
 
 
 @main.command("pull")
@@ -471,6 +491,7 @@ def bench() -> None:
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
               help="Timed runs; the median is kept.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Weight dtype.")
+@quantize_option
 @hire_options
 @click.option("--draft", help=DRAFT_HELP)
 @click.option("--gamma", default=(4,), multiple=True, type=click.IntRange(min=1), show_default=True,
@@ -483,8 +504,8 @@ def bench() -> None:
               help="With --draft, this many prompts, decoded --batch at a time (default: one batch; a multiple of "
               "every --batch).")
 @click.option("--tandem-only", is_flag=True, help=TANDEM_ONLY_HELP)
-def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype, softmax, ffn, hire_settings, draft,
-                 gamma, temperature, text_file, n_prompts, tandem_only) -> None:
+def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype, quantize, softmax, ffn, hire_settings,
+                 draft, gamma, temperature, text_file, n_prompts, tandem_only) -> None:
     """Decode speed: tokens/s, ms per token, and the ratio to the memory-bandwidth floor.
 
     With HiRE (--softmax, --ffn), the dense model is timed in the same run too: dense_tokens_per_s, speedup
@@ -509,7 +530,10 @@ def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype, 
 
         if shape not in SHAPES:
             raise click.BadParameter(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}", param_hint="--shape")
-        cfg = SHAPES[shape].replace(dtype=dtype or "float32")
+        try:
+            cfg = SHAPES[shape].replace(dtype=dtype or "float32", quantize=quantize or "none")
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--quantize") from None
         loaded = LoadedModel(cfg, init_params(cfg), None)
         try:
             want = cfg.replace(**hire)
@@ -518,7 +542,7 @@ def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype, 
         if want.sparse:
             dense, loaded = loaded, sparsify(loaded, want, random_predictors(want))
     else:
-        loaded = _load(model, dtype, hire)
+        loaded = _load(model, dtype, hire, quantize)
         if loaded.cfg.sparse:
             dense = _load(model, dtype, {"softmax": "dense", "ffn": "dense"})
     if draft is not None:
@@ -897,6 +921,7 @@ def train_command(config, out, until, init, quiet) -> None:
               help="Window length in tokens (default and at most: the model's max_seq_len).")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Windows per forward pass.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Cast weights to this dtype.")
+@quantize_option
 @click.option("--reference", help="Also report `agreement`: how often this model's argmax equals the reference "
               "model's (e.g. --model stdlib-9m-draft --reference default).")
 @hire_options
@@ -910,7 +935,7 @@ def train_command(config, out, until, init, quiet) -> None:
                    "top-1 agreement and recall at least 0.99), make these HiRE settings the model's serving default "
                    "(`serving` in its hire_predictors.json, used by hire serve and serve-grpc); else exit 1 naming "
                    "the targets missed.")
-def eval_command(model, text_file, context, batch, dtype, reference, softmax, ffn, hire_settings, draft,
+def eval_command(model, text_file, context, batch, dtype, quantize, reference, softmax, ffn, hire_settings, draft,
                  gamma, recommend) -> None:
     """Score a text file with a model: print one JSON object.
 
@@ -933,7 +958,7 @@ def eval_command(model, text_file, context, batch, dtype, reference, softmax, ff
 
         loaded, logits_fn = tandem_scorer(tandem, dtype)
     else:
-        loaded, logits_fn = _load(model, dtype, _hire(softmax, ffn, hire_settings)), None
+        loaded, logits_fn = _load(model, dtype, _hire(softmax, ffn, hire_settings), quantize), None
     dense = _load(model, dtype, _exact(model)) if loaded.cfg.sparse else None
     ref = None if reference is None else _load(reference, dtype)
     if ref is not None and ref.cfg.vocab_size != loaded.cfg.vocab_size:
@@ -1021,6 +1046,7 @@ def serving_options(command):
         click.option("--prefills", default=4, show_default=True, type=click.IntRange(min=1),
                      help="Prompts prefilled at most between two decode chunks."),
         click.option("--dtype", type=click.Choice(DTYPES), help="Cast weights to this dtype."),
+        quantize_option,
         click.option("--lora", "loras", multiple=True, metavar="NAME=PATH",
                      help="Serve the Hugging Face PEFT LoRA adapter in folder PATH as NAME (repeatable)."),
     ]
@@ -1103,7 +1129,7 @@ def _log_hire(cfg) -> None:
               help="PEM CA certificate(s): require client certificates it signed (mutual TLS).")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve Prometheus metrics on this port.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address the metrics listen on.")
-def serve_grpc(model, host, port, slots, max_len, queue_size, chunk, prefills, dtype, loras, softmax, ffn,
+def serve_grpc(model, host, port, slots, max_len, queue_size, chunk, prefills, dtype, quantize, loras, softmax, ffn,
                hire_settings, api_keys, insecure, limits, grace, tls_cert, tls_key, tls_client_ca, metrics_port,
                metrics_host) -> None:
     """Serve a model over gRPC (hire.v1.Inference and JetStream's Orchestrator) until Ctrl-C or SIGTERM.
@@ -1130,7 +1156,8 @@ def serve_grpc(model, host, port, slots, max_len, queue_size, chunk, prefills, d
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("cluster", "hire"):
         logging.getLogger(name).setLevel(logging.INFO)
-    loaded, names = _load_with_adapters(model, dtype, loras, _serving_hire(model, _hire(softmax, ffn, hire_settings)))
+    loaded, names = _load_with_adapters(model, dtype, loras, _serving_hire(model, _hire(softmax, ffn, hire_settings)),
+                                        quantize)
     _log_hire(loaded.cfg)
     served = Served(Engine(loaded, slots=slots, max_len=max_len), loaded.cfg.name, names, limits=request_limits)
     options = Options(host, port, tuple(keys), insecure, tls_cert, tls_key, tls_client_ca)
@@ -1172,7 +1199,7 @@ def serve_grpc(model, host, port, slots, max_len, queue_size, chunk, prefills, d
 @access_options
 def serve_command(model, host, http_port, grpc_port, replicas, address, replica_resource, num_cpus, hosts,
                   devices_per_host, placement, draft, gamma, unpipelined, slots, max_len, queue_size, chunk, prefills,
-                  dtype, loras, softmax, ffn, hire_settings, api_keys, insecure, limits, grace) -> None:
+                  dtype, quantize, loras, softmax, ffn, hire_settings, api_keys, insecure, limits, grace) -> None:
     """Serve a model on Ray Serve (HTTP and gRPC) until Ctrl-C or SIGTERM.
 
     Starts a local Ray in this process (or joins --address), deploys the application of deploy/serve.yaml
@@ -1205,11 +1232,15 @@ def serve_command(model, host, http_port, grpc_port, replicas, address, replica_
         raise click.ClickException(str(e)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = _hire(softmax, ffn, hire_settings)
+    if quantize and (draft or hosts > 1):
+        raise click.BadParameter("quantized weights are served by one engine per replica; they do not combine with "
+                                 "--draft or --hosts yet", param_hint="--quantize")
     if settings := not draft and _serving_hire(model, flags):  # fail here on a bad setting; each replica applies it
-        _log_hire(_load(model, dtype, settings).cfg)
+        _log_hire(_load(model, dtype, settings, quantize).cfg)
     args = dict(model=model, slots=slots, max_len=max_len, queue_size=queue_size, chunk=chunk, prefills=prefills,
                 dtype=dtype, lora={name: str(Path(path).resolve()) for name, path in pairs} or None, replicas=replicas,
-                hire=flags or None, api_keys=keys, insecure=insecure, limits=dataclasses.asdict(request_limits))
+                hire=flags or None, api_keys=keys, insecure=insecure, limits=dataclasses.asdict(request_limits),
+                quantize=quantize)
     if replica_resource:
         args["replica_resource"] = replica_resource
     if draft:

@@ -12,6 +12,7 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 SOFTMAX_MODES = ("dense", "hire-lr", "hire-q")
 FFN_MODES = ("dense", "group-sparse", "group-topk")
 HIRE_QUANTS = ("int8", "int4")
+QUANTIZE = ("none", "int8", "int4")
 HIRE_FIELDS = ("softmax", "softmax_k", "softmax_oversample", "ffn", "ffn_predictor", "ffn_group", "ffn_k",
                "ffn_oversample", "ffn_union", "ffn_keep_k", "hire_rank", "hire_quant")
 
@@ -56,6 +57,9 @@ class ModelConfig:
     a model trained with it runs group-sparse with `ffn_keep_k` (hire.checkpoint.load_model sets it): of the
     groups computed, only the exact top ffn_k count, as in training.
     The defaults are dense, and a dense config computes exactly what it did without these fields.
+
+    `quantize` "int8" / "int4" keeps every Linear kernel and the embedding table quantized in blocks of 32 inputs
+    (hire.quant, llama.cpp's Q8_0 / Q4_1); `dtype` stays the type the activations are computed in.
     """
 
     vocab_size: int
@@ -89,6 +93,7 @@ class ModelConfig:
     bos_id: int = 1
     eos_id: int = 2
     dtype: str = "float32"
+    quantize: str = "none"
     softmax: str = "dense"
     softmax_k: int = 32
     softmax_oversample: int = 8
@@ -125,7 +130,7 @@ class ModelConfig:
             problems.append("n_experts_per_token must be in [1, n_experts]")
         if bad := set(self.lora_targets) - set(LORA_TARGETS):
             problems.append(f"unknown lora_targets {sorted(bad)}; known: {LORA_TARGETS}")
-        problems += self._hire_problems()
+        problems += self._hire_problems() + self._quantize_problems()
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
         if isinstance(self.rope_scaling, dict):
@@ -155,6 +160,17 @@ class ModelConfig:
             problems.append(f"a {self.ffn} FFN needs a plain FFN (n_experts 0)")
         if self.ffn == "group-sparse" and self.lora_adapters and {"gate", "up", "down"} & set(self.lora_targets):
             problems.append("a group-sparse FFN takes no LoRA adapters on gate, up or down")
+        return problems
+
+    def _quantize_problems(self) -> list[str]:
+        if self.quantize == "none":
+            return []
+        if self.quantize not in QUANTIZE:
+            return [f"quantize must be one of {QUANTIZE}, got {self.quantize!r}"]
+        widths = {"dim": self.dim, "ffn_dim": self.ffn_dim, "n_heads * head_dim": self.n_heads * self.head_dim}
+        problems = [f"quantize needs {f} to be a multiple of 32, got {n}" for f, n in widths.items() if n % 32]
+        if self.sparse:
+            problems.append("quantize needs the dense softmax and FFN (HiRE reads float weights)")
         return problems
 
     def layer_window(self, i: int) -> int:
@@ -222,6 +238,10 @@ SHAPES: dict[str, ModelConfig] = {
     "1b": ModelConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
                       rope_theta=500000.0, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
                       tie_embeddings=True, max_seq_len=4096, name="synthetic-1b"),
+    # SmolLM2-135M: the small real model hire is compared with llama.cpp on (docs/benchmarks.md)
+    "smollm2-135m": ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
+                                rope_theta=100000.0, tie_embeddings=True, max_seq_len=8192,
+                                name="synthetic-smollm2-135m"),
     "tiny": ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
                         max_seq_len=256, name="synthetic-tiny"),
 }

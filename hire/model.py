@@ -5,7 +5,9 @@ position, RMSNorm, a gated or plain FFN or a Mixtral-style mixture of experts, a
 LoRA adapters selected per batch row. Parameters live in the "params" collection, adapters
 in "lora"; both are plain pytrees. Gemma 3's pieces are options of the same blocks: (1 + w)
 RMSNorm, QK-norm, sandwich norms, scaled embeddings, and sliding-window (local) layers
-interleaved with global ones, each kind with its own RoPE base.
+interleaved with global ones, each kind with its own RoPE base. With `cfg.quantize` ("int8", "int4"), every
+Linear kernel and the embedding table are kept quantized (hire.quant: a dict in the kernel's place)
+and multiplied as such.
 
 The cache is a tuple of (k, v) per layer: k [batch, n_kv_heads, head_dim, length] (stored
 transposed, so both attention products are plain matrix products) and v [batch, n_kv_heads,
@@ -24,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hire import sharded_sparse, sparse
+from hire import quant, sharded_sparse, sparse
 from hire.config import ModelConfig
 from hire.predictors import Predictor
 
@@ -96,8 +98,14 @@ def norm(cfg: ModelConfig, name: str) -> RMSNorm:
     return RMSNorm(cfg.norm_eps, cfg.dtype, cfg.norm_offset, name=name)
 
 
+def weight_init(cfg: ModelConfig, table: bool = False) -> nn.initializers.Initializer:
+    """Random weights: normal(0.02), quantized when the config says (a kernel, or the embedding `table`'s rows)."""
+    init = nn.initializers.normal(0.02)
+    return init if cfg.quantize == "none" else quant.initializer(cfg.quantize, init, transpose=not table)
+
+
 class Linear(nn.Module):
-    """y = x W (+ b), plus each row's LoRA adapter: scale * (x A[id]) B[id]."""
+    """y = x W (+ b), plus each row's LoRA adapter: scale * (x A[id]) B[id]. W may be quantized (hire.quant)."""
 
     features: int
     cfg: ModelConfig
@@ -107,8 +115,8 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, lora: Lora | None) -> jax.Array:
         dt = jnp.dtype(self.cfg.dtype)
-        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), dt)
-        y = x @ kernel
+        kernel = self.param("kernel", weight_init(self.cfg), (x.shape[-1], self.features), dt)
+        y = quant.matmul(x, kernel).astype(dt)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), dt)
         if self.cfg.lora_adapters and self.lora_target in self.cfg.lora_targets:
@@ -277,7 +285,7 @@ class Transformer(nn.Module):
                  adapter: jax.Array | None = None, logit_index: jax.Array | None = None, kv_len: int | None = None):
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
-        embed = self.param("embed", nn.initializers.normal(0.02), (cfg.vocab_size, cfg.dim), dt)
+        embed = self.param("embed", weight_init(cfg, table=True), (cfg.vocab_size, cfg.dim), dt)
         lora = None
         if cfg.lora_adapters:
             scale = self.variable("lora", "scale", jnp.ones, (cfg.lora_adapters,), jnp.float32).value
@@ -285,7 +293,7 @@ class Transformer(nn.Module):
                 ids = jnp.clip(adapter, 0, cfg.lora_adapters - 1)
                 lora = Lora(ids, jnp.where(adapter >= 0, scale[ids], 0.0))
         inv_freq = {False: rope_frequencies(cfg), True: rope_frequencies(cfg, local=True)}
-        x = embed[tokens]
+        x = quant.take(embed, tokens).astype(dt)
         if cfg.embed_scale:
             x = x * jnp.asarray(math.sqrt(cfg.dim), dt)
         self.sow("intermediates", "hidden_0", x)
@@ -300,17 +308,16 @@ class Transformer(nn.Module):
         x = norm(cfg, "norm")(x)
         if logit_index is not None:
             x = x[jnp.arange(x.shape[0]), logit_index]
-        weight = embed if cfg.tie_embeddings else self.param("lm_head", nn.initializers.normal(0.02),
-                                                             (cfg.dim, cfg.vocab_size), dt)
+        weight = embed if cfg.tie_embeddings else self.param("lm_head", weight_init(cfg), (cfg.dim, cfg.vocab_size), dt)
         if cfg.softmax != "dense":  # HiRE: exact logits for the predicted candidates only (hire.sparse)
             approx = Predictor(cfg.predictor_kind("softmax"), cfg.vocab_size, cfg.hire_rank, cfg.dtype,
                                name="softmax")(x)
             logits = sharded_sparse.hire_logits(x, weight, approx, cfg.softmax_candidates,
                                                 0 if cfg.tie_embeddings else 1)
         elif cfg.tie_embeddings:
-            logits = x @ embed.T
+            logits = quant.matmul_rows(x, embed)
         else:
-            logits = x @ weight
+            logits = quant.matmul(x, weight)
         return logits.astype(jnp.float32), (None if cache is None else tuple(new_cache))
 
 

@@ -1,0 +1,216 @@
+// x @ W for weights kept quantized in blocks of 32 along the input dimension (hire/quant.py), as XLA FFI
+// handlers for the CPU: the way llama.cpp's CPU path multiplies Q8_0 / Q4_1 weights.
+//
+//   int8: q int8 [N, K], d f16 [N, K/32]: w[n, k] = d[n, k/32] * q[n, k]
+//   int4: q uint8 [N, K/2], d, m f16 [N, K/32]: w[n, k] = d[n, k/32] * q4 + m[n, k/32], q4 in [0, 15], block b's
+//         byte j holding element j in its low nibble and element j + 16 in its high nibble (GGUF's Q4_1 layout)
+//
+// Each call quantizes the activation rows x f32 [M, K] to int8 per block of 32 (scale max|x| / 127, as Q8_0), then
+// takes per-block int8 dot products (AVX2: maddubs + madd) scaled in float: y[m, n] = sum_b dx dw idot (+ mw sum x).
+// Output rows are shared among XLA's intra-op threads; every weight row is read once per 8 activation rows.
+#include <Python.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using F32Matrix = ffi::Buffer<ffi::F32, 2>;
+using F16Matrix = ffi::Buffer<ffi::F16, 2>;
+using S8Matrix = ffi::Buffer<ffi::S8, 2>;
+using U8Matrix = ffi::Buffer<ffi::U8, 2>;
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+constexpr int kTile = 8;          // activation rows computed per pass over a weight row
+constexpr int64_t kChunk = 32;    // output rows per unit of work handed to a thread
+
+// Activation rows quantized per block: q int8 [M, K], scale [M, K/32], sum of x [M, K/32].
+struct QuantizedRows {
+  std::vector<int8_t> q;
+  std::vector<float> scale, sum;
+};
+
+void quantize_rows(const float* x, int64_t rows, int64_t k, QuantizedRows& out) {
+  const int64_t nb = k / kBlock;
+  out.q.resize(rows * k);
+  out.scale.resize(rows * nb);
+  out.sum.resize(rows * nb);
+  for (int64_t b = 0; b < rows * nb; ++b) {
+    const float* v = x + b * kBlock;
+    float amax = 0.f, sum = 0.f;
+    for (int i = 0; i < kBlock; ++i) {
+      amax = std::max(amax, std::fabs(v[i]));
+      sum += v[i];
+    }
+    const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+    for (int i = 0; i < kBlock; ++i) out.q[b * kBlock + i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
+    out.scale[b] = d;
+    out.sum[b] = sum;
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float half(uint16_t h) { return _cvtsh_ss(h); }
+
+// The 32 int8 products of an unsigned weight block `w` and a signed activation block `x`, summed in 8 int32 lanes.
+inline __m256i dot_u8_s8(__m256i w, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+}
+
+struct Problem {
+  const QuantizedRows* x;
+  int64_t m, k, n;
+  const uint8_t* q;  // int8 or packed int4 weights
+  const uint16_t* d;
+  const uint16_t* min;  // int4 only
+  float* y;
+};
+
+// Rows [n0, n1) of y for the `T` activation rows from `r0`.
+template <bool kInt4, int T>
+void tile(const Problem& p, int64_t r0, int64_t n0, int64_t n1) {
+  const int64_t nb = p.k / kBlock, row_bytes = kInt4 ? p.k / 2 : p.k;
+  const int8_t* xq = p.x->q.data() + r0 * p.k;
+  const float* xs = p.x->scale.data() + r0 * nb;
+  const float* xsum = p.x->sum.data() + r0 * nb;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = p.q + n * row_bytes;
+    const uint16_t* d = p.d + n * nb;
+    __m256 acc[T];
+    float offset[T];
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps(), offset[t] = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      __m256i wu, sign;
+      if constexpr (kInt4) {
+        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * kBlock / 2));
+        const __m128i low = _mm_set1_epi8(0x0f);
+        wu = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low), _mm_and_si128(packed, low));
+      } else {  // |w| times x's sign flipped where w < 0: maddubs takes an unsigned left operand
+        sign = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kBlock));
+        wu = _mm256_sign_epi8(sign, sign);
+      }
+      const float dw = half(d[b]);
+      const float mw = kInt4 ? half(p.min[n * nb + b]) : 0.f;
+      for (int t = 0; t < T; ++t) {
+        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + t * p.k + b * kBlock));
+        if constexpr (!kInt4) xv = _mm256_sign_epi8(xv, sign);
+        const __m256 prod = _mm256_cvtepi32_ps(dot_u8_s8(wu, xv));
+        acc[t] = _mm256_fmadd_ps(prod, _mm256_set1_ps(dw * xs[t * nb + b]), acc[t]);
+        if constexpr (kInt4) offset[t] += mw * xsum[t * nb + b];
+      }
+    }
+    for (int t = 0; t < T; ++t) p.y[(r0 + t) * p.n + n] = hsum(acc[t]) + offset[t];
+  }
+}
+
+template <bool kInt4>
+void rows(const Problem& p, int64_t n0, int64_t n1) {
+  for (int64_t r = 0; r < p.m; r += kTile) {
+    switch (std::min<int64_t>(kTile, p.m - r)) {
+      case 1: tile<kInt4, 1>(p, r, n0, n1); break;
+      case 2: tile<kInt4, 2>(p, r, n0, n1); break;
+      case 3: tile<kInt4, 3>(p, r, n0, n1); break;
+      case 4: tile<kInt4, 4>(p, r, n0, n1); break;
+      case 5: tile<kInt4, 5>(p, r, n0, n1); break;
+      case 6: tile<kInt4, 6>(p, r, n0, n1); break;
+      case 7: tile<kInt4, 7>(p, r, n0, n1); break;
+      default: tile<kInt4, 8>(p, r, n0, n1); break;
+    }
+  }
+}
+
+// Chunks of output rows taken from a shared counter by the calling thread and by helpers scheduled on XLA's pool;
+// the caller waits only for chunks in progress, so a helper that starts late (its pool busy) finds none left.
+struct Work {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t chunks = 0;
+};
+
+template <bool kInt4>
+void run_chunks(const Problem& p, Work& work) {
+  for (int64_t c; (c = work.next.fetch_add(1)) < work.chunks;) {
+    rows<kInt4>(p, c * kChunk, std::min(p.n, (c + 1) * kChunk));
+    work.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+template <bool kInt4>
+ffi::Error matmul(ffi::ThreadPool pool, F32Matrix x, const void* q, F16Matrix d,
+                  const void* min, ffi::Result<F32Matrix> y) {
+  const int64_t m = x.dimensions()[0], k = x.dimensions()[1], n = y->dimensions()[1];
+  if (k % kBlock || d.dimensions()[0] != n || d.dimensions()[1] != k / kBlock)
+    return ffi::Error::InvalidArgument("quantized matmul: scales must be [N, K/32] and K a multiple of 32");
+  static thread_local QuantizedRows xq;
+  quantize_rows(x.typed_data(), m, k, xq);
+  const Problem p{&xq, m, k, n, static_cast<const uint8_t*>(q), reinterpret_cast<const uint16_t*>(d.typed_data()),
+                  static_cast<const uint16_t*>(min), y->typed_data()};
+  auto work = std::make_shared<Work>();
+  work->chunks = (n + kChunk - 1) / kChunk;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks) - 1;
+  // helpers read `p` (and the caller's thread_local rows) only while holding a chunk, which the caller waits for
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work, p] { run_chunks<kInt4>(p, *work); });
+  run_chunks<kInt4>(p, *work);
+  while (work->done.load(std::memory_order_acquire) < work->chunks) _mm_pause();
+  return ffi::Error::Success();
+}
+
+ffi::Error matmul_int8(ffi::ThreadPool pool, F32Matrix x, S8Matrix q,
+                       F16Matrix d, ffi::Result<F32Matrix> y) {
+  return matmul<false>(pool, x, q.typed_data(), d, nullptr, y);
+}
+
+ffi::Error matmul_int4(ffi::ThreadPool pool, F32Matrix x, U8Matrix q,
+                       F16Matrix d, F16Matrix min, ffi::Result<F32Matrix> y) {
+  return matmul<true>(pool, x, q.typed_data(), d, min.typed_data(), y);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HireMatmulInt8, matmul_int8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Matrix>()
+                                  .Arg<S8Matrix>()
+                                  .Arg<F16Matrix>()
+                                  .Ret<F32Matrix>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HireMatmulInt4, matmul_int4,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Matrix>()
+                                  .Arg<U8Matrix>()
+                                  .Arg<F16Matrix>()
+                                  .Arg<F16Matrix>()
+                                  .Ret<F32Matrix>());
+
+// The Python module hire._qmatmul: the two handlers as capsules for jax.ffi.register_ffi_target, and `supported`,
+// whether this CPU has the instructions the kernels were compiled for.
+static PyModuleDef qmatmul_module = {PyModuleDef_HEAD_INIT, "_qmatmul", "hire's quantized matmul kernels", -1};
+
+PyMODINIT_FUNC PyInit__qmatmul() {
+  PyObject* module = PyModule_Create(&qmatmul_module);
+  if (module == nullptr) return nullptr;
+  const bool supported =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (PyModule_AddObject(module, "int8", PyCapsule_New(reinterpret_cast<void*>(HireMatmulInt8), nullptr, nullptr)) ||
+      PyModule_AddObject(module, "int4", PyCapsule_New(reinterpret_cast<void*>(HireMatmulInt4), nullptr, nullptr)) ||
+      PyModule_AddObject(module, "supported", PyBool_FromLong(supported))) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -1,0 +1,143 @@
+"""Weights kept quantized (hire.quant): the block formats, the CPU kernels against the dequantized product, a quantized
+model against its float model, the checkpoint round trip and the --quantize flag."""
+import platform
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from hire import quant
+from hire.checkpoint import load_model, quantized
+from hire.cli import main
+from hire.config import SHAPES
+from hire.engine import Engine
+from hire.formats import flatten
+from hire.generate import generate
+from hire.model import Transformer, init_params
+from hire.sampling import SamplingParams
+
+DENSE = "stdlib-9m-dense"  # a trained model whose widths are multiples of 32
+
+
+def weights(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Rows of normal weights with an outlier block per row, so block scales differ."""
+    w = np.random.default_rng(seed).normal(0, 0.02, (rows, cols)).astype(np.float32)
+    w[:, :32] *= 10
+    return w
+
+
+@pytest.mark.parametrize("kind, qmax", [("int8", 127), ("int4", 15)])
+def test_rows_round_to_half_a_step(kind, qmax):
+    w = weights(48, 96)
+    q = quant.quantize_rows(w, kind)
+    back = np.asarray(quant.dequantize_rows(q))
+    step = np.repeat(np.asarray(q["scale"], np.float32), 32, axis=1)
+    assert np.all(np.abs(back - w) <= step / 2 * (1 + 1e-3) + 1e-7)
+    assert float(np.abs(back - w).max()) > 0  # it did round
+    if kind == "int4":  # Q4_1's layout: byte j of a block holds element j (low nibble) and j + 16 (high nibble)
+        codes = np.rint((w[0, :32] - np.float32(q["min"][0, 0])) / np.float32(q["scale"][0, 0])).clip(0, 15)
+        packed = np.asarray(q["q"][0, :16])
+        np.testing.assert_array_equal(packed & 15, codes[:16])
+        np.testing.assert_array_equal(packed >> 4, codes[16:])
+
+
+def test_kernels_are_built():
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert quant.KERNELS, "hire._qmatmul is missing: pip install -e . (or python setup.py build_ext --inplace)"
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("m", [1, 3, 8, 11, quant.KERNEL_ROWS + 5])
+def test_matmul_within_the_activation_rounding(kind, m):
+    """The kernels quantize x per block of 32 (scale max|x| / 127): each output is off from x @ dequantized W by at
+    most sum over blocks of (scale_x / 2) |w_block|_1; past KERNEL_ROWS rows the product is exact float32."""
+    w = quant.quantize_rows(weights(40, 96), kind)  # 40 outputs: not a whole number of the kernel's chunks
+    x = np.random.default_rng(1).normal(0, 1, (m, 96)).astype(np.float32)
+    x[:, 40] = 30.0  # an outlier in the second block only
+    dense = np.asarray(quant.dequantize_rows(w))
+    exact = x.astype(np.float64) @ dense.T.astype(np.float64)
+    got = np.asarray(jax.jit(quant.matmul_rows)(jnp.asarray(x), w))
+    x_step = np.abs(x.reshape(m, -1, 32)).max(-1) / 127  # [m, blocks]
+    w_mass = np.abs(dense.reshape(40, -1, 32)).sum(-1)  # [n, blocks]
+    bound = x_step @ w_mass.T / 2 + 1e-4 * np.abs(x) @ np.abs(dense).T
+    assert np.all(np.abs(got - exact) <= bound)
+    if m <= quant.KERNEL_ROWS and quant.KERNELS:
+        assert np.abs(got - exact).max() > 1e-5  # the activations were quantized: the kernel ran
+    np.testing.assert_allclose(np.asarray(quant.matmul(jnp.asarray(x), quant.quantize(dense.T, kind))), got,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_take_dequantizes_the_gathered_rows():
+    table = quant.quantize_rows(weights(64, 64), "int4")
+    ids = jnp.array([[3, 0], [63, 3]])
+    np.testing.assert_array_equal(quant.take(table, ids), np.asarray(quant.dequantize_rows(table))[np.asarray(ids)])
+
+
+@pytest.fixture(scope="module")
+def dense_model():
+    return load_model(DENSE)
+
+
+def logits(model, tokens):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return np.asarray(jax.jit(Transformer(model.cfg).apply)(model.variables, tokens, positions)[0])
+
+
+@pytest.mark.parametrize("kind, tolerance", [("int8", 0.05), ("int4", 0.5)])
+def test_quantized_model_logits_near_float(dense_model, kind, tolerance):
+    q = quantized(dense_model, kind)
+    assert q.cfg.quantize == kind and dense_model.cfg.quantize == "none"
+    params = flatten(q.variables["params"])
+    assert params["embed/q"].dtype == (jnp.int8 if kind == "int8" else jnp.uint8)
+    assert params["layers_0/ffn/down/kernel/scale"].shape == (256, 768 // 32)
+    tokens = jnp.asarray([dense_model.tokenizer.encode("import os\nimport sys\n\ndef main(argv):\n")])
+    ref, got = logits(dense_model, tokens), logits(q, tokens)  # prefill-sized: one row per token, the kernel path
+    assert np.abs(got - ref).max() < tolerance * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= (1.0 if kind == "int8" else 0.8)
+
+
+def test_int8_greedy_continuation_matches_float(dense_model):
+    prompts = ["import os\n", "def parse_args(argv):\n", "class Config:\n    def __init__(self"]
+    params = SamplingParams(temperature=0, max_tokens=24)
+    float_out = generate(Engine(dense_model, slots=3, max_len=128), prompts, params)
+    int8_out = generate(Engine(quantized(dense_model, "int8"), slots=3, max_len=128), prompts, params)
+    assert [o.tokens for o in int8_out] == [o.tokens for o in float_out]
+
+
+def test_random_init_and_shape():
+    cfg = SHAPES["smollm2-135m"].replace(quantize="int4", n_layers=1)
+    shapes = jax.eval_shape(lambda: init_params(cfg))["params"]
+    assert shapes["layers_0"]["ffn"]["down"]["kernel"]["q"].shape == (576, 1536 // 2)
+    assert shapes["embed"]["min"].shape == (49152, 576 // 32)
+    with pytest.raises(ValueError, match="quantize needs the dense softmax"):
+        cfg.replace(softmax="hire-lr")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        SHAPES["tiny"].replace(dim=48, quantize="int8")
+
+
+def test_convert_round_trip_and_cli(tmp_path, dense_model):
+    runner = CliRunner()
+    out = runner.invoke(main, ["convert", DENSE, str(tmp_path / "q8"), "--quantize", "int8"])
+    assert out.exit_code == 0, out.output
+    assert "int8 weights" in out.output
+    loaded = load_model(tmp_path / "q8")
+    assert loaded.cfg.quantize == "int8"
+    expected = quantized(dense_model, "int8")
+    for k, v in flatten(expected.variables).items():
+        np.testing.assert_array_equal(flatten(loaded.variables)[k], v)
+    tokens = jnp.asarray([[1, 5, 9, 200]])
+    np.testing.assert_array_equal(logits(loaded, tokens), logits(expected, tokens))
+    # back to float: the dequantized weights, in the model's dtype
+    back = load_model(tmp_path / "q8", quantize="none")
+    assert back.cfg.quantize == "none" and back.variables["params"]["embed"].dtype == jnp.float32
+    np.testing.assert_array_equal(back.variables["params"]["embed"], quant.dequantize_rows(expected.variables[
+        "params"]["embed"]))
+    out = runner.invoke(main, ["generate", "--model", str(tmp_path / "q8"), "--quantize", "int4", "--prompt",
+                               "import os", "--max-tokens", "4", "--temperature", "0"])
+    assert out.exit_code == 0, out.output
+    assert out.output.startswith("import os")
+    out = runner.invoke(main, ["generate", "--model", DENSE, "--quantize", "int8", "--softmax", "hire-lr", "--prompt",
+                               "x", "--max-tokens", "2"])
+    assert out.exit_code == 2 and "--quantize" in out.output and "dense softmax" in out.output

@@ -24,6 +24,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from hire.formats import CheckpointError, read_json
+
 TEMPLATE_FILE = "chat_template.jinja"
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Tokens that close a turn in the chat formats in use (ChatML, Gemma, Llama 3, Phi-3): generation stops at
@@ -53,23 +55,25 @@ def compile_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
-def check_template(source: Any, where: str) -> str:
-    """`source` if it is a template that parses, else ValueError naming `where` (the file or field it came from)."""
+def check_template(source: Any, where: str) -> str | None:
+    """`source` (None: no template) if it is a template that parses, else a CheckpointError naming `where`
+    (the file or field it came from)."""
+    if source is None:
+        return None
     if not isinstance(source, str):
-        raise ValueError(f"{where}: the chat template is not a string")
+        raise CheckpointError(f"{where}: the chat template is not a string")
     try:
         compile_template(source)
     except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"{where}: the chat template does not parse: {e.message} (line {e.lineno})") from None
+        raise CheckpointError(f"{where}: the chat template does not parse: {e.message} (line {e.lineno})") from None
     return source
 
 
 def hf_template(value: Any, where: str) -> str | None:
     """tokenizer_config.json's "chat_template": a string, or a list of {"name", "template"} (the "default" one)."""
     if isinstance(value, list):
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
-        value = named.get("default")
-    return None if value is None else check_template(value, where)
+        value = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}.get("default")
+    return check_template(value, where)
 
 
 def template_in(folder: Path) -> str | None:
@@ -78,11 +82,7 @@ def template_in(folder: Path) -> str | None:
     if file.is_file():
         return check_template(file.read_text(), str(file))
     if config.is_file():
-        try:
-            raw = json.loads(config.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read {config}: {e}") from None
-        return hf_template(raw.get("chat_template"), f"{config}: chat_template") if isinstance(raw, dict) else None
+        return hf_template(read_json(config).get("chat_template"), f"{config}: chat_template")
     return None
 
 

@@ -234,10 +234,5 @@ def load_tokenizer(folder: Path, name: str | None = None) -> Tokenizer:
 def chat_template_in(folder: Path, meta_template: str | None = None) -> str | None:
     """The chat template in a model folder (hire.chat.template_in), else `meta_template` (tokenizer_meta.json's);
     a bad one is a CheckpointError naming where it is."""
-    try:
-        found = chat.template_in(folder)
-        if found is None and meta_template is not None:
-            found = chat.check_template(meta_template, f"{folder / META}: chat_template")
-        return found
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
+    found = chat.template_in(folder)
+    return found if found is not None else chat.check_template(meta_template, f"{folder / META}: chat_template")

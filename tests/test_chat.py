@@ -22,7 +22,7 @@ from cluster import launch
 from cluster.bench_serving import free_port
 from cluster.openai_api import ChatRequest, to_generate
 from hire.chat import ChatError, ChatTemplate, chat_prompt
-from hire.checkpoint import REPO, convert, load_model
+from hire.checkpoint import REPO, convert, load_model, resolve_model
 from hire.cli import main
 from hire.engine import Engine
 from hire.formats import CheckpointError
@@ -261,10 +261,27 @@ def test_hire_chat_reads_a_pipe(chat_model, tmp_path):
     a3 = answers(chat_model, [system, u2], 12).text
     assert a2 != a3  # the history matters
     stdin = f"{u1['content']}\n{u2['content']}\n\n/reset\n{u2['content']}\n/exit\nnever read\n"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HIRE_CACHE": str(tmp_path / "xla")}
-    done = subprocess.run([sys.executable, "-c", "from hire.cli import main; main()", "chat", "--model",
-                           str(chat_model), "--system", system["content"], "--temperature", "0", "--max-tokens", "12"],
-                          input=stdin, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr
+    done = hire_chat(stdin, "--model", str(chat_model), "--system", system["content"], "--max-tokens", "12",
+                     cache=tmp_path / "xla")
     assert done.stdout == f"{a1}\n{a2}\n{a3}\n"
     assert "[conversation reset]" in done.stderr and done.stderr.count("tokens/s") == 3
+
+
+def hire_chat(stdin: str, *args: str, cache: Path) -> subprocess.CompletedProcess:
+    """`hire chat ARGS`, greedy, in its own process with `stdin` piped in; it must succeed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HIRE_CACHE": str(cache)}
+    done = subprocess.run([sys.executable, "-c", "from hire.cli import main; main()", "chat", "--temperature", "0",
+                           *args], input=stdin, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_hire_chat_with_smollm2(tmp_path):
+    """The real instruct model by name (pulled through hire's registry on first use): its ChatML template from
+    the GGUF file, answers that end at <|im_end|> (its EOS, id 2), and a second question that needs the first."""
+    resolve_model("smollm2-135m-instruct")
+    done = hire_chat("What is the capital of France?\nAnd of Germany?\n", "--model", "smollm2-135m-instruct",
+                     "--max-tokens", "30", cache=tmp_path / "xla")
+    france, germany = done.stdout.splitlines()
+    assert "Paris" in france and "Berlin" in germany and "Germany" in germany
+    assert done.stderr.count("finish: stop") == 2

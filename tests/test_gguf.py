@@ -228,6 +228,8 @@ def test_corrupt_file(tmp_path, tiny_llama):
                                                                    "but the metadata implies (64, 128)"),
     (dict(fields={"llama.rope.scaling.type": ("yarn", "string")}), "llama.rope.scaling.type 'yarn' is not supported"),
     (dict(fields={"tokenizer.ggml.eos_token_id": (5000, "uint32")}), "tokenizer.ggml.eos_token_id 5000 is not one"),
+    (dict(fields={"tokenizer.chat_template": ("{% for m in messages %}{{ m }", "string")}),
+     "tokenizer.chat_template: the chat template does not parse"),
 ])
 def test_bad_metadata_or_tensor(tmp_path, tiny_llama, kw, named):
     assert named in load_error(broken(tmp_path, tiny_llama, **kw))

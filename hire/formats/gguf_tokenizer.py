@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from hire.chat import check_template
 from hire.formats import CheckpointError
 from hire.tokenizer import HFTokenizer
 
@@ -67,7 +68,8 @@ def gguf_tokenizer(f: GGUFFile, vocab_size: int) -> HFTokenizer:
         tok.save(str(tmp))
         tmp.replace(path)
     return HFTokenizer(path, ids["bos"], ids["eos"], f.get("tokenizer.ggml.add_bos_token", bool, kind == "llama"),
-                       chat_template=f.get("tokenizer.chat_template", str, None),
+                       chat_template=check_template(f.get("tokenizer.chat_template", str, None),
+                                                    f"{f.path}: tokenizer.chat_template"),
                        end_ids=[i for i in (ids["eot"], ids["eom"]) if i is not None])
 
 

@@ -88,8 +88,8 @@ def describe(e: BaseException) -> str:
 
 
 def retry_after(e: BaseException) -> dict[str, str]:
-    """{"retry-after": seconds} when the error says when a retry may succeed (an engine being rebuilt), else {}:
-    the HTTP header, and the gRPC trailing metadata."""
+    """The HTTP header {"retry-after": seconds} when the error says when a retry may succeed (an engine being
+    rebuilt), else {}. (gRPC clients read it in the message: Serve's proxy drops a failed call's trailers.)"""
     seconds = getattr(e, "retry_after", None)
     return {"retry-after": str(round(seconds))} if seconds else {}
 
@@ -445,8 +445,6 @@ class Ingress:
                 log.error("gRPC request failed", exc_info=e)
             context.set_code(code or grpc.StatusCode.INTERNAL)
             context.set_details(describe(e) if code else "internal error; see the server's log")
-            if hint := retry_after(e):
-                context.set_trailing_metadata(list(hint.items()))
             raise e from None  # Serve's proxy answers with the status set above
         finally:
             responses.cancel()

@@ -98,12 +98,13 @@ def reachable(node: dict[str, Any], timeout: float = 1.0) -> bool:
 class ShardGroup:
     """`hosts` ShardWorker actors, `devices_per_host` CPU devices each, jointly holding one model.
 
-    Each bundle asks for one CPU and, when the cluster has it, one `resource`, and is pinned to a node chosen among
-    the alive ones (one host per node first, more where a node has room for more); `strategy` (one of STRATEGIES)
-    instead leaves the placement to Ray. A lost host (its process died, or it missed a heartbeat: `heartbeat_timeout`
-    s without answering a ping, sent every `heartbeat` s while a call runs) fails the call within seconds. Its node,
-    when dead or unreachable, is left out until it answers again, so a rebuild re-shards onto the hosts left (at least
-    `min_hosts`, and enough that each host's share fits its node's memory) and a later one grows back to `hosts`.
+    Each bundle asks for one CPU and, when the cluster has it at the first start, one `resource`, and is pinned to a
+    node chosen among the alive ones (one host per node first, more where a node has room for more); `strategy` (one
+    of STRATEGIES) instead leaves the placement to Ray. A lost host (its process died, or it missed a heartbeat:
+    `heartbeat_timeout` s without answering a ping, sent every `heartbeat` s while a call runs) fails the call within
+    seconds. Its node, when dead or unreachable, is left out until it answers again, so a rebuild re-shards onto the
+    hosts left (at least `min_hosts`, and enough that each host's share fits its node's memory) and a later one grows
+    back to `hosts`.
     `compilation_cache`, a folder every host can reach, keeps compiled programs across (re)starts. `hire` overrides
     the model's HiRE fields (hire.sharding.load_sharded). `name` names the placement group, so that whoever kills the
     group's driver can free it (`remove_named_group`): the hosts die with the actor that made them, their placement
@@ -132,13 +133,17 @@ class ShardGroup:
         self.reason: str | None = None  # why the group cannot serve now (a line for clients), None while it can
         self.lost: dict[str, str] = {}  # node id -> address of the nodes whose host was lost and which do not answer
         self.last_loss: str | None = None  # "shard host on node ADDRESS" of the host lost last, until a start succeeds
+        self.bundle: dict[str, float] | None = None  # what each host asks for, fixed at the first start
         self._held = 0  # bytes the model takes over all hosts (from the last start): what the hosts left must hold
         self._pg = None
         self._lock = threading.Lock()
         self.start()
 
     def _bundle(self) -> dict[str, float]:
-        return {"CPU": 1.0} | ({self.resource: 1.0} if self.resource in ray.cluster_resources() else {})
+        """One CPU, and one `resource` if the cluster had it at the first start (rebuilds keep to those nodes)."""
+        if self.bundle is None:
+            self.bundle = {"CPU": 1.0} | ({self.resource: 1.0} if self.resource in ray.cluster_resources() else {})
+        return self.bundle
 
     def _nodes(self, bundle: dict[str, float]) -> list[tuple[dict[str, Any], int]]:
         """The alive nodes with room for a host, each with how many it has room for, but lost ones (a lost node
@@ -182,7 +187,7 @@ class ShardGroup:
             raise ShardGroupError(f"{self._lost_line()}{hosts} of {self.want} hosts can be placed and the model needs "
                                   f"{least}; rebuilding when a node returns; retry in {RETRY_S:.0f} s", RETRY_S)
         if hosts < self.want:
-            log.warning("re-sharding the model onto %d of %d hosts (%s)", hosts, self.want, self._lost_line() or "")
+            log.warning("%sre-sharding the model onto %d of %d hosts", self._lost_line(), hosts, self.want)
         self.hosts, self.generation = hosts, self.generation + 1
         selectors = [{"ray.io/node-id": n["NodeID"]} for n in nodes] or None
         self._pg = placement_group([bundle] * hosts, strategy=strategy, name=self.name,
@@ -316,9 +321,17 @@ class ShardGroup:
                               f"rebuilding; retry in {RETRY_S:.0f} s"
                 raise ShardGroupError(self.reason, RETRY_S) from e
 
-    def healthy(self, timeout: float = 10.0) -> bool:
-        """Not broken, and every host answers `ping` within `timeout` seconds."""
-        return not self.broken and self.ping(timeout)
+    def check(self) -> bool:
+        """Whether every host answers a heartbeat; one that does not marks the group broken, named in `reason`."""
+        with self._lock:
+            if self.broken or not self.workers:
+                return False
+            try:
+                self._beat()
+            except ShardGroupError as e:
+                self.broken, self.reason = True, str(e)
+                return False
+        return True
 
     def shutdown(self) -> None:
         """Kill the hosts and free their placement group."""
@@ -407,15 +420,14 @@ class ShardedEngine:
         """Down, or serving on fewer hosts than configured: `recover(grow=True)` may bring it back."""
         return self.group.reason is not None or self.group.hosts < self.group.want
 
-    def recover(self, timeout: float = 10.0, grow: bool = False) -> bool:
-        """Rebuild the group if a call failed or a host does not answer `ping` within `timeout`, or, with `grow`
-        (between requests), if it has fewer hosts than configured and more can be placed now; warm it up as before.
-        Whether it was rebuilt. Raises ShardGroupError (at once within RETRY_S of a failed rebuild) if it cannot be."""
+    def recover(self, grow: bool = False) -> bool:
+        """Rebuild the group if a call failed or a host misses a heartbeat, or, with `grow` (between requests), if it
+        has fewer hosts than configured and more can be placed now; warm it up as before. Whether it was rebuilt.
+        Raises ShardGroupError (at once within RETRY_S of a failed rebuild) if it cannot be."""
         group = self.group
-        if not group.broken and group.workers:
-            if not (grow and group.hosts < group.want and len(group.placement()[2]) > group.hosts) \
-                    and group.ping(timeout):
-                return False
+        growing = grow and not group.broken and group.hosts < group.want and len(group.placement()[2]) > group.hosts
+        if not growing and group.check():
+            return False
         if time.monotonic() < self._retry_at:
             raise ShardGroupError(group.reason or "the shard group is rebuilding", RETRY_S)
         start = time.perf_counter()

@@ -32,6 +32,7 @@ import itertools
 import json
 import logging
 import os
+import secrets
 import statistics
 import tempfile
 import threading
@@ -48,6 +49,7 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from cluster.auth import WithKey
 from cluster.shards import remove_named_group
 from hire.checkpoint import resolve_model
 from hire.engine import Engine, EngineUnavailable, buckets
@@ -59,7 +61,7 @@ from hire.tokenizer import load_tokenizer
 from protos import internal_pb2 as pb
 from protos import internal_pb2_grpc
 from workers.draft import DraftWorker
-from workers.rpc import OPTIONS, pack, sampling_message, unpack
+from workers.rpc import message_limit, options, pack, sampling_message, unpack
 from workers.verify import VerifyWorker
 
 log = logging.getLogger(__name__)
@@ -83,7 +85,10 @@ class _Down(Exception):
 class Workers:
     """A VerifyWorker and a DraftWorker, their gRPC stubs, and restarts. `options` are Ray actor options for the
     "verify" and "draft" actors (default one CPU each); with `group` (cluster.shards.ShardedEngine's keywords) the
-    VerifyWorker drives the large model sharded over that group of hosts, and a restart starts a fresh group."""
+    VerifyWorker drives the large model sharded over that group of hosts, and a restart starts a fresh group.
+
+    The workers serve only calls that carry `secret`, made here and handed to them through Ray: whoever else reaches
+    their ports is refused (UNAUTHENTICATED)."""
 
     def __init__(self, target: str, draft: str, slots: int, max_len: int | None, gamma: int, dtype: str | None = None,
                  compilation_cache: str | None = None, host: str | None = None, start_timeout: float = 300.0,
@@ -96,6 +101,7 @@ class Workers:
         self.actors: dict[str, Any] = {}
         self.info: dict[str, dict[str, Any]] = {}
         self.channels: dict[str, grpc.Channel] = {}
+        self.secret = secrets.token_urlsafe(32)
         try:
             self.start("verify")
             self.start("draft")
@@ -120,17 +126,18 @@ class Workers:
         self.actors[which] = actor
         if which == "verify":
             self.group_name = f"hire-verify-{uuid.uuid4().hex}" if self.group else ""
-            call = actor.start.remote(self.target, self.slots, self.max_len, self.dtype, self.compilation_cache,
-                                      self.host, self.group and self.group | {"name": self.group_name})
+            call = actor.start.remote(self.target, self.slots, self.max_len, self.gamma, self.secret, self.dtype,
+                                      self.compilation_cache, self.host,
+                                      self.group and self.group | {"name": self.group_name})
         else:
             verify = self.info["verify"]
-            call = actor.start.remote(self.draft, verify["cfg"], self.slots, verify["max_len"], self.gamma, self.dtype,
-                                      self.compilation_cache, self.host)
+            call = actor.start.remote(self.draft, verify["cfg"], self.slots, verify["max_len"], self.gamma,
+                                      self.secret, self.dtype, self.compilation_cache, self.host)
         name = self.target if which == "verify" else self.draft
         try:
             self.info[which] = ray.get(call, timeout=self.start_timeout)
-            channel = grpc.insecure_channel(self.info[which]["address"], options=OPTIONS)
-            self.channels[which] = channel
+            channel = grpc.insecure_channel(self.info[which]["address"], options=options(self.message_limit()))
+            self.channels[which] = grpc.intercept_channel(channel, WithKey(self.secret))
             grpc.channel_ready_future(channel).result(timeout=self.start_timeout)
         except GetTimeoutError:
             raise WorkerError(f"the {which} worker ({name}) did not start within {self.start_timeout:.0f}s") from None
@@ -141,6 +148,13 @@ class Workers:
         except RayActorError as e:
             raise WorkerError(f"the {which} worker ({name}) died while starting: {e}") from None
         return time.perf_counter() - began
+
+    def message_limit(self) -> int:
+        """The largest reply the coordinator takes: draft distributions from the drafter, hidden states from the
+        verifier for the layers a tandem drafter reads (before the drafter has started: every layer)."""
+        cfg, max_len = self.info["verify"]["cfg"], self.info["verify"]["max_len"]
+        layers = len(self.info["draft"]["wants_hidden"]) if "draft" in self.info else cfg.n_layers + 1
+        return message_limit(self.slots, max_len, self.gamma, cfg.vocab_size, layers * cfg.dim)
 
     def stop(self, which: str) -> None:
         """Close the channel to the `which` worker and kill its actor (if any)."""

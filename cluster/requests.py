@@ -142,11 +142,11 @@ def from_generate(msg: pb.GenerateRequest, served: Served) -> Work:
                 if msg.HasField(name)}
     params = SamplingParams(**{"max_tokens": room, **optional}, top_k=msg.top_k, stop_ids=tuple(msg.stop_token_ids),
                             stop_strings=tuple(msg.stop), logprobs=msg.logprobs, ignore_eos=msg.ignore_eos)
-    check_room(params.max_tokens, len(prompt), engine.max_len)
+    check_max_tokens(params.max_tokens, len(prompt), engine.max_len)
     return Work(prompt, params, adapter)
 
 
-def check_room(max_tokens: int, prompt: int, max_len: int) -> None:
+def check_max_tokens(max_tokens: int, prompt: int, max_len: int) -> None:
     """ValueError naming max_tokens and the limit when `max_tokens` after a `prompt`-token prompt runs past the
     context."""
     if max_tokens > max_len - prompt:
@@ -195,5 +195,5 @@ def from_decode(msg: js.DecodeRequest, served: Served) -> Work:
         served.limits.check_text("prompt", msg.text_content.text)
         prompt = encode_prompt(engine, msg.text_content.text)
     engine.check_request(prompt)
-    check_room(msg.max_tokens, len(prompt), engine.max_len)
+    check_max_tokens(msg.max_tokens, len(prompt), engine.max_len)
     return Work(prompt, SamplingParams(temperature=0.0, max_tokens=msg.max_tokens), -1)

@@ -15,9 +15,11 @@ import grpc
 import numpy as np
 import pytest
 import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group_table
 
+from cluster.auth import bearer
 from cluster.coordinator import Coordinator, CoordinatorActor
 from hire.bench import text_prompts
 from hire.checkpoint import load_model
@@ -175,10 +177,31 @@ def test_a_cancelled_request_leaves_its_slot(standalone, prompts, expected):
     assert same_tokens(outs, expected[1:2])
 
 
+def test_workers_answer_only_the_deployment_and_within_bounds(standalone):
+    """A caller without the deployment's secret is refused, a message past the largest legitimate one is refused
+    before it is read, and health checks stay open."""
+    workers = standalone.workers
+    huge = pb.Array(data=bytes(workers.message_limit() + 1), shape=[1], dtype="float32")
+    calls = {"draft": lambda c, m: internal_pb2_grpc.DrafterStub(c).Prefill(
+                 pb.DraftPrefillRequest(slot=0, tokens=[1], hidden=huge if m == "huge" else None),
+                 metadata=bearer(workers.secret) if m == "huge" else m, timeout=30),
+             "verify": lambda c, m: internal_pb2_grpc.VerifierStub(c).Verify(
+                 pb.VerifyRequest(q=huge if m == "huge" else None),
+                 metadata=bearer(workers.secret) if m == "huge" else m, timeout=30)}
+    for which, call in calls.items():
+        with grpc.insecure_channel(workers.info[which]["address"]) as channel:
+            assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            for metadata, code in (((), "UNAUTHENTICATED"), (bearer("not-the-secret"), "UNAUTHENTICATED"),
+                                   ("huge", "RESOURCE_EXHAUSTED")):
+                with pytest.raises(grpc.RpcError) as e:
+                    call(channel, metadata)
+                assert e.value.code().name == code, (which, e.value.details())
+
+
 def test_bad_requests_answer_invalid_argument(standalone):
-    channel = grpc.insecure_channel(standalone.workers.info["draft"]["address"])
-    drafter = internal_pb2_grpc.DrafterStub(channel)
-    verifier = internal_pb2_grpc.VerifierStub(grpc.insecure_channel(standalone.workers.info["verify"]["address"]))
+    drafter = internal_pb2_grpc.DrafterStub(standalone.workers.channels["draft"])
+    verifier = internal_pb2_grpc.VerifierStub(standalone.workers.channels["verify"])
     bad = [
         (drafter.Draft, pb.DraftRequest(rows=pack(np.ones(3, bool))), "rows: shape"),
         (drafter.Draft, pb.DraftRequest(rows=pack(np.ones(SLOTS, bool)), tokens=pack(np.full(SLOTS, -1, np.int32)),
@@ -194,7 +217,6 @@ def test_bad_requests_answer_invalid_argument(standalone):
         with pytest.raises(grpc.RpcError) as info:
             method(request, timeout=30)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in info.value.details()
-    channel.close()
 
 
 def test_tandem_through_the_coordinator_actor(local_ray, prompts, expected):

@@ -78,6 +78,21 @@ def engine_load() -> dict:
     return serve.get_deployment_handle("engine", launch.APP).load.remote().result()
 
 
+def http(ports, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    """The status and body (JSON, or {"text": ...} for an event stream) of an HTTP request to the server."""
+    request = urllib.request.Request(f"http://127.0.0.1:{ports[0]}{path}", body,
+                                     {"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            status, data = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, data = e.code, e.read()
+    try:
+        return status, json.loads(data)
+    except ValueError:
+        return status, {"text": data.decode(errors="replace")}
+
+
 def test_completions_match_the_library(engine, client):
     expected = alone(engine, PROMPT, 40, logprobs=True)
     r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40, temperature=0, logprobs=1)
@@ -233,37 +248,25 @@ VALUES = {"model": st.sampled_from([MODEL, "other"]) | JSON, "prompt": st.text(m
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
-@given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+@given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/models"]),
        body=st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=8).flatmap(
            lambda d: st.fixed_dictionaries({k: VALUES.get(k, st.just(v)) for k, v in d.items()})),
-       raw=st.booleans())
-def test_no_request_body_gets_a_5xx(ports, route, body, raw):
+       raw=st.booleans(), scheme=st.sampled_from(["Bearer", "bearer", "BEARER", "Basic", "", "Bearer:"]),
+       key=st.sampled_from([KEY, OTHER_KEY, KEY[:-1], KEY + "0", KEY.upper(), "", "anything"]))
+def test_no_request_gets_a_5xx_or_past_a_wrong_key(ports, route, body, raw, scheme, key):
     data = json.dumps(body).encode() if not raw else json.dumps(body).encode()[:-1]  # raw: cut off, not JSON
-    request = urllib.request.Request(f"http://127.0.0.1:{ports[0]}{route}", data,
-                                     {"Content-Type": "application/json", **AUTH})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as r:
-            r.read()
-            status = r.status
-    except urllib.error.HTTPError as e:
-        status = e.code
-        assert json.load(e)["error"]["message"]
-    assert status < 500, (route, body)
+    authorization = f"{scheme} {key}".strip()
+    status, out = http(ports, route, data if route != "/v1/models" else None,
+                       {"Authorization": authorization} if authorization else {})
+    assert status < 500 and (status != 200 or "error" not in out), (route, body)
+    valid = scheme.lower() == "bearer" and key in (KEY, OTHER_KEY)
+    assert (status == 401) == (not valid), (authorization, status)
+    if status != 200:
+        assert out["error"]["message"]
 
 
 def test_still_serving_after_the_fuzz(client):
     assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3).usage.completion_tokens == 3
-
-
-def http(ports, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
-    """The status and JSON body of an HTTP request to the server."""
-    request = urllib.request.Request(f"http://127.0.0.1:{ports[0]}{path}", body,
-                                     {"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
 
 
 def test_keys_on_every_http_route_but_health(ports):

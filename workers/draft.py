@@ -32,7 +32,7 @@ from hire.speculative import Drafter, draft_block
 from hire.tandem import tandem_drafter
 from protos import internal_pb2 as pb
 from protos import internal_pb2_grpc
-from workers.rpc import check_slot, handler, pack, rows_mask, sampling_params, serve, unpack
+from workers.rpc import check_slot, handler, message_limit, pack, rows_mask, sampling_params, serve, unpack
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Drafter"].full_name
 
@@ -168,16 +168,19 @@ class DraftWorker:
     def __init__(self) -> None:
         self.server = None
 
-    def start(self, draft: str, target: ModelConfig, slots: int, max_len: int, gamma: int, dtype: str | None = None,
-              compilation_cache: str | None = None, host: str | None = None) -> dict[str, Any]:
-        """Load the drafter `draft` for a large model of config `target` and serve; where to reach it and what the
-        verifier must know of it."""
+    def start(self, draft: str, target: ModelConfig, slots: int, max_len: int, gamma: int, secret: str,
+              dtype: str | None = None, compilation_cache: str | None = None,
+              host: str | None = None) -> dict[str, Any]:
+        """Load the drafter `draft` for a large model of config `target` and serve calls that carry `secret`; where
+        to reach it and what the verifier must know of it."""
         if compilation_cache:
             use_compilation_cache(compilation_cache)
         drafter = load_any_drafter(draft, target, dtype)
         service = DrafterService(drafter, target, slots, max_len, gamma)
         host = host or ray.util.get_node_ip_address()
-        self.server, port = serve(lambda s: internal_pb2_grpc.add_DrafterServicer_to_server(service, s), SERVICE, host)
+        limit = message_limit(slots, max_len, gamma, hidden=len(drafter.wants_hidden) * target.dim)
+        self.server, port = serve(lambda s: internal_pb2_grpc.add_DrafterServicer_to_server(service, s), SERVICE,
+                                  secret, limit, host)
         return {"address": f"{host}:{port}", "node": ray.get_runtime_context().get_node_id(), "name": drafter.name,
                 "wants_hidden": tuple(drafter.wants_hidden),
                 "stops_early": bool(getattr(drafter, "stops_early", False)), "pid": os.getpid()}

@@ -1,5 +1,7 @@
 """What the internal gRPC services (protos/internal.proto) share: numpy arrays as bytes, sampling rows, error
-status codes, and a server on a free loopback port with standard health checking.
+status codes, message limits, and a server on a free port with standard health checking that answers only calls
+carrying the deployment's secret (`authorization: Bearer SECRET`; cluster.coordinator makes it and hands it to the
+worker actors through Ray).
 
 No jax at the top (see workers.shard): the workers import it once the actor process has started.
 """
@@ -15,19 +17,17 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from cluster.auth import SecretInterceptor
 from hire.sampling import SamplingParams
 from protos import internal_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-MESSAGE_LIMIT = 256 * 2**20  # q [R, γ, V] float32 for 8 sampled rows, γ 8 and V 128k is 32 MiB
 # HTTP/2 keepalive pings every 5 s, a connection dead after 5 s without an answer: a call to a worker on a node cut
 # off the network fails UNAVAILABLE within about 10 s instead of waiting for its deadline; servers allow the pings.
 KEEPALIVE = [("grpc.keepalive_time_ms", 5000), ("grpc.keepalive_timeout_ms", 5000),
              ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
              ("grpc.http2.min_ping_interval_without_data_ms", 4000)]
-OPTIONS = [("grpc.max_send_message_length", MESSAGE_LIMIT), ("grpc.max_receive_message_length", MESSAGE_LIMIT),
-           *KEEPALIVE]
 DTYPES = ("bool", "int32", "float32")
 
 
@@ -85,10 +85,25 @@ def handler(method: Callable) -> Callable:
     return wrapped
 
 
-def serve(add: Callable[[grpc.Server], None], service: str, host: str = "127.0.0.1") -> tuple[grpc.Server, int]:
-    """A started gRPC server on a free port of `host` with the services `add` registers and health checking
-    (`service` and "" SERVING); the server and its port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=OPTIONS)
+def message_limit(slots: int, max_len: int, gamma: int, vocab: int = 0, hidden: int = 0) -> int:
+    """The largest message of a speculative deployment, in bytes, with room for its small fields: draft
+    distributions q [slots, γ, vocab] (drafter to verifier) or the large model's hidden states, `hidden` floats per
+    position (layers read x width), at a prefill [1, max_len] or a block [slots, γ + 1] (to the drafter); float32."""
+    return 4 * max(slots * gamma * vocab, max(max_len, slots * (gamma + 1)) * hidden) + 16 * max_len + 2**20
+
+
+def options(limit: int) -> list[tuple[str, int]]:
+    """Channel and server options: messages received up to `limit` bytes, and keepalive."""
+    return [("grpc.max_receive_message_length", limit), *KEEPALIVE]
+
+
+def serve(add: Callable[[grpc.Server], None], service: str, secret: str, limit: int,
+          host: str = "127.0.0.1") -> tuple[grpc.Server, int]:
+    """A started gRPC server on a free port of `host` with the services `add` registers, health checking (`service`
+    and "" SERVING), every other call refused UNAUTHENTICATED without `secret`, requests up to `limit` bytes (larger
+    ones RESOURCE_EXHAUSTED); the server and its port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options(limit),
+                         interceptors=[SecretInterceptor(secret)])
     add(server)
     checks = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)

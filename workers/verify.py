@@ -26,7 +26,7 @@ from hire.sampling import RowSampling, SamplingParams
 from hire.speculative import Verdict, prefill_target, verify_block, verify_lengths
 from protos import internal_pb2 as pb
 from protos import internal_pb2_grpc
-from workers.rpc import check_slot, handler, pack, rows_mask, sampling_params, serve, unpack
+from workers.rpc import check_slot, handler, message_limit, pack, rows_mask, sampling_params, serve, unpack
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Verifier"].full_name
 
@@ -196,10 +196,11 @@ class VerifyWorker:
         self.server = None
         self.engine: Engine | Any = None
 
-    def start(self, model: str, slots: int, max_len: int | None, dtype: str | None = None,
+    def start(self, model: str, slots: int, max_len: int | None, gamma: int, secret: str, dtype: str | None = None,
               compilation_cache: str | None = None, host: str | None = None,
               group: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Load `model`, build its engine and serve; where to reach it and the model's shape. With `group`
+        """Load `model`, build its engine and serve calls that carry `secret` (blocks of up to `gamma` drafts); where
+        to reach it and the model's shape. With `group`
         (cluster.shards.ShardedEngine's keywords: hosts, devices_per_host, ...) the model is sharded over a group of
         host actors that this actor drives ("hosts": each host's rank, node and process)."""
         if compilation_cache:
@@ -218,7 +219,9 @@ class VerifyWorker:
             self.engine = Engine(load_model(model, dtype), slots, max_len)
             service = VerifierService(self.engine)
         host = host or ray.util.get_node_ip_address()
-        self.server, port = serve(lambda s: internal_pb2_grpc.add_VerifierServicer_to_server(service, s), SERVICE, host)
+        limit = message_limit(slots, self.engine.max_len, gamma, self.engine.cfg.vocab_size)
+        self.server, port = serve(lambda s: internal_pb2_grpc.add_VerifierServicer_to_server(service, s), SERVICE,
+                                  secret, limit, host)
         return info | {"address": f"{host}:{port}", "node": ray.get_runtime_context().get_node_id(),
                        "cfg": self.engine.cfg, "max_len": self.engine.max_len, "pid": os.getpid()}
 

@@ -464,7 +464,7 @@ def models_command() -> None:
                 kind = detect_format(path)
             except (CheckpointError, OSError):
                 continue
-            if not path.name.startswith(".") and path.name not in local:
+            if not path.name.startswith(".") and path.name not in local and (path.is_dir() or kind == "gguf"):
                 local.add(path.name)
                 click.echo(f"{path.name:28} {kind:8} {path}")
     for name, entry in REGISTRY.items():

@@ -65,6 +65,22 @@ def test_tiny_logits_match_transformers(tiny):
     assert np.abs(hire_logits(load_model(path.parent), ids) - want).max() <= TOL  # the folder holding it
 
 
+def test_reader_reads_as_gguf_reader(tiny):
+    """hire's faster reader (hire.formats.gguf._Reader) gives the fields and tensors gguf.GGUFReader gives."""
+    import gguf
+
+    from hire.formats.gguf import _Reader
+
+    path, _ = tiny
+    ours, theirs = _Reader(path), gguf.GGUFReader(path)
+    assert list(ours.fields) == list(theirs.fields)
+    for key, field in theirs.fields.items():
+        assert ours.fields[key].contents() == field.contents(), key
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        assert (a.name, a.tensor_type, list(a.shape)) == (b.name, b.tensor_type, list(b.shape))
+        assert np.array_equal(a.data, b.data)
+
+
 def test_tiny_tokenizer_matches_transformers(tiny):
     path, _ = tiny
     tok = load_model(path).tokenizer

@@ -14,6 +14,7 @@ adds norm_offset 1 when it runs).
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,12 @@ _MISSING = object()
 
 
 class _Reader(gguf.GGUFReader):
-    """gguf.GGUFReader that remembers the last metadata field it read, names the tensor whose type is unknown
-    or whose data runs past the end of the file (the reader's own errors name neither), and opens a file
-    several times faster: it slices the mapped file as a plain ndarray (a numpy.memmap slice costs a Python
-    call) and reads an array of numbers (Gemma's 262,144 token scores and types) as one part, not one each."""
-
-    last_field = ""
+    """gguf.GGUFReader that names the tensor whose type is unknown or whose data runs past the end of the
+    file (the reader's own errors do not), and opens a file
+    with a large vocabulary many times faster: it slices the mapped file as a plain ndarray (a numpy.memmap
+    slice costs a Python call), reads an array of numbers (Gemma's 262,144 token scores and types) as one
+    part, not one each, and an array of strings as memoryview slices. Fields and tensors read the same
+    (tests/test_gguf.py checks it against gguf.GGUFReader)."""
 
     @property
     def data(self) -> np.ndarray:
@@ -64,21 +65,27 @@ class _Reader(gguf.GGUFReader):
     def data(self, mapped: np.memmap) -> None:
         self._data = mapped.view(np.ndarray)
 
-    def _get_field_parts(self, offs: int, raw_type: int) -> tuple[int, list[np.ndarray], list[int], list[Any]]:
-        if raw_type == gguf.GGUFValueType.ARRAY:
-            item = self._get(offs, np.uint32)
-            if (kind := self.gguf_scalar_to_np.get(gguf.GGUFValueType(int(item[0])))) is not None:
-                count = self._get(offs + 4, np.uint64)
-                values = self._get(offs + 12, kind, int(count[0]))
-                if len(values) != int(count[0]):
-                    raise ValueError(f"an array of {int(count[0])} values runs past the end of the file")
-                return 12 + values.nbytes, [item, count, values], [2], [gguf.GGUFValueType.ARRAY,
-                                                                        gguf.GGUFValueType(int(item[0]))]
-        return super()._get_field_parts(offs, raw_type)
-
-    def _push_field(self, field: gguf.ReaderField, skip_sum: bool = False) -> int:
-        self.last_field = field.name
-        return super()._push_field(field, skip_sum)
+    def _get_field_parts(self, offs: int, raw_type: int) -> tuple[int, list[Any], list[int], list[Any]]:
+        if raw_type != gguf.GGUFValueType.ARRAY or self.byte_order != "I":
+            return super()._get_field_parts(offs, raw_type)
+        item, count = self._get(offs, np.uint32), self._get(offs + 4, np.uint64)
+        kind, n, at = gguf.GGUFValueType(int(item[0])), int(count[0]), offs + 12
+        if kind == gguf.GGUFValueType.STRING:  # each string a memoryview slice: [length, bytes]
+            data, parts, idxs = memoryview(self._data), [item, count], []
+            for _ in range(n):
+                size = int.from_bytes(data[at:at + 8], sys.byteorder)
+                if at + 8 + size > len(data):
+                    raise ValueError(f"an array of {n} strings runs past the end of the file")
+                parts += [data[at:at + 8], data[at + 8:at + 8 + size]]
+                idxs.append(len(parts) - 1)
+                at += 8 + size
+            return at - offs, parts, idxs, [gguf.GGUFValueType.ARRAY, kind]
+        if (np_kind := self.gguf_scalar_to_np.get(kind)) is None:
+            return super()._get_field_parts(offs, raw_type)
+        values = self._get(at, np_kind, n)
+        if len(values) != n:
+            raise ValueError(f"an array of {n} values runs past the end of the file")
+        return 12 + values.nbytes, [item, count, values], [2], [gguf.GGUFValueType.ARRAY, kind]
 
     def _build_tensors(self, start_offs: int, fields: list[gguf.ReaderField]) -> None:
         for field in fields:
@@ -109,7 +116,8 @@ class GGUFFile:
         except CheckpointError as e:
             raise CheckpointError(f"{self.path}: {e}") from None
         except (ValueError, IndexError, OSError, UnicodeDecodeError, OverflowError) as e:
-            where = f" after metadata field {reader.last_field}" if reader.last_field else ""
+            read = list(getattr(reader, "fields", ()))  # filled one field at a time
+            where = f" after metadata field {read[-1]}" if read else ""
             raise CheckpointError(f"{self.path}: not a readable GGUF file (corrupt or truncated{where}: {e})") from None
         self.reader = reader
         self.tensors = {t.name: t for t in reader.tensors}

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from hire.tandem import TandemModel
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = "stdlib-9m"  # what --model means when left out
+DEFAULT_MODEL = "smollm2-135m-instruct"  # what --model means when left out (pulled on first use: hire.registry)
 
 
 @dataclass

@@ -592,7 +592,7 @@ def _bench_speculative(loaded, draft, dtype, batch, gamma, steps, prompt_len, ch
 
 
 @bench.command("router")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+@click.option("--model", default="stdlib-9m", show_default=True, help=MODEL_HELP)
 @click.option("--draft", required=True, help=DRAFT_HELP)
 @click.option("--train", "train_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Text whose prompts log the drafts the MLP router trains on.")
@@ -672,7 +672,7 @@ def bench_topk(devices, vocab, batch, k, dim, methods, recall_target, repeats, p
 
 
 @bench.command("window")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+@click.option("--model", default="stdlib-9m", show_default=True, help=MODEL_HELP)
 @click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="UTF-8 text the model reads (held-out text: VALID).")
 @click.option("--window", "window_sizes", default=(0, 1, 2, 4, 8, 16), multiple=True, show_default=True,
@@ -1037,8 +1037,9 @@ def serving_options(command):
     options = [
         click.option("--slots", default=8, show_default=True, type=click.IntRange(min=1),
                      help="Requests decoding together."),
-        click.option("--max-len", type=click.IntRange(min=2),
-                     help="Context length (default and at most: the model's)."),
+        click.option("--max-len", default=2048, show_default=True, type=click.IntRange(min=2),
+                     help="Context length per slot (at most the model's): the KV cache holds slots x max-len "
+                          "positions, and every prompt bucket up to it is compiled at start."),
         click.option("--queue-size", default=128, show_default=True, type=click.IntRange(min=1),
                      help="Requests that may wait while every slot is busy; more get RESOURCE_EXHAUSTED (HTTP 429)."),
         click.option("--chunk", default=4, show_default=True, type=click.IntRange(min=1),

@@ -50,7 +50,7 @@ def test_generate_stop_string(run):
     (["--lora", "oops"], "NAME=PATH"),
 ])
 def test_generate_bad_input_is_named(run, args, message):
-    result = CliRunner().invoke(main, ["generate", "--prompt", "hi", *args])
+    result = CliRunner().invoke(main, ["generate", "--model", "stories260K", "--prompt", "hi", *args])
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
 
 

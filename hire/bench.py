@@ -12,6 +12,7 @@ import numpy as np
 from hire.checkpoint import LoadedModel
 from hire.config import ModelConfig
 from hire.engine import Engine
+from hire.moe import experts_read, pick
 from hire.sampling import SamplingParams
 from hire.sparse import use_gather
 
@@ -38,9 +39,15 @@ def bytes_per_token(cfg: ModelConfig, variables: dict, batch: int) -> int:
 
     Dense: every weight. HiRE: its predictors, the gathered softmax rows and FFN groups (with ffn_union
     at most min(groups, batch * candidates) groups a layer, the bound counted here) and every other weight;
-    a part that computes all rows at this batch size (hire.sparse.use_gather) reads all of its weight.
+    a part that computes all rows at this batch size (hire.sparse.use_gather) reads all of its weight. A mixture
+    of experts: hire.moe.experts_read's bound on the experts read, in place of all of them.
     """
     total = weight_bytes(variables)
+    if cfg.n_experts:
+        moe = variables["params"]["layers_0"]["moe"]
+        expert = sum(moe[f"{part}_0"].nbytes for part in ("gate", "up", "down"))
+        reads = experts_read(cfg.moe_dispatch, batch, cfg.n_experts_per_token, cfg.n_experts)
+        total += cfg.n_layers * (reads - cfg.n_experts) * expert
     if not cfg.sparse:
         return total // batch
     params, itemsize = variables["params"], jnp.dtype(cfg.dtype).itemsize
@@ -90,13 +97,14 @@ def bench_decode(model: LoadedModel, batch: int, steps: int = 128, prompt_len: i
     Steps run `chunk` at a time in one compiled loop each, attention reading the cache only as
     far as the chunk reaches, as `hire.generate.run` decodes. The memory bandwidth is measured
     right before each timed run and each run is compared with its own floor, since this
-    machine's bandwidth drifts with its neighbours' load. With `dense` (the same model without
-    HiRE), each repeat also times it right after, and `speedup` is the median of the paired ratios.
+    machine's bandwidth drifts with its neighbours' load. With `dense` (the same model without HiRE, or
+    the mixture of experts running every expert: moe_dispatch "all"), each repeat also times it right after,
+    and `speedup` is the median of the paired ratios.
     """
     cfg = model.cfg
     run = _decode_timer(model, batch, steps, prompt_len, chunk)
     weights = weight_bytes(model.variables)
-    read = bytes_per_token(cfg, model.variables, batch) * batch if cfg.sparse else weights  # per step
+    read = bytes_per_token(cfg, model.variables, batch) * batch if cfg.sparse or cfg.n_experts else weights
     itemsize = jnp.dtype(cfg.dtype).itemsize
     mean_context = prompt_len + (steps + 1) / 2
     kv_bytes = int(batch * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * itemsize * mean_context)
@@ -127,12 +135,17 @@ def bench_decode(model: LoadedModel, batch: int, steps: int = 128, prompt_len: i
 
 def _versus_dense(cfg: ModelConfig, variables: dict, dense: LoadedModel, batch: int, steps: int,
                   seconds: tuple[float, ...], dense_seconds: tuple[float, ...]) -> dict[str, Any]:
-    """HiRE's settings, the dense model's speed in the same run, and both models' weight bytes read per token."""
+    """HiRE's settings or the mixture's path, the dense model's speed in the same run, and both models' weight bytes
+    read per token."""
     sparse_ffn = cfg.ffn != "dense"
-    return {
+    hire = {
         "softmax": cfg.softmax, "ffn": cfg.ffn, "softmax_candidates": cfg.softmax_candidates,
         "ffn_candidates": cfg.ffn_candidates if sparse_ffn else None,
         "ffn_groups": cfg.ffn_groups if sparse_ffn else None, "ffn_union": cfg.ffn_union,
+    } if cfg.sparse else {}
+    moe = {"n_experts": cfg.n_experts, "experts_per_token": cfg.n_experts_per_token,
+           "moe_path": pick(cfg.moe_dispatch, batch, cfg.n_experts_per_token)} if cfg.n_experts else {}
+    return hire | moe | {
         "dense_tokens_per_s": round(batch * steps / statistics.median(dense_seconds), 1),
         "speedup": round(statistics.median(d / s for d, s in zip(dense_seconds, seconds)), 3),
         "bytes_per_token": bytes_per_token(cfg, variables, batch),

@@ -480,7 +480,8 @@ def bench() -> None:
 
 @bench.command("decode")
 @click.option("--model", help=MODEL_HELP)
-@click.option("--shape", help="Time a synthetic model of this shape with random weights instead (e.g. 1b, tiny).")
+@click.option("--shape", help="Time a synthetic model of this shape with random weights instead (e.g. 1b, tiny, "
+              "moe-1g).")
 @click.option("--batch", default=(1,), multiple=True, type=click.IntRange(min=1), show_default=True,
               help="Slots decoding together (repeatable: one run each).")
 @click.option("--steps", default=128, show_default=True, type=click.IntRange(min=1), help="Decode steps timed per run.")
@@ -510,6 +511,7 @@ def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype, 
 
     With HiRE (--softmax, --ffn), the dense model is timed in the same run too: dense_tokens_per_s, speedup
     (median of paired ratios) and the weight bytes each reads per token. A --shape model gets random predictors.
+    A mixture of experts (e.g. --shape moe-1g) is timed so against itself running every expert on every token.
 
     With --draft, speculative decoding against the model alone in the same run, one JSON object per batch and
     gamma: tokens_per_s, baseline_tokens_per_s, speedup (median of paired ratios), acceptance_rate,
@@ -545,6 +547,9 @@ def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype, 
         loaded = _load(model, dtype, hire, quantize)
         if loaded.cfg.sparse:
             dense = _load(model, dtype, {"softmax": "dense", "ffn": "dense"})
+    if loaded.cfg.n_experts and loaded.cfg.moe_dispatch != "all":  # against the all-experts path (hire.moe)
+        base = dense or loaded
+        dense = LoadedModel(base.cfg.replace(moe_dispatch="all"), base.variables, base.tokenizer)
     if draft is not None:
         _bench_speculative(loaded, draft, dtype, batch, gamma, steps, prompt_len, chunk, repeats, temperature,
                            text_file, tandem_only, n_prompts)

@@ -13,6 +13,7 @@ SOFTMAX_MODES = ("dense", "hire-lr", "hire-q")
 FFN_MODES = ("dense", "group-sparse", "group-topk")
 HIRE_QUANTS = ("int8", "int4")
 QUANTIZE = ("none", "int8", "int4")
+MOE_DISPATCH = ("auto", "all", "per-token", "grouped")  # hire.moe's paths
 HIRE_FIELDS = ("softmax", "softmax_k", "softmax_oversample", "ffn", "ffn_predictor", "ffn_group", "ffn_k",
                "ffn_oversample", "ffn_union", "ffn_keep_k", "hire_rank", "hire_quant")
 
@@ -41,8 +42,9 @@ class ModelConfig:
     """Shape and options of a decoder; hashable, so it can be a static jit argument.
 
     MHA, GQA and MQA differ only in `n_kv_heads`. `gated=True` with `activation="silu"`
-    is SwiGLU; `n_experts > 0` turns every FFN into a Mixtral-style mixture of experts;
-    `lora_adapters > 0` reserves room for that many LoRA adapters of rank `lora_rank`.
+    is SwiGLU; `n_experts > 0` turns every FFN into a Mixtral-style mixture of experts (hire.moe; `moe_dispatch`
+    "auto" reads only the chosen experts, "all" runs every expert); `lora_adapters > 0` reserves room for that
+    many LoRA adapters of rank `lora_rank`.
 
     Gemma 3 is `norm_offset=1` ((1 + w) RMSNorm, weights as Hugging Face stores them), `qk_norm`, `post_norms`
     (sandwich norms), `embed_scale`, `query_scale` (query_pre_attn_scalar), tanh-GELU GeGLU, and local layers
@@ -87,6 +89,7 @@ class ModelConfig:
     attention_bias: bool = False
     n_experts: int = 0
     n_experts_per_token: int = 2
+    moe_dispatch: str = "auto"
     lora_adapters: int = 0
     lora_rank: int = 8
     lora_targets: tuple[str, ...] = ("q", "v")
@@ -128,6 +131,8 @@ class ModelConfig:
             problems.append(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.n_experts and not 0 < self.n_experts_per_token <= self.n_experts:
             problems.append("n_experts_per_token must be in [1, n_experts]")
+        if self.moe_dispatch not in MOE_DISPATCH:
+            problems.append(f"moe_dispatch must be one of {MOE_DISPATCH}, got {self.moe_dispatch!r}")
         if bad := set(self.lora_targets) - set(LORA_TARGETS):
             problems.append(f"unknown lora_targets {sorted(bad)}; known: {LORA_TARGETS}")
         problems += self._hire_problems() + self._quantize_problems()
@@ -242,6 +247,10 @@ SHAPES: dict[str, ModelConfig] = {
     "smollm2-135m": ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
                                 rope_theta=100000.0, tie_embeddings=True, max_seq_len=8192,
                                 name="synthetic-smollm2-135m"),
+    # Mixtral-shaped (8 experts, top 2, ffn 3.5 x dim, 4 query heads per KV head of 128): 1.71 GB in float32,
+    # 1.41 GB of it experts. Decode reads 2 of a layer's 8 experts (hire.moe).
+    "moe-1g": ModelConfig(vocab_size=32000, dim=1024, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=3584, n_experts=8,
+                          n_experts_per_token=2, rope_theta=1e6, max_seq_len=4096, name="synthetic-moe-1g"),
     "tiny": ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
                         max_seq_len=256, name="synthetic-tiny"),
 }

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hire import quant, sharded_sparse, sparse
+from hire import moe, quant, sharded_sparse, sparse
 from hire.config import ModelConfig
 from hire.predictors import Predictor
 
@@ -219,29 +219,19 @@ class GroupSparseFFN(nn.Module):
 
 
 class MoE(nn.Module):
-    """Mixtral: softmax router, top-k experts, weights renormalised over the chosen k.
-
-    Every expert runs on every token and unchosen experts get weight 0: simple and exact,
-    at the cost of reading all experts' weights per step.
-    """
+    """Mixtral: softmax router, top-k experts, weights renormalised over the chosen k; each token reads only its
+    chosen experts' weights, one array per expert and weight (hire.moe)."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x, lora):
         cfg = self.cfg
-        dt, E, F = jnp.dtype(cfg.dtype), cfg.n_experts, cfg.ffn_dim
-        router = self.param("router", nn.initializers.normal(0.02), (cfg.dim, E), dt)
-        probs = jax.nn.softmax((x @ router).astype(jnp.float32), axis=-1)
-        top, idx = jax.lax.top_k(probs, cfg.n_experts_per_token)
-        top = top / top.sum(-1, keepdims=True)
-        weights = jnp.sum(jax.nn.one_hot(idx, E, dtype=jnp.float32) * top[..., None], axis=-2).astype(dt)
-        init = nn.initializers.normal(0.02)
-        gate = self.param("gate", init, (E, cfg.dim, F), dt)
-        up = self.param("up", init, (E, cfg.dim, F), dt)
-        down = self.param("down", init, (E, F, cfg.dim), dt)
-        h = activation(cfg, jnp.einsum("btd,edf->btef", x, gate)) * jnp.einsum("btd,edf->btef", x, up)
-        return jnp.einsum("btef,efd,bte->btd", h, down, weights)
+        dt, D, F, init = jnp.dtype(cfg.dtype), cfg.dim, cfg.ffn_dim, nn.initializers.normal(0.02)
+        router = self.param("router", init, (D, cfg.n_experts), dt)
+        experts = tuple((self.param(f"gate_{e}", init, (D, F), dt), self.param(f"up_{e}", init, (D, F), dt),
+                         self.param(f"down_{e}", init, (F, D), dt)) for e in range(cfg.n_experts))
+        return moe.mixture(x, router, experts, cfg.n_experts_per_token, lambda h: activation(cfg, h), cfg.moe_dispatch)
 
 
 class Block(nn.Module):

@@ -53,7 +53,7 @@ RULES: dict[str, P] = {
     "attn/q/kernel": _OUT, "attn/k/kernel": _OUT, "attn/v/kernel": _OUT, "attn/o/kernel": _IN,
     "attn/q/bias": P(AXIS), "attn/k/bias": P(AXIS), "attn/v/bias": P(AXIS),
     "ffn/up/kernel": _OUT, "ffn/gate/kernel": _OUT, "ffn/down/kernel": _IN,
-    "moe/up": P(None, None, AXIS), "moe/gate": P(None, None, AXIS), "moe/down": P(None, AXIS, None),
+    "moe/up": _OUT, "moe/gate": _OUT, "moe/down": _IN,  # each expert's arrays (moe/up_0, ...): its neurons
     # HiRE: the bundle [groups, parts, g, dim] splits its groups; predictors the rows they predict
     "ffn/bundle": _IN, "softmax/b": _OUT, "softmax/q": _IN, "softmax/scale": P(AXIS),
     "ffn/predictor/b": _OUT, "ffn/predictor/q": _IN, "ffn/predictor/scale": P(AXIS),
@@ -73,7 +73,7 @@ def _fit(spec: P, shape: tuple[int, ...], n: int) -> P:
 def variable_spec(name: str, shape: tuple[int, ...], n: int) -> P:
     """The PartitionSpec of the flattened variable `name` ("params/layers_0/attn/q/kernel", "hire/softmax/q") over
     `n` devices."""
-    match = re.fullmatch(r"(?:params|hire)/(?:layers_\d+/)?(.+)", name)
+    match = re.fullmatch(r"(?:params|hire)/(?:layers_\d+/)?(.+?)(?:_\d+)?", name)  # moe/up_3: expert 3's moe/up
     return _fit(RULES.get(match.group(1), P()) if match else P(), shape, n)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import threading
 import time
@@ -285,10 +286,11 @@ def test_rules_name_real_variables():
                            ModelConfig(**base, **hire, softmax="hire-q", ffn_predictor="q"))
              for n in expected_variables(cfg)}
     for rule in sharding.RULES:
-        assert any(n.endswith("/" + rule) for n in names), rule
+        assert any(re.search(rf"/{rule}(_\d+)?$", n) for n in names), rule  # moe/up_0: expert 0's moe/up
     assert sharding.variable_spec("params/layers_0/attn/q/kernel", (16, 16), 4) == P(None, "model")
     assert sharding.variable_spec("params/layers_0/ffn/down/kernel", (30, 16), 4) == P()  # 4 does not divide 30
     assert sharding.variable_spec("params/norm/weight", (16,), 4) == P()
+    assert sharding.variable_spec("params/layers_0/moe/down_1", (32, 16), 4) == P("model", None)
     assert sharding.variable_spec("params/layers_0/ffn/bundle", (16, 3, 2, 16), 4) == P("model", None)
     assert sharding.variable_spec("params/layers_0/ffn/bundle", (6, 3, 2, 16), 4) == P()  # 4 does not divide 6
     assert sharding.variable_spec("hire/softmax/b", (8, 64), 4) == P(None, "model")

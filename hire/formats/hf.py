@@ -265,12 +265,15 @@ def _map_weights(cfg: ModelConfig, t: _Tensors) -> dict[str, np.ndarray]:
         fused = h + "mlp.experts."
         if fused + "gate_up_proj" in t:  # transformers 5's in-memory layout: [E, 2F, D] gate then up, [E, D, F]
             gate_up = take(fused + "gate_up_proj", E, 2 * F, D).transpose(0, 2, 1)
+            down = take(fused + "down_proj", E, D, F).transpose(0, 2, 1)
             flat[p + "moe/router"] = linear(h + "mlp.gate.weight", E, D)
-            flat[p + "moe/gate"], flat[p + "moe/up"] = gate_up[..., :F], gate_up[..., F:]
-            flat[p + "moe/down"] = take(fused + "down_proj", E, D, F).transpose(0, 2, 1)
+            for e in range(E):  # hire keeps one array per expert (hire.moe)
+                flat[f"{p}moe/gate_{e}"], flat[f"{p}moe/up_{e}"] = gate_up[e, :, :F], gate_up[e, :, F:]
+                flat[f"{p}moe/down_{e}"] = down[e]
             continue
         x = h + "block_sparse_moe."  # the per-expert layout save_pretrained writes
         flat[p + "moe/router"] = linear(x + "gate.weight", E, D)
         for n, w, n_out, n_in in (("gate", "w1", F, D), ("up", "w3", F, D), ("down", "w2", D, F)):
-            flat[f"{p}moe/{n}"] = np.stack([linear(f"{x}experts.{e}.{w}.weight", n_out, n_in) for e in range(E)])
+            for e in range(E):
+                flat[f"{p}moe/{n}_{e}"] = linear(f"{x}experts.{e}.{w}.weight", n_out, n_in)
     return flat

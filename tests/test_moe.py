@@ -46,7 +46,8 @@ def model() -> LoadedModel:
 
 
 def forward(model: LoadedModel, dispatch: str, tokens, positions, cache):
-    return Transformer(model.cfg.replace(moe_dispatch=dispatch)).apply(model.variables, tokens, positions, cache)
+    return jax.jit(Transformer(model.cfg.replace(moe_dispatch=dispatch)).apply)(model.variables, tokens, positions,
+                                                                              cache)
 
 
 @pytest.mark.parametrize("batch", [1, 8, 32])

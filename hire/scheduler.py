@@ -237,6 +237,7 @@ class Scheduler:
             self._batch, ok = None, False
             error = EngineUnavailable(f"{error or 'the engine is down'}; rebuilding it failed: {e}")
         error = error or EngineUnavailable("a health check found the engine down")
+        self._cut(error)  # after a health check's rebuild: the streams that were decoding through it
         failing = []
         with self._cond:
             jobs = list(self._running.values())

@@ -3,6 +3,9 @@ GGUF loader: tiny random llama models written with gguf.GGUFWriter in every type
 SmolLM2 and Gemma 3 files (fetched by hire's registry, as `hire pull` does), and broken files."""
 from __future__ import annotations
 
+import sysconfig
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -147,9 +150,9 @@ def test_real_tokenizer_matches_transformers(real):
         assert tok.chat_template is None and tok.end_ids == (1,) and tok.bos_id == 2 and tok.add_bos
 
 
-def greedy_matches_transformers(loaded, ref, prompts: list[str], n: int) -> list[str]:
+def greedy_matches_transformers(loaded, ref, prompts: list[str], n: int, max_len: int = 64) -> list[str]:
     """hire's greedy tokens against transformers' for each prompt (up to transformers' EOS); hire's texts."""
-    engine, texts = Engine(loaded, slots=1, max_len=64), []
+    engine, texts = Engine(loaded, slots=1, max_len=max_len), []
     for prompt in prompts:
         ids = loaded.tokenizer.encode(prompt)
         want = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -171,17 +174,22 @@ def test_smollm2_greedy_matches_transformers():
     greedy_matches_transformers(loaded, hf_gguf(path), prompts, 30)
 
 
-def test_gemma3_matches_transformers():
+@pytest.fixture(scope="module")
+def gemma3():
+    """Gemma 3 270M in hire and in transformers, both from the GGUF file hire pulled."""
+    path = next(resolve_model("gemma3-270m").glob("*.gguf"))
+    return load_model(path), hf_gguf(path)
+
+
+def test_gemma3_matches_transformers(gemma3):
     """Gemma 3 270M (Q5_0, Q4_K, Q6_K, Q8_0 and F32 tensors): logits and greedy tokens as transformers', and
     a low loss on plain English, which taking llama.cpp's +1 off every norm (q/k norms included) gives: left on
     the q/k norms, the loss below goes from 1.56 to 2.90 nats."""
-    path = next(resolve_model("gemma3-270m").glob("*.gguf"))
-    loaded = load_model(path)
+    loaded, ref = gemma3
     cfg = loaded.cfg
     assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size) == (
         18, 640, 4, 1, 256, 262144)
     assert (cfg.sliding_window, cfg.global_every, cfg.rope_theta, cfg.rope_local_theta) == (512, 6, 1e6, 1e4)
-    ref = hf_gguf(path)
     text = ("The capital of France is Paris. It is known for the Eiffel Tower, which was built in 1889 for the "
             "World's Fair. Paris is also famous for its museums, such as the Louvre.")
     ids = np.array(loaded.tokenizer.encode(text))
@@ -191,7 +199,26 @@ def test_gemma3_matches_transformers():
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     logp = np.asarray(jax.nn.log_softmax(got[:-1]))
     assert -logp[np.arange(len(ids) - 1), ids[1:]].mean() < 2.0
-    greedy_matches_transformers(loaded, ref, ["The capital of France is", "def fibonacci(n):"], 20)
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+               "The three laws of thermodynamics are", "Translate to French: I would like a cup of coffee."]
+    greedy_matches_transformers(loaded, ref, prompts, 30)
+
+
+def test_gemma3_past_the_sliding_window(gemma3):
+    """A prompt longer than the 512-token window, where the 15 local layers (RoPE base 1e4) see only its last 512
+    positions and the 3 global ones (1e6) all of it: logits and greedy tokens as transformers'."""
+    loaded, ref = gemma3
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()[:2600]
+    ids = np.array(loaded.tokenizer.encode(text))
+    assert 600 < len(ids) < 900
+    with torch.no_grad():
+        want = ref(torch.tensor(ids[None])).logits[0].numpy()
+    got = hire_logits(loaded, ids)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    everywhere, _ = Transformer(loaded.cfg.replace(sliding_window=0)).apply(loaded.variables, ids[None],
+                                                                           np.arange(len(ids))[None])
+    assert np.abs(np.asarray(everywhere[0, 520:]) - want[520:]).max() > 1e-2 * np.abs(want).max()  # the window matters
+    greedy_matches_transformers(loaded, ref, [text], 30, max_len=1024)
 
 
 # --- broken files: one-line errors that name the field or tensor ------------------------------------------

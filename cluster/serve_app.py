@@ -241,7 +241,10 @@ class Guard:
                                    [(b"www-authenticate", b"Bearer")])
             if ingress.draining:
                 return await reply(send, 503, oa.error(STOPPING, "server_error"))
-        limit = (await ingress.limits()).request_bytes
+        try:
+            limit = (await ingress.limits()).request_bytes
+        except Exception as e:  # noqa: BLE001 - the engine is not up (yet): 503, which a client may retry
+            return await http_error(e)(scope, receive, send)
         too_large = oa.error(f"request: the body is over the limit of {limit} bytes (limit request_bytes)",
                              "invalid_request_error")
         if int(headers.get(b"content-length", b"0") or 0) > limit:

@@ -1,5 +1,5 @@
 """GGUF loading (hire.formats.gguf) and its tokenizer (hire.formats.gguf_tokenizer) against transformers' own
-GGUF loader: tiny random llama models written with gguf.GGUFWriter in every type gguf.quants writes, the real
+GGUF loader: tiny random llama and qwen2 models written with gguf.GGUFWriter in every type gguf.quants writes, the real
 SmolLM2 and Gemma 3 files (fetched by hire's registry, as `hire pull` does), and broken files."""
 from __future__ import annotations
 
@@ -43,10 +43,11 @@ def hire_logits(loaded, ids: np.ndarray) -> np.ndarray:
     return np.asarray(logits[0])
 
 
-@pytest.fixture(scope="module", params=[(False, "gpt2"), (True, "llama")], ids=["untied-gpt2", "tied-sentencepiece"])
+@pytest.fixture(scope="module", params=[(False, "gpt2", "llama"), (True, "llama", "llama"), (True, "gpt2", "qwen2")],
+                ids=["llama-untied-gpt2", "llama-tied-sentencepiece", "qwen2-tied-gpt2"])
 def tiny(request, tmp_path_factory):
-    tie, tokenizer = request.param
-    model = random_llama(seed=1, tie=tie)
+    tie, tokenizer, arch = request.param
+    model = random_llama(seed=1, tie=tie, arch=arch)
     path = write_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf", model, tokenizer=tokenizer)
     return path, model
 
@@ -65,6 +66,7 @@ def test_tiny_logits_match_transformers(tiny):
           f"{np.abs(exact - want).max():.2e}")
     assert diff <= TOL < np.abs(exact - want).max()
     assert loaded.cfg.tie_embeddings == float_model.config.tie_word_embeddings
+    assert loaded.cfg.attention_bias == (float_model.config.model_type == "qwen2")
     assert np.abs(hire_logits(load_model(path.parent), ids) - want).max() <= TOL  # the folder holding it
 
 

@@ -39,21 +39,24 @@ def interleave(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def random_llama(seed: int = 0, tie: bool = False, vocab: int = 300) -> hf.LlamaForCausalLM:
+def random_llama(seed: int = 0, tie: bool = False, vocab: int = 300, arch: str = "llama") -> hf.PreTrainedModel:
+    """A random transformers model of `arch` ("llama" or "qwen2": q/k/v biases)."""
     torch.manual_seed(seed)
-    cfg = hf.LlamaConfig(vocab_size=vocab, tie_word_embeddings=tie, rms_norm_eps=1e-5, rope_theta=10000.0,
-                         attn_implementation="eager", **SHAPE)
-    model = hf.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # norms away from 1, so that a wrong offset shows
+    config, model = (hf.LlamaConfig, hf.LlamaForCausalLM) if arch == "llama" else (hf.Qwen2Config, hf.Qwen2ForCausalLM)
+    cfg = config(vocab_size=vocab, tie_word_embeddings=tie, rms_norm_eps=1e-5, rope_theta=10000.0,
+                 attn_implementation="eager", **SHAPE)
+    model = model(cfg).eval()
+    with torch.no_grad():  # norms away from 1 and biases away from 0, so that a wrong offset shows
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith("norm.weight") or name.endswith("bias"):
                 p.add_(0.2 * torch.randn_like(p))
     return model
 
 
-def write_llama(path: Path, model: hf.LlamaForCausalLM, types=TYPES, arch: str = "llama", tokenizer: str = "gpt2",
+def write_llama(path: Path, model: hf.PreTrainedModel, types=TYPES, arch: str = "", tokenizer: str = "gpt2",
                 drop: tuple[str, ...] = (), fields: dict | None = None) -> Path:
-    """`model` as llama.cpp would write it to `path`, weight matrices cycling through `types` (norms F32).
+    """`model` as llama.cpp would write it to `path` (as general.architecture `arch`, default the model's), weight
+    matrices cycling through `types` (norms and biases F32); llama's q and k rows interleaved.
 
     `drop` leaves out these metadata keys or tensors; `fields` adds or replaces metadata (key: (value, type)).
     """
@@ -62,18 +65,17 @@ def write_llama(path: Path, model: hf.LlamaForCausalLM, types=TYPES, arch: str =
     names = {"embed_tokens": "token_embd", "norm": "output_norm", "input_layernorm": "attn_norm",
              "post_attention_layernorm": "ffn_norm", "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
              "o_proj": "attn_output", "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    arch = arch or cfg.model_type
     tensors = {}
     for name, p in model.state_dict().items():
-        parts = name.removeprefix("model.").removesuffix(".weight").replace("layers.", "blk.").split(".")
+        *parts, kind = name.removeprefix("model.").replace("layers.", "blk.").split(".")
         w = p.float().numpy()
-        if parts[-1] == "q_proj":
-            w = interleave(w, H)
-        elif parts[-1] == "k_proj":
-            w = interleave(w, K)
+        if cfg.model_type == "llama" and parts[-1] in ("q_proj", "k_proj"):
+            w = interleave(w, H if parts[-1] == "q_proj" else K)
         gname = "output" if name == "lm_head.weight" else ".".join(
             [*(p for p in parts[:-1] if p not in ("self_attn", "mlp")), names[parts[-1]]])
         if not (cfg.tie_word_embeddings and gname == "output"):
-            tensors[gname + ".weight"] = w
+            tensors[f"{gname}.{kind}"] = w
     meta: dict[str, tuple] = {
         f"{arch}.block_count": (cfg.num_hidden_layers, "uint32"), f"{arch}.context_length": (256, "uint32"),
         f"{arch}.embedding_length": (cfg.hidden_size, "uint32"),

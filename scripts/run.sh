@@ -20,14 +20,18 @@ if ! .venv/bin/hire client --wait 600 --max-tokens 1 "Hello" >/dev/null; then
 fi
 .venv/bin/python - "$question" <<'EOF'
 import json
+import os
 import sys
 import urllib.request
 
 base = "http://127.0.0.1:8000/v1"
-model = json.load(urllib.request.urlopen(f"{base}/models", timeout=60))["data"][0]["id"]
+key = os.environ.get("HIRE_API_KEY", "").split(",")[0].strip()  # hire serve requires it when it is set
+auth = {"authorization": f"Bearer {key}"} if key else {}
+models = urllib.request.Request(f"{base}/models", headers=auth)
+model = json.load(urllib.request.urlopen(models, timeout=60))["data"][0]["id"]
 body = {"model": model, "messages": [{"role": "user", "content": sys.argv[1]}], "max_tokens": 256, "temperature": 0}
 request = urllib.request.Request(f"{base}/chat/completions", json.dumps(body).encode(),
-                                 {"content-type": "application/json"})
+                                 {"content-type": "application/json", **auth})
 answer = json.load(urllib.request.urlopen(request, timeout=300))["choices"][0]["message"]["content"]
 print(f"[{model}] Q: {sys.argv[1]}\nA: {answer.strip()}")
 EOF

@@ -60,7 +60,8 @@ async def sigterm_under_load(target: str, process: subprocess.Popen) -> Counter:
         started = Counter()
 
         async def stream(i: int) -> str:
-            request = pb.GenerateRequest(text=f"Once upon a time {i}", temperature=0, max_tokens=TOKENS, ignore_eos=True)
+            request = pb.GenerateRequest(text=f"Once upon a time {i}", temperature=0, max_tokens=TOKENS,
+                                         ignore_eos=True)
             got = 0
             try:
                 async for msg in stub.GenerateStream(request, timeout=120):

@@ -21,7 +21,7 @@ from hire.formats import CheckpointError
 from hire.formats.gguf import GGUFFile
 from hire.formats.gguf_tokenizer import gguf_tokenizer
 from hire.generate import generate
-from hire.model import Transformer
+from hire.model import Transformer, rope_frequencies
 from hire.sampling import SamplingParams
 
 TOL = 1e-4
@@ -287,3 +287,34 @@ def test_bad_file_fails_before_a_server_starts(tmp_path, tiny_llama, monkeypatch
         result = CliRunner().invoke(main, [*command, "--model", str(path)])
         assert result.exit_code == 1 and "Error: " in result.output, (command, result.output)
         assert "token_embd.weight has type Q8_1" in result.output and result.output.count("\n") == 1, result.output
+
+
+def llama3_factors(head_dim: int, theta: float, factor: float, low: float, high: float, original: int) -> np.ndarray:
+    """The RoPE frequency factors llama.cpp's converter writes to rope_freqs.weight for Llama 3.1's scaling."""
+    wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
+    smooth = (original / wavelen - low) / (high - low)
+    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor,
+                                                               1 / ((1 - smooth) / factor + smooth))).astype(np.float32)
+
+
+@pytest.mark.parametrize("original, ok", [(8192, True), (4096, False)])
+def test_llama31_rope_freqs(tmp_path, original, ok):
+    """Llama 3.1's scaling, stored as rope_freqs.weight: recovered (float32 weights: logits as the float model's),
+    or, for factors of other parameters, an error naming the tensor."""
+    model = random_llama(seed=4)
+    rope = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=8192)
+    model = type(model)(type(model.config)(**{**model.config.to_dict(), "rope_parameters": rope})).eval()
+    factors = llama3_factors(16, 10000.0, 8.0, 1.0, 4.0, original)
+    path = write_llama(tmp_path / "llama31.gguf", model, types=("F32",), tensors={"rope_freqs.weight": factors})
+    if not ok:
+        assert "tensor rope_freqs.weight holds RoPE frequency factors that are not Llama 3.1's" in load_error(path)
+        return
+    loaded = load_model(path)
+    assert loaded.cfg.rope_scaling.factor == 8.0 and loaded.cfg.rope_scaling.kind == "llama3"
+    scaled = np.asarray(rope_frequencies(loaded.cfg))
+    assert np.allclose(np.asarray(rope_frequencies(loaded.cfg.replace(rope_scaling=None))) / scaled, factors)
+    ids = np.arange(40) % 300
+    with torch.no_grad():
+        want = model(torch.tensor(ids[None])).logits[0].numpy()
+    assert np.abs(hire_logits(loaded, ids) - want).max() <= TOL

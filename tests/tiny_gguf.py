@@ -54,11 +54,12 @@ def random_llama(seed: int = 0, tie: bool = False, vocab: int = 300, arch: str =
 
 
 def write_llama(path: Path, model: hf.PreTrainedModel, types=TYPES, arch: str = "", tokenizer: str = "gpt2",
-                drop: tuple[str, ...] = (), fields: dict | None = None) -> Path:
+                drop: tuple[str, ...] = (), fields: dict | None = None, tensors: dict | None = None) -> Path:
     """`model` as llama.cpp would write it to `path` (as general.architecture `arch`, default the model's), weight
     matrices cycling through `types` (norms and biases F32); llama's q and k rows interleaved.
 
-    `drop` leaves out these metadata keys or tensors; `fields` adds or replaces metadata (key: (value, type)).
+    `drop` leaves out these metadata keys or tensors; `fields` adds or replaces metadata (key: (value, type));
+    `tensors` adds float32 tensors (name: array).
     """
     cfg = model.config
     H, K = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -66,7 +67,7 @@ def write_llama(path: Path, model: hf.PreTrainedModel, types=TYPES, arch: str = 
              "post_attention_layernorm": "ffn_norm", "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
              "o_proj": "attn_output", "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
     arch = arch or cfg.model_type
-    tensors = {}
+    extra, tensors = tensors or {}, {}
     for name, p in model.state_dict().items():
         *parts, kind = name.removeprefix("model.").replace("layers.", "blk.").split(".")
         w = p.float().numpy()
@@ -106,6 +107,7 @@ def write_llama(path: Path, model: hf.PreTrainedModel, types=TYPES, arch: str = 
         if key not in drop:
             getattr(writer, f"add_{kind}")(key, value)
     cycle = itertools.cycle(types)
+    tensors |= extra
     for name, w in tensors.items():
         if name in drop:
             continue

@@ -10,8 +10,8 @@ matches them first), as transformers' converters do. Control tokens become speci
 user-defined ones added tokens, so both match whole in text.
 
 The tokenizer.json is cached beside the GGUF file (<stem>.tokenizer.json, rebuilt when older than the
-file), or under ~/.cache/hire/tokenizers when that folder is read-only: Gemma's 262,144 pieces take
-seconds to build.
+file or than this module), or under ~/.cache/hire/tokenizers when that folder is read-only: Gemma's
+262,144 pieces take seconds to build.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def gguf_tokenizer(f: GGUFFile, vocab_size: int) -> HFTokenizer:
         if i is not None and not 0 <= i < len(tokens):
             raise CheckpointError(f"{f.path}: tokenizer.ggml.{k}_token_id {i} is not one of the {len(tokens)} tokens")
     path = _cache(f.path)
-    if not path.is_file() or path.stat().st_mtime < f.path.stat().st_mtime:
+    if not path.is_file() or path.stat().st_mtime < max(f.path.stat().st_mtime, Path(__file__).stat().st_mtime):
         tok = (_byte_level if kind == "gpt2" else _sentencepiece)(f, tokens, ids)
         _add_special(f, tok, tokens, ids)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")

@@ -103,9 +103,12 @@ def load_model(path: str | Path, dtype: str | None = None, quantize: str | None 
         from hire.formats.gguf import load_gguf as load
     else:
         from hire.formats.llama2c import load_llama2c as load
-    model = load(path, dtype)
-    if quantize is not None:
-        model = quantized(model, quantize)
+    if fmt == "gguf":  # kept quantized as the file has it, or converted block by block
+        model = load(path, dtype, quantize)
+    else:
+        model = load(path, dtype)
+        if quantize is not None:
+            model = quantized(model, quantize)
     cfg = with_hire(model.cfg, hire)
     if not cfg.sparse:
         return LoadedModel(cfg, model.variables, model.tokenizer) if hire else model
@@ -120,9 +123,9 @@ def quantized(model: LoadedModel, kind: str) -> LoadedModel:
     from hire import quant
     from hire.formats import prepare_variables
 
-    if kind == model.cfg.quantize:
+    if kind == model.cfg.quantize == model.cfg.embed_quantize:
         return model
-    cfg = model.cfg.replace(quantize=kind)
+    cfg = model.cfg.replace(quantize=kind, quantize_embed="")
     params = quant.quantize_params(model.variables["params"], kind)
     return LoadedModel(cfg, prepare_variables(cfg, {**model.variables, "params": params}), model.tokenizer)
 

@@ -60,8 +60,9 @@ class ModelConfig:
     groups computed, only the exact top ffn_k count, as in training.
     The defaults are dense, and a dense config computes exactly what it did without these fields.
 
-    `quantize` "int8" / "int4" keeps every Linear kernel and the embedding table quantized in blocks of 32 inputs
-    (hire.quant, llama.cpp's Q8_0 / Q4_1); `dtype` stays the type the activations are computed in.
+    `quantize` "int8" / "int4" keeps every Linear kernel quantized in blocks of 32 inputs (hire.quant, llama.cpp's
+    Q8_0 / Q4_1), and the embedding table (and an untied LM head) too, or as `quantize_embed` says when set (a GGUF
+    file's Q8_0 embedding beside Q4_1 layers); `dtype` stays the type the activations are computed in.
     """
 
     vocab_size: int
@@ -97,6 +98,7 @@ class ModelConfig:
     eos_id: int = 2
     dtype: str = "float32"
     quantize: str = "none"
+    quantize_embed: str = ""  # the embedding table's and an untied LM head's; "" means as `quantize`
     softmax: str = "dense"
     softmax_k: int = 32
     softmax_oversample: int = 8
@@ -168,11 +170,12 @@ class ModelConfig:
         return problems
 
     def _quantize_problems(self) -> list[str]:
-        if self.quantize == "none":
-            return []
-        if self.quantize not in QUANTIZE:
-            return [f"quantize must be one of {QUANTIZE}, got {self.quantize!r}"]
-        widths = {"dim": self.dim, "ffn_dim": self.ffn_dim, "n_heads * head_dim": self.n_heads * self.head_dim}
+        problems = [f"{f} must be one of {choices}, got {getattr(self, f)!r}" for f, choices in (
+            ("quantize", QUANTIZE), ("quantize_embed", ("", *QUANTIZE))) if getattr(self, f) not in choices]
+        if problems or self.quantize == self.embed_quantize == "none":
+            return problems
+        widths = {"dim": self.dim} if self.quantize == "none" else {
+            "dim": self.dim, "ffn_dim": self.ffn_dim, "n_heads * head_dim": self.n_heads * self.head_dim}
         problems = [f"quantize needs {f} to be a multiple of 32, got {n}" for f, n in widths.items() if n % 32]
         if self.sparse:
             problems.append("quantize needs the dense softmax and FFN (HiRE reads float weights)")
@@ -181,6 +184,11 @@ class ModelConfig:
     def layer_window(self, i: int) -> int:
         """The sliding window of layer i: 0 when it attends globally."""
         return 0 if self.global_every and (i + 1) % self.global_every == 0 else self.sliding_window
+
+    @property
+    def embed_quantize(self) -> str:
+        """The embedding table's (and an untied LM head's) quantization: quantize_embed, else quantize."""
+        return self.quantize_embed or self.quantize
 
     @property
     def q_per_kv(self) -> int:

@@ -98,10 +98,10 @@ def norm(cfg: ModelConfig, name: str) -> RMSNorm:
     return RMSNorm(cfg.norm_eps, cfg.dtype, cfg.norm_offset, name=name)
 
 
-def weight_init(cfg: ModelConfig, table: bool = False) -> nn.initializers.Initializer:
-    """Random weights: normal(0.02), quantized when the config says (a kernel, or the embedding `table`'s rows)."""
+def weight_init(kind: str, table: bool = False) -> nn.initializers.Initializer:
+    """Random weights: normal(0.02), quantized to `kind` unless "none" (a kernel, or an embedding `table`'s rows)."""
     init = nn.initializers.normal(0.02)
-    return init if cfg.quantize == "none" else quant.initializer(cfg.quantize, init, transpose=not table)
+    return init if kind == "none" else quant.initializer(kind, init, transpose=not table)
 
 
 class Linear(nn.Module):
@@ -115,7 +115,7 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, lora: Lora | None) -> jax.Array:
         dt = jnp.dtype(self.cfg.dtype)
-        kernel = self.param("kernel", weight_init(self.cfg), (x.shape[-1], self.features), dt)
+        kernel = self.param("kernel", weight_init(self.cfg.quantize), (x.shape[-1], self.features), dt)
         y = quant.matmul(x, kernel).astype(dt)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), dt)
@@ -275,7 +275,7 @@ class Transformer(nn.Module):
                  adapter: jax.Array | None = None, logit_index: jax.Array | None = None, kv_len: int | None = None):
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
-        embed = self.param("embed", weight_init(cfg, table=True), (cfg.vocab_size, cfg.dim), dt)
+        embed = self.param("embed", weight_init(cfg.embed_quantize, table=True), (cfg.vocab_size, cfg.dim), dt)
         lora = None
         if cfg.lora_adapters:
             scale = self.variable("lora", "scale", jnp.ones, (cfg.lora_adapters,), jnp.float32).value
@@ -298,7 +298,8 @@ class Transformer(nn.Module):
         x = norm(cfg, "norm")(x)
         if logit_index is not None:
             x = x[jnp.arange(x.shape[0]), logit_index]
-        weight = embed if cfg.tie_embeddings else self.param("lm_head", weight_init(cfg), (cfg.dim, cfg.vocab_size), dt)
+        weight = embed if cfg.tie_embeddings else self.param("lm_head", weight_init(cfg.embed_quantize),
+                                                             (cfg.dim, cfg.vocab_size), dt)
         if cfg.softmax != "dense":  # HiRE: exact logits for the predicted candidates only (hire.sparse)
             approx = Predictor(cfg.predictor_kind("softmax"), cfg.vocab_size, cfg.hire_rank, cfg.dtype,
                                name="softmax")(x)

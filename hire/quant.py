@@ -140,18 +140,20 @@ def initializer(kind: str, init: Callable, transpose: bool = True) -> Callable:
     return quantized
 
 
-def quantize_params(params: dict, kind: str) -> dict:
-    """Every Linear kernel ("kernel") and the embedding table ("embed", read as rows) of `params` quantized to
-    `kind`, and the untied "lm_head" as a kernel; "none" dequantizes a quantized tree back to float32."""
+def quantize_params(params: dict, kind: str, table_kind: str | None = None) -> dict:
+    """Every Linear kernel ("kernel") of `params` quantized to `kind`, the embedding table ("embed", read as rows)
+    and an untied "lm_head" (a kernel) to `table_kind` (default `kind`); "none" dequantizes to float32."""
     def convert(path: tuple, leaf: Any) -> Any:
         name = path[-1]
         if name not in ("kernel", "embed", "lm_head"):
             return leaf
-        as_rows = name == "embed"
+        to, as_rows = kind if name == "kernel" else table_kind or kind, name == "embed"
         if is_quantized(leaf):
+            if kind_of(leaf) == to:
+                return leaf
             rows = dequantize_rows(leaf)
             leaf = rows if as_rows else rows.T
-        return leaf if kind == "none" else (quantize_rows(leaf, kind) if as_rows else quantize(leaf, kind))
+        return leaf if to == "none" else (quantize_rows(leaf, to) if as_rows else quantize(leaf, to))
 
     return _map_named(convert, params)
 

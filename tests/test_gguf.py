@@ -55,7 +55,7 @@ def tiny(request, tmp_path_factory):
 def test_tiny_logits_match_transformers(tiny):
     path, float_model = tiny
     assert {t.tensor_type.name for t in GGUFFile(path).tensors.values()} >= set(TYPES)
-    loaded = load_model(path)
+    loaded = load_model(path, dtype="float32")  # dequantized, as transformers reads it (test_quant: kept quantized)
     assert detect_format(path) == detect_format(path.parent) == "gguf"
     ids = np.random.RandomState(0).randint(0, loaded.cfg.vocab_size, 40)
     with torch.no_grad():
@@ -67,7 +67,7 @@ def test_tiny_logits_match_transformers(tiny):
     assert diff <= TOL < np.abs(exact - want).max()
     assert loaded.cfg.tie_embeddings == float_model.config.tie_word_embeddings
     assert loaded.cfg.attention_bias == (float_model.config.model_type == "qwen2")
-    assert np.abs(hire_logits(load_model(path.parent), ids) - want).max() <= TOL  # the folder holding it
+    assert np.abs(hire_logits(load_model(path.parent, dtype="float32"), ids) - want).max() <= TOL  # its folder
 
 
 def test_reader_reads_as_gguf_reader(tiny):
@@ -168,7 +168,7 @@ def greedy_matches_transformers(loaded, ref, prompts: list[str], n: int, max_len
 
 def test_smollm2_greedy_matches_transformers():
     path = next(resolve_model("smollm2-135m-instruct").glob("*.gguf"))
-    loaded = load_model(path)
+    loaded = load_model(path, dtype="float32")
     assert (loaded.cfg.n_layers, loaded.cfg.dim, loaded.cfg.n_heads, loaded.cfg.n_kv_heads) == (30, 576, 9, 3)
     assert loaded.cfg.tie_embeddings and loaded.cfg.vocab_size == 49152
     prompts = ["The capital of France is", "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n",
@@ -180,7 +180,7 @@ def test_smollm2_greedy_matches_transformers():
 def gemma3():
     """Gemma 3 270M in hire and in transformers, both from the GGUF file hire pulled."""
     path = next(resolve_model("gemma3-270m").glob("*.gguf"))
-    return load_model(path), hf_gguf(path)
+    return load_model(path, dtype="float32"), hf_gguf(path)
 
 
 def test_gemma3_matches_transformers(gemma3):

@@ -141,3 +141,40 @@ def test_convert_round_trip_and_cli(tmp_path, dense_model):
     out = runner.invoke(main, ["generate", "--model", DENSE, "--quantize", "int8", "--softmax", "hire-lr", "--prompt",
                                "x", "--max-tokens", "2"])
     assert out.exit_code == 2 and "--quantize" in out.output and "dense softmax" in out.output
+
+
+@pytest.mark.parametrize("types, kernels, exact", [(("Q8_0",), "int8", True), (("Q4_0", "Q4_1"), "int4", True),
+                                                   (("Q4_1", "Q5_0"), "int8", False)])
+def test_gguf_blocks_kept_quantized(tmp_path, types, kernels, exact):
+    """Q8_0 and Q4_0 / Q4_1 blocks are hire's int8 / int4 blocks as they are (so they dequantize to exactly what
+    the float load reads); a finer type among the kernels makes them all int8, quantized again. --quantize none
+    (or a dtype) dequantizes."""
+    from tiny_gguf import random_llama, write_llama
+
+    path = write_llama(tmp_path / "q.gguf", random_llama(seed=3), types=types)
+    kept, float32 = load_model(path), load_model(path, dtype="float32")
+    assert (kept.cfg.quantize, kept.cfg.embed_quantize) == (kernels, kernels)
+    assert float32.cfg.quantize == "none" and load_model(path, quantize="none").cfg == float32.cfg
+    params = flatten(kept.variables["params"]) | flatten(float32.variables["params"])
+    for name in ("layers_0/attn/q/kernel", "layers_1/ffn/down/kernel"):  # q: llama.cpp's RoPE row order undone
+        got = np.asarray(quant.dequantize_rows({k.rsplit("/", 1)[1]: v for k, v in params.items()
+                                                if k.startswith(name + "/")}))
+        if exact:
+            np.testing.assert_array_equal(got, np.asarray(params[name]).T)
+        else:
+            np.testing.assert_allclose(got, np.asarray(params[name]).T, atol=float(np.abs(got).max()) / 100)
+    ids = jnp.arange(24)[None] % kept.cfg.vocab_size
+    assert np.abs(logits(kept, ids) - logits(float32, ids)).max() < 0.1 * np.abs(logits(float32, ids)).max()
+    assert load_model(path, quantize="int4").cfg.quantize == "int4"
+
+
+def test_gguf_q8_embedding_beside_q4_layers():
+    """SmolLM2's file as shipped: layers Q4_1, the tied embedding Q8_0; kept as int4 kernels and an int8 table."""
+    from hire.checkpoint import resolve_model
+
+    path = next(resolve_model("smollm2-135m-instruct").glob("*.gguf"))
+    kept = load_model(path)
+    assert (kept.cfg.quantize, kept.cfg.quantize_embed) == ("int4", "int8")
+    params = kept.variables["params"]
+    assert params["embed"]["q"].dtype == jnp.int8 and params["layers_0"]["ffn"]["up"]["kernel"]["q"].dtype == jnp.uint8
+    assert sum(a.nbytes for a in jax.tree.leaves(params)) < 100e6  # 135M weights in int4 / int8 blocks

@@ -2,8 +2,12 @@
 
 A GGUF file holds metadata (architecture, shape, tokenizer: hire.formats.gguf_tokenizer) and tensors,
 quantized or not. Architectures: llama, qwen2 and gemma3. Every tensor is checked by name, type and shape
-against what the metadata implies before any is read; then each is dequantized to float32 (read_tensor)
-and cast to the model's dtype.
+against what the metadata implies before any is read. Quantized weights stay quantized (hire.quant): Q8_0
+blocks are hire's int8 blocks and Q4_0 / Q4_1 blocks its int4 ones, as they are; other types (Q5_0, Q5_1,
+Q2_K-Q6_K) are dequantized and quantized again to the nearest hire format (int4 from Q2_K-Q4_K, int8 from the
+5- and 6-bit ones). One format serves all the layers' kernels (int8 if any of them is finer than 4 bits) and
+one the embedding and output (`quantize_embed`). Float tensors, and every tensor when a dtype is asked for,
+are dequantized to float32 (read_tensor) and cast to the model's dtype.
 
 Layouts: GGUF lists a tensor's dims innermost first, so numpy reads a weight as torch's [out, in], which
 is transposed to hire's [in, out]; embeddings are [vocab, dim] as in hire. llama.cpp's converter permutes
@@ -46,6 +50,9 @@ LAYER = {"attn_norm/weight": "attn_norm.weight", "ffn_norm/weight": "ffn_norm.we
          **{f"attn/{n}/bias": f"attn_{n}.bias" for n in "qkv"},
          **{f"ffn/{n}/kernel": f"ffn_{n}.weight" for n in ("gate", "up", "down")}}
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1's RoPE frequency factors
+FLOATS = (Q.F32, Q.F16, Q.BF16)
+AS_INT4 = (Q.Q4_0, Q.Q4_1, Q.Q2_K, Q.Q3_K, Q.Q4_K)  # the rest of TYPES become int8
+TABLES = ("params/embed", "params/lm_head")
 _MISSING = object()
 
 
@@ -269,6 +276,47 @@ def _convert(name: str, w: np.ndarray, cfg: ModelConfig, arch: str) -> np.ndarra
     return w.T if name.endswith("kernel") or name.endswith("lm_head") else w
 
 
+def hire_kind(types: set[Q]) -> str:
+    """The hire format ("none", "int8", "int4") that tensors of these GGUF types are kept in."""
+    if types <= set(FLOATS):
+        return "none"
+    return "int4" if types <= set(AS_INT4) else "int8"
+
+
+def _kinds(f: GGUFFile, plan: dict[str, str], dtype: str | None, quantize: str | None) -> tuple[str, str]:
+    """The quantization of the kernels and of the embedding and output: `quantize` for both when given; with only
+    a dtype, none; else the file's own (hire_kind)."""
+    if quantize is not None or dtype is not None:
+        return (quantize or "none",) * 2
+    kernels = {f.tensors[src].tensor_type for name, src in plan.items() if name.endswith("kernel")}
+    tables = {f.tensors[src].tensor_type for name, src in plan.items() if name in TABLES}
+    return hire_kind(kernels), hire_kind(tables)
+
+
+def _blocks(t: gguf.ReaderTensor, kind: str) -> dict[str, np.ndarray]:
+    """Tensor `t` as hire.quant's rows of `kind`: Q8_0 as int8 and Q4_0 / Q4_1 as int4 block for block (Q4_0's
+    min is -8 scale), any other type dequantized and quantized again."""
+    from hire import quant
+
+    raw, kinds = t.data, {Q.Q8_0: "int8", Q.Q4_0: "int4", Q.Q4_1: "int4"}
+    if kinds.get(t.tensor_type) != kind:
+        return {k: np.asarray(v) for k, v in quant.quantize_rows(read_tensor(t), kind).items()}
+    head = {Q.Q8_0: 2, Q.Q4_0: 2, Q.Q4_1: 4}[t.tensor_type]  # bytes of float16 scale (and min) before each block
+    blocks = raw.reshape(raw.shape[0], -1, raw.shape[1] * quant.BLOCK // int(t.shape[0]))
+    half = lambda i: np.ascontiguousarray(blocks[..., i:i + 2]).view(np.float16)[..., 0]  # noqa: E731
+    q = np.ascontiguousarray(blocks[..., head:]).reshape(raw.shape[0], -1)
+    if kind == "int8":
+        return {"q": q.view(np.int8), "scale": half(0)}
+    return {"q": q, "scale": half(0), "min": half(2) if t.tensor_type == Q.Q4_1 else -8 * half(0)}
+
+
+def _quantized(name: str, rows: dict[str, np.ndarray], cfg: ModelConfig, arch: str) -> dict[str, np.ndarray]:
+    """Quantized rows from GGUF as hire variable `name` (hire.quant keeps rows [out, in], as GGUF does)."""
+    if arch == "llama" and (m := re.search(r"attn/([qk])/", name)):
+        return {k: half_split(v, cfg.n_heads if m[1] == "q" else cfg.n_kv_heads) for k, v in rows.items()}
+    return rows
+
+
 def check_gguf(path: str | Path) -> ModelConfig:
     """Check a GGUF file as load_gguf would, without reading its tensors: metadata, tokenizer, tensor names,
     types and shapes. Returns its config."""
@@ -281,12 +329,22 @@ def check_gguf(path: str | Path) -> ModelConfig:
     return cfg
 
 
-def load_gguf(path: str | Path, dtype: str | None = None) -> LoadedModel:
-    """Load a GGUF file, or the folder holding one, computing in `dtype` (default float32)."""
+def load_gguf(path: str | Path, dtype: str | None = None, quantize: str | None = None) -> LoadedModel:
+    """Load a GGUF file, or the folder holding one, computing in `dtype` (default float32), its weights kept as
+    the file quantizes them (the module's docstring), or all as `quantize` says ("none": float); a `dtype`
+    alone dequantizes them all."""
     from hire.formats.gguf_tokenizer import gguf_tokenizer
 
     f = GGUFFile(find_gguf(Path(path)))
     cfg = gguf_config(f, dtype)
     tokenizer = gguf_tokenizer(f, cfg.vocab_size)
-    flat = {name: _convert(name, read_tensor(f.tensors[src]), cfg, f.arch) for name, src in _plan(f, cfg).items()}
+    plan = _plan(f, cfg)
+    kernels, tables = _kinds(f, plan, dtype, quantize)
+    cfg = cfg.replace(quantize=kernels, quantize_embed="" if tables == kernels else tables)
+    flat = {}
+    for name, src in plan.items():
+        kind = tables if name in TABLES else kernels if name.endswith("kernel") else "none"
+        t = f.tensors[src]
+        flat[name] = (_convert(name, read_tensor(t), cfg, f.arch) if kind == "none"
+                      else _quantized(name, _blocks(t, kind), cfg, f.arch))
     return LoadedModel(cfg, prepare_variables(cfg, unflatten(flat)), tokenizer)

@@ -255,6 +255,12 @@ SHAPES: dict[str, ModelConfig] = {
     "smollm2-135m": ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
                                 rope_theta=100000.0, tie_embeddings=True, max_seq_len=8192,
                                 name="synthetic-smollm2-135m"),
+    # Gemma 3 270M: a 262,144-token vocabulary (63% of the weights), MQA over head_dim 256, 5 local layers a global one
+    "gemma3-270m": ModelConfig(vocab_size=262144, dim=640, n_layers=18, n_heads=4, n_kv_heads=1, head_dim=256,
+                               ffn_dim=2048, activation="gelu_tanh", norm_eps=1e-6, rope_theta=1e6, max_seq_len=32768,
+                               sliding_window=512, global_every=6, rope_local_theta=1e4, query_scale=256.0,
+                               norm_offset=1.0, qk_norm=True, post_norms=True, embed_scale=True, tie_embeddings=True,
+                               bos_id=2, eos_id=1, name="synthetic-gemma3-270m"),
     # Mixtral-shaped (8 experts, top 2, ffn 3.5 x dim, 4 query heads per KV head of 128): 1.71 GB in float32,
     # 1.41 GB of it experts. Decode reads 2 of a layer's 8 experts (hire.moe).
     "moe-1g": ModelConfig(vocab_size=32000, dim=1024, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=3584, n_experts=8,

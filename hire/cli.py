@@ -785,13 +785,15 @@ def bench_peers(model, precisions, batch, steps, prompt_len, prefill_len, rounds
               help="Timed runs of each way; medians are kept.")
 @click.option("--prompt", help="Text to continue (default: 'def parse_args(argv):', or 16 random token ids for a "
                                "model without a tokenizer).")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="0: greedy; else sampled with seed 0 (the same tokens both ways).")
 @click.option("--threads", default=16, show_default=True, type=click.IntRange(min=1), help="Reads in flight at once.")
 @click.option("--dir", "folder", type=click.Path(file_okay=False),
               help="Where the converted or random model is written and kept (reused when it holds ffn_groups.bin); "
                    "default: a temporary folder, deleted after.")
 @hire_options
-def bench_flash(model, shape, memory_budget, window, steps, repeats, prompt, threads, folder, softmax, ffn,
-                hire_settings) -> None:
+def bench_flash(model, shape, memory_budget, window, steps, repeats, prompt, temperature, threads, folder, softmax,
+                ffn, hire_settings) -> None:
     """Decoding with the FFN on disk under --memory-budget against the naive way: one JSON object.
 
     The naive way memory-maps the float checkpoint and lets the OS page it, in a child process held to the same
@@ -840,7 +842,7 @@ def bench_flash(model, shape, memory_budget, window, steps, repeats, prompt, thr
             raise click.BadParameter("this model has no tokenizer", param_hint="--prompt")
         else:
             ids = np.random.default_rng(0).integers(0, read_config(work).vocab_size, 16).tolist()
-        click.echo(json.dumps(run(work, memory_budget, window, ids, steps, repeats, threads, hire)))
+        click.echo(json.dumps(run(work, memory_budget, window, ids, steps, repeats, threads, hire, temperature)))
     except BudgetError as e:
         raise click.BadParameter(str(e), param_hint="--memory-budget") from None
     except CheckpointError as e:

@@ -200,11 +200,13 @@ def plan(cfg: ModelConfig, layout: Layout, resident: int, budget: int, rows: int
 
 
 class GroupSource(Protocol):
-    """What OnDiskNet reads bundles from: `fetch(layer, idx [N, k'], x)` -> [N k', parts, group, dim] (the groups
-    of idx, in its order), `read_layer(layer, x)` -> [groups, parts, group, dim]; `x` is unused (it orders the
-    calls after the computation of the layer's input)."""
+    """What OnDiskNet reads bundles from. `fetch(layer, idx [N, k'], x)` -> (bundles [rows(N), parts, group, dim],
+    where [N, k'] int32: the row of bundles holding each group of idx); `read_layer(layer, x)` -> the layer's
+    bundles [groups, parts, group, dim]. `x` is unused: it orders the calls after the layer's input is computed."""
 
-    def fetch(self, layer: int, idx: np.ndarray, x: np.ndarray) -> np.ndarray: ...
+    def rows(self, n: int) -> int: ...
+
+    def fetch(self, layer: int, idx: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
     def read_layer(self, layer: int, x: np.ndarray) -> np.ndarray: ...
 
@@ -274,7 +276,12 @@ class DiskFFN:
         list(self.pool.map(read, calls))
         return stride * len(groups)
 
-    def fetch(self, layer: int, idx: np.ndarray, x: np.ndarray | None = None) -> np.ndarray:
+    def rows(self, n: int) -> int:
+        return self.slots
+
+    def fetch(self, layer: int, idx: np.ndarray, x: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The layer's window (every slot: handed over as it is, no gather) after reading the groups of idx it
+        lacks, and where they are."""
         layer = int(layer)
         with self.lock:
             step, slot_of, last, free = self.steps[layer], self.slot_of[layer], self.last[layer], self.free[layer]
@@ -291,7 +298,7 @@ class DiskFFN:
             self.bytes_read += self._read(layer, missing, [self.cache[layer, s] for s in slots])
             last[need] = step
             self.needed, self.found = self.needed + len(need), self.found + len(need) - len(missing)
-            return self._groups(self.cache[layer, slot_of[np.ravel(idx)]])
+            return self._groups(self.cache[layer]), slot_of[idx].astype(np.int32)
 
     def _evict(self, layer: int, groups: np.ndarray) -> None:
         self.free[layer] += self.slot_of[layer, groups].tolist()
@@ -344,17 +351,26 @@ class MappedFFN:
         self.map.madvise(mmap.MADV_DONTNEED)
         os.posix_fadvise(self.file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
-    def fetch(self, layer: int, idx: np.ndarray, x: np.ndarray | None = None) -> np.ndarray:
+    def rows(self, n: int) -> int:
+        return n * self.cfg.ffn_candidates
+
+    def fetch(self, layer: int, idx: np.ndarray, x: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The groups of idx gathered in its order."""
         if self.drop_each_token and int(layer) == 0:
             self.drop_pages()
-        g, dim = self.cfg.ffn_group, self.cfg.dim
+        g, dim, kernels = self.cfg.ffn_group, self.cfg.dim, self.kernels[int(layer)]
         cols = (np.ravel(idx)[:, None] * g + np.arange(g)).ravel()
-        *inputs, down = self.kernels[int(layer)]
-        parts = [k[:, cols].T for k in inputs] + [down[cols]]
-        return np.stack([p.reshape(-1, g, dim) for p in parts], axis=1)
+        out = np.empty((np.size(idx), len(kernels), g, dim), kernels[0].dtype)
+        for i, kernel in enumerate(kernels):  # gate and up columns, down rows
+            out[:, i] = (kernel[:, cols].T if i < len(kernels) - 1 else kernel[cols]).reshape(-1, g, dim)
+        return out, np.arange(np.size(idx), dtype=np.int32).reshape(np.shape(idx))
 
     def read_layer(self, layer: int, x: np.ndarray | None = None) -> np.ndarray:
-        return self.fetch(layer, np.arange(self.cfg.ffn_groups))
+        g, dim, kernels = self.cfg.ffn_group, self.cfg.dim, self.kernels[int(layer)]
+        out = np.empty((self.cfg.ffn_groups, len(kernels), g, dim), kernels[0].dtype)
+        for i, kernel in enumerate(kernels):  # straight from the mapping, no copy on the way
+            out[:, i] = (kernel.T if i < len(kernels) - 1 else kernel).reshape(-1, g, dim)
+        return out
 
 
 def ffn_on_disk(cfg: ModelConfig, x: jax.Array, approx: jax.Array, layer: int, source: GroupSource) -> jax.Array:
@@ -369,9 +385,9 @@ def ffn_on_disk(cfg: ModelConfig, x: jax.Array, approx: jax.Array, layer: int, s
         bundle = io_callback(functools.partial(source.read_layer, layer), bundles(groups), x)
         return sparse.group_sparse_ffn(x, bundle, approx, act, candidates, keep=keep)
     _, idx = jax.lax.top_k(sparse.approx_group_scores(approx.reshape(n, -1), act, groups, cfg.ffn_group), candidates)
-    fetched = io_callback(functools.partial(source.fetch, layer), bundles(n * candidates), idx, x)
-    out = sparse.per_token_groups(x.reshape(n, cfg.dim), fetched, jnp.arange(n * candidates).reshape(n, candidates),
-                                  act, keep)
+    fetched, where = io_callback(functools.partial(source.fetch, layer),
+                                 (bundles(source.rows(n)), jax.ShapeDtypeStruct(idx.shape, jnp.int32)), idx, x)
+    out = sparse.per_token_groups(x.reshape(n, cfg.dim), fetched, where, act, keep)
     return out.astype(x.dtype).reshape(x.shape)
 
 

@@ -42,11 +42,12 @@ def read_bytes() -> int:
         return 0
 
 
-def decode_timed(engine: Engine, prompt: list[int], steps: int,
+def decode_timed(engine: Engine, prompt: list[int], steps: int, temperature: float,
                  cold: Callable[[], None]) -> tuple[float, list[int], int]:
-    """Prefill `prompt`, call `cold` (what the FFN's source held is forgotten), then time `steps` greedy decode steps
-    in one compiled loop: seconds, the tokens, and the bytes read from storage while decoding."""
-    prefix = engine.prefill(prompt, SamplingParams(temperature=0.0, seed=0))
+    """Prefill `prompt`, call `cold` (what the FFN's source held is forgotten), then time `steps` decode steps (greedy,
+    or sampled at `temperature` with seed 0) in one compiled loop: seconds, the tokens, and the bytes read from
+    storage while decoding."""
+    prefix = engine.prefill(prompt, SamplingParams(temperature=temperature, seed=0))
     state = jax.block_until_ready(engine.insert(prefix, engine.init_state(), 0))
     cold()
     before, start = read_bytes(), time.perf_counter()
@@ -121,12 +122,21 @@ class MemoryCgroup:
             (self.folder / "memory.max_usage_in_bytes").write_text("0")
 
     def remove(self) -> None:
+        if not self.v2:  # hand its page cache back to the parent first
+            _write(self.folder / "memory.force_empty", "0")
         for _ in range(50):
             try:
                 self.folder.rmdir()
                 return
             except OSError:
                 time.sleep(0.1)
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError:
+        pass
 
 
 def _read(path: Path) -> str:
@@ -137,7 +147,7 @@ def _read(path: Path) -> str:
 
 
 def _naive_worker(conn, folder: str, settings: dict, max_len: int, prompt: list[int], steps: int,
-                  drop_each_token: bool) -> None:
+                  temperature: float, drop_each_token: bool) -> None:
     """The child process: MappedFFN decoding, timed on each "run" it is sent (decode_timed's result back)."""
     try:
         conn.recv()  # in its cgroup now
@@ -145,11 +155,11 @@ def _naive_worker(conn, folder: str, settings: dict, max_len: int, prompt: list[
         source = MappedFFN(folder, model.cfg, drop_each_token)
         engine = Engine(model, slots=1, max_len=max_len, net=OnDiskNet(model.cfg, source))
         for _ in range(3):  # compile, and let the allocators reach their steady size: the baseline
-            decode_timed(engine, prompt, steps, source.drop_pages)
+            decode_timed(engine, prompt, steps, temperature, source.drop_pages)
         source.drop_pages()
         conn.send("ready")
         while conn.recv() == "run":
-            conn.send(decode_timed(engine, prompt, steps, source.drop_pages))
+            conn.send(decode_timed(engine, prompt, steps, temperature, source.drop_pages))
     except Exception as e:  # noqa: BLE001 (reported by the parent, which raises it)
         conn.send(f"{type(e).__name__}: {e}")
 
@@ -157,12 +167,13 @@ def _naive_worker(conn, folder: str, settings: dict, max_len: int, prompt: list[
 class NaiveProcess:
     """The naive way in a child process held to `page_cache` bytes beyond its baseline (module docstring)."""
 
-    def __init__(self, folder: Path, settings: dict, max_len: int, prompt: list[int], steps: int, page_cache: int):
+    def __init__(self, folder: Path, settings: dict, max_len: int, prompt: list[int], steps: int, temperature: float,
+                 page_cache: int):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.cgroup = MemoryCgroup.make(f"hire-naive-{os.getpid()}")
         self.proc = ctx.Process(target=_naive_worker, daemon=True, args=(
-            child, str(folder), settings, max_len, prompt, steps, self.cgroup is None))
+            child, str(folder), settings, max_len, prompt, steps, temperature, self.cgroup is None))
         self.proc.start()
         child.close()
         try:
@@ -215,21 +226,24 @@ class NaiveProcess:
 
 
 def bench_flash(folder: str | Path, budget: int, window: int | None, prompt: list[int], steps: int = 64,
-                repeats: int = 3, threads: int = 16, settings: dict | None = None) -> dict[str, Any]:
+                repeats: int = 3, threads: int = 16, settings: dict | None = None,
+                temperature: float = 0.0) -> dict[str, Any]:
     """Decode `steps` tokens after `prompt` with the model at `folder` (with ffn_groups.bin) under `budget` bytes,
-    the FFN on disk against the naive way; medians of `repeats`, `speedup` the median of the paired ratios."""
+    the FFN on disk against the naive way, greedy or sampled at `temperature` (seed 0); medians of `repeats`,
+    `speedup` the median of the paired ratios."""
     settings = settings or {}
     load = os.getloadavg()
     max_len = len(prompt) + steps + 1
     model, store, memory = load_on_disk(folder, budget, window, 1, max_len, threads, **settings)
     cfg, layout = model.cfg, store.layout
     engine = Engine(model, slots=1, max_len=max_len, net=OnDiskNet(cfg, store))
-    naive = NaiveProcess(Path(folder), settings, max_len, prompt, steps, budget - memory.resident)
+    naive = NaiveProcess(Path(folder), settings, max_len, prompt, steps, temperature, budget - memory.resident)
     try:
-        decode_timed(engine, prompt, steps, store.reset)  # compile
+        decode_timed(engine, prompt, steps, temperature, store.reset)  # compile
         runs = []
         for _ in range(repeats):
-            runs.append((decode_timed(engine, prompt, steps, store.reset), store.bytes_read, store.reuse, naive.run()))
+            flash = decode_timed(engine, prompt, steps, temperature, store.reset)
+            runs.append((flash, store.bytes_read, store.reuse, naive.run()))
         naive_budget = naive.budget()
     finally:
         naive.close()
@@ -240,6 +254,7 @@ def bench_flash(folder: str | Path, budget: int, window: int | None, prompt: lis
     (_, tokens, storage), counted, reuse, (_, naive_tokens, naive_storage) = runs[-1]
     return {
         "model": cfg.name, "dtype": cfg.dtype, "memory_budget": budget, "window": window, "steps": steps,
+        "temperature": temperature,
         "repeats": repeats, "prompt_len": len(prompt), "read_threads": threads, "direct": store.direct,
         "ffn_groups": layout.groups, "ffn_candidates": cfg.ffn_candidates, "group_bytes": layout.group_bytes,
         "resident_bytes": memory.resident, "ffn_bytes": ffn_bytes, "buffer_bytes": memory.buffers,

@@ -37,6 +37,13 @@ SMALL = ModelConfig(vocab_size=64, dim=40, n_layers=2, n_heads=4, n_kv_heads=2, 
                     ffn="group-sparse", ffn_group=16, ffn_k=2)
 
 
+def fetched(store: DiskFFN, layer: int, idx: np.ndarray) -> np.ndarray:
+    """The bundles of the groups idx [N, k'] as store.fetch hands them over: [N, k', parts, group, dim]."""
+    rows, where = store.fetch(layer, idx)
+    assert rows.shape[0] == store.rows(len(idx)) and where.shape == idx.shape
+    return rows[where]
+
+
 def bundles(cfg: ModelConfig, params: dict) -> list[np.ndarray]:
     return [np.asarray(sparse.bundle_ffn(f["up"]["kernel"], f["down"]["kernel"], f["gate"]["kernel"], cfg.ffn_group))
             for f in (params[f"layers_{i}"]["ffn"] for i in range(cfg.n_layers))]
@@ -55,8 +62,8 @@ def test_layout_round_trip(tmp_path, dtype):
         assert store.read_layer(i).dtype == jnp.dtype(dtype)
         np.testing.assert_array_equal(store.read_layer(i), want)
         idx = np.array([[5, 0, 3], [3, 1, 2]])  # more groups than the 3 slots hold: read in two steps
-        np.testing.assert_array_equal(store.fetch(i, idx[:1]), want[idx[0]])
-        np.testing.assert_array_equal(store.fetch(i, idx[1:]), want[idx[1]])
+        np.testing.assert_array_equal(fetched(store, i, idx[:1]), want[idx[:1]])
+        np.testing.assert_array_equal(fetched(store, i, idx[1:]), want[idx[1:]])
     store.close()
 
 
@@ -83,7 +90,7 @@ def test_window_reads_only_the_groups_it_does_not_hold(tmp_path, window):
     loads = []
     for step in idx:
         before = store.bytes_read
-        np.testing.assert_array_equal(store.fetch(1, step[None]), want[step])
+        np.testing.assert_array_equal(fetched(store, 1, step[None]), want[step[None]])
         loads.append((store.bytes_read - before) // layout.stride)
     masks = np.zeros((12, layout.groups), bool)
     masks[np.arange(12)[:, None], idx] = True

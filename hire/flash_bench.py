@@ -6,9 +6,10 @@ and MappedFFN (the float checkpoint memory-mapped, the OS paging) in a child pro
 in each repeat. The budget is what each may keep in memory: DiskFFN keeps to it by construction (hire.flash.plan).
 The child runs in a memory cgroup made under this process's own (v2 memory.max, or v1 memory.limit_in_bytes),
 whose limit is the child's memory once it has loaded the resident part, decoded three times (compiling, and
-letting its allocators reach their steady size) and dropped the checkpoint's pages (its baseline: runtime,
-resident part, KV cache, buffers), plus what the budget leaves beyond the resident part: its page cache holds at
-most that much of the checkpoint, and the kernel evicts the rest. Where no cgroup can be made, the child drops the
+letting its allocators reach their steady size; its C library keeps what it frees: KEEP_FREED) and dropped the
+checkpoint's pages (its baseline: runtime, resident part, KV cache, buffers), plus what the budget leaves beyond
+the resident part: its page cache holds at most that much of the checkpoint, and the kernel evicts the rest.
+Where no cgroup can be made, the child drops the
 checkpoint's pages from the page cache before every decode step instead (every step reads what it touches from
 storage), and `naive_budget` says which was done. Every decode starts cold: after the prefill, the window is
 emptied and the checkpoint's pages dropped.
@@ -70,6 +71,12 @@ def random_model(folder: str | Path, cfg: ModelConfig, hired: ModelConfig, seed:
     save_native(folder, cfg, variables, None)
     save_predictors(folder, random_predictors(hired, seed), {"random": True})
     write_groups(folder / GROUPS, Layout.of(cfg), variables["params"])
+
+
+# The naive child's C library keeps the memory it frees (allocations up to 32 MiB come from its heap, which is never
+# trimmed; two arenas): what its decode steps allocate then stays in its baseline instead of being charged to its
+# cgroup afresh each step, where it would squeeze the page cache below the budget's share, or hit the limit.
+KEEP_FREED = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1099511627776:glibc.malloc.arena_max=2"
 
 
 class MemoryCgroup:
@@ -174,17 +181,22 @@ class NaiveProcess:
         self.cgroup = MemoryCgroup.make(f"hire-naive-{os.getpid()}")
         self.proc = ctx.Process(target=_naive_worker, daemon=True, args=(
             child, str(folder), settings, max_len, prompt, steps, temperature, self.cgroup is None))
-        self.proc.start()
+        tunables = os.environ.get("GLIBC_TUNABLES")
+        os.environ["GLIBC_TUNABLES"] = KEEP_FREED  # read by the child's C library as it starts
+        try:
+            self.proc.start()
+        finally:
+            os.environ.pop("GLIBC_TUNABLES") if tunables is None else os.environ.update(GLIBC_TUNABLES=tunables)
         child.close()
         try:
             if self.cgroup:
                 self.cgroup.add(self.proc.pid)
             self.conn.send("go")
+            self.page_cache = page_cache
             self._receive()
             self.baseline = self.cgroup.usage() if self.cgroup else None
             if self.cgroup:
                 self.cgroup.limit(self.baseline + page_cache)
-            self.page_cache = page_cache
         except BaseException:
             self.close()
             raise
@@ -195,7 +207,8 @@ class NaiveProcess:
         except EOFError:
             self.proc.join(5)
             raise RuntimeError(f"the naive decoding process died (exit code {self.proc.exitcode}"
-                               + (", killed at its memory limit?)" if self.cgroup else ")")) from None
+                               + (f"; killed at its memory limit? Its share of the budget was {self.page_cache:,} "
+                                  "bytes: a larger --memory-budget leaves it more)" if self.cgroup else ")")) from None
         if isinstance(message, str) and message != "ready":
             raise RuntimeError(f"the naive decoding process failed: {message}")
         return message

@@ -8,7 +8,8 @@ The child runs in a memory cgroup made under this process's own (v2 memory.max, 
 whose limit is the child's memory once it has loaded the resident part, decoded three times (compiling, and
 letting its allocators reach their steady size; its C library keeps what it frees: KEEP_FREED) and dropped the
 checkpoint's pages (its baseline: runtime, resident part, KV cache, buffers), plus what the budget leaves beyond
-the resident part: its page cache holds at most that much of the checkpoint, and the kernel evicts the rest.
+the resident part (and IN_FLIGHT, 4 MiB for pages being read in): its page cache holds at most that much of the
+checkpoint, and the kernel evicts the rest.
 Where no cgroup can be made, the child drops the
 checkpoint's pages from the page cache before every decode step instead (every step reads what it touches from
 storage), and `naive_budget` says which was done. Every decode starts cold: after the prefill, the window is
@@ -77,6 +78,10 @@ def random_model(folder: str | Path, cfg: ModelConfig, hired: ModelConfig, seed:
 # trimmed; two arenas): what its decode steps allocate then stays in its baseline instead of being charged to its
 # cgroup afresh each step, where it would squeeze the page cache below the budget's share, or hit the limit.
 KEEP_FREED = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1099511627776:glibc.malloc.arena_max=2"
+
+# Beyond the budget's share, the naive child's limit leaves room for pages being read in: a small memory cgroup whose
+# page cache is all locked under readahead cannot reclaim any, and the kernel kills its process.
+IN_FLIGHT = 4 << 20
 
 
 class MemoryCgroup:
@@ -196,7 +201,7 @@ class NaiveProcess:
             self._receive()
             self.baseline = self.cgroup.usage() if self.cgroup else None
             if self.cgroup:
-                self.cgroup.limit(self.baseline + page_cache)
+                self.cgroup.limit(self.baseline + page_cache + IN_FLIGHT)
         except BaseException:
             self.close()
             raise
@@ -222,7 +227,8 @@ class NaiveProcess:
         if not self.cgroup:
             return {"method": "page cache dropped before every decode step (no memory cgroup could be made)"}
         return {"method": self.cgroup.method, "baseline_bytes": self.baseline, "page_cache_bytes": self.page_cache,
-                "limit_bytes": self.baseline + self.page_cache, "peak_bytes": self.cgroup.peak()}
+                "in_flight_bytes": IN_FLIGHT, "limit_bytes": self.baseline + self.page_cache + IN_FLIGHT,
+                "peak_bytes": self.cgroup.peak()}
 
     def close(self) -> None:
         if self.proc.is_alive():
@@ -264,7 +270,9 @@ def bench_flash(folder: str | Path, budget: int, window: int | None, prompt: lis
     seconds = [flash[0] for flash, *_ in runs]
     naive_seconds = [n[0] for *_, n in runs]
     ffn_bytes = layout.n_layers * layout.groups * layout.group_bytes
-    (_, tokens, storage), counted, reuse, (_, naive_tokens, naive_storage) = runs[-1]
+    (_, tokens, _), counted, reuse, (_, naive_tokens, _) = runs[-1]  # the same in every repeat
+    storage = statistics.median(flash[2] for flash, *_ in runs)
+    naive_storage = statistics.median(n[2] for *_, n in runs)
     return {
         "model": cfg.name, "dtype": cfg.dtype, "memory_budget": budget, "window": window, "steps": steps,
         "temperature": temperature,

@@ -52,7 +52,8 @@ async def serving(target: str, process: subprocess.Popen, log: Path, seconds: fl
 
 async def sigterm_under_load(target: str, process: subprocess.Popen) -> Counter:
     """Start STREAMS streams, send SIGTERM once two are decoding, then (health NOT_SERVING) try new requests; the
-    count of each outcome."""
+    count of each outcome. Streams that reached the server only after SIGTERM (Serve's proxy can be slow to pass them
+    on) are refused like new requests: "late, refused"."""
     async with grpc.aio.insecure_channel(target) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
@@ -68,6 +69,8 @@ async def sigterm_under_load(target: str, process: subprocess.Popen) -> Counter:
                     started[i] = 1
                     got += len(msg.token_ids)
             except grpc.aio.AioRpcError as e:
+                if not started[i] and "shutting down" in (e.details() or ""):
+                    return f"late, refused {e.code().name}"  # reached the server after SIGTERM (a busy machine)
                 return f"cut {e.code().name}"
             return "finished" if got == TOKENS else f"short {got}"
 
@@ -109,9 +112,10 @@ def test_serve_grpc_stops_gracefully(tmp_path, grace, cut):
     assert outcomes["new, refused UNAVAILABLE"] == 3
     if cut:  # seconds of decoding left, 0.2 s to do it: every stream still running is cut, with a status
         assert outcomes["finished"] < STREAMS and outcomes["finished"] + outcomes["cut UNAVAILABLE"] + \
-            outcomes["cut CANCELLED"] == STREAMS, outcomes
+            outcomes["cut CANCELLED"] + outcomes["late, refused UNAVAILABLE"] == STREAMS, outcomes
     else:
-        assert outcomes["finished"] == STREAMS, outcomes
+        assert outcomes["finished"] >= 2 and \
+            outcomes["finished"] + outcomes["late, refused UNAVAILABLE"] == STREAMS, outcomes
 
 
 def test_serve_stops_gracefully(tmp_path):
@@ -128,5 +132,7 @@ def test_serve_stops_gracefully(tmp_path):
         raise
     print(json.dumps({"grace": 60, **outcomes}))
     assert stopped(process, log, 120) == 0, log.read_text()[-3000:]
-    assert outcomes["new, refused UNAVAILABLE"] == 3 and outcomes["finished"] == STREAMS, outcomes
+    # every stream that reached the server finished (those that came after SIGTERM were refused)
+    assert outcomes["new, refused UNAVAILABLE"] == 3 and outcomes["finished"] >= 2 and \
+        outcomes["finished"] + outcomes["late, refused UNAVAILABLE"] == STREAMS, outcomes
     assert "requests still running are cut" in log.read_text()

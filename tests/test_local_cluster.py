@@ -34,10 +34,12 @@ def cluster():
     try:
         up = script("up", "replicas", "--model", "stories260K", "--max-len", "256", timeout=400)
         assert up.returncode == 0, up.stderr[-4000:]
-        # the API key `up` made; the load test's requests carry it (cluster.loadtest.connect)
+        # the API key `up` made; the load test's requests carry it (cluster.loadtest.connect). Only for this
+        # module's tests: a key left in the environment would be taken by later tests' servers.
         state = Path(os.environ.get("HIRE_LOCAL_CLUSTER_DIR", "/tmp/hire-lc"))
-        os.environ["HIRE_API_KEY"] = (state / "api_key").read_text()
-        yield
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("HIRE_API_KEY", (state / "api_key").read_text())
+            yield
     finally:
         down = script("down", timeout=120)
         print(down.stderr)

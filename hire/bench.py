@@ -62,22 +62,32 @@ def bytes_per_token(cfg: ModelConfig, variables: dict, batch: int) -> int:
     return total // batch
 
 
+def decode_prompts(vocab_size: int, batch: int, prompt_len: int) -> list[list[int]]:
+    """`batch` prompts of `prompt_len` random token ids, one a slot (seeded: the same for every call)."""
+    return np.random.default_rng(0).integers(0, vocab_size, (batch, prompt_len)).tolist()
+
+
 def _decode_timer(model: LoadedModel, batch: int, steps: int, prompt_len: int, chunk: int) -> Callable[..., float]:
-    """A function that times `steps` greedy decode steps of `batch` slots (compiled at its first call)."""
+    """A function that times `steps` greedy decode steps of `batch` slots (compiled at its first call).
+
+    Each slot decodes its own prompt (decode_prompts: the same in every run and for every model timed at this
+    batch), so rows route to different experts and choose different HiRE candidates, as a real batch's rows do.
+    """
     cfg = model.cfg
     max_len = min(cfg.max_seq_len, prompt_len + steps + 1)
     engine = Engine(model, slots=batch, max_len=max_len)
-    prompt = list(np.random.default_rng(0).integers(0, cfg.vocab_size, prompt_len))
-    prefix = engine.prefill(prompt, SamplingParams(temperature=0.0, seed=0))
+    greedy = SamplingParams(temperature=0.0, seed=0)
+    prompts = decode_prompts(cfg.vocab_size, batch, prompt_len)
+    prefixes = [engine.prefill(prompt, greedy) for prompt in prompts]
 
     def run(prefill: bool = False) -> float:
-        """Seconds of the decode steps, or with `prefill` of prefilling the prompt alone."""
+        """Seconds of the decode steps, or with `prefill` of prefilling the first slot's prompt alone."""
         if prefill:
             start = time.perf_counter()
-            jax.block_until_ready(engine.prefill(prompt, SamplingParams(temperature=0.0, seed=0)))
+            jax.block_until_ready(engine.prefill(prompts[0], greedy))
             return time.perf_counter() - start
         state = engine.init_state()
-        for slot in range(batch):
+        for slot, prefix in enumerate(prefixes):
             state = engine.insert(prefix, state, slot)
         jax.block_until_ready(state)
         start = time.perf_counter()

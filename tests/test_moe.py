@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 from test_topk import finish
 
 from hire import moe, sharding
+from hire.bench import decode_prompts
 from hire.checkpoint import LoadedModel, load_model
 from hire.cli import main
 from hire.config import ModelConfig
@@ -122,6 +123,16 @@ def test_bench_decode_reports_bytes_and_the_all_experts_path(model, tmp_path, mo
         saved = CFG.n_layers * (CFG.n_experts - reads) * expert
         assert r["bytes_per_token"] == (r["weight_bytes"] - saved) // r["batch"]
         assert r["dense_bytes_per_token"] == r["weight_bytes"] // r["batch"]
+
+
+def test_bench_decode_slots_route_apart(model):
+    """hire bench decode gives each slot its own prompt (the same every call), so a batch's rows choose different
+    experts: here the first layer's router on the 8 prompts' last tokens picks more than one row's 2 experts."""
+    prompts = decode_prompts(CFG.vocab_size, 8, 4)
+    assert len({tuple(p) for p in prompts}) == 8 and prompts == decode_prompts(CFG.vocab_size, 8, 4)
+    params = model.variables["params"]
+    x = params["embed"][jnp.array([p[-1] for p in prompts])]
+    assert len(set(np.asarray(moe.route(x, params["layers_0"]["moe"]["router"], 2)[1]).ravel())) > 2
 
 
 def test_sharded_over_four_devices(model, tmp_path):

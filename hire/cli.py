@@ -546,7 +546,7 @@ def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype, 
     else:
         loaded = _load(model, dtype, hire, quantize)
         if loaded.cfg.sparse:
-            dense = _load(model, dtype, {"softmax": "dense", "ffn": "dense"})
+            dense = _load(model, dtype, {"softmax": "dense", "ffn": "dense"}, quantize)  # at the same precision
     if loaded.cfg.n_experts and loaded.cfg.moe_dispatch != "all":  # against the all-experts path (hire.moe)
         base = dense or loaded
         dense = LoadedModel(base.cfg.replace(moe_dispatch="all"), base.variables, base.tokenizer)
@@ -950,8 +950,10 @@ def eval_command(model, text_file, context, batch, dtype, quantize, reference, s
     every token after the first is predicted. Keys: tokens (predicted), loss (mean nats per token),
     perplexity (exp loss), next_token_accuracy (argmax hits), bits_per_byte (of the UTF-8 text),
     windows, context. A progress bar goes to stderr. With HiRE (--softmax, --ffn) also dense_loss,
-    dense_perplexity, top1_agreement (with the exact model's argmax), softmax_recall, ffn_recall, ffn_mass;
-    the exact model is the dense one, or for a model trained with the group-topk mask its exact-mask forward.
+    dense_perplexity, top1_agreement (with the exact model's argmax), sampled_agreement (a temperature-1 draw with
+    the same noise), tv_distance (total variation from the exact distribution), logprob_error (mean |difference| of
+    the target's log-probability), softmax_recall, ffn_recall, ffn_mass; the exact model (at the same --dtype and
+    --quantize) is the dense one, or for a model trained with the group-topk mask its exact-mask forward.
     A tandem small model (e.g. stdlib-9m-tandem) is scored beside its large model, teacher-forced in its
     training block pattern (docs/speculative.md). With --draft, also the drafter's keys (hire.speculative.
     drafter_accuracy): draft_next_token_accuracy, draft_agreement, draft_predictions, draft_gamma.
@@ -966,7 +968,7 @@ def eval_command(model, text_file, context, batch, dtype, quantize, reference, s
         loaded, logits_fn = tandem_scorer(tandem, dtype)
     else:
         loaded, logits_fn = _load(model, dtype, _hire(softmax, ffn, hire_settings), quantize), None
-    dense = _load(model, dtype, _exact(model)) if loaded.cfg.sparse else None
+    dense = _load(model, dtype, _exact(model), quantize) if loaded.cfg.sparse else None
     ref = None if reference is None else _load(reference, dtype)
     if ref is not None and ref.cfg.vocab_size != loaded.cfg.vocab_size:
         raise click.BadParameter("the reference model has another vocabulary", param_hint="--reference")

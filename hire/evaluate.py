@@ -21,6 +21,21 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Arr
     return nll, jnp.argmax(logits, axis=-1) == targets
 
 
+def fidelity(logits: jax.Array, exact: jax.Array, targets: jax.Array, key: jax.Array) -> dict[str, jax.Array]:
+    """Per token, how far a HiRE model's next-token distribution (`logits`) is from the exact one's, in what
+    decoding sees: top1_agreement (greedy picks the same token), sampled_agreement (a temperature-1 draw with the
+    same Gumbel noise, as hire.sampling draws with the same seed, picks the same token), tv_distance (total
+    variation between the two distributions: a bound on how often any temperature-1 draw can differ) and
+    logprob_error (|difference| of the target token's log-probability)."""
+    logp, exact_logp = (jax.nn.log_softmax(a.astype(jnp.float32), axis=-1) for a in (logits, exact))
+    noise = jax.random.gumbel(key, logp.shape)
+    at = lambda a: jnp.take_along_axis(a, targets[..., None], axis=-1)[..., 0]  # noqa: E731
+    return {"top1_agreement": jnp.argmax(logp, -1) == jnp.argmax(exact_logp, -1),
+            "sampled_agreement": jnp.argmax(logp + noise, -1) == jnp.argmax(exact_logp + noise, -1),
+            "tv_distance": 0.5 * jnp.abs(jnp.exp(logp) - jnp.exp(exact_logp)).sum(-1),
+            "logprob_error": jnp.abs(at(logp) - at(exact_logp))}
+
+
 def windows(tokens: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inputs, targets and mask [n, context]: window i predicts tokens[i*context + 1 : (i+1)*context + 1]."""
     n = math.ceil((len(tokens) - 1) / context)
@@ -38,9 +53,9 @@ def evaluate(model: LoadedModel, tokens: np.ndarray, context: int, batch_size: i
 
     With a `reference` model (same tokenizer), also `agreement`: how often both models' argmax
     agree, which bounds how many greedy drafts of `model` the reference would accept.
-    With `dense`, the same model without HiRE when `model` uses it: also dense_loss, dense_perplexity,
-    top1_agreement (how often both argmaxes agree) and the predictors' mean softmax_recall, ffn_recall
-    and ffn_mass on the hidden states the HiRE model reads (hire.calibrate.recalls).
+    With `dense`, the same model without HiRE when `model` uses it: also dense_loss, dense_perplexity, the means
+    of `fidelity`'s keys (top1_agreement, sampled_agreement, tv_distance, logprob_error) and the predictors' mean
+    softmax_recall, ffn_recall and ffn_mass on the hidden states the HiRE model reads (hire.calibrate.recalls).
     `logits_fn(variables, inputs, positions)`, when given, computes `model`'s logits in place of
     hire.model.Transformer (a tandem small model beside its large one: hire.tandem.tandem_scorer).
     Windows do not overlap, so each starts without context; the last batch is padded and masked.
@@ -55,15 +70,14 @@ def evaluate(model: LoadedModel, tokens: np.ndarray, context: int, batch_size: i
     positions = jnp.broadcast_to(jnp.arange(context), (batch_size, context))
 
     @jax.jit
-    def score(variables, ref_variables, dense_variables, x, y, m):
+    def score(variables, ref_variables, dense_variables, x, y, m, key):
         extra = {}
         if dense is None:
             logits = (logits_fn or (lambda v, *a: Transformer(model.cfg).apply(v, *a)[0]))(variables, x, positions)
         else:
             logits, inputs = layer_inputs(model.cfg, variables, x)
             dense_logits = Transformer(dense.cfg).apply(dense_variables, x, positions)[0]
-            extra = {"dense_nll": token_nll(dense_logits, y)[0],
-                     "top1_agreement": jnp.argmax(logits, -1) == jnp.argmax(dense_logits, -1),
+            extra = {"dense_nll": token_nll(dense_logits, y)[0], **fidelity(logits, dense_logits, y, key),
                      **recalls(model.cfg, variables, *inputs)}
         extra = {k: jnp.sum(v.reshape(m.shape) * m) for k, v in extra.items()}
         nll, correct = token_nll(logits, y)
@@ -78,7 +92,8 @@ def evaluate(model: LoadedModel, tokens: np.ndarray, context: int, batch_size: i
     total_nll, total_correct, total_agree, totals = 0.0, 0, 0, {}
     for i in tqdm(range(0, len(inputs), batch_size), desc="eval", unit="batch", disable=not progress):
         batch = (a[i:i + batch_size] for a in (inputs, targets, mask))
-        nll, correct, agree, extra = score(model.variables, ref_variables, dense_variables, *batch)
+        nll, correct, agree, extra = score(model.variables, ref_variables, dense_variables, *batch,
+                                           jax.random.key(i))
         total_nll, total_correct, total_agree = (total_nll + float(nll), total_correct + int(correct),
                                                  total_agree + int(agree))
         totals = {k: totals.get(k, 0.0) + float(v) for k, v in extra.items()}

@@ -18,6 +18,7 @@ import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group_table
+from ray_nodes import add_node
 
 from cluster.auth import bearer
 from cluster.coordinator import Coordinator, CoordinatorActor
@@ -65,14 +66,14 @@ PLACES = {"verify": {"num_cpus": 1, "resources": {"verify_node": 1}},
 @pytest.fixture(scope="module")
 def local_ray():
     tmp = tempfile.mkdtemp(prefix="hire-coordinator-")
-    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # the shared machine can be slow to start a raylet
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # RayConfig: how long a worker waits for its raylet
     # Cluster writes the head's address into Ray's default temp folder even with temp_dir set, and does not make
     # that folder: on a fresh machine where no Ray ran yet, it is not there
     Path(ray._private.utils.get_ray_address_file(None)).parent.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "resources": {"verify_node": 2},
                                                             "temp_dir": tmp})
     try:
-        cluster.add_node(num_cpus=3, resources={"draft_node": 2})
+        add_node(cluster, num_cpus=3, resources={"draft_node": 2})
         ray.init(address=cluster.address, include_dashboard=False, namespace=f"hire-coordinator-{os.getpid()}",
                  log_to_driver=False)
         yield Path(tmp)

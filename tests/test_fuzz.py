@@ -13,8 +13,8 @@ import time
 
 import grpc
 import pytest
-from hypothesis import HealthCheck, given, settings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cluster.auth import WithKey, bearer

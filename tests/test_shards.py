@@ -16,6 +16,7 @@ import pytest
 import ray
 from jax.sharding import PartitionSpec as P
 from ray.cluster_utils import Cluster
+from ray_nodes import add_node
 from test_sharded_sampling import hire_model
 
 from cluster.shards import RETRY_S, ShardedEngine, check_servable
@@ -43,7 +44,7 @@ def local_cluster():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     try:
         for _ in range(HOSTS):
-            cluster.add_node(num_cpus=1, resources={"hire_host": 1})
+            add_node(cluster, num_cpus=1, resources={"hire_host": 1})
         ray.init(address=cluster.address, include_dashboard=False)
         yield cluster
     finally:
@@ -225,7 +226,7 @@ def test_lost_node_reshards_and_grows_back(sharded, expected, local_cluster):
     assert sharded.group.hosts == 1 and sharded.recoveries[-1]["hosts"] == 1 and sharded.degraded
     assert not sharded.recover(grow=True)  # no node to grow onto
 
-    local_cluster.add_node(num_cpus=1, resources={"hire_host": 1})
+    add_node(local_cluster, num_cpus=1, resources={"hire_host": 1})
     assert sharded.recover(grow=True) and sharded.group.hosts == HOSTS and not sharded.degraded
     assert_same(generate(sharded, PROMPTS, GREEDY, chunk=CHUNK), expected)
 
@@ -238,7 +239,7 @@ def test_lost_node_reshards_and_grows_back(sharded, expected, local_cluster):
         assert sharded.unavailable == str(failed)
     finally:
         sharded.group.min_hosts = 1
-        local_cluster.add_node(num_cpus=1, resources={"hire_host": 1})
+        add_node(local_cluster, num_cpus=1, resources={"hire_host": 1})
     time.sleep(RETRY_S)
     assert_same(serve_all(sharded, PROMPTS[:1]), expected[:1])
     assert sharded.group.hosts == HOSTS

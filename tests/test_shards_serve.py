@@ -15,6 +15,7 @@ import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
 from ray.cluster_utils import Cluster
+from ray_nodes import add_node
 
 from cluster import launch
 from cluster.bench_serving import free_port
@@ -42,7 +43,7 @@ def served():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"hire_driver": 1}})
     try:
         for _ in range(2):
-            cluster.add_node(num_cpus=1, resources={"hire_host": 1})
+            add_node(cluster, num_cpus=1, resources={"hire_host": 1})
         ray.init(address=cluster.address, include_dashboard=False)
         port, grpc_port = free_port(), free_port()
         launch.start(dict(model=str(resolve_model("stories260K")), slots=4, max_len=16, chunk=4, hosts=2,
@@ -116,7 +117,7 @@ def test_no_group_fails_fast_and_cleanly(served, want):
         assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
     for _ in hosts:
-        cluster.add_node(num_cpus=1, resources={"hire_host": 1})
+        add_node(cluster, num_cpus=1, resources={"hire_host": 1})
     deadline = time.monotonic() + 300
     while True:  # the health probe (every 5 s) rebuilds the group
         try:

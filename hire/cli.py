@@ -656,11 +656,22 @@ def bench_router(model, draft, train_file, text_file, batch, n_prompts, train_pr
               help="Also time DA-TOP-k scored by this HiRE-Q copy of the weight, candidates rescored exactly.")
 @click.option("--oversample", default=4, show_default=True, type=click.IntRange(min=1),
               help="HiRE candidates per shard, as a multiple of k_local.")
-def bench_topk(devices, vocab, batch, k, dim, methods, recall_target, repeats, predictor, oversample) -> None:
-    """DA-TOP-k against all_gather-all-logits + exact top-k on sharded random logits, and the top-k methods.
+@click.option("--model", help="Use this model's output embedding (float32) as the weight, and its hidden states "
+                                "on --text as the batch, instead of random ones (--vocab and --dim are then its own).")
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False),
+              help="With --model: the text whose hidden states (evenly spaced positions of its first window) "
+                   "are scored.")
+@click.option("--shuffle-rows", is_flag=True,
+              help="With --model: shard the vocabulary rows in a seeded random order, not by token id.")
+def bench_topk(devices, vocab, batch, k, dim, methods, recall_target, repeats, predictor, oversample, model,
+               text_file, shuffle_rows) -> None:
+    """DA-TOP-k against all_gather-all-logits + exact top-k on sharded random logits (or a model's, with --model),
+    and the top-k methods.
 
     The 'hire' entry is the same step with approximate scores from an int8/int4 copy of the weight."""
-    if vocab % devices or k > vocab:
+    if (model is None) != (text_file is None):
+        raise click.UsageError("--model and --text go together")
+    if model is None and (vocab % devices or k > vocab):
         raise click.BadParameter(f"needs a multiple of --devices ({devices}), at least --k", param_hint="--vocab")
     # The JAX backend starts at the first device query, so the host device count still takes effect here.
     flags = os.environ.get("XLA_FLAGS", "")
@@ -668,12 +679,24 @@ def bench_topk(devices, vocab, batch, k, dim, methods, recall_target, repeats, p
     import jax
 
     from hire.topk import bench_topk as run
+    from hire.topk import model_softmax
 
     if jax.device_count() < devices:
         raise click.ClickException(f"--devices {devices}, but JAX has {jax.device_count()} "
                                    f"{jax.default_backend()} devices (was its backend started already?)")
+    real = None
+    if model is not None:
+        loaded = _load(model, None, None, "none")
+        try:
+            real = model_softmax(loaded, loaded.tokenizer.encode(Path(text_file).read_text(encoding="utf-8")), batch)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--text") from None
+        if real[0].shape[0] % devices or k > real[0].shape[0]:
+            raise click.BadParameter(f"{model}'s vocabulary ({real[0].shape[0]}) is not a multiple of --devices "
+                                     f"({devices}) or is under --k", param_hint="--model")
     click.echo(json.dumps(run(jax.devices()[:devices], vocab, batch, k, dim, methods, repeats, recall_target,
-                              predictor=None if predictor == "none" else predictor, oversample=oversample)))
+                              predictor=None if predictor == "none" else predictor, oversample=oversample,
+                              real=real, shuffle_rows=shuffle_rows)))
 
 
 @bench.command("window")

@@ -213,12 +213,31 @@ def k_local_for_recall(k: int, shards: int, n: int, target: float) -> int:
     return most
 
 
+def model_softmax(model: Any, tokens: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """A loaded model's output embedding W [vocab, dim] (float32) and `batch` hidden states [batch, dim] its softmax
+    reads, at evenly spaced positions of one window of `tokens` (at most its context)."""
+    from hire.calibrate import layer_inputs, softmax_kernel
+
+    window = np.asarray(tokens[:model.cfg.max_seq_len], np.int32)[None]
+    if window.shape[1] < batch:
+        raise ValueError(f"the text has {window.shape[1]} tokens, fewer than the batch ({batch})")
+    _, (x, _) = jax.jit(lambda v, t: layer_inputs(model.cfg, v, t))(model.variables, window)
+    at = np.linspace(0, window.shape[1] - 1, batch).round().astype(int)
+    return (np.asarray(softmax_kernel(model.cfg, model.variables["params"]), np.float32).T,
+            np.asarray(x[0, at], np.float32))
+
+
 def bench_topk(devices: list[jax.Device], vocab: int, batch: int, k: int, dim: int = 2048,
                methods: tuple[str, ...] = METHODS, repeats: int = 5, recall_target: float = 0.99,
-               seed: int = 0, predictor: str | None = "int8", oversample: int = 4) -> dict[str, Any]:
+               seed: int = 0, predictor: str | None = "int8", oversample: int = 4,
+               real: tuple[np.ndarray, np.ndarray] | None = None, shuffle_rows: bool = False) -> dict[str, Any]:
     """Time DA-TOP-k against the gather-everything baseline over `devices`, and the `top_k` methods on one.
 
-    A random softmax weight W [vocab, dim] (rows ~ N(0, I / dim), so about unit norm) is sharded by rows.
+    With `real` (W [vocab, dim], h [batch, dim]: a model's output embedding and hidden states its softmax read,
+    `model_softmax`), those are used, their rows in a seeded random order with `shuffle_rows` (a tokenizer's ids are
+    not: frequent tokens cluster, and a shard of consecutive rows then holds more of a top-k than k_local, the
+    hypergeometric assumption of `shard_recall`). Otherwise a random softmax weight W [vocab, dim] (rows ~
+    N(0, I / dim), so about unit norm) is sharded by rows.
     Each hidden state is 16 random rows of W weighted by c ~ U(4, 12), plus N(0, I) noise: those 16 logits
     are about c, the others Gaussian with variance 1 + sum(c^2) / dim (std ~1.25 at dim 2048, so the peaks
     stand 3 to 10 std out), a peaked distribution whose top-k is a few clear winners, then the upper tail.
@@ -234,10 +253,15 @@ def bench_topk(devices: list[jax.Device], vocab: int, batch: int, k: int, dim: i
     mesh = Mesh(np.array(devices), ("rows",))
     by_rows = jax.sharding.NamedSharding(mesh, PartitionSpec("rows"))
     key_w, key_pick, key_weight, key_noise = jax.random.split(jax.random.key(seed), 4)
-    w = jax.jit(lambda key: jax.random.normal(key, (vocab, dim)) / math.sqrt(dim), out_shardings=by_rows)(key_w)
-    peaks = jax.random.randint(key_pick, (batch, 16), 0, vocab)
-    weights = jax.random.uniform(key_weight, (batch, 16), minval=4.0, maxval=12.0)
-    h = jnp.einsum("bp,bpd->bd", weights, w[peaks]) + jax.random.normal(key_noise, (batch, dim))
+    if real is None:
+        w = jax.jit(lambda key: jax.random.normal(key, (vocab, dim)) / math.sqrt(dim), out_shardings=by_rows)(key_w)
+        peaks = jax.random.randint(key_pick, (batch, 16), 0, vocab)
+        weights = jax.random.uniform(key_weight, (batch, 16), minval=4.0, maxval=12.0)
+        h = jnp.einsum("bp,bpd->bd", weights, w[peaks]) + jax.random.normal(key_noise, (batch, dim))
+    else:
+        rows = np.random.default_rng(seed).permutation(len(real[0])) if shuffle_rows else slice(None)
+        w, h = jax.device_put(jnp.asarray(real[0][rows], jnp.float32), by_rows), jnp.asarray(real[1], jnp.float32)
+        (vocab, dim), batch = w.shape, h.shape[0]
     h = jax.device_put(h, jax.sharding.NamedSharding(mesh, PartitionSpec()))
     logits_t = jax.jit(lambda h, w: w @ h.T, out_shardings=by_rows)(h, w)  # [vocab, batch], rows sharded
     logits = jax.device_put(logits_t.T, devices[0])
@@ -291,6 +315,7 @@ def bench_topk(devices: list[jax.Device], vocab: int, batch: int, k: int, dim: i
         return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth)]))
 
     return {
+        "weights": "random" if real is None else "model, rows shuffled" if shuffle_rows else "model",
         "devices": shards, "vocab": vocab, "batch": batch, "k": k, "dim": dim, "repeats": repeats,
         "recall_target": recall_target, "k_local": k_local,
         "expected_recall": round(shard_recall(k, shards, vocab, k_local), 4),

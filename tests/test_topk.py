@@ -236,6 +236,26 @@ def test_bench_topk_command():
     assert hire["recall"] >= 0.9 and hire["ms"] > 0 and hire["bytes_read"] < hire["exact_bytes_read"]
 
 
+def test_bench_topk_on_a_models_softmax(tmp_path):
+    """`hire bench topk --model --text` ranks a real model's vocabulary (stories260K: 512 rows of 64) for its hidden
+    states on the text; its top-k of the model's own logits is what every method is scored against. Shards of
+    consecutive token ids break the recall formula's assumption (this model's top 16 crowd into one half);
+    --shuffle-rows restores it."""
+    text = tmp_path / "story.txt"
+    text.write_text("Once upon a time, there was a little girl named Lily. She loved to play outside. " * 4)
+    out = {}
+    for flags in ([], ["--shuffle-rows"]):
+        proc = subprocess.Popen([sys.executable, "-m", "hire.cli", "bench", "topk", "--devices", "2", "--batch", "4",
+                                 "--k", "16", "--repeats", "1", "--model", str(REPO / "tests" / "data" / "stories260K"),
+                                 "--text", str(text), *flags], cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out[bool(flags)] = finish(proc)
+        assert (out[bool(flags)]["vocab"], out[bool(flags)]["dim"], out[bool(flags)]["batch"]) == (512, 64, 4)
+        assert out[bool(flags)]["single_device"]["exact"]["recall"] == 1.0
+    assert out[False]["weights"] == "model" and out[True]["weights"] == "model, rows shuffled"
+    assert out[False]["recall"] < 0.9 < out[True]["recall"] and out[True]["hire"]["recall"] > 0.9
+
+
 def main(argv: list[str]) -> None:
     """Subprocess entry: `devices` (one process, meshes of 1-8 devices) or `process ID PORT` (2 processes)."""
     w, h, _ = problem()

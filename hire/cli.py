@@ -23,17 +23,31 @@ DRAFT_HELP = ("Decode speculatively with this drafter: 'ngram' (prompt lookup, n
               "stdlib-9m-tandem).")
 
 
+HALF_ON_CPU = ("on the CPU, XLA converts every 16-bit weight matrix to float32 before each product, so {} decodes "
+               "slower than float32 (docs/benchmarks.md): for smaller weights use --quantize int8 (integer products, "
+               "within 0.5% of float32's perplexity), else --dtype float32")
+
+
 def _load(model: str, dtype: str | None, hire: dict | None = None, quantize: str | None = None):
-    """Load a model; `hire` overrides its config's HiRE fields (see hire_options), `quantize` its weights'."""
+    """Load a model; `hire` overrides its config's HiRE fields (see hire_options), `quantize` its weights'.
+    A 16-bit dtype on the CPU is refused (HALF_ON_CPU), and a model stored so is warned about."""
+    import jax
+
     from hire.checkpoint import load_model
 
+    cpu = jax.default_backend() == "cpu"
+    if cpu and dtype in ("bfloat16", "float16"):
+        raise click.BadParameter(HALF_ON_CPU.format(dtype), param_hint="--dtype")
     try:
-        return load_model(model, dtype=dtype, quantize=quantize, **(hire or {}))
+        loaded = load_model(model, dtype=dtype, quantize=quantize, **(hire or {}))
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
     except ValueError as e:
         hint = "--quantize" if quantize and "quantize" in str(e) else "--softmax/--ffn/--hire"
         raise click.BadParameter(str(e), param_hint=hint) from None
+    if cpu and loaded.cfg.dtype != "float32":
+        click.echo(f"warning: {loaded.cfg.name} is stored in {loaded.cfg.dtype}; {HALF_ON_CPU.format('it')}", err=True)
+    return loaded
 
 
 def quantize_option(command):

@@ -48,6 +48,7 @@ def test_generate_stop_string(run):
     (["--top-p", "0"], "top-p"),
     (["--adapter", "x"], "no adapter 'x'"),
     (["--lora", "oops"], "NAME=PATH"),
+    (["--dtype", "bfloat16"], "--quantize int8"),  # slower than float32 on the CPU
 ])
 def test_generate_bad_input_is_named(run, args, message):
     result = CliRunner().invoke(main, ["generate", "--model", "stories260K", "--prompt", "hi", *args])
@@ -60,6 +61,13 @@ def test_convert_then_generate(run, tmp_path):
     result = run("generate", "--model", str(out), "--prompt", "Once upon a time", "--max-tokens", "30",
                  "--temperature", "0")
     assert result.stdout.startswith(LILY)
+
+
+def test_model_stored_in_bfloat16_is_warned_about_on_cpu(run, tmp_path):
+    out = tmp_path / "half"
+    assert run("convert", str(STORIES), str(out), "--dtype", "bfloat16").exit_code == 0
+    result = run("generate", "--model", str(out), "--prompt", "Once upon a time", "--max-tokens", "4")
+    assert result.exit_code == 0 and "stored in bfloat16" in result.stderr and "--quantize int8" in result.stderr
 
 
 def test_bench_decode_prints_one_json_per_batch(run):

@@ -6,9 +6,11 @@ import logging
 import os
 import signal
 import threading
+import time
 
 import ray
 from ray import serve
+from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
 from cluster.auth import check_exposure, env_keys, loopback
 from cluster.requests import Limits
@@ -17,6 +19,7 @@ from cluster.serve_app import GRPC_SERVICERS, build
 log = logging.getLogger(__name__)
 APP = "hire"
 GRPC_MESSAGE = 4 * 2**20  # Serve's gRPC proxy takes messages up to this (gRPC's default), or request_bytes if larger
+PROXY_DRAINED_AFTER_S = "0.2"  # a proxy of a Ray started here counts as drained this long after its last call ended
 
 
 def start(args: dict, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 50051,
@@ -41,6 +44,7 @@ def init_ray(args: dict, address: str | None = None, num_cpus: int | None = None
     # the proxy processes Ray starts here read their gRPC message limit from the environment
     limit = max(GRPC_MESSAGE, Limits.parse(args.get("limits")).request_bytes)
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(limit))
+    os.environ.setdefault("RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S", PROXY_DRAINED_AFTER_S)  # Serve's default: 30 s
     # "local": a Ray of its own, even where another runs on this machine (None would join the latest one)
     ray.init(address=address or "local", num_cpus=num_cpus if address is None else None, include_dashboard=False,
              namespace="hire")
@@ -48,7 +52,9 @@ def init_ray(args: dict, address: str | None = None, num_cpus: int | None = None
 
 def drain(grace: float, cut: threading.Event | None = None) -> list[int] | None:
     """Have every ingress replica stop taking requests (health NOT_SERVING, new ones refused) and wait up to `grace`
-    seconds for those in flight; the number each still had running, or None when `cut` was set first."""
+    seconds for those in flight, then for Serve's proxies to deliver what they still hold; the number each ingress
+    replica still had running, or None when `cut` was set first."""
+    deadline = time.monotonic() + grace
     response = serve.get_app_handle(APP).broadcast("drain", grace)
     out: list = []
     waiter = threading.Thread(target=lambda: out.append(response.results(timeout_s=grace + 30,
@@ -56,7 +62,21 @@ def drain(grace: float, cut: threading.Event | None = None) -> list[int] | None:
     waiter.start()
     while waiter.is_alive() and not (cut is not None and cut.wait(0.1)):
         waiter.join(0.1)
-    return [n for n in out[0] if isinstance(n, int)] if out else None
+    if not out:
+        return None
+    drain_proxies(deadline, cut)
+    return [n for n in out[0] if isinstance(n, int)]
+
+
+def drain_proxies(deadline: float, cut: threading.Event | None = None) -> None:
+    """Wait until Serve's proxies have ended every call they took, or `deadline`: an ingress replica is done with a
+    stream once it has handed on its last message, which a proxy may still be sending to a slow reader."""
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    proxies = list(ray.get(controller.get_proxies.remote()).values())
+    ray.get([p.update_draining.remote(True) for p in proxies])  # the controller leaves a healthy proxy's flag be
+    while proxies and time.monotonic() < deadline and not (cut is not None and cut.is_set()):
+        proxies = [p for p, drained in zip(proxies, ray.get([p.is_drained.remote() for p in proxies])) if not drained]
+        time.sleep(0.05)
 
 
 def stop() -> None:

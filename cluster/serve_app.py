@@ -435,22 +435,24 @@ class Ingress:
     # grpc.health.v1.Health (the one service that needs no key)
 
     async def _grpc(self, request, context: RayServegRPCContext) -> AsyncIterator[pb.GenerateResponse]:
-        await self._admit(request, context)
-        self.active += 1
-        responses = self._stream(request)
+        self.active += 1  # counted from admission on: a drain waits for a call that passed its check mid-await
         try:
-            async for msg in responses:
-                yield msg
-        except Exception as e:  # noqa: BLE001 - every failure becomes a status
-            e = cause(e)
-            code = kind_of(e, GRPC_STATUS)
-            if code is None:
-                log.error("gRPC request failed", exc_info=e)
-            context.set_code(code or grpc.StatusCode.INTERNAL)
-            context.set_details(describe(e) if code else "internal error; see the server's log")
-            raise e from None  # Serve's proxy answers with the status set above
+            await self._admit(request, context)
+            responses = self._stream(request)
+            try:
+                async for msg in responses:
+                    yield msg
+            except Exception as e:  # noqa: BLE001 - every failure becomes a status
+                e = cause(e)
+                code = kind_of(e, GRPC_STATUS)
+                if code is None:
+                    log.error("gRPC request failed", exc_info=e)
+                context.set_code(code or grpc.StatusCode.INTERNAL)
+                context.set_details(describe(e) if code else "internal error; see the server's log")
+                raise e from None  # Serve's proxy answers with the status set above
+            finally:
+                responses.cancel()
         finally:
-            responses.cancel()
             self.active -= 1
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
@@ -519,7 +521,8 @@ class Ingress:
 
     async def Watch(self, request: health_pb2.HealthCheckRequest,
                     grpc_context: RayServegRPCContext) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        """grpc.health.v1.Health/Watch: the status now, then each change (checked every second)."""
+        """grpc.health.v1.Health/Watch: the status now, then each change (checked every second); the stream ends
+        once it said NOT_SERVING for a stopping server."""
         last = None
         while True:
             status = await self._status(request.service)
@@ -528,6 +531,8 @@ class Ingress:
             if status != last:
                 yield health_pb2.HealthCheckResponse(status=status)
                 last = status
+            if self.draining:
+                return
             await asyncio.sleep(1.0)
 
 

@@ -50,11 +50,11 @@ def bytes_per_token(cfg: ModelConfig, variables: dict, batch: int) -> int:
         total += cfg.n_layers * (reads - cfg.n_experts) * expert
     if not cfg.sparse:
         return total // batch
-    params, itemsize = variables["params"], jnp.dtype(cfg.dtype).itemsize
+    params = variables["params"]
     total += sum(a.nbytes for a in jax.tree.leaves(variables.get("hire", {})))
     if cfg.softmax != "dense" and use_gather(batch, cfg.softmax_candidates, cfg.vocab_size):
-        total -= (params["embed"] if cfg.tie_embeddings else params["lm_head"]).nbytes
-        total += batch * (cfg.softmax_candidates + cfg.tie_embeddings) * cfg.dim * itemsize
+        head = sum(a.nbytes for a in jax.tree.leaves(params["embed"] if cfg.tie_embeddings else params["lm_head"]))
+        total += batch * (cfg.softmax_candidates + cfg.tie_embeddings) * head // cfg.vocab_size - head
     if cfg.ffn != "dense" and use_gather(batch, cfg.ffn_candidates, cfg.ffn_groups):
         bundle = params["layers_0"]["ffn"]["bundle"]
         groups = min(cfg.ffn_groups, batch * cfg.ffn_candidates) if cfg.ffn_union else batch * cfg.ffn_candidates

@@ -29,6 +29,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from hire import quant
+
 
 def use_gather(tokens: int, candidates: int, rows: int) -> bool:
     """Whether gathering `candidates` rows for each of `tokens` reads less than all `rows` (decode)."""
@@ -58,8 +60,13 @@ def hire_logits(x: jax.Array, weight: jax.Array, approx: jax.Array, candidates: 
 
 
 def exact_logits(x: jax.Array, weight: jax.Array, idx: jax.Array, rows_axis: int, gather: bool) -> jax.Array:
-    """Exact logits [N, k'] (float32) of x [N, dim] for the rows idx [N, k'] of `weight` (as in `hire_logits`):
-    from the gathered rows, or (`gather` False) from all rows computed."""
+    """Exact logits [N, k'] (float32) of x [N, dim] for the rows idx [N, k'] of `weight` (as in `hire_logits`, or
+    quantized by hire.quant): from the gathered rows (only they dequantized), or (`gather` False) from all rows
+    computed."""
+    if quant.is_quantized(weight):  # hire.quant's blocks, stored by row whatever rows_axis says
+        if gather:
+            return jnp.einsum("nd,nkd->nk", x.astype(jnp.float32), quant.take(weight, idx))
+        return jnp.take_along_axis(quant.matmul_rows(x, weight), idx, -1)
     if gather:
         rows = jnp.take(weight, idx, axis=rows_axis)
         exact = jnp.einsum("nd,nkd->nk" if rows_axis == 0 else "nd,dnk->nk", x, rows)

@@ -75,6 +75,23 @@ def test_take_dequantizes_the_gathered_rows():
     np.testing.assert_array_equal(quant.take(table, ids), np.asarray(quant.dequantize_rows(table))[np.asarray(ids)])
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("gather", [True, False])
+def test_hire_softmax_on_a_quantized_head(kind, gather):
+    """HiRE's exact logits for the candidates of a quantized output embedding (a tied [V, dim] table or an lm_head,
+    both stored by row) on both paths: from the gathered rows dequantized, or from every row's product."""
+    from hire import sparse
+
+    table = quant.quantize_rows(weights(96, 64), kind)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(3, 64)), jnp.float32)
+    # the gathered rows are dequantized; all rows go through the model's own product (its kernel may round x)
+    full = np.asarray(x @ quant.dequantize_rows(table).T if gather else quant.matmul_rows(x, table))
+    idx = jnp.asarray(np.random.default_rng(4).permutation(96)[:24].reshape(1, 24).repeat(3, 0))
+    for rows_axis in (0, 1):
+        got = sparse.exact_logits(x, table, idx, rows_axis, gather)
+        np.testing.assert_allclose(got, np.take_along_axis(full, np.asarray(idx), -1), rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def dense_model():
     return load_model(DENSE)

@@ -119,14 +119,16 @@ def load_model(path: str | Path, dtype: str | None = None, quantize: str | None 
 
 
 def quantized(model: LoadedModel, kind: str) -> LoadedModel:
-    """`model` with its Linear kernels and embedding quantized to `kind` (hire.quant), or dequantized by "none"."""
+    """`model` with its Linear kernels quantized to `kind` (hire.quant) and its embedding to `kind` too, or int8 beside
+    int4 (quant.EMBED_BESIDE); "none" dequantizes."""
     from hire import quant
     from hire.formats import prepare_variables
 
-    if kind == model.cfg.quantize == model.cfg.embed_quantize:
+    embed = quant.EMBED_BESIDE.get(kind, "")
+    if kind == model.cfg.quantize and (embed or kind) == model.cfg.embed_quantize:
         return model
-    cfg = model.cfg.replace(quantize=kind, quantize_embed="")
-    params = quant.quantize_params(model.variables["params"], kind)
+    cfg = model.cfg.replace(quantize=kind, quantize_embed=embed)
+    params = quant.quantize_params(model.variables["params"], kind, embed or None)
     return LoadedModel(cfg, prepare_variables(cfg, {**model.variables, "params": params}), model.tokenizer)
 
 

@@ -54,7 +54,8 @@ def quantize_option(command):
     """--quantize int8|int4|none: the weights kept quantized in memory (hire.quant)."""
     return click.option("--quantize", type=click.Choice(QUANTIZE),
                         help="Keep the weights quantized in memory: int8 or int4 in blocks of 32 (as llama.cpp's Q8_0 "
-                             "and Q4_1), multiplied as such; none dequantizes a quantized model (default: as "
+                             "and Q4_1; beside int4, the embedding and LM head in int8, as llama.cpp's 4-bit files "
+                             "keep them), multiplied as such; none dequantizes a quantized model (default: as "
                              "stored).")(command)
 
 
@@ -537,6 +538,7 @@ def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype, 
     from hire.checkpoint import LoadedModel
     from hire.config import SHAPES
     from hire.model import init_params
+    from hire.quant import EMBED_BESIDE
 
     if (model is None) == (shape is None):
         raise click.UsageError("give exactly one of --model and --shape")
@@ -547,7 +549,8 @@ def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype, 
         if shape not in SHAPES:
             raise click.BadParameter(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}", param_hint="--shape")
         try:
-            cfg = SHAPES[shape].replace(dtype=dtype or "float32", quantize=quantize or "none")
+            cfg = SHAPES[shape].replace(dtype=dtype or "float32", quantize=quantize or "none",
+                                        quantize_embed=EMBED_BESIDE.get(quantize, ""))
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--quantize") from None
         loaded = LoadedModel(cfg, init_params(cfg), None)

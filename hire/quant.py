@@ -7,8 +7,8 @@ A quantized matrix is a dict stored where its float kernel would be, holding its
   in each block's 16 bytes, byte j holds element j in its low nibble and element j + 16 in its high one (Q4_1's
   blocks; Q4_0's are min = -8 scale).
 
-A Linear kernel [K, N] is stored as those rows (its transpose), the embedding table [V, D] as it is: the same dict
-serves the lookup (`take` dequantizes only the gathered rows) and the tied LM head. On the CPU, `matmul` runs the C++
+A Linear kernel [K, N] is stored as those rows (its transpose), the embedding table [V, D] as it is (in int8 beside
+int4 kernels: EMBED_BESIDE): the same dict serves the lookup (`take` dequantizes only the gathered rows) and the tied LM head. On the CPU, `matmul` runs the C++
 kernels in hire/csrc/qmatmul.cc (built with the package): the activation rows are quantized to int8 per block of 32
 too and multiplied in integers, block by block, as llama.cpp's CPU path does. Elsewhere, and for prompts longer than
 `KERNEL_ROWS`, the weights are dequantized in the graph and multiplied in float32.
@@ -22,6 +22,9 @@ import jax
 import jax.numpy as jnp
 
 QUANTIZE = ("none", "int8", "int4")
+# The embedding table's (and an untied LM head's) quantization beside kernels of a kind, where it differs: as llama.cpp
+# keeps the token table at 8 bits in its 4-bit files (an int4 table costs SmolLM2 4% perplexity: docs/models.md).
+EMBED_BESIDE = {"int4": "int8"}
 BLOCK = 32
 KERNEL_ROWS = 64  # activation rows up to which the CPU kernel beats dequantizing into a float32 product
 

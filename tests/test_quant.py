@@ -107,7 +107,8 @@ def test_quantized_model_logits_near_float(dense_model, kind, tolerance):
     q = quantized(dense_model, kind)
     assert q.cfg.quantize == kind and dense_model.cfg.quantize == "none"
     params = flatten(q.variables["params"])
-    assert params["embed/q"].dtype == (jnp.int8 if kind == "int8" else jnp.uint8)
+    assert params["embed/q"].dtype == jnp.int8  # beside int4 kernels too (quant.EMBED_BESIDE)
+    assert params["layers_0/ffn/down/kernel/q"].dtype == (jnp.int8 if kind == "int8" else jnp.uint8)
     assert params["layers_0/ffn/down/kernel/scale"].shape == (256, 768 // 32)
     tokens = jnp.asarray([dense_model.tokenizer.encode("import os\nimport sys\n\ndef main(argv):\n")])
     ref, got = logits(dense_model, tokens), logits(q, tokens)  # prefill-sized: one row per token, the kernel path
@@ -182,7 +183,9 @@ def test_gguf_blocks_kept_quantized(tmp_path, types, kernels, exact):
             np.testing.assert_allclose(got, np.asarray(params[name]).T, atol=float(np.abs(got).max()) / 100)
     ids = jnp.arange(24)[None] % kept.cfg.vocab_size
     assert np.abs(logits(kept, ids) - logits(float32, ids)).max() < 0.1 * np.abs(logits(float32, ids)).max()
-    assert load_model(path, quantize="int4").cfg.quantize == "int4"
+    four = load_model(path, quantize="int4")  # the table in int8 beside int4 kernels, as llama.cpp keeps it
+    assert (four.cfg.quantize, four.cfg.embed_quantize) == ("int4", "int8")
+    assert four.variables["params"]["embed"]["q"].dtype == jnp.int8
 
 
 def test_gguf_q8_embedding_beside_q4_layers():

@@ -6,7 +6,7 @@ against what the metadata implies before any is read. Quantized weights stay qua
 blocks are hire's int8 blocks and Q4_0 / Q4_1 blocks its int4 ones, as they are; other types (Q5_0, Q5_1,
 Q2_K-Q6_K) are dequantized and quantized again to the nearest hire format (int4 from Q2_K-Q4_K, int8 from the
 5- and 6-bit ones). One format serves all the layers' kernels (int8 if any of them is finer than 4 bits) and
-one the embedding and output (`quantize_embed`). Float tensors, and every tensor when a dtype is asked for,
+one the embedding and output (`quantize_embed`); `--quantize` sets both (the table int8 beside int4 kernels). Float tensors, and every tensor when a dtype is asked for,
 are dequantized to float32 (read_tensor) and cast to the model's dtype.
 
 Layouts: GGUF lists a tensor's dims innermost first, so numpy reads a weight as torch's [out, in], which
@@ -284,10 +284,13 @@ def hire_kind(types: set[Q]) -> str:
 
 
 def _kinds(f: GGUFFile, plan: dict[str, str], dtype: str | None, quantize: str | None) -> tuple[str, str]:
-    """The quantization of the kernels and of the embedding and output: `quantize` for both when given; with only
-    a dtype, none; else the file's own (hire_kind)."""
+    """The quantization of the kernels and of the embedding and output: `quantize` when given (the table int8 beside
+    int4 kernels: quant.EMBED_BESIDE); with only a dtype, none; else the file's own (hire_kind)."""
+    from hire.quant import EMBED_BESIDE
+
     if quantize is not None or dtype is not None:
-        return (quantize or "none",) * 2
+        kind = quantize or "none"
+        return kind, EMBED_BESIDE.get(kind, kind)
     kernels = {f.tensors[src].tensor_type for name, src in plan.items() if name.endswith("kernel")}
     tables = {f.tensors[src].tensor_type for name, src in plan.items() if name in TABLES}
     return hire_kind(kernels), hire_kind(tables)

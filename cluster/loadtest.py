@@ -354,7 +354,8 @@ def longest_gap(records: list[Record], start: float, end: float | None = None) -
 def summarize(records: list[Record], seconds: float, load: Load, slo: Slo, window: float | None = None,
               t: float = 0.0) -> dict:
     """The run's report, for requests that ended from `t` to `t` + `seconds`; `longest_gap_s` is the longest stretch
-    of those without a completion. With `window` (seconds) also `windows`: the same figures for the requests that
+    of those without a completion and `longest_request_s` the longest any of them took, whatever its status (a
+    hang shows there, failures too). With `window` (seconds) also `windows`: the same figures for the requests that
     ended in each window of the run in turn (`t_s` its start), to watch latency, errors and throughput over time."""
     ok = [r for r in records if r.status == "OK" and r.arrivals]
     ttft = [r.arrivals[0][0] for r in ok]
@@ -369,7 +370,8 @@ def summarize(records: list[Record], seconds: float, load: Load, slo: Slo, windo
               "output_tokens_per_s": round(sum(r.tokens for r in ok) / seconds, 2),
               "goodput_requests_per_s": round(good / seconds, 3), "slo": asdict(slo),
               "ttft_ms": stats(ttft), "tpot_ms": stats(list(tpot.values())), "itl_ms": stats(itl),
-              "e2e_ms": stats([r.end for r in ok]), "longest_gap_s": round(longest_gap(ok, t, t + seconds), 3)}
+              "e2e_ms": stats([r.end for r in ok]), "longest_gap_s": round(longest_gap(ok, t, t + seconds), 3),
+              "longest_request_s": round(max((r.end for r in records), default=0.0), 3)}
     if window:
         report["windows"] = [  # every request ends within the run's `seconds`
             {"t_s": round(float(w), 3), **{k: v for k, v in summarize(

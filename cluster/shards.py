@@ -441,6 +441,8 @@ class ShardedEngine:
             raise
         self.recoveries.append({"hosts": group.hosts, "restart_s": restarted - start,
                                 "warm_up_s": time.perf_counter() - restarted})
+        log.warning("the shard group is serving on %d of %d hosts (restart %.1f s, warm-up %.1f s)",
+                    group.hosts, group.want, self.recoveries[-1]["restart_s"], self.recoveries[-1]["warm_up_s"])
         return True
 
     def restart(self) -> None:

@@ -138,5 +138,6 @@ def test_longest_gap_is_the_longest_stretch_without_a_completion():
     records.append(lt.Record(start=2.0, end=1.0, status="UNAVAILABLE", wanted=2))
     report = lt.summarize(records, 6.0, lt.Load(rate=1.0), lt.Slo(), window=3.0)
     assert report["longest_gap_s"] == 3.0  # 1.5 -> 4.5
+    assert report["longest_request_s"] == 1.0  # the failure took longest
     assert [w["longest_gap_s"] for w in report["windows"]] == [1.5, 1.5]  # 1.5 -> 3.0; 3.0 -> 4.5 (-> 6.0)
     assert lt.summarize(records[3:], 6.0, lt.Load(rate=1.0), lt.Slo())["longest_gap_s"] == 6.0

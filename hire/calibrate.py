@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
-from hire import predictors, sparse
+from hire import predictors, quant, sparse
 from hire.checkpoint import LoadedModel, resolve_model
 from hire.config import HIRE_FIELDS, ModelConfig
 from hire.evaluate import windows
@@ -40,8 +40,11 @@ SERVING_TARGETS = {"perplexity_ratio": 1.01, "top1_agreement": 0.99, "recall": 0
 
 
 def softmax_kernel(cfg: ModelConfig, params: dict) -> jax.Array:
-    """The output embedding as a kernel [dim, vocab]."""
-    return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    """The output embedding as a kernel [dim, vocab] (float32 when hire.quant keeps it quantized, by row)."""
+    weight = params["embed"] if cfg.tie_embeddings else params["lm_head"]
+    if quant.is_quantized(weight):
+        return quant.dequantize_rows(weight).T
+    return weight.T if cfg.tie_embeddings else weight
 
 
 def ffn_kernel(ffn: dict) -> jax.Array:

@@ -748,7 +748,7 @@ def bench_window(model, text_file, window_sizes, predictor_dir, kinds, oversampl
     from hire.calibrate import load_predictors, model_folder
     from hire.window import ffn_kinds, measure
 
-    loaded = _load(model, None, _exact(model))
+    loaded = _load(model, None, _exact(model), "none")  # predictors fit the float weights (kept quantized or not)
     settings = _hire(None, None, hire_settings)
     if bad := set(settings) - {"ffn_group", "ffn_k"}:
         raise click.BadParameter(f"only ffn_group and ffn_k apply here, got {', '.join(sorted(bad))}",
@@ -1061,7 +1061,7 @@ def calibrate_command(model, text_file, rank, quants, context, batch, max_tokens
     """
     from hire.calibrate import calibrate, model_folder, save_predictors
 
-    loaded = _load(model, None, _exact(model))
+    loaded = _load(model, None, _exact(model), "none")  # predictors fit the float weights (kept quantized or not)
     settings = _hire(None, None, hire_settings)
     try:
         loaded.cfg.replace(**settings)

@@ -177,8 +177,9 @@ class ModelConfig:
         widths = {"dim": self.dim} if self.quantize == "none" else {
             "dim": self.dim, "ffn_dim": self.ffn_dim, "n_heads * head_dim": self.n_heads * self.head_dim}
         problems = [f"quantize needs {f} to be a multiple of 32, got {n}" for f, n in widths.items() if n % 32]
-        if self.sparse:
-            problems.append("quantize needs the dense softmax and FFN (HiRE reads float weights)")
+        if self.ffn == "group-sparse" and self.quantize != "none":
+            problems.append("quantize needs the dense FFN (HiRE's group-sparse FFN reads float weights; its softmax "
+                            "runs on a quantized embedding)")
         return problems
 
     def layer_window(self, i: int) -> int:

@@ -1,6 +1,8 @@
 """Weights kept quantized (hire.quant): the block formats, the CPU kernels against the dequantized product, a quantized
 model against its float model, the checkpoint round trip and the --quantize flag."""
 import platform
+import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +94,21 @@ def test_hire_softmax_on_a_quantized_head(kind, gather):
         np.testing.assert_allclose(got, np.take_along_axis(full, np.asarray(idx), -1), rtol=1e-5, atol=1e-5)
 
 
+def test_hire_q_predictor_of_a_quantized_embedding(tmp_path, dense_model):
+    """--softmax hire-q on weights kept quantized: the predictor built at load is the per-row int8 copy of the rows the
+    quantized embedding holds, and with every row a candidate the logits are the quantized model's own."""
+    from hire import predictors
+
+    folder = Path(shutil.copytree(Path(__file__).resolve().parents[1] / "models" / DENSE, tmp_path / "model"))
+    settings = {"softmax": "hire-q", "hire_quant": "int8", "softmax_k": 32, "softmax_oversample": 512}
+    hired, exact_model = load_model(folder, quantize="int8", **settings), load_model(folder, quantize="int8")
+    rows = quant.dequantize_rows(exact_model.variables["params"]["embed"])
+    for name, value in predictors.quantize(np.asarray(rows).T, "int8").items():
+        np.testing.assert_array_equal(np.asarray(hired.variables["hire"]["softmax"][name]), value)
+    tokens = jnp.asarray([dense_model.tokenizer.encode("import os\nimport sys\n")])
+    np.testing.assert_allclose(logits(hired, tokens), logits(exact_model, tokens), atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def dense_model():
     return load_model(DENSE)
@@ -129,8 +146,9 @@ def test_random_init_and_shape():
     shapes = jax.eval_shape(lambda: init_params(cfg))["params"]
     assert shapes["layers_0"]["ffn"]["down"]["kernel"]["q"].shape == (576, 1536 // 2)
     assert shapes["embed"]["min"].shape == (49152, 576 // 32)
-    with pytest.raises(ValueError, match="quantize needs the dense softmax"):
-        cfg.replace(softmax="hire-lr")
+    with pytest.raises(ValueError, match="quantize needs the dense FFN"):
+        cfg.replace(ffn="group-sparse")
+    assert cfg.replace(softmax="hire-q").sparse  # the HiRE softmax runs on the quantized embedding
     with pytest.raises(ValueError, match="multiple of 32"):
         SHAPES["tiny"].replace(dim=48, quantize="int8")
 
@@ -156,9 +174,9 @@ def test_convert_round_trip_and_cli(tmp_path, dense_model):
                                "import os", "--max-tokens", "4", "--temperature", "0"])
     assert out.exit_code == 0, out.output
     assert out.output.startswith("import os")
-    out = runner.invoke(main, ["generate", "--model", DENSE, "--quantize", "int8", "--softmax", "hire-lr", "--prompt",
+    out = runner.invoke(main, ["generate", "--model", DENSE, "--quantize", "int8", "--ffn", "group-sparse", "--prompt",
                                "x", "--max-tokens", "2"])
-    assert out.exit_code == 2 and "--quantize" in out.output and "dense softmax" in out.output
+    assert out.exit_code == 2 and "--quantize" in out.output and "dense FFN" in out.output
 
 
 @pytest.mark.parametrize("types, kernels, exact", [(("Q8_0",), "int8", True), (("Q4_0", "Q4_1"), "int4", True),

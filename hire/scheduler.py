@@ -236,7 +236,8 @@ class Scheduler:
             log.exception("the engine could not be rebuilt")
             self._batch, ok = None, False
             error = EngineUnavailable(f"{error or 'the engine is down'}; rebuilding it failed: {e}")
-        error = error or EngineUnavailable("a health check found the engine down")
+        error = error or EngineUnavailable("grown back: more hosts could be placed" if grow
+                                           else "a health check found the engine down")
         self._cut(error)  # after a health check's rebuild: the streams that were decoding through it
         failing = []
         with self._cond:

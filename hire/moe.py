@@ -10,12 +10,15 @@ Three paths compute the same sum (up to float rounding); ModelConfig.moe_dispatc
   expert. The reference, and what `hire bench decode` times a mixture model against.
 - **per-token**: each (token, chosen expert) pair in turn, a `lax.switch` on the expert running that expert's
   arrays on that token: reads k experts per token (decode at small batch).
-- **grouped**: the pairs sorted by expert; each expert runs on its tokens in tiles of at most `TILE` rows, a loop
-  of ceil(tokens / tile) matrix products (none for an expert no token chose). Nothing is dropped: the tile bounds
-  the rows of one product, not the tokens an expert takes; each expert with tokens is read once per tile.
+- **grouped**: the pairs sorted by expert; each expert runs on its tokens in tiles of `tile_rows` rows (twice the
+  mean pairs an expert gets, rounded up to a power of two, at most `TILE`), a loop of ceil(tokens / tile) matrix
+  products (none for an expert no token chose). Nothing is dropped: the tile bounds the rows of one product, not
+  the tokens an expert takes; each expert with tokens is read once per tile, and a tile's spare rows are computed
+  for nothing, so smaller tiles trade reads for computation.
 
 "auto" takes per-token while a call has at most `PER_TOKEN_PAIRS` pairs, grouped above (prefill included:
-it computes k / E of the all path's products).
+it computes about k / E of the all path's products). Both thresholds follow `hire bench decode --shape moe-1g`
+(docs/hire.md, "Mixture of experts").
 
 Over a mesh (hire.sharding.on_mesh, weights split as hire.sharding says: each expert's neurons over the devices,
 tensor parallelism inside every expert), each device runs the path on its own slices of the chosen experts inside
@@ -32,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from hire.sharded_sparse import AXIS, model_mesh
 
-PER_TOKEN_PAIRS = 4  # "auto" runs per-token up to this many (token, expert) pairs in a call
+PER_TOKEN_PAIRS = 8  # "auto" runs per-token up to this many (token, expert) pairs in a call
 TILE = 16  # the most rows one grouped matrix product takes
 
 Expert = tuple[jax.Array, jax.Array, jax.Array]  # gate [dim, F], up [dim, F], down [F, dim]
@@ -72,12 +75,19 @@ def per_token(x: jax.Array, experts: tuple[Expert, ...], weights: jax.Array, idx
     return jax.lax.scan(pair, jnp.zeros(x.shape, jnp.float32), (rows, idx.ravel(), weights.ravel()))[0]
 
 
+def tile_rows(tokens: int, k: int, n_experts: int) -> int:
+    """Rows of one grouped product for a call of `tokens` tokens: twice the mean pairs an expert gets, rounded up to
+    a power of two, at most TILE and at most `tokens` (an expert takes each token at most once)."""
+    mean = -(-tokens * k // n_experts)
+    return min(TILE, 1 << (2 * mean - 1).bit_length(), tokens)
+
+
 def grouped(x: jax.Array, experts: tuple[Expert, ...], weights: jax.Array, idx: jax.Array, act: Act,
-            tile: int = TILE) -> jax.Array:
-    """The pairs sorted by expert; each expert runs over its tokens `tile` rows at a time (the last tile's spare rows
-    are other experts' tokens, weighted 0)."""
+            tile: int | None = None) -> jax.Array:
+    """The pairs sorted by expert; each expert runs over its tokens `tile` rows at a time (default tile_rows; the
+    last tile's spare rows are other experts' tokens, weighted 0)."""
     n, k = idx.shape
-    tile = min(tile, n)  # an expert takes each token at most once
+    tile = min(tile or tile_rows(n, k, len(experts)), n)  # an expert takes each token at most once
     order = jnp.argsort(idx.ravel(), stable=True)  # pair indices, grouped by expert
     counts = jnp.bincount(idx.ravel(), length=len(experts))
     starts = jnp.cumsum(counts) - counts
@@ -137,5 +147,7 @@ def experts_read(dispatch: str, tokens: int, k: int, n_experts: int) -> int:
         return n_experts
     if path == "per-token":
         return pairs
-    # an expert takes c <= tokens pairs, read in ceil(c / tile) tiles: 1 when tokens <= TILE, else <= 1 + c // TILE
-    return min(pairs, min(n_experts, pairs) + (pairs // TILE if tokens > TILE else 0))
+    # an expert with c pairs is read ceil(c / tile) = 1 + (c - 1) // tile times (once when tile >= tokens >= c); at
+    # most `used` experts have pairs, and every read past an expert's first takes `tile` more of them
+    used, tile = min(n_experts, pairs), tile_rows(tokens, k, n_experts)
+    return used if tile >= tokens else used + (pairs - used) // tile

@@ -365,7 +365,8 @@ def verify_block(cfg: ModelConfig, wants_hidden: tuple[int, ...], lengths: tuple
 
     `lengths` are the pass lengths compiled (see verify_lengths): the shortest that covers the longest proposal
     in the batch runs (a block where no row proposes is a plain decode step). Give only γ + 1 when every row
-    always proposes γ: the choice is a lax.switch, and XLA on CPU copies the KV cache into the branch that runs.
+    always proposes γ: the choice is a lax.switch, and XLA on CPU copies the KV cache it is handed into the branch
+    that runs, so it is handed only the first kv_len positions (every live one), written back in place after.
 
     `defer` (a bool, traced or not; for a pipelined coordinator, which drafts the next block before this one is
     verified): a row that accepted all its k >= 1 proposals emits those k drafts and no bonus token; its last
@@ -386,7 +387,13 @@ def verify_block(cfg: ModelConfig, wants_hidden: tuple[int, ...], lengths: tuple
 
     needed = jnp.max(jnp.sum(proposed, axis=1)) + 1
     choice = jnp.searchsorted(jnp.array(lengths), needed)
-    logits, cache, hidden = jax.lax.switch(choice, [run(n) for n in lengths], t.cache)
+    if len(lengths) == 1:
+        logits, cache, hidden = run(lengths[0])(t.cache)
+    else:
+        window = tuple((k[..., :kv_len], v[:, :, :kv_len]) for k, v in t.cache)
+        logits, window, hidden = jax.lax.switch(choice, [run(n) for n in lengths], window)
+        cache = tuple((jax.lax.dynamic_update_slice_in_dim(k, wk, 0, 3), jax.lax.dynamic_update_slice_in_dim(v, wv, 0, 2))
+                      for (k, v), (wk, wv) in zip(t.cache, window))
     accepted, final = verify(logits, drafts, q, proposed, t.sampling, t.positions)
     k = jnp.sum(proposed, axis=1)
     full = defer & (k > 0) & (accepted == k)

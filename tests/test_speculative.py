@@ -81,6 +81,17 @@ def test_greedy_equals_large_model_alone(stories, engine, drafters, greedy_alone
         assert stats.acceptance_rate < 0.2
 
 
+def test_verification_over_part_of_a_longer_cache(stories, drafters):
+    """A cache of 4 x MAX_LEN positions, blocks attending over its first 32 then 64 (kv_len): verification's
+    lax.switch works on that window, written back in place, and the output stays the model's own."""
+    engine = Engine(stories, slots=2, max_len=4 * MAX_LEN)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    alone = generate(engine, PROMPTS, params)
+    outs, stats = speculative_generate(engine, drafters["ngram"], PROMPTS, params, gamma=2)
+    assert [o.tokens for o in outs] == [o.tokens for o in alone] and all(len(o.tokens) == 40 for o in outs)
+    assert stats.accepted > 0
+
+
 def test_stopping_rules_as_generate(engine, drafters, greedy_alone):
     stop = greedy_alone[1].text[5:9]  # text the completion reaches part way
     params = [SamplingParams(temperature=0, max_tokens=7), SamplingParams(temperature=0, stop_strings=(stop,))]

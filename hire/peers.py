@@ -78,7 +78,7 @@ def peer_file(bin_dir: Path, gguf: Path, file_type: str) -> Path:
     field = ggml.GGUFReader(gguf).fields.get("general.file_type")
     if field is not None and ggml.LlamaFileType(field.contents()).name in (f"ALL_{file_type}", f"MOSTLY_{file_type}"):
         return gguf
-    out = cache_dir() / "files" / f"{gguf.stem}.{file_type}.gguf"
+    out = cache_dir() / "files" / f"{gguf.parent.name}.{gguf.stem}.{file_type}.gguf"  # pulled files are all model.gguf
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         log(f"llama-quantize {gguf.name} -> {out.name}")
@@ -167,8 +167,9 @@ def bench_peers(model: str, gguf: Path, precisions: list[str], batches: list[int
         for p in precisions:
             log(f"round {r + 1}/{rounds}, {p}: hire, llama.cpp" + (", transformers" if with_transformers and
                                                                     p == "f32" else ""))
-            tps, prefill, _ = hire_decode(model, PRECISIONS[p][1], batches, steps, prompt_len, prefill_len)
+            tps, prefill, hire_rows = hire_decode(model, PRECISIONS[p][1], batches, steps, prompt_len, prefill_len)
             add("hire", p, tps | {"prefill": prefill})
+            add("hire_floor", p, {r["batch"]: r["ratio_to_floor"] for r in hire_rows})
             add("llama.cpp", p, llamacpp_decode(bin_dir, files[p], batches, steps, prompt_len, threads)
                 | ({"prefill": llamacpp_prefill(bin_dir, files[p], prefill_len, threads)} if prefill_len else {}))
             if with_transformers and p == "f32":
@@ -176,15 +177,16 @@ def bench_peers(model: str, gguf: Path, precisions: list[str], batches: list[int
             loads.append(load_average())
     rows = []
 
-    def median(engine: str, precision: str, key: Any) -> float | None:
+    def median(engine: str, precision: str, key: Any, digits: int = 1) -> float | None:
         values = samples.get((engine, precision, key))
-        return round(statistics.median(values), 1) if values else None
+        return round(statistics.median(values), digits) if values else None
 
     for p in precisions:
         for key in [*batches, *(["prefill"] if prefill_len else [])]:
             row = {"precision": p, "llama.cpp_type": PRECISIONS[p][0], "batch": key,
                    "hire": median("hire", p, key), "llama.cpp": median("llama.cpp", p, key),
-                   "transformers": median("transformers", p, key)}
+                   "transformers": median("transformers", p, key),
+                   "hire_ratio_to_floor": median("hire_floor", p, key, 3)}
             row["hire/llama.cpp"] = row["hire"] and row["llama.cpp"] and round(row["hire"] / row["llama.cpp"], 3)
             row["hire/transformers"] = row["hire"] and row["transformers"] and round(
                 row["hire"] / row["transformers"], 3)
@@ -194,11 +196,12 @@ def bench_peers(model: str, gguf: Path, precisions: list[str], batches: list[int
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The table as docs/benchmarks.md holds it (tokens/s; 'prefill' rows are a prompt of prefill_len tokens)."""
+    """The table as docs/benchmarks.md holds it (tokens/s; 'prefill' rows are a prompt of prefill_len tokens;
+    hire's ratio_to_floor as hire bench decode measures it, the floor counting the bytes its precision reads)."""
     lines = ["| precision | llama.cpp file | batch | hire | llama.cpp | hire / llama.cpp | transformers "
-             "| hire / transformers |", "|---|---|---|---|---|---|---|---|"]
+             "| hire / transformers | hire ratio_to_floor |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         cells = [r["precision"], r["llama.cpp_type"], r["batch"], r["hire"], r["llama.cpp"], r["hire/llama.cpp"],
-                 r["transformers"], r["hire/transformers"]]
+                 r["transformers"], r["hire/transformers"], r["hire_ratio_to_floor"]]
         lines.append("| " + " | ".join("—" if c is None else str(c) for c in cells) + " |")
     return "\n".join(lines)

@@ -25,7 +25,7 @@ DRAFT_HELP = ("Decode speculatively with this drafter: 'ngram' (prompt lookup, n
 
 HALF_ON_CPU = ("on the CPU, XLA converts every 16-bit weight matrix to float32 before each product, so {} decodes "
                "slower than float32 (docs/benchmarks.md): for smaller weights use --quantize int8 (integer products, "
-               "within 0.5% of float32's perplexity), else --dtype float32")
+               "within 0.6% of float32's perplexity: docs/models.md), else --dtype float32")
 
 
 def _load(model: str, dtype: str | None, hire: dict | None = None, quantize: str | None = None):

@@ -216,3 +216,19 @@ def test_gguf_q8_embedding_beside_q4_layers():
     params = kept.variables["params"]
     assert params["embed"]["q"].dtype == jnp.int8 and params["layers_0"]["ffn"]["up"]["kernel"]["q"].dtype == jnp.uint8
     assert sum(a.nbytes for a in jax.tree.leaves(params)) < 100e6  # 135M weights in int4 / int8 blocks
+
+
+def test_gguf_q4_k_kept_exactly_as_int4():
+    """Q4_K's sub-blocks of 32 are int4 blocks (scale d x sc, min -dmin x m): --quantize int4 keeps their values,
+    but for float16 rounding of the scales, where a Q6_K tensor is rounded again (Gemma 3 270M's file)."""
+    from hire.checkpoint import resolve_model
+    from hire.formats.gguf import GGUFFile, _blocks, read_tensor
+
+    f = GGUFFile(next(resolve_model("gemma3-270m").glob("*.gguf")))
+    for name, bound in (("blk.0.attn_output.weight", 2e-3), ("blk.1.ffn_down.weight", 0.2)):
+        t = f.tensors[name]
+        got = np.asarray(quant.dequantize_rows({k: jnp.asarray(v) for k, v in _blocks(t, "int4").items()}))
+        ref = read_tensor(t)
+        assert got.shape == ref.shape
+        error = np.abs(got - ref).max() / np.abs(ref).max()
+        assert (error < bound) and (error > 1e-2) == (t.tensor_type.name == "Q6_K"), (name, error)

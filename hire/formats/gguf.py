@@ -3,11 +3,12 @@
 A GGUF file holds metadata (architecture, shape, tokenizer: hire.formats.gguf_tokenizer) and tensors,
 quantized or not. Architectures: llama, qwen2 and gemma3. Every tensor is checked by name, type and shape
 against what the metadata implies before any is read. Quantized weights stay quantized (hire.quant): Q8_0
-blocks are hire's int8 blocks and Q4_0 / Q4_1 blocks its int4 ones, as they are; other types (Q5_0, Q5_1,
-Q2_K-Q6_K) are dequantized and quantized again to the nearest hire format (int4 from Q2_K-Q4_K, int8 from the
-5- and 6-bit ones). One format serves all the layers' kernels (int8 if any of them is finer than 4 bits) and
-one the embedding and output (`quantize_embed`); `--quantize` sets both (the table int8 beside int4 kernels). Float tensors, and every tensor when a dtype is asked for,
-are dequantized to float32 (read_tensor) and cast to the model's dtype.
+blocks are hire's int8 blocks and Q4_0 / Q4_1 blocks (and Q4_K's sub-blocks, scales rounded to float16) its
+int4 ones, as they are; other types (Q5_0, Q5_1, Q2_K, Q3_K, Q5_K, Q6_K) are dequantized and quantized again to
+the nearest hire format (int4 from Q2_K and Q3_K, int8 from the 5- and 6-bit ones). One format serves all the
+layers' kernels (int8 if any of them is finer than 4 bits) and one the embedding and output (`quantize_embed`);
+`--quantize` sets both (the table int8 beside int4 kernels). Float tensors, and every tensor when a dtype is
+asked for, are dequantized to float32 (read_tensor) and cast to the model's dtype.
 
 Layouts: GGUF lists a tensor's dims innermost first, so numpy reads a weight as torch's [out, in], which
 is transposed to hire's [in, out]; embeddings are [vocab, dim] as in hire. llama.cpp's converter permutes
@@ -297,11 +298,13 @@ def _kinds(f: GGUFFile, plan: dict[str, str], dtype: str | None, quantize: str |
 
 
 def _blocks(t: gguf.ReaderTensor, kind: str) -> dict[str, np.ndarray]:
-    """Tensor `t` as hire.quant's rows of `kind`: Q8_0 as int8 and Q4_0 / Q4_1 as int4 block for block (Q4_0's
-    min is -8 scale), any other type dequantized and quantized again."""
+    """Tensor `t` as hire.quant's rows of `kind`: Q8_0 as int8 and Q4_0 / Q4_1 / Q4_K as int4 block for block
+    (Q4_0's min is -8 scale; _q4k_blocks), any other type dequantized and quantized again."""
     from hire import quant
 
-    raw, kinds = t.data, {Q.Q8_0: "int8", Q.Q4_0: "int4", Q.Q4_1: "int4"}
+    raw, kinds = t.data, {Q.Q8_0: "int8", Q.Q4_0: "int4", Q.Q4_1: "int4", Q.Q4_K: "int4"}
+    if t.tensor_type == Q.Q4_K and kind == "int4":
+        return _q4k_blocks(raw)
     if kinds.get(t.tensor_type) != kind:
         return {k: np.asarray(v) for k, v in quant.quantize_rows(read_tensor(t), kind).items()}
     head = {Q.Q8_0: 2, Q.Q4_0: 2, Q.Q4_1: 4}[t.tensor_type]  # bytes of float16 scale (and min) before each block
@@ -311,6 +314,21 @@ def _blocks(t: gguf.ReaderTensor, kind: str) -> dict[str, np.ndarray]:
     if kind == "int8":
         return {"q": q.view(np.int8), "scale": half(0)}
     return {"q": q, "scale": half(0), "min": half(2) if t.tensor_type == Q.Q4_1 else -8 * half(0)}
+
+
+def _q4k_blocks(raw: np.ndarray) -> dict[str, np.ndarray]:
+    """Q4_K rows as hire's int4 rows, exactly but for float16 rounding of the scales: each of a Q4_K super-block's
+    eight sub-blocks of 32 is a Q4_1-like block (scale d x sc, min -dmin x m, 4-bit values), its nibbles reordered."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 144)  # per 256 values: d, dmin (float16), 12 bytes of 6-bit sc / m, 128 of nibbles
+    d, dmin = (np.ascontiguousarray(blocks[..., i:i + 2]).view(np.float16).astype(np.float32) for i in (0, 2))
+    sc, m = gguf.quants.Q4_K.get_scale_min(np.ascontiguousarray(blocks[..., 4:16]).reshape(-1, 12))
+    scale = (d * sc.reshape(rows, -1, 8)).astype(np.float16).reshape(rows, -1)
+    low = (-dmin * m.reshape(rows, -1, 8)).astype(np.float16).reshape(rows, -1)
+    packed = blocks[..., 16:].reshape(rows, -1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(2, 1)
+    q = (packed & 15).reshape(rows, -1, 32)  # sub-block j: the low (j even) or high nibbles of 32 bytes
+    q = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8).reshape(rows, -1)  # byte i: values i and i + 16
+    return {"q": q, "scale": scale, "min": low}
 
 
 def _quantized(name: str, rows: dict[str, np.ndarray], cfg: ModelConfig, arch: str) -> dict[str, np.ndarray]:

@@ -18,6 +18,8 @@ from hire.engine import Engine
 from hire.sampling import SamplingParams
 from hire.tokenizer import StreamDecoder
 
+WHOLE_SPAN = 512  # run(whole=True): the longest attention span taken from the first step
+
 
 @dataclass
 class Completion:
@@ -86,8 +88,8 @@ class Batch:
     pushes them to their requests, `drop` frees a slot at once. One thread drives a batch.
     """
 
-    def __init__(self, engine: Engine, chunk: int):
-        self.engine, self.chunk = engine, chunk
+    def __init__(self, engine: Engine, chunk: int, whole: bool = False):
+        self.engine, self.chunk, self.whole = engine, chunk, whole
         self.state = engine.init_state()
         self.live: dict[int, Request] = {}
 
@@ -111,7 +113,10 @@ class Batch:
     def step(self) -> list[Event]:
         """Decode `chunk` tokens in every slot; the live requests' events, each request's in order."""
         n = self.chunk
-        reach = max(len(r.out.prompt_tokens) + len(r.out.tokens) for r in self.live.values()) + n
+        reach = max(len(r.out.prompt_tokens) + len(r.out.tokens) + n for r in self.live.values())
+        if self.whole:  # at least the span of every request's last position, up to WHOLE_SPAN
+            last = max(len(r.out.prompt_tokens) + min(r.params.max_tokens, r.room) for r in self.live.values())
+            reach = max(reach, min(last, WHOLE_SPAN))
         self.state, out = self.engine.generate_steps(self.state, n, reach)
         tokens, logprobs = np.asarray(out.tokens), np.asarray(out.logprobs)
         events = []
@@ -128,9 +133,12 @@ class Batch:
         self.live = {slot: r for slot, r in self.live.items() if r is not req}
 
 
-def run(engine: Engine, requests: Sequence[Request], chunk: int = 16) -> Iterator[Event]:
-    """Decode every request, yielding events as tokens arrive."""
-    queue, batch = deque(requests), Batch(engine, chunk)
+def run(engine: Engine, requests: Sequence[Request], chunk: int = 16, whole: bool = False) -> Iterator[Event]:
+    """Decode every request, yielding events as tokens arrive. With `whole`, attention spans the bucket of the
+    requests' last position (up to WHOLE_SPAN) from the first step: one decode program where the span would
+    otherwise cross several buckets, each a program to compile or load from the cache (1.3-3 s apiece for
+    SmolLM2's 30 layers), for attention over at most WHOLE_SPAN positions early on."""
+    queue, batch = deque(requests), Batch(engine, chunk, whole)
     while queue or batch.live:
         for slot in batch.free_slots()[: len(queue)]:
             yield batch.admit(queue.popleft(), slot)
@@ -170,5 +178,6 @@ def generate(engine: Engine, prompts: Sequence[str | Sequence[int]], params: Sam
 
 def stream(engine: Engine, prompt: str | Sequence[int], params: SamplingParams, adapter: int = -1,
            chunk: int = 1) -> Iterator[Event]:
-    """Yield one prompt's tokens and text deltas as they are decoded."""
-    return run(engine, _requests(engine, [prompt], params, [adapter]), chunk)
+    """Yield one prompt's tokens and text deltas as they are decoded (`hire generate`, `hire chat`), attention
+    over the `whole` span (see run)."""
+    return run(engine, _requests(engine, [prompt], params, [adapter]), chunk, whole=True)

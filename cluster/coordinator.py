@@ -3,7 +3,7 @@ driven over gRPC (hire.internal.v1, protos/internal.proto), with continuous batc
 
 `Workers` starts a `workers.verify.VerifyWorker` (the large model) and a `workers.draft.DraftWorker` (the small
 model: a standalone draft model, the tandem small model, or n-gram) and connects to their gRPC servers.
-`Coordinator` owns the requests (hire.generate.Request: stop rules, max tokens, the end of the context), admits
+`Coordinator` owns the requests (hire.request.Request: stop rules, max tokens, the end of the context), admits
 them into free slots between rounds and runs rounds of Draft and Verify calls. It has hire.scheduler.Scheduler's
 interface (`submit` with an event sink, `cancel`, queue depth and busy slots) and hire.engine.Engine's request
 checks, so the servers' request path (hire.scheduler.Stream, cluster.serve_app.EngineServer) serves speculative
@@ -52,8 +52,10 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from cluster.auth import WithKey
 from cluster.shards import remove_named_group
 from hire.checkpoint import resolve_model
-from hire.engine import Engine, EngineUnavailable, buckets
-from hire.generate import Completion, Event, Request, _requests
+from hire.engine import Engine, buckets
+from hire.engine_api import EngineUnavailable
+from hire.generate import _requests
+from hire.request import Completion, Event, Request
 from hire.sampling import SamplingParams
 from hire.scheduler import Job, Sink, check_room, deliver
 from hire.speculative import SpecStats
@@ -277,7 +279,7 @@ class Coordinator:
         return len(self.live)
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, adapter: int, sink: Sink) -> Job:
-        """Queue a request (Scheduler.submit): each token's hire.generate.Event goes to `sink` on the coordinator's
+        """Queue a request (Scheduler.submit): each token's hire.request.Event goes to `sink` on the coordinator's
         thread, the last with its finish_reason, or a WorkerError. ValueError names a field the model cannot run;
         QueueFull when `queue_size` requests already wait beyond the free slots."""
         job = Job(Request(next(self.ids), list(prompt), params, adapter, self), sink)

@@ -25,8 +25,8 @@ from cluster.auth import ApiKeyInterceptor, ApiKeys, check_exposure, loopback, s
 from cluster.messages import decode_response, full_response, request_id, stream_response
 from cluster.metrics import Metrics
 from cluster.requests import Served, Work, from_decode, from_generate, model_info
-from hire.engine import EngineUnavailable
-from hire.generate import Event, Request
+from hire.engine_api import EngineUnavailable
+from hire.request import Event, Request
 from hire.scheduler import QueueFull, Scheduler, Stream
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc, jetstream_pb2_grpc

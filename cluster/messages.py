@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from hire.generate import Event, Request
+from hire.request import Event, Request
 from protos import inference_pb2 as pb
 from protos import jetstream_pb2 as js
 

@@ -44,7 +44,8 @@ from cluster.shards import RETRY_S, serving_engine
 from hire.calibrate import model_folder, serving_settings
 from hire.chat import ChatTemplate
 from hire.checkpoint import DEFAULT_MODEL, load_model
-from hire.engine import Engine, EngineUnavailable, compilation_cache_folder, use_compilation_cache
+from hire.engine import Engine, compilation_cache_folder, use_compilation_cache
+from hire.engine_api import EngineUnavailable
 from hire.lora import load_adapters
 from hire.scheduler import QueueFull, Scheduler, Stream
 from protos import inference_pb2 as pb

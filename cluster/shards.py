@@ -9,7 +9,7 @@ holds keys, and rank 0's copy of the (replicated) tokens comes back.
 
 Health: `ping` answers from a thread of its own while a call runs, and a call that lasts pings every host each
 `heartbeat` s: a host that died, failed or missed a heartbeat (`heartbeat_timeout`), or a call that outlasts
-`call_timeout`, raises ShardGroupError (a hire.engine.EngineUnavailable, one line for clients) within seconds and
+`call_timeout`, raises ShardGroupError (a hire.engine_api.EngineUnavailable, one line for clients) within seconds and
 marks the group broken. `ShardedEngine.recover()` rebuilds the whole group (a JAX program cannot lose a member) on
 the hosts that can be placed now, leaving out a node that died or does not answer, so the model is re-sharded onto
 the hosts left (two to one, four to three) when they hold it, and fails at once when they do not; between requests
@@ -47,7 +47,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from hire.calibrate import PREDICTORS, exact_settings, model_folder, serving_settings
 from hire.checkpoint import detect_format, resolve_model, with_hire
-from hire.engine import Engine, EngineUnavailable, StepOutput, buckets, compilation_cache_folder
+from hire.engine import Engine, buckets, compilation_cache_folder
+from hire.engine_api import EngineUnavailable, StepOutput
 from hire.formats.native import read_config
 from hire.sampling import SamplingParams
 from hire.tokenizer import load_tokenizer

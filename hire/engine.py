@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from hire import sharding
 from hire.checkpoint import LoadedModel
 from hire.config import ModelConfig
+from hire.engine_api import StepOutput
 from hire.model import KVCache, Transformer, init_cache
 from hire.sampling import RowSampling, SamplingParams, sample
 
@@ -45,21 +46,6 @@ class DecodeState(NamedTuple):
     positions: jax.Array  # [slots] its position
     sampling: RowSampling
     adapter: jax.Array  # [slots] LoRA adapter index, -1 for none
-
-
-class EngineUnavailable(RuntimeError):
-    """The engine failed as a whole (a host died or hung): its decode states and prefixes are lost. An engine
-    that can rebuild itself has `recover()`; hire.scheduler then retries the requests that had no token yet.
-    `retry_after`: seconds after which a client's retry may find it back (servers pass it on), or None."""
-
-    def __init__(self, message: str = "", retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class StepOutput(NamedTuple):
-    tokens: jax.Array  # [slots] (or [n, slots] from generate_steps)
-    logprobs: jax.Array
 
 
 def buckets(max_len: int) -> list[int]:
@@ -124,7 +110,8 @@ def _layouts(cfg: ModelConfig, mesh: Mesh | None) -> dict[str, dict]:
 
 
 class Engine:
-    """Holds a model's weights and the compiled prefill / insert / generate functions.
+    """The engine in this process (hire.engine_api.Engine's contract): a model's weights and the compiled
+    prefill / insert / generate functions.
 
     `net` replaces Transformer(model.cfg) (anything with its `cfg` and `apply`: hire.flash.OnDiskNet). With a `mesh`,
     the variables are arrays sharded over it (hire.sharding.load_sharded), the cache is split over it too and

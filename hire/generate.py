@@ -7,82 +7,20 @@ slots, shared with the server's scheduler (hire.scheduler).
 """
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from hire.engine import Engine
+from hire.request import Completion, Event, Request
 from hire.sampling import SamplingParams
-from hire.tokenizer import StreamDecoder
 
 WHOLE_SPAN = 512  # run(whole=True): the longest attention span taken from the first step
 
 
-@dataclass
-class Completion:
-    prompt_tokens: list[int]
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    logprobs: list[float] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" or "length"
-    time_to_first_token: float = 0.0
-
-
-@dataclass
-class Event:
-    """One streamed token of request `index`; `finish_reason` is set on its last event.
-
-    `stop_token` marks a last event whose token is the stop token (an end id or a stop id): not part of
-    the completion's tokens, its text is what the decoder still held back.
-    """
-
-    index: int
-    token: int
-    text: str
-    logprob: float
-    finish_reason: str | None
-    stop_token: bool = False
-
-
-class Request:
-    """Tracks one request's output and decides when it ends."""
-
-    def __init__(self, index: int, prompt: list[int], params: SamplingParams, adapter: int, engine: Engine):
-        engine.check_request(prompt, adapter)
-        self.index, self.params, self.adapter = index, params, adapter
-        self.out = Completion(prompt)
-        self.decoder = StreamDecoder(engine.tokenizer, prompt)
-        self.room = engine.max_len - len(prompt)
-        self.stops = set(params.stop_ids) | (set() if params.ignore_eos else set(engine.tokenizer.end_ids))
-        self.start = time.perf_counter()
-
-    def push(self, token: int, logprob: float) -> Event:
-        out = self.out
-        if not out.tokens and not out.finish_reason:
-            out.time_to_first_token = time.perf_counter() - self.start
-        if token in self.stops:
-            out.finish_reason = "stop"
-            out.text += (tail := self.decoder.flush())
-            return Event(self.index, token, tail, logprob, "stop", stop_token=True)
-        out.tokens.append(token)
-        if self.params.logprobs:
-            out.logprobs.append(logprob)
-        last = len(out.tokens) >= min(self.params.max_tokens, self.room)
-        text = out.text + self.decoder.push(token) + (self.decoder.flush() if last else "")
-        hits = [i for i in (text.find(s, max(0, len(out.text) - len(s))) for s in self.params.stop_strings) if i >= 0]
-        if hits:
-            text, out.finish_reason = text[: min(hits)], "stop"
-        elif last:
-            out.finish_reason = "length"
-        delta, out.text = text[len(out.text):], text
-        return Event(self.index, token, delta, logprob, out.finish_reason)
-
-
-class Batch:
-    """The engine's slots and the requests decoding in them: continuous batching's inner step.
+class PlainBatch:
+    """hire.batch.Batch over an engine's slots: each step decodes every slot `chunk` tokens.
 
     `admit` prefills a request into a free slot, `step` decodes every slot `chunk` tokens and
     pushes them to their requests, `drop` frees a slot at once. One thread drives a batch.
@@ -138,7 +76,7 @@ def run(engine: Engine, requests: Sequence[Request], chunk: int = 16, whole: boo
     requests' last position (up to WHOLE_SPAN) from the first step: one decode program where the span would
     otherwise cross several buckets, each a program to compile or load from the cache (1.3-3 s apiece for
     SmolLM2's 30 layers), for attention over at most WHOLE_SPAN positions early on."""
-    queue, batch = deque(requests), Batch(engine, chunk, whole)
+    queue, batch = deque(requests), PlainBatch(engine, chunk, whole)
     while queue or batch.live:
         for slot in batch.free_slots()[: len(queue)]:
             yield batch.admit(queue.popleft(), slot)

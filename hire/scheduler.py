@@ -5,9 +5,9 @@ the free slots. Before each decode chunk the scheduler thread frees the slots of
 requests, prefills up to `prefills` waiting requests into free slots (so prefill interleaves with
 decoding), then decodes every slot `chunk` tokens. Each request's events go to its own sink,
 called on the scheduler thread; `Stream` turns them into an asyncio iterator. The stopping rules
-are `hire.generate.Request`'s and the slots `hire.generate.Batch`'s, as in `generate`.
+are `hire.request.Request`'s and the slots a `hire.batch.Batch`'s, as in `generate`.
 
-When the engine fails as a whole (hire.engine.EngineUnavailable: a host of a sharded engine died or hung),
+When the engine fails as a whole (hire.engine_api.EngineUnavailable: a host of a sharded engine died or hung),
 the streams cut mid-way (a token already sent) end at once with EngineUnavailable (gRPC UNAVAILABLE, HTTP 503);
 then the scheduler calls `engine.recover()` and puts the requests that had no token yet back at the head of
 the queue, each at most `retries` times. A request past its retries, or every one when the engine cannot be
@@ -24,8 +24,10 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from hire.engine import Engine, EngineUnavailable
-from hire.generate import Batch, Completion, Event, Request
+from hire.batch import Batch
+from hire.engine_api import Engine, EngineUnavailable
+from hire.generate import PlainBatch
+from hire.request import Completion, Event, Request
 from hire.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -67,14 +69,18 @@ class Job:
 class Scheduler:
     """Owns an engine and its decode state; `submit` and `cancel` may be called from any thread."""
 
-    def __init__(self, engine: Engine, queue_size: int = 128, chunk: int = 4, prefills: int = 4, retries: int = 1):
+    def __init__(self, engine: Engine, queue_size: int = 128, chunk: int = 4, prefills: int = 4, retries: int = 1,
+                 batch: Callable[[], Batch] | None = None):
+        """`batch` makes a fresh hire.batch.Batch over `engine` (at start and after a failure); by default a
+        hire.generate.PlainBatch decoding `chunk` tokens a step."""
         if queue_size < 1 or chunk < 1 or prefills < 1 or retries < 0:
             raise ValueError("queue_size, chunk and prefills must be >= 1, retries >= 0")
         self.engine, self.queue_size, self.prefills, self.retries = engine, queue_size, prefills, retries
         self._chunk = chunk
+        self._new_batch = batch or (lambda: PlainBatch(engine, chunk))
         self._batch: Batch | None = None  # None while the engine is down: rebuilt before the next admission
         try:
-            self._batch = Batch(engine, chunk)
+            self._batch = self._new_batch()
         except EngineUnavailable:
             log.warning("the engine is down; the first request will rebuild it")
         self._recover_asked = False
@@ -204,7 +210,7 @@ class Scheduler:
             for req in self._batch.live.values():
                 self._send(self._running[req.index], e)
             try:
-                self._batch = Batch(self.engine, self._chunk)  # the old state was donated to the failed call
+                self._batch = self._new_batch()  # the old state was donated to the failed call
             except EngineUnavailable:
                 self._batch = None  # rebuilt before the next admission
             return
@@ -227,7 +233,7 @@ class Scheduler:
             rebuilt = self.engine.recover(grow=grow)  # AttributeError: this engine cannot rebuild itself
             if error is None and not rebuilt:
                 return
-            self._batch = Batch(self.engine, self._chunk)
+            self._batch = self._new_batch()
             ok = True
         except EngineUnavailable as e:  # its message says what is lost and when to retry
             log.warning("the engine could not be rebuilt: %s", e)

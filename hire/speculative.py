@@ -41,8 +41,9 @@ import numpy as np
 from hire.checkpoint import LoadedModel
 from hire.config import ModelConfig
 from hire.engine import DecodeState, Engine
-from hire.generate import Completion, Event, Request, _requests
+from hire.generate import _requests
 from hire.model import KVCache, Transformer
+from hire.request import Completion, Event, Request
 from hire.sampling import RowSampling, SamplingParams, argmax, filter_logits, sample, scale
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -490,7 +491,7 @@ def run(spec: Speculator, requests: Sequence[Request], stats: SpecStats | None =
     """Decode every request speculatively, yielding events as tokens are decided (a block's at once).
 
     Requests enter free slots between blocks and leave on a stop token, a stop string, max_tokens or the
-    end of the context (hire.generate.Request's rules); `stats`, when given, is updated as blocks finish.
+    end of the context (hire.request.Request's rules); `stats`, when given, is updated as blocks finish.
     """
     stats = stats if stats is not None else SpecStats()
     queue, state, live = deque(requests), spec.init_state(), {}

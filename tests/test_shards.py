@@ -23,7 +23,8 @@ from cluster.shards import RETRY_S, ShardedEngine, check_servable
 from hire import sharding
 from hire.checkpoint import load_model
 from hire.config import ModelConfig
-from hire.engine import Engine, EngineUnavailable
+from hire.engine import Engine
+from hire.engine_api import EngineUnavailable
 from hire.formats import expected_variables
 from hire.generate import generate
 from hire.sampling import SamplingParams

@@ -18,8 +18,9 @@ from hire.engine import Engine
 from hire.evaluate import token_nll, windows
 from hire.formats import CheckpointError, flatten
 from hire.formats.native import save_native
-from hire.generate import Request, generate
+from hire.generate import generate
 from hire.model import Transformer, init_cache, init_params
+from hire.request import Request
 from hire.sampling import SamplingParams
 from hire.speculative import run, speculative_generate
 from hire.tandem import (

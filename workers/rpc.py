@@ -67,7 +67,7 @@ def sampling_params(m: pb.Sampling) -> SamplingParams:
 
 def handler(method: Callable) -> Callable:
     """A servicer method whose ValueError (a bad request) answers INVALID_ARGUMENT with its message, its
-    hire.engine.EngineUnavailable (a host of its shard group died or hangs) UNAVAILABLE, and whose other exceptions
+    hire.engine_api.EngineUnavailable (a host of its shard group died or hangs) UNAVAILABLE, and whose other exceptions
     answer INTERNAL naming them (and are logged)."""
     @functools.wraps(method)
     def wrapped(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -76,7 +76,7 @@ def handler(method: Callable) -> Callable:
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Exception as e:
-            from hire.engine import EngineUnavailable  # here, not at the top: see the module's docstring
+            from hire.engine_api import EngineUnavailable  # here, not at the top: see the module's docstring
 
             if isinstance(e, EngineUnavailable):
                 context.abort(grpc.StatusCode.UNAVAILABLE, str(e))

@@ -62,7 +62,8 @@ class ModelConfig:
 
     `quantize` "int8" / "int4" keeps every Linear kernel quantized in blocks of 32 inputs (hire.quant, llama.cpp's
     Q8_0 / Q4_1), and the embedding table (and an untied LM head) too, or as `quantize_embed` says when set (a GGUF
-    file's Q8_0 embedding beside Q4_1 layers; --quantize int4 sets it to int8); `dtype` stays the type the activations are computed in.
+    file's Q8_0 embedding beside Q4_1 layers; --quantize int4 sets it to int8); `dtype` stays the type the activations
+    are computed in.
     """
 
     vocab_size: int

@@ -8,10 +8,11 @@ A quantized matrix is a dict stored where its float kernel would be, holding its
   blocks; Q4_0's are min = -8 scale).
 
 A Linear kernel [K, N] is stored as those rows (its transpose), the embedding table [V, D] as it is (in int8 beside
-int4 kernels: EMBED_BESIDE): the same dict serves the lookup (`take` dequantizes only the gathered rows) and the tied LM head. On the CPU, `matmul` runs the C++
-kernels in hire/csrc/qmatmul.cc (built with the package): the activation rows are quantized to int8 per block of 32
-too and multiplied in integers, block by block, as llama.cpp's CPU path does. Elsewhere, and for prompts longer than
-`KERNEL_ROWS`, the weights are dequantized in the graph and multiplied in float32.
+int4 kernels: EMBED_BESIDE): the same dict serves the lookup (`take` dequantizes only the gathered rows) and the
+tied LM head. On the CPU, `matmul` runs the C++ kernels in hire/csrc/qmatmul.cc (built with the package): the
+activation rows are quantized to int8 per block of 32 too and multiplied in integers, block by block, as llama.cpp's
+CPU path does. Elsewhere, and for prompts longer than `KERNEL_ROWS`, the weights are dequantized in the graph and
+multiplied in float32.
 """
 from __future__ import annotations
 

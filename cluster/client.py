@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import grpc
 
-from cluster.auth import bearer
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc
+from workers.auth import bearer
 
 # What a server that is still starting answers (Serve's proxy says NOT_FOUND until the app is deployed).
 # What a server that is still starting answers: not up yet, its application not deployed yet, or (Serve's proxy

@@ -49,8 +49,6 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from cluster.auth import WithKey
-from cluster.shards import remove_named_group
 from hire.checkpoint import resolve_model
 from hire.engine import Engine, buckets
 from hire.engine_api import EngineUnavailable
@@ -62,8 +60,10 @@ from hire.speculative import SpecStats
 from hire.tokenizer import load_tokenizer
 from protos import internal_pb2 as pb
 from protos import internal_pb2_grpc
+from workers.auth import WithKey
 from workers.draft import DraftWorker
 from workers.rpc import message_limit, options, pack, sampling_message, unpack
+from workers.shards import remove_named_group
 from workers.verify import VerifyWorker
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class _Down(Exception):
 
 class Workers:
     """A VerifyWorker and a DraftWorker, their gRPC stubs, and restarts. `options` are Ray actor options for the
-    "verify" and "draft" actors (default one CPU each); with `group` (cluster.shards.ShardedEngine's keywords) the
+    "verify" and "draft" actors (default one CPU each); with `group` (workers.shards.ShardedEngine's keywords) the
     VerifyWorker drives the large model sharded over that group of hosts, and a restart starts a fresh group.
 
     The workers serve only calls that carry `secret`, made here and handed to them through Ray: whoever else reaches
@@ -223,7 +223,7 @@ class Coordinator:
     (re)start; `restarts` is how many restarts in a row a failure may take before requests fail. Up to
     `queue_size` requests wait beyond the free slots (then QueueFull). With `verify_hosts` > 1 or
     `devices_per_host` > 1 the large model is sharded over that many host actors of that many devices each
-    (cluster.shards), which its worker drives; a host that dies or hangs restarts the verifier with a fresh group."""
+    (workers.shards), which its worker drives; a host that dies or hangs restarts the verifier with a fresh group."""
 
     check_request = Engine.check_request
 

@@ -28,10 +28,11 @@ import grpc
 import numpy as np
 from tqdm import tqdm
 
-from cluster.auth import bearer, env_keys
+from cluster.auth import env_keys
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc, jetstream_pb2_grpc
 from protos import jetstream_pb2 as js
+from workers.auth import bearer
 
 PERCENTILES = (50, 90, 99)
 

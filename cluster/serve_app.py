@@ -40,7 +40,6 @@ from cluster.auth import REFUSED, ApiKeys, env_keys, parse_keys
 from cluster.messages import decode_response, request_id, stream_response
 from cluster.metrics import RayMetrics
 from cluster.requests import Limits, Served, from_decode, from_generate, model_info
-from cluster.shards import RETRY_S, serving_engine
 from hire.calibrate import model_folder, serving_settings
 from hire.chat import ChatTemplate
 from hire.checkpoint import DEFAULT_MODEL, load_model
@@ -50,6 +49,7 @@ from hire.lora import load_adapters
 from hire.scheduler import QueueFull, Scheduler, Stream
 from protos import inference_pb2 as pb
 from protos import jetstream_pb2 as js
+from workers.shards import RETRY_S, serving_engine
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class EngineServer:
                                  gamma=gamma, limits=bounds)
             coordinator.warm_up()
             self.scheduler = coordinator
-        elif hosts > 1:  # the model sharded over `hosts` Ray actors (cluster.shards); this replica drives them
+        elif hosts > 1:  # the model sharded over `hosts` Ray actors (workers.shards); this replica drives them
             sharded = serving_engine(model, hosts, devices_per_host, placement, slots, max_len, dtype, lora, hire)
             self.served = Served(sharded, sharded.cfg.name, limits=bounds)
         else:

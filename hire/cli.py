@@ -1305,7 +1305,7 @@ def serve_command(model, host, http_port, grpc_port, replicas, address, replica_
                 raise click.BadParameter(str(e), param_hint="--draft") from None
         args |= dict(draft=draft, gamma=gamma, pipelined=not unpipelined, hire=None)
     if hosts > 1:
-        from cluster.shards import check_servable
+        from workers.shards import check_servable
 
         try:
             check_servable(model, args["lora"], flags)

@@ -116,7 +116,7 @@ class Engine:
     `net` replaces Transformer(model.cfg) (anything with its `cfg` and `apply`: hire.flash.OnDiskNet). With a `mesh`,
     the variables are arrays sharded over it (hire.sharding.load_sharded), the cache is split over it too and
     everything else replicated; with jax.distributed, every process builds this same engine
-    and makes the same calls in the same order (cluster.shards drives that).
+    and makes the same calls in the same order (workers.shards drives that).
     """
 
     def __init__(self, model: LoadedModel, slots: int = 8, max_len: int | None = None, mesh: Mesh | None = None,

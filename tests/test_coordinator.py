@@ -1,6 +1,6 @@
 """The tandem coordinator (cluster.coordinator) on a real two-node Ray cluster (ray.cluster_utils.Cluster): the large
 model's actor on one node and the drafter's on the other, driven over gRPC on loopback, unpipelined and pipelined,
-with stdlib-9m-draft and stdlib-9m-tandem; and the large model sharded over two host actors (cluster.shards)."""
+with stdlib-9m-draft and stdlib-9m-tandem; and the large model sharded over two host actors (workers.shards)."""
 from __future__ import annotations
 
 import os
@@ -20,7 +20,6 @@ from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group_table
 from ray_nodes import add_node
 
-from cluster.auth import bearer
 from cluster.coordinator import Coordinator, CoordinatorActor
 from hire.bench import text_prompts
 from hire.checkpoint import load_model
@@ -31,6 +30,7 @@ from hire.sampling import SamplingParams
 from hire.speculative import speculative_generate
 from protos import internal_pb2 as pb
 from protos import internal_pb2_grpc
+from workers.auth import bearer
 from workers.rpc import pack
 
 # Prompts of 13 tokens and γ 4 in a context of 32: every block's attention span is the bucket 32 and every prompt

@@ -17,7 +17,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.auth import WithKey, bearer
 from cluster.grpc_server import GrpcServer, Options
 from cluster.requests import Served
 from hire.checkpoint import load_model
@@ -25,6 +24,7 @@ from hire.engine import Engine
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc, jetstream_pb2_grpc
 from protos import jetstream_pb2 as js
+from workers.auth import WithKey, bearer
 
 CLIENT_MISTAKES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED,
                    grpc.StatusCode.RESOURCE_EXHAUSTED}

@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from ray import serve
 
 from cluster import launch
-from cluster.auth import WithKey, bearer
 from cluster.bench_serving import free_port
 from hire.chat import chat_prompt
 from hire.checkpoint import load_model
@@ -32,6 +31,7 @@ from hire.sampling import SamplingParams
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc, jetstream_pb2_grpc
 from protos import jetstream_pb2 as js
+from workers.auth import WithKey, bearer
 
 MODEL, PROMPT = "stories260K", "Once upon a time"
 KEY, OTHER_KEY = "test-key-0c4f", "second-key-9a1e"

@@ -19,7 +19,6 @@ from ray.cluster_utils import Cluster
 from ray_nodes import add_node
 from test_sharded_sampling import hire_model
 
-from cluster.shards import RETRY_S, ShardedEngine, check_servable
 from hire import sharding
 from hire.checkpoint import load_model
 from hire.config import ModelConfig
@@ -29,6 +28,7 @@ from hire.formats import expected_variables
 from hire.generate import generate
 from hire.sampling import SamplingParams
 from hire.scheduler import Scheduler
+from workers.shards import RETRY_S, ShardedEngine, check_servable
 
 HOSTS, DEVICES = 2, 2
 PROMPTS = ["Once upon a time", "The cat sat", "Lily was", "One day, a big"]

@@ -1,1 +1,1 @@
-"""Ray actors that own model shards on hosts: `workers.shard.ShardWorker` (driven by cluster.shards)."""
+"""Ray actors that own model shards on hosts: `workers.shard.ShardWorker` (driven by workers.shards)."""

@@ -17,9 +17,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from cluster.auth import SecretInterceptor
 from hire.sampling import SamplingParams
 from protos import internal_pb2 as pb
+from workers.auth import SecretInterceptor
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """ShardWorker: the Ray actor on one host of a sharded engine, one JAX process of a multi-controller program.
 
-Every worker of a group runs the same jitted calls in the same order (cluster.shards.ShardGroup broadcasts
+Every worker of a group runs the same jitted calls in the same order (workers.shards.ShardGroup broadcasts
 each call and waits for all before the next), so together they run one program over the global mesh.
 Decode states and prefilled prompts stay here, under keys the driver chose; only rank 0 sends tokens back.
 A tandem coordinator's verifier runs its programs here too (`verifier`, on a decode state of its own).

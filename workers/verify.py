@@ -4,7 +4,7 @@ It holds the large model's decode state for every slot (hire.engine's: KV cache,
 sampling rows) and runs the large model's half of a speculative block (hire.speculative.verify_block) for the
 rows a Verify names; rows it does not name are left exactly as they were (their positions are moved past the
 cache for the pass, so nothing is written for them). The model is in this process, or sharded over a group of
-host actors (cluster.shards.ShardedEngine): every host then runs the same programs on its shard of the decode
+host actors (workers.shards.ShardedEngine): every host then runs the same programs on its shard of the decode
 state (the KV cache split by KV heads) and rank 0's verdicts come back.
 """
 from __future__ import annotations
@@ -101,7 +101,7 @@ class VerifierPrograms:
 
 
 class GroupPrograms:
-    """VerifierPrograms' calls broadcast to a cluster.shards.ShardGroup: every host runs them on its shard, rank 0's
+    """VerifierPrograms' calls broadcast to a workers.shards.ShardGroup: every host runs them on its shard, rank 0's
     outputs (numpy) come back; a host that died or hangs raises ShardGroupError (EngineUnavailable)."""
 
     def __init__(self, group: Any):
@@ -201,13 +201,13 @@ class VerifyWorker:
               group: dict[str, Any] | None = None) -> dict[str, Any]:
         """Load `model`, build its engine and serve calls that carry `secret` (blocks of up to `gamma` drafts); where
         to reach it and the model's shape. With `group`
-        (cluster.shards.ShardedEngine's keywords: hosts, devices_per_host, ...) the model is sharded over a group of
+        (workers.shards.ShardedEngine's keywords: hosts, devices_per_host, ...) the model is sharded over a group of
         host actors that this actor drives ("hosts": each host's rank, node and process)."""
         if compilation_cache:
             use_compilation_cache(compilation_cache)
         info: dict[str, Any] = {}
         if group:
-            from cluster.shards import ShardedEngine
+            from workers.shards import ShardedEngine
 
             self.engine = ShardedEngine(model, slots=slots, max_len=max_len, dtype=dtype,
                                         compilation_cache=compilation_cache, **group)

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hire.checkpoint import LoadedModel
 from hire.config import ModelConfig
 from hire.engine import Engine
+from hire.loaded import LoadedModel
 from hire.moe import experts_read, pick
 from hire.sampling import SamplingParams
 from hire.sparse import use_gather

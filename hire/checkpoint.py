@@ -6,36 +6,16 @@ tokenizer .bin). A name of hire.registry that is not here yet is pulled on first
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hire.config import ModelConfig
 from hire.formats import CheckpointError, read_json
-from hire.tokenizer import Tokenizer
+from hire.loaded import LoadedModel
+from hire.predictor_files import with_predictors
+from hire.registry import REGISTRY, model_dirs, pull
 
-if TYPE_CHECKING:
-    from hire.tandem import TandemModel
-
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "smollm2-135m-instruct"  # what --model means when left out (pulled on first use: hire.registry)
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to run: config, variables {"params": ..., ["lora": ...]} and tokenizer."""
-
-    cfg: ModelConfig
-    variables: dict
-    tokenizer: Tokenizer
-
-
-def model_dirs() -> list[Path]:
-    """Where bare model names are looked up: the folders in $HIRE_MODELS (default ~/.cache/hire/models), then
-    <repo>/models. `hire pull` writes into the first."""
-    env = [Path(d).expanduser() for d in os.environ.get("HIRE_MODELS", "").split(os.pathsep) if d]
-    return [*(env or [Path.home() / ".cache" / "hire" / "models"]), REPO / "models"]
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
@@ -48,8 +28,6 @@ def resolve_model(name_or_path: str | Path) -> Path:
         for d in model_dirs():
             if (d / path).exists():
                 return (d / path).resolve()
-        from hire.registry import REGISTRY, pull
-
         if str(path) in REGISTRY:
             return pull(str(path))
         raise CheckpointError(f"no model {str(name_or_path)!r}: not a path, nor a name in "
@@ -88,12 +66,12 @@ def load_model(path: str | Path, dtype: str | None = None, quantize: str | None 
     ("none", "int8", "int4") the stored weights' quantization (hire.quant; "none" dequantizes).
 
     `hire` overrides the config's HiRE fields (e.g. softmax="hire-lr", ffn="group-sparse"); a config that
-    asks for HiRE runs with the predictors saved beside the checkpoint (hire.calibrate).
+    asks for HiRE runs with the predictors saved beside the checkpoint (hire.predictor_files).
     """
     path = resolve_model(path)
     fmt = detect_format(path)
     if fmt == "tandem":
-        raise CheckpointError(f"{path} is a tandem model: it drafts for its large model (see hire.checkpoint."
+        raise CheckpointError(f"{path} is a tandem model: it drafts for its large model (see hire.tandem."
                               "load_tandem and `hire generate --draft`), it does not run alone")
     if fmt == "hire":
         from hire.formats.native import load_native as load
@@ -112,8 +90,6 @@ def load_model(path: str | Path, dtype: str | None = None, quantize: str | None 
     cfg = with_hire(model.cfg, hire)
     if not cfg.sparse:
         return LoadedModel(cfg, model.variables, model.tokenizer) if hire else model
-    from hire.calibrate import with_predictors
-
     dense = LoadedModel(cfg.dense(), model.variables, model.tokenizer)
     return with_predictors(dense, path if path.is_dir() else path.parent, cfg)
 
@@ -137,16 +113,6 @@ def with_hire(cfg: ModelConfig, hire: dict[str, Any]) -> ModelConfig:
     if cfg.ffn == "group-topk" and hire.get("ffn") == "group-sparse":
         hire = {"ffn_keep_k": True, **hire}  # trained on its top ffn_k groups: of the candidates, keep those
     return cfg.replace(**hire) if hire else cfg
-
-
-def load_tandem(path: str | Path, dtype: str | None = None) -> TandemModel:
-    """Load a tandem small model (hire.tandem) by name or path; its large model is loaded separately."""
-    from hire.tandem import load_tandem_folder
-
-    path = resolve_model(path)
-    if detect_format(path) != "tandem":
-        raise CheckpointError(f"{path} is not a tandem model (no \"format\": \"hire-tandem\" in its config.json)")
-    return load_tandem_folder(path, dtype)
 
 
 def convert(src: str | Path, dst: str | Path, dtype: str | None = None, quantize: str | None = None) -> LoadedModel:

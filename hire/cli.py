@@ -121,7 +121,7 @@ def _is_tandem(model: str) -> bool:
 
 def _load_tandem(model: str, dtype: str | None):
     """The tandem small model (hire.tandem) at MODEL, or None when MODEL is another kind of model."""
-    from hire.checkpoint import load_tandem
+    from hire.tandem import load_tandem
 
     try:
         return load_tandem(model, dtype) if _is_tandem(model) else None
@@ -469,8 +469,8 @@ def pull_command(name, force) -> None:
 def models_command() -> None:
     """List the models --model can name here (in $HIRE_MODELS or ~/.cache/hire/models, and models/) and
     the ones `hire pull` can fetch."""
-    from hire.checkpoint import detect_format, model_dirs
-    from hire.registry import REGISTRY
+    from hire.checkpoint import detect_format
+    from hire.registry import REGISTRY, model_dirs
 
     local = set()
     for folder in model_dirs():
@@ -535,8 +535,8 @@ def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype, 
     generating alone against the model alone ("speculator": "TandemAlone").
     """
     from hire.bench import bench_decode as run
-    from hire.checkpoint import LoadedModel
     from hire.config import SHAPES
+    from hire.loaded import LoadedModel
     from hire.model import init_params
     from hire.quant import EMBED_BESIDE
 
@@ -544,7 +544,8 @@ def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype, 
         raise click.UsageError("give exactly one of --model and --shape")
     hire, dense = _hire(softmax, ffn, hire_settings), None
     if shape is not None:
-        from hire.calibrate import random_predictors, sparsify
+        from hire.calibrate import random_predictors
+        from hire.predictor_files import sparsify
 
         if shape not in SHAPES:
             raise click.BadParameter(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}", param_hint="--shape")
@@ -695,8 +696,8 @@ def bench_topk(devices, vocab, batch, k, dim, methods, recall_target, repeats, p
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     import jax
 
+    from hire.recall import model_softmax
     from hire.topk import bench_topk as run
-    from hire.topk import model_softmax
 
     if jax.device_count() < devices:
         raise click.ClickException(f"--devices {devices}, but JAX has {jax.device_count()} "
@@ -745,7 +746,8 @@ def bench_window(model, text_file, window_sizes, predictor_dir, kinds, oversampl
     (recall_used, extra_used) or with its cache of candidates (recall_cache, extra_cache), loads and held.
     See hire/window.py and docs/hire.md.
     """
-    from hire.calibrate import load_predictors, model_folder
+    from hire.calibrate import model_folder
+    from hire.predictor_files import load_predictors
     from hire.window import ffn_kinds, measure
 
     loaded = _load(model, None, _exact(model), "none")  # predictors fit the float weights (kept quantized or not)
@@ -1059,7 +1061,8 @@ def calibrate_command(model, text_file, rank, quants, context, batch, max_tokens
     oversampling 1 to 16; this drops a serving default `hire eval --recommend` wrote) and prints that JSON.
     `--softmax`/`--ffn` on generate, eval, bench decode and the serving commands then use them.
     """
-    from hire.calibrate import calibrate, model_folder, save_predictors
+    from hire.calibrate import calibrate, model_folder
+    from hire.predictor_files import save_predictors
 
     loaded = _load(model, None, _exact(model), "none")  # predictors fit the float weights (kept quantized or not)
     settings = _hire(None, None, hire_settings)

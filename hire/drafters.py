@@ -9,7 +9,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from hire.checkpoint import LoadedModel, load_model
+from hire.checkpoint import load_model
+from hire.loaded import LoadedModel
 from hire.model import KVCache, init_cache
 from hire.speculative import Proposal, put_row, run_model, take_row
 

@@ -18,9 +18,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from hire import sharding
-from hire.checkpoint import LoadedModel
 from hire.config import ModelConfig
 from hire.engine_api import StepOutput
+from hire.loaded import LoadedModel
 from hire.model import KVCache, Transformer, init_cache
 from hire.sampling import RowSampling, SamplingParams, sample
 

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from hire.checkpoint import LoadedModel
+from hire.loaded import LoadedModel
 from hire.model import Transformer
+from hire.recall import layer_inputs, recalls
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -55,13 +56,11 @@ def evaluate(model: LoadedModel, tokens: np.ndarray, context: int, batch_size: i
     agree, which bounds how many greedy drafts of `model` the reference would accept.
     With `dense`, the same model without HiRE when `model` uses it: also dense_loss, dense_perplexity, the means
     of `fidelity`'s keys (top1_agreement, sampled_agreement, tv_distance, logprob_error) and the predictors' mean
-    softmax_recall, ffn_recall and ffn_mass on the hidden states the HiRE model reads (hire.calibrate.recalls).
+    softmax_recall, ffn_recall and ffn_mass on the hidden states the HiRE model reads (hire.recall.recalls).
     `logits_fn(variables, inputs, positions)`, when given, computes `model`'s logits in place of
     hire.model.Transformer (a tandem small model beside its large one: hire.tandem.tandem_scorer).
     Windows do not overlap, so each starts without context; the last batch is padded and masked.
     """
-    from hire.calibrate import layer_inputs, recalls
-
     if len(tokens) < 2:
         raise ValueError("need at least two tokens to score")
     inputs, targets, mask = windows(np.asarray(tokens, np.int32), context)

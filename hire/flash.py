@@ -45,12 +45,13 @@ from jax.experimental import io_callback
 from safetensors import SafetensorError, safe_open
 
 from hire import predictors, sparse
-from hire.calibrate import PREDICTORS
-from hire.checkpoint import LoadedModel, detect_format, resolve_model, with_hire
+from hire.checkpoint import detect_format, resolve_model, with_hire
 from hire.config import ModelConfig
 from hire.formats import CheckpointError, prepare_variables, unflatten
 from hire.formats.native import WEIGHTS, read_config
+from hire.loaded import LoadedModel
 from hire.model import GroupSparseFFN, Transformer, activation
+from hire.predictor_files import PREDICTORS
 from hire.tokenizer import load_tokenizer
 
 GROUPS = "ffn_groups.bin"
@@ -466,8 +467,9 @@ def load_on_disk(path: str | Path, budget: int, window: int | None = None, slots
 def convert_on_disk(src: str | Path, dst: str | Path, dtype: str | None = None) -> LoadedModel:
     """`hire convert SRC DST --weights-on-disk`: the hire checkpoint (hire.checkpoint.convert), SRC's HiRE
     predictors copied beside it, and ffn_groups.bin."""
-    from hire.calibrate import META, model_folder
+    from hire.calibrate import model_folder
     from hire.checkpoint import convert
+    from hire.predictor_files import META
 
     kept = {name: (model_folder(src) / name).read_bytes() for name in (PREDICTORS, META)
             if (model_folder(src) / name).is_file()}  # read first: DST may be SRC, which convert replaces

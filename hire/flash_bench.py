@@ -27,12 +27,13 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from hire.calibrate import random_predictors, save_predictors
+from hire.calibrate import random_predictors
 from hire.config import ModelConfig
 from hire.engine import Engine
 from hire.flash import GROUPS, Layout, MappedFFN, OnDiskNet, load_on_disk, load_resident, write_groups
 from hire.formats import expected_variables, unflatten
 from hire.formats.native import save_native
+from hire.predictor_files import save_predictors
 from hire.sampling import SamplingParams
 
 

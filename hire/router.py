@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hire.checkpoint import LoadedModel
 from hire.engine import Engine
+from hire.loaded import LoadedModel
 from hire.sampling import SamplingParams
 from hire.speculative import Drafter, Speculator
 

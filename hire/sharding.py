@@ -33,11 +33,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from safetensors import SafetensorError, safe_open
 
-from hire.calibrate import PREDICTORS
-from hire.checkpoint import LoadedModel, detect_format, resolve_model, with_hire
+from hire.checkpoint import detect_format, resolve_model, with_hire
 from hire.config import ModelConfig
 from hire.formats import CheckpointError, check_variables, expected_variables, unflatten
 from hire.formats.native import WEIGHTS, read_config
+from hire.loaded import LoadedModel
+from hire.predictor_files import PREDICTORS
 from hire.sampling import RowSampling, gumbel_noise, sample, scale
 from hire.sharded_sparse import AXIS
 from hire.sparse import bundle_ffn
@@ -94,7 +95,7 @@ def load_sharded(path: str | Path, mesh: Mesh, dtype: str | None = None, **hire:
     """Load a hire-format checkpoint as arrays sharded over `mesh`, reading only this process's slices.
 
     `hire` overrides the config's HiRE fields as in hire.checkpoint.load_model. A config that asks for HiRE gets
-    what hire.calibrate.sparsify builds: each device bundles its own FFN groups from its slices of the kernels,
+    what hire.predictor_files.sparsify builds: each device bundles its own FFN groups from its slices of the kernels,
     and the predictors come from the slices of hire_predictors.safetensors it holds.
     """
     folder = resolve_model(path)
@@ -134,7 +135,7 @@ def load_sharded(path: str | Path, mesh: Mesh, dtype: str | None = None, **hire:
 
 def predictor_sources(cfg: ModelConfig, f, file: Path) -> tuple[ModelConfig, dict[str, str]]:
     """For each "hire" variable `cfg` asks for, its name in the open predictor file `f` (KIND/PATH/NAME), and `cfg`
-    with `hire_rank` set to a low-rank predictor's own rank (as hire.calibrate.sparsify does)."""
+    with `hire_rank` set to a low-rank predictor's own rank (as hire.predictor_files.sparsify does)."""
     places = [("softmax", "softmax")] if cfg.softmax != "dense" else []
     if cfg.ffn == "group-sparse":
         places += [("ffn", f"layers_{i}/ffn/predictor") for i in range(cfg.n_layers)]

@@ -38,10 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hire.checkpoint import LoadedModel
 from hire.config import ModelConfig
 from hire.engine import DecodeState, Engine
 from hire.generate import _requests
+from hire.loaded import LoadedModel
 from hire.model import KVCache, Transformer
 from hire.request import Completion, Event, Request
 from hire.sampling import RowSampling, SamplingParams, argmax, filter_logits, sample, scale

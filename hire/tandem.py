@@ -19,7 +19,7 @@ step-by-step run with block refreshes.
 Around the model: `TandemDrafter` plugs it into hire.speculative (tandem + verification, SPEED: the large
 model verifies its drafts), `TandemAlone` runs it without verification (the large model only refreshes the
 representations), `tandem_scorer` scores it teacher-forced with hire.evaluate, and `save_tandem` /
-hire.checkpoint.load_tandem keep it in a folder whose config.json says "format": "hire-tandem". The
+`load_tandem` keep it in a folder whose config.json says "format": "hire-tandem". The
 training recipe is hire.train_tandem.
 """
 from __future__ import annotations
@@ -37,9 +37,10 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from hire.checkpoint import LoadedModel, load_model, load_tandem
+from hire.checkpoint import detect_format, load_model, resolve_model
 from hire.config import ModelConfig
 from hire.formats import CheckpointError, _check, build_config, flatten, read_json, unflatten, with_dtype
+from hire.loaded import LoadedModel
 from hire.model import FFN, KVCache, Linear, RMSNorm, apply_rope, init_cache, rope_frequencies
 from hire.sampling import sample
 from hire.speculative import (
@@ -305,13 +306,15 @@ def save_tandem(folder: str | Path, model: TandemModel) -> None:
     (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def load_tandem_folder(folder: str | Path, dtype: str | None = None) -> TandemModel:
-    """Load a folder written by save_tandem; `dtype` overrides the saved one."""
-    folder = Path(folder)
+def load_tandem(path: str | Path, dtype: str | None = None) -> TandemModel:
+    """Load a tandem small model (a folder save_tandem wrote) by name or path (hire.checkpoint.resolve_model);
+    `dtype` overrides the saved one. Its large model is loaded separately."""
+    folder = resolve_model(path)
+    if detect_format(folder) != "tandem":
+        raise CheckpointError(f"{folder} is not a tandem model (no \"format\": \"{FORMAT}\" in its config.json)")
     config = folder / "config.json"
     raw = read_json(config)
-    if raw.pop("format", None) != FORMAT:
-        raise CheckpointError(f"{config} is not a tandem model (no \"format\": \"{FORMAT}\")")
+    raw.pop("format")
     if (version := raw.pop("format_version", None)) != FORMAT_VERSION:
         raise CheckpointError(f"{config}: format_version {version!r} is not supported (supported: {FORMAT_VERSION})")
     try:

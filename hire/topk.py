@@ -213,20 +213,6 @@ def k_local_for_recall(k: int, shards: int, n: int, target: float) -> int:
     return most
 
 
-def model_softmax(model: Any, tokens: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """A loaded model's output embedding W [vocab, dim] (float32) and `batch` hidden states [batch, dim] its softmax
-    reads, at evenly spaced positions of one window of `tokens` (at most its context)."""
-    from hire.calibrate import layer_inputs, softmax_kernel
-
-    window = np.asarray(tokens[:model.cfg.max_seq_len], np.int32)[None]
-    if window.shape[1] < batch:
-        raise ValueError(f"the text has {window.shape[1]} tokens, fewer than the batch ({batch})")
-    _, (x, _) = jax.jit(lambda v, t: layer_inputs(model.cfg, v, t))(model.variables, window)
-    at = np.linspace(0, window.shape[1] - 1, batch).round().astype(int)
-    return (np.asarray(softmax_kernel(model.cfg, model.variables["params"]), np.float32).T,
-            np.asarray(x[0, at], np.float32))
-
-
 def bench_topk(devices: list[jax.Device], vocab: int, batch: int, k: int, dim: int = 2048,
                methods: tuple[str, ...] = METHODS, repeats: int = 5, recall_target: float = 0.99,
                seed: int = 0, predictor: str | None = "int8", oversample: int = 4,
@@ -234,10 +220,10 @@ def bench_topk(devices: list[jax.Device], vocab: int, batch: int, k: int, dim: i
     """Time DA-TOP-k against the gather-everything baseline over `devices`, and the `top_k` methods on one.
 
     With `real` (W [vocab, dim], h [batch, dim]: a model's output embedding and hidden states its softmax read,
-    `model_softmax`), those are used, their rows in a seeded random order with `shuffle_rows` (a tokenizer's ids are
-    not: frequent tokens cluster, and a shard of consecutive rows then holds more of a top-k than k_local, the
-    hypergeometric assumption of `shard_recall`). Otherwise a random softmax weight W [vocab, dim] (rows ~
-    N(0, I / dim), so about unit norm) is sharded by rows.
+    hire.recall.model_softmax), those are used, their rows in a seeded random order with `shuffle_rows` (a
+    tokenizer's ids are not: frequent tokens cluster, and a shard of consecutive rows then holds more of a top-k
+    than k_local, the hypergeometric assumption of `shard_recall`). Otherwise a random softmax weight W [vocab, dim]
+    (rows ~ N(0, I / dim), so about unit norm) is sharded by rows.
     Each hidden state is 16 random rows of W weighted by c ~ U(4, 12), plus N(0, I) noise: those 16 logits
     are about c, the others Gaussian with variance 1 + sum(c^2) / dim (std ~1.25 at dim 2048, so the peaks
     stand 3 to 10 std out), a peaked distribution whose top-k is a few clear winners, then the upper tail.

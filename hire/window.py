@@ -27,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from hire.calibrate import layer_inputs, scores_on, sparsify
-from hire.checkpoint import LoadedModel
 from hire.evaluate import windows as text_windows
+from hire.loaded import LoadedModel
+from hire.predictor_files import sparsify
 from hire.predictors import QUANTS
+from hire.recall import layer_inputs, scores_on
 
 KINDS = ("lr", *QUANTS)
 # The order figures are reported in.

@@ -13,8 +13,8 @@ import sys
 
 from hire import moe
 from hire.bench import _decode_timer
-from hire.checkpoint import LoadedModel
 from hire.config import SHAPES
+from hire.loaded import LoadedModel
 from hire.model import init_params
 
 steps, repeats, plan = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])

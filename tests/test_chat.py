@@ -22,11 +22,12 @@ from cluster import launch
 from cluster.bench_serving import free_port
 from cluster.openai_api import ChatRequest, to_generate
 from hire.chat import ChatError, ChatTemplate, chat_prompt
-from hire.checkpoint import REPO, convert, load_model, resolve_model
+from hire.checkpoint import convert, load_model, resolve_model
 from hire.cli import main
 from hire.engine import Engine
 from hire.formats import CheckpointError
 from hire.generate import encode_prompt, generate
+from hire.registry import REPO
 from hire.request import Completion
 from hire.sampling import SamplingParams
 

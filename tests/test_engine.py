@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hire.checkpoint import LoadedModel, load_model
+from hire.checkpoint import load_model
 from hire.config import ModelConfig
 from hire.engine import Engine
 from hire.generate import generate, stream
+from hire.loaded import LoadedModel
 from hire.model import Transformer, init_params
 from hire.sampling import SamplingParams, filter_logits
 

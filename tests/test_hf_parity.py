@@ -20,14 +20,15 @@ import transformers as hf
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from hire.calibrate import build_predictors, sparsify
-from hire.checkpoint import LoadedModel
+from hire.calibrate import build_predictors
 from hire.config import RopeScaling
 from hire.engine import Engine
 from hire.formats import CheckpointError
 from hire.formats.hf import hf_config, load_hf
 from hire.generate import generate
+from hire.loaded import LoadedModel
 from hire.model import Transformer, init_cache
+from hire.predictor_files import sparsify
 from hire.sampling import SamplingParams
 
 TOL = 1e-4

@@ -15,14 +15,17 @@ import pytest
 from click.testing import CliRunner
 
 from hire import predictors, sparse
-from hire.calibrate import build_predictors, calibrate, recalls, sparsify
-from hire.checkpoint import LoadedModel, load_model
+from hire.calibrate import build_predictors, calibrate
+from hire.checkpoint import load_model
 from hire.cli import main
 from hire.config import SHAPES, ModelConfig
 from hire.engine import Engine
 from hire.formats import CheckpointError
 from hire.generate import generate
+from hire.loaded import LoadedModel
 from hire.model import Transformer, init_params
+from hire.predictor_files import sparsify
+from hire.recall import recalls
 from hire.sampling import SamplingParams
 
 STORIES = Path(__file__).resolve().parent / "data" / "stories260K"

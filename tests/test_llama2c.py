@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hire.checkpoint import LoadedModel, load_model
+from hire.checkpoint import load_model
 from hire.formats import CheckpointError
 from hire.formats.llama2c import MAGIC, layout, read_header
+from hire.loaded import LoadedModel
 from hire.model import Transformer, init_cache
 from hire.tokenizer import Llama2cTokenizer, StreamDecoder
 

@@ -23,12 +23,13 @@ from click.testing import CliRunner
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from hire.checkpoint import LoadedModel, load_model
+from hire.checkpoint import load_model
 from hire.cli import main
 from hire.config import ModelConfig
 from hire.engine import Engine
 from hire.formats import CheckpointError
 from hire.generate import generate
+from hire.loaded import LoadedModel
 from hire.lora import load_adapters
 from hire.model import Transformer, init_params
 from hire.sampling import SamplingParams

@@ -19,12 +19,13 @@ from test_topk import finish
 
 from hire import moe, sharding
 from hire.bench import decode_prompts
-from hire.checkpoint import LoadedModel, load_model
+from hire.checkpoint import load_model
 from hire.cli import main
 from hire.config import ModelConfig
 from hire.engine import Engine
 from hire.formats.native import save_native
 from hire.generate import generate
+from hire.loaded import LoadedModel
 from hire.model import Transformer, init_cache, init_params
 from hire.sampling import SamplingParams
 

@@ -22,10 +22,11 @@ from test_hf_parity import save
 from test_topk import finish
 
 from hire import sharding
-from hire.calibrate import build_predictors, save_predictors
+from hire.calibrate import build_predictors
 from hire.checkpoint import convert, load_model, resolve_model
 from hire.engine import Engine
 from hire.generate import generate
+from hire.predictor_files import save_predictors
 from hire.sampling import RowSampling, SamplingParams, sample
 
 # HiRE settings of stories260K (vocabulary 512, FFN 172 neurons), each run sharded over 4 devices against 1 device

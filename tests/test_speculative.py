@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from hire.checkpoint import LoadedModel, load_model
+from hire.checkpoint import load_model
 from hire.config import ModelConfig
 from hire.drafters import ModelDrafter, NGramDrafter
 from hire.engine import Engine
 from hire.generate import generate
+from hire.loaded import LoadedModel
 from hire.model import init_cache, init_params
 from hire.router import ConfidenceRouter, collect, fit, scores
 from hire.sampling import RowSampling, SamplingParams

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from hire.bpe import train_bpe
-from hire.checkpoint import LoadedModel, load_model, load_tandem
+from hire.checkpoint import load_model
 from hire.cli import main
 from hire.config import ModelConfig
 from hire.engine import Engine
@@ -19,6 +19,7 @@ from hire.evaluate import token_nll, windows
 from hire.formats import CheckpointError, flatten
 from hire.formats.native import save_native
 from hire.generate import generate
+from hire.loaded import LoadedModel
 from hire.model import Transformer, init_cache, init_params
 from hire.request import Request
 from hire.sampling import SamplingParams
@@ -33,6 +34,7 @@ from hire.tandem import (
     depth_matched_layers,
     init_tandem,
     large_hidden,
+    load_tandem,
     save_tandem,
 )
 from hire.train import train

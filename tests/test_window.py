@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from hire.calibrate import build_predictors, save_predictors
+from hire.calibrate import build_predictors
 from hire.checkpoint import load_model
 from hire.cli import main
+from hire.predictor_files import save_predictors
 from hire.window import figures, recall_figures, reuse_figures, top_mask, window_union
 
 # Jitted once per window length: op by op, each small operation would compile on its own.

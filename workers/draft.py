@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import ray
 
-from hire.checkpoint import LoadedModel, detect_format, resolve_model
+from hire.checkpoint import detect_format, resolve_model
 from hire.config import ModelConfig
 from hire.drafters import load_drafter
 from hire.engine import buckets, use_compilation_cache
 from hire.formats import CheckpointError
+from hire.loaded import LoadedModel
 from hire.sampling import RowSampling, SamplingParams
 from hire.speculative import Drafter, draft_block
 from hire.tandem import tandem_drafter

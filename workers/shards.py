@@ -36,11 +36,12 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from hire.calibrate import PREDICTORS, model_folder, serving_settings
+from hire.calibrate import model_folder, serving_settings
 from hire.checkpoint import detect_format, resolve_model, with_hire
 from hire.engine import Engine, buckets, compilation_cache_folder
 from hire.engine_api import EngineUnavailable, StepOutput
 from hire.formats.native import read_config
+from hire.predictor_files import PREDICTORS
 from hire.sampling import SamplingParams
 from hire.tokenizer import load_tokenizer
 from workers.shard import ShardWorker

@@ -26,7 +26,6 @@ from typing import Any
 import gguf
 import numpy as np
 
-from hire.checkpoint import LoadedModel
 from hire.config import ModelConfig, RopeScaling
 from hire.formats import (
     CheckpointError,
@@ -37,6 +36,7 @@ from hire.formats import (
     unflatten,
     with_dtype,
 )
+from hire.loaded import LoadedModel
 
 ARCHITECTURES = ("llama", "qwen2", "gemma3")
 Q = gguf.GGMLQuantizationType

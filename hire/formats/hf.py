@@ -17,9 +17,9 @@ import numpy as np
 import tokenizers
 from safetensors import SafetensorError, safe_open
 
-from hire.checkpoint import LoadedModel
 from hire.config import ModelConfig, RopeScaling
 from hire.formats import CheckpointError, build_config, prepare_variables, read_json, unflatten, with_dtype
+from hire.loaded import LoadedModel
 from hire.tokenizer import HFTokenizer, chat_template_in
 
 SUPPORTED = ("llama", "mistral", "qwen2", "mixtral", "gemma3_text", "gemma3")

@@ -14,9 +14,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from hire.checkpoint import LoadedModel
 from hire.config import ModelConfig
 from hire.formats import CheckpointError, half_split, prepare_variables, unflatten, with_dtype
+from hire.loaded import LoadedModel
 from hire.tokenizer import Llama2cTokenizer, chat_template_in
 
 MAGIC = 0x616B3432  # "ak42" in the version-1+ exports

@@ -14,7 +14,6 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from hire.checkpoint import LoadedModel
 from hire.config import ModelConfig
 from hire.formats import (
     CheckpointError,
@@ -26,6 +25,7 @@ from hire.formats import (
     unflatten,
     with_dtype,
 )
+from hire.loaded import LoadedModel
 from hire.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1

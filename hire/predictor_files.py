@@ -1,0 +1,117 @@
+"""HiRE predictors on disk and into a model: the files beside a checkpoint, and `sparsify`, which turns a dense
+LoadedModel into one whose config asks for HiRE (the FFN kernels bundled per neuron group, the chosen predictors
+in the "hire" collection). hire.checkpoint.load_model reads them here; hire.calibrate builds them.
+
+A model folder's predictors live beside its checkpoint in `hire_predictors.safetensors` (arrays named
+"KIND/PATH/NAME": KIND "lr", "int8" or "int4", PATH/NAME the variable's place in the model's "hire"
+collection, e.g. "lr/softmax/a", "int4/layers_3/ffn/predictor/q") and `hire_predictors.json` (how they
+were built and the recall measured on held-out text; and "serving", the HiRE setting the model is served with
+by default once an evaluation showed it keeps quality: hire.calibrate.recommend_serving).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from hire import predictors, quant, sparse
+from hire.config import ModelConfig
+from hire.formats import CheckpointError, prepare_variables, unflatten
+from hire.loaded import LoadedModel
+
+PREDICTORS = "hire_predictors.safetensors"
+META = "hire_predictors.json"
+
+
+def softmax_kernel(cfg: ModelConfig, params: dict) -> jax.Array:
+    """The output embedding as a kernel [dim, vocab] (float32 when hire.quant keeps it quantized, by row)."""
+    weight = params["embed"] if cfg.tie_embeddings else params["lm_head"]
+    if quant.is_quantized(weight):
+        return quant.dequantize_rows(weight).T
+    return weight.T if cfg.tie_embeddings else weight
+
+
+def sparsify(model: LoadedModel, cfg: ModelConfig, found: dict[str, Any]) -> LoadedModel:
+    """`model` (dense) running as `cfg` asks: FFNs bundled, predictors of the kinds it names taken from `found`.
+
+    A low-rank predictor sets cfg.hire_rank to its own rank. Arrays not changed are shared, not copied.
+    """
+    params = dict(model.variables["params"])
+    hire: dict[str, Any] = {}
+    parts = [("softmax", "softmax")] if cfg.softmax != "dense" else []
+    if cfg.ffn == "group-sparse":
+        parts += [("ffn", f"layers_{i}/ffn/predictor") for i in range(cfg.n_layers)]
+        for i in range(cfg.n_layers):
+            ffn = params[f"layers_{i}"]["ffn"]
+            gate = ffn["gate"]["kernel"] if "gate" in ffn else None
+            bundle = sparse.bundle_ffn(ffn["up"]["kernel"], ffn["down"]["kernel"], gate, cfg.ffn_group)
+            params[f"layers_{i}"] = {**params[f"layers_{i}"], "ffn": {"bundle": bundle}}
+    for part, path in parts:
+        kind = cfg.predictor_kind(part)
+        arrays = {k.split("/")[-1]: v for k, v in found.items() if k.rsplit("/", 1)[0] == f"{kind}/{path}"}
+        if not arrays:
+            have = sorted({k.split("/")[0] for k in found if k.split("/", 1)[1].startswith(path + "/")})
+            raise CheckpointError(f"no {kind} predictor for {path}; the predictors found are: "
+                                  f"{', '.join(have) or 'none'} (`hire calibrate --model M --text FILE` builds them)")
+        if kind == "lr":
+            cfg = cfg.replace(hire_rank=arrays["a"].shape[1])
+        hire |= {f"{path}/{name}": value for name, value in arrays.items()}
+    variables = {**model.variables, "params": params}
+    if hire:
+        variables["hire"] = unflatten(hire)
+    return LoadedModel(cfg, prepare_variables(cfg, variables), model.tokenizer)
+
+
+def save_predictors(folder: str | Path, found: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """Write the predictors and their description (`calibrate`'s report) into `folder`."""
+    folder = Path(folder)
+    save_file({k: np.ascontiguousarray(v) for k, v in found.items()}, folder / PREDICTORS, metadata={"format": "hire"})
+    (folder / META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_predictors(folder: str | Path) -> dict[str, np.ndarray]:
+    """The predictors saved in `folder`, keyed as in the file."""
+    folder = Path(folder)
+    if not (folder / PREDICTORS).is_file():
+        raise CheckpointError(f"no HiRE predictors in {folder} ({PREDICTORS}); build them with "
+                              f"`hire calibrate --model {folder} --text FILE`")
+    try:
+        found = load_file(folder / PREDICTORS)
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"cannot read {folder / PREDICTORS}: {e}") from None
+    return found
+
+
+def with_predictors(model: LoadedModel, folder: str | Path, cfg: ModelConfig) -> LoadedModel:
+    """`model` (dense) as `cfg` asks, with the predictors saved in `folder`.
+
+    A quantized softmax predictor (an int8 or int4 copy of the output embedding: no calibration text needed) that
+    the folder lacks is built here and cached in it, so a pulled model runs with `--softmax hire-q` at once.
+    """
+    folder = Path(folder)
+    found = load_predictors(folder) if (folder / PREDICTORS).is_file() else {}
+    kind = cfg.predictor_kind("softmax")
+    if cfg.softmax != "dense" and kind != "lr" and not any(k.startswith(f"{kind}/softmax/") for k in found):
+        built = predictors.quantize(np.asarray(softmax_kernel(cfg, model.variables["params"]), np.float32), kind)
+        found |= {f"{kind}/softmax/{name}": value for name, value in built.items()}
+        _cache_predictors(folder, found)
+    if not found:
+        load_predictors(folder)  # raises, naming the command that builds them
+    return sparsify(model, cfg, found)
+
+
+def _cache_predictors(folder: Path, found: dict[str, np.ndarray]) -> None:
+    """Save `found` into `folder` (written aside, then renamed); a folder that cannot be written is left as is."""
+    tmp = folder / f".{PREDICTORS}.tmp"
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in found.items()}, tmp, metadata={"format": "hire"})
+        tmp.replace(folder / PREDICTORS)
+        if not (folder / META).is_file():
+            (folder / META).write_text(json.dumps({"built": "at load time: quantized softmax predictor"}) + "\n")
+    except OSError:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,88 @@
+"""The hidden states HiRE's predictors read, and how well the predictors find the top scores on them: exact and
+predicted scores of the softmax and of each FFN's neuron groups, and the recall of the predicted candidates
+(hire.calibrate measures it on held-out text, hire.evaluate beside perplexity, hire.window over decode windows).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hire import predictors, sparse
+from hire.config import ModelConfig
+from hire.loaded import LoadedModel
+from hire.model import RMSNorm, Transformer, activation
+from hire.predictor_files import softmax_kernel
+
+
+def layer_inputs(cfg: ModelConfig, variables: dict,
+                 tokens: jax.Array) -> tuple[jax.Array, tuple[jax.Array, list[jax.Array]]]:
+    """Logits [B, T, V], and the hidden states [B, T, dim] the softmax (the final norm's output) and each FFN read."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    (logits, _), state = Transformer(cfg).apply(variables, tokens, positions, mutable=["intermediates"],
+                                                capture_intermediates=lambda module, _: isinstance(module, RMSNorm))
+    inter = state["intermediates"]
+    ffn = [inter[f"layers_{i}"]["ffn_norm"]["__call__"][0] for i in range(cfg.n_layers)]
+    return logits, (inter["norm"]["__call__"][0], ffn)
+
+
+def model_softmax(model: LoadedModel, tokens: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """A loaded model's output embedding W [vocab, dim] (float32) and `batch` hidden states [batch, dim] its softmax
+    reads, at evenly spaced positions of one window of `tokens` (at most its context)."""
+    window = np.asarray(tokens[:model.cfg.max_seq_len], np.int32)[None]
+    if window.shape[1] < batch:
+        raise ValueError(f"the text has {window.shape[1]} tokens, fewer than the batch ({batch})")
+    _, (x, _) = jax.jit(lambda v, t: layer_inputs(model.cfg, v, t))(model.variables, window)
+    at = np.linspace(0, window.shape[1] - 1, batch).round().astype(int)
+    return (np.asarray(softmax_kernel(model.cfg, model.variables["params"]), np.float32).T,
+            np.asarray(x[0, at], np.float32))
+
+
+Scores = dict[str, list[tuple[jax.Array, jax.Array]]]
+
+
+def scores_on(cfg: ModelConfig, variables: dict, softmax_x: jax.Array, ffn_x: list[jax.Array]) -> Scores:
+    """Exact and predicted scores [N, rows] of a HiRE model on hidden states [..., dim] its softmax and FFNs
+    read: "softmax" (logits), "ffn" (group scores sum |h|, one pair per layer)."""
+    out: Scores = {}
+    params, hire = variables["params"], variables.get("hire", {})
+    if cfg.softmax != "dense":
+        x = softmax_x.reshape(-1, cfg.dim)
+        out["softmax"] = [(x @ softmax_kernel(cfg, params), predictors.scores(hire["softmax"], x))]
+    if cfg.ffn == "group-sparse":
+        act = lambda h: activation(cfg, h)  # noqa: E731
+        out["ffn"] = []
+        for i, x in enumerate(ffn_x):
+            x = x.reshape(-1, cfg.dim)
+            exact = jnp.abs(sparse.exact_activations(x, params[f"layers_{i}"]["ffn"]["bundle"], act)).sum(-1)
+            approx = sparse.approx_group_scores(predictors.scores(hire[f"layers_{i}"]["ffn"]["predictor"], x), act,
+                                                cfg.ffn_groups, cfg.ffn_group)
+            out["ffn"].append((exact, approx))
+    return out
+
+
+def recall_of(cfg: ModelConfig, scores: Scores) -> dict[str, jax.Array]:
+    """Per-token recall at `cfg`'s k and k' from `scores_on`'s scores.
+
+    softmax_recall: share of the exact top softmax_k logits among the softmax_candidates predicted best;
+    ffn_recall: share of the exact top ffn_k groups (by sum |h|) among the ffn_candidates predicted best,
+    averaged over layers; ffn_mass: share of sum |h| that the predicted groups hold.
+    """
+    out = {}
+    if "softmax" in scores:
+        [(exact, approx)] = scores["softmax"]
+        out["softmax_recall"] = sparse.candidate_recall(exact, approx, cfg.softmax_k, cfg.softmax_candidates)
+    if "ffn" in scores:
+        found, mass = [], []
+        for exact, approx in scores["ffn"]:
+            found.append(sparse.candidate_recall(exact, approx, cfg.ffn_k, cfg.ffn_candidates))
+            chosen = jax.lax.top_k(approx, cfg.ffn_candidates)[1]
+            mass.append(jnp.take_along_axis(exact, chosen, -1).sum(-1) / exact.sum(-1))
+        out["ffn_recall"], out["ffn_mass"] = jnp.mean(jnp.stack(found), 0), jnp.mean(jnp.stack(mass), 0)
+    return out
+
+
+def recalls(cfg: ModelConfig, variables: dict, softmax_x: jax.Array, ffn_x: list[jax.Array]) -> dict[str, jax.Array]:
+    """Per-token recall of a HiRE model's predictors on hidden states [..., dim] its softmax and FFNs read
+    (`recall_of` says which)."""
+    return recall_of(cfg, scores_on(cfg, variables, softmax_x, ffn_x))

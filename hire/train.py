@@ -36,10 +36,10 @@ from hire.formats.native import save_native
 from hire.model import Transformer, init_params
 from hire.tokenizer import Tokenizer
 from hire.train_checkpoint import checkpoints, remove_partial, restore_checkpoint, save_checkpoint
-from hire.train_config import ConfigError, OptimizerConfig, TrainConfig
+from hire.train_config import ConfigError, LossFn, OptimizerConfig, TrainConfig, resolve_compute_dtype
+from hire.train_tandem import tandem_recipe
 
 Batch = dict[str, np.ndarray]
-LossFn = Callable[[Any, Any, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 LOG_EVERY = 10  # steps between fetching metrics from the device (and appending them to metrics.jsonl)
 # Recipe fields a resumed run may change: they do not alter the weights' trajectory.
 FREE_ON_RESUME = frozenset({"out", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"})
@@ -61,13 +61,6 @@ def partition(variables: dict, is_trainable: Callable[[str], bool]) -> tuple[dic
 def merge(trainable: dict, frozen: dict) -> dict:
     """The inverse of partition."""
     return unflatten({**flatten(frozen), **flatten(trainable)})
-
-
-def resolve_compute_dtype(name: str) -> str:
-    """"auto" is bfloat16 on accelerators and float32 on CPU."""
-    if name != "auto":
-        return name
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def lm_loss(cfg: ModelConfig, compute_dtype: str = "float32") -> LossFn:
@@ -295,8 +288,6 @@ def train(cfg: TrainConfig, until: int | None = None, progress: bool = True) -> 
             trainable = initial_weights(cfg.init, trainable, tokenizer, split.train[0].text[:4000])
         save = lambda weights: save_native(Path(cfg.out) / "model", model_cfg, weights, tokenizer)  # noqa: E731
     else:
-        from hire.train_tandem import tandem_recipe
-
         loss_fn, trainable, frozen, save = tandem_recipe(cfg, model_cfg, tokenizer)
     result = fit(cfg, loss_fn, trainable, frozen, batches, valid, until, progress)
     if result.step == cfg.steps:

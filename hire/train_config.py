@@ -11,9 +11,12 @@ import json
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import jax
 
 from hire.bpe import BOS_ID, EOS_ID, TokenizerConfig
 from hire.config import ModelConfig
@@ -21,6 +24,8 @@ from hire.data import CorpusConfig
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 SET_BY_TOKENIZER = ("vocab_size", "bos_id", "eos_id")
+# What a recipe hands hire.train.fit: loss_fn(trainable, frozen, batch, rng) -> (loss, metrics).
+LossFn = Callable[[Any, Any, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 class ConfigError(ValueError):
@@ -207,3 +212,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value  # e.g. ModelConfig.rope_scaling, built by its owner
     names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise ConfigError(f"{where}: expected {names}, got {value!r}")
+
+
+def resolve_compute_dtype(name: str) -> str:
+    """A recipe's compute_dtype: "auto" is bfloat16 on accelerators and float32 on CPU."""
+    if name != "auto":
+        return name
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"

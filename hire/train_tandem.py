@@ -29,8 +29,7 @@ from hire.tandem import (
     save_tandem,
 )
 from hire.tokenizer import Tokenizer
-from hire.train import LossFn, resolve_compute_dtype
-from hire.train_config import ConfigError, TrainConfig
+from hire.train_config import ConfigError, LossFn, TrainConfig, resolve_compute_dtype
 
 PROBE = "def tandem(x):\n    return {'block': x}  # probe\n"  # text both tokenizers must encode alike
 

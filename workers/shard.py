@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from hire.engine import Engine
     from hire.sampling import SamplingParams
-    from workers.verify import VerifierPrograms
+    from workers.verify_programs import VerifierPrograms
 
 
 @ray.remote(concurrency_groups={"health": 1})
@@ -92,9 +92,9 @@ class ShardWorker:
         return self._result(out.tokens, out.logprobs)
 
     def verifier(self, method: str, *args: Any):
-        """workers.verify.VerifierPrograms.`method` ("prefill" or "verify") on this host's shard of a Verifier's
-        decode state (workers.verify.GroupPrograms broadcasts it)."""
-        from workers.verify import VerifierPrograms
+        """workers.verify_programs.VerifierPrograms.`method` ("prefill" or "verify") on this host's shard of a
+        Verifier's decode state (workers.verify_programs.GroupPrograms broadcasts it)."""
+        from workers.verify_programs import VerifierPrograms
 
         if self.verifier_programs is None:
             self.verifier_programs = VerifierPrograms(self.engine, self.mesh)

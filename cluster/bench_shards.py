@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import ray
 
-from hire.calibrate import exact_settings, model_folder, serving_settings
+from hire.checkpoint import model_folder
 from hire.engine import Engine
+from hire.predictor_files import exact_settings, serving_settings
 from hire.sampling import SamplingParams
 from workers.shards import ShardedEngine, ShardGroupError
 
@@ -55,7 +56,7 @@ def time_decode(engine: Any, steps: int, chunk: int, repeats: int) -> list[float
 
 def hire_setting(model: str, which: str) -> dict[str, Any]:
     """The HiRE overrides the benchmarks run `model` with: "serving", the folder's recommended setting (none: the
-    model as configured), or "exact", the model without predictors (hire.calibrate.exact_settings)."""
+    model as configured), or "exact", the model without predictors (hire.predictor_files.exact_settings)."""
     folder = model_folder(model)
     return serving_settings(folder) if which == "serving" else exact_settings(folder)
 

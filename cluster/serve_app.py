@@ -40,12 +40,12 @@ from cluster.auth import REFUSED, ApiKeys, env_keys, parse_keys
 from cluster.messages import decode_response, request_id, stream_response
 from cluster.metrics import RayMetrics
 from cluster.requests import Limits, Served, from_decode, from_generate, model_info
-from hire.calibrate import model_folder, serving_settings
 from hire.chat import ChatTemplate
-from hire.checkpoint import DEFAULT_MODEL, load_model
+from hire.checkpoint import DEFAULT_MODEL, load_model, model_folder
 from hire.engine import Engine, compilation_cache_folder, use_compilation_cache
 from hire.engine_api import EngineUnavailable
 from hire.lora import load_adapters
+from hire.predictor_files import serving_settings
 from hire.scheduler import QueueFull, Scheduler, Stream
 from protos import inference_pb2 as pb
 from protos import jetstream_pb2 as js
@@ -98,7 +98,7 @@ def retry_after(e: BaseException) -> dict[str, str]:
 class EngineServer:
     """One model with its scheduler; calls arrive from the ingress through a handle.
 
-    The model runs with the HiRE setting its folder recommends (hire.calibrate.serving_settings), if any,
+    The model runs with the HiRE setting its folder recommends (hire.predictor_files.serving_settings), if any,
     with `hire` (ModelConfig HiRE fields, e.g. {"softmax": "dense"}) on top. With `draft` (a drafter's name or
     path, or "ngram") it is decoded speculatively, `gamma` tokens drafted per block, `pipelined` or not
     (docs/coordinator.md); the large model then runs exactly, in its own worker actor (over `hosts` host actors

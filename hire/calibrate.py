@@ -18,12 +18,11 @@ import numpy as np
 from tqdm import tqdm
 
 from hire import predictors
-from hire.checkpoint import resolve_model
 from hire.config import HIRE_FIELDS, ModelConfig
 from hire.evaluate import windows
 from hire.formats import expected_variables, read_json
 from hire.loaded import LoadedModel
-from hire.predictor_files import META, PREDICTORS, softmax_kernel, sparsify
+from hire.predictor_files import META, softmax_kernel, sparsify
 from hire.recall import layer_inputs, recall_of, scores_on
 
 # Issue 5's quality targets for HiRE, against the exact model: what makes a setting the serving default.
@@ -75,20 +74,6 @@ def random_predictors(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def model_folder(name_or_path: str | Path) -> Path:
-    """The folder a model (a name under models/ or a path) keeps its config and predictors in."""
-    path = resolve_model(name_or_path)
-    return path if path.is_dir() else path.parent
-
-
-def exact_settings(folder: str | Path) -> dict[str, str]:
-    """The overrides that run the model in `folder` exactly, with no predictor: the dense softmax, and the FFN it
-    was trained with (the exact group-topk mask for a model fine-tuned group-sparse, docs/hire.md; else dense)."""
-    config = Path(folder) / "config.json"
-    trained = read_json(config).get("ffn") if config.is_file() else None
-    return {"softmax": "dense", "ffn": "group-topk" if trained == "group-topk" else "dense"}
-
-
 def quality_misses(result: dict[str, Any]) -> list[str]:
     """The quality targets (SERVING_TARGETS) a `hire eval` result with HiRE misses, each as a short sentence."""
     misses = []
@@ -116,15 +101,6 @@ def recommend_serving(folder: str | Path, cfg: ModelConfig, result: dict[str, An
                        "eval": result}
     path.write_text(json.dumps(meta, indent=2) + "\n")
     return []
-
-
-def serving_settings(folder: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The HiRE overrides to serve the model in `folder` with: its recommended setting (`recommend_serving`), if it
-    has one and its predictors are there, then `overrides` (the command line's) on top."""
-    meta = Path(folder) / META
-    recommended = read_json(meta).get("serving", {}).get("settings", {}) \
-        if meta.is_file() and (Path(folder) / PREDICTORS).is_file() else {}
-    return {**recommended, **(overrides or {})}
 
 
 def calibrate(model: LoadedModel, tokens: np.ndarray, context: int, rank: int, quants: Iterable[str],

@@ -35,6 +35,12 @@ def resolve_model(name_or_path: str | Path) -> Path:
     raise CheckpointError(f"no such model path: {path}")
 
 
+def model_folder(name_or_path: str | Path) -> Path:
+    """The folder a model (a name under models/ or a path) keeps its config and predictors in."""
+    path = resolve_model(name_or_path)
+    return path if path.is_dir() else path.parent
+
+
 def detect_format(path: Path) -> str:
     """"hire", "hf", "gguf", "llama2c" or "tandem" (a tandem small model, hire.tandem), for an existing model path."""
     config = path / "config.json"

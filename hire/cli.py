@@ -100,8 +100,9 @@ def _hire(softmax: str | None, ffn: str | None, settings: tuple[str, ...]) -> di
 
 
 def _exact(model: str) -> dict:
-    """The overrides that run MODEL exactly, with no predictor (hire.calibrate.exact_settings)."""
-    from hire.calibrate import exact_settings, model_folder
+    """The overrides that run MODEL exactly, with no predictor (hire.predictor_files.exact_settings)."""
+    from hire.checkpoint import model_folder
+    from hire.predictor_files import exact_settings
 
     try:
         return exact_settings(model_folder(model))
@@ -206,9 +207,10 @@ def on_disk_options(command):
 
 def _engine_on_disk(model: str, budget: int | None, window: int | None, hire: dict):
     """An Engine of one slot for MODEL with its FFN on disk, run with its serving HiRE settings and `hire`."""
-    from hire.calibrate import model_folder, serving_settings
+    from hire.checkpoint import model_folder
     from hire.engine import Engine
     from hire.flash import BudgetError, OnDiskNet, load_on_disk
+    from hire.predictor_files import serving_settings
 
     if budget is None:
         raise click.UsageError("--weights-on-disk needs --memory-budget")
@@ -746,7 +748,7 @@ def bench_window(model, text_file, window_sizes, predictor_dir, kinds, oversampl
     (recall_used, extra_used) or with its cache of candidates (recall_cache, extra_cache), loads and held.
     See hire/window.py and docs/hire.md.
     """
-    from hire.calibrate import model_folder
+    from hire.checkpoint import model_folder
     from hire.predictor_files import load_predictors
     from hire.window import ffn_kinds, measure
 
@@ -849,12 +851,13 @@ def bench_flash(model, shape, memory_budget, window, steps, repeats, prompt, tem
 
     import numpy as np
 
-    from hire.calibrate import model_folder, serving_settings
+    from hire.checkpoint import model_folder
     from hire.config import SHAPES
     from hire.flash import GROUPS, BudgetError, convert_on_disk
     from hire.flash_bench import bench_flash as run
     from hire.flash_bench import random_model
     from hire.formats.native import read_config
+    from hire.predictor_files import serving_settings
     from hire.tokenizer import load_tokenizer
 
     if (model is None) == (shape is None):
@@ -1028,7 +1031,8 @@ def eval_command(model, text_file, context, batch, dtype, quantize, reference, s
     result["bits_per_byte"] = result["loss"] * result["tokens"] / math.log(2) / max(len(text.encode()), 1)
     click.echo(json.dumps(result))
     if recommend:
-        from hire.calibrate import model_folder, recommend_serving
+        from hire.calibrate import recommend_serving
+        from hire.checkpoint import model_folder
 
         if misses := recommend_serving(model_folder(model), loaded.cfg, {"text": str(text_file), **result}):
             raise click.ClickException("not made the serving default: " + "; ".join(misses))
@@ -1061,7 +1065,8 @@ def calibrate_command(model, text_file, rank, quants, context, batch, max_tokens
     oversampling 1 to 16; this drops a serving default `hire eval --recommend` wrote) and prints that JSON.
     `--softmax`/`--ffn` on generate, eval, bench decode and the serving commands then use them.
     """
-    from hire.calibrate import calibrate, model_folder
+    from hire.calibrate import calibrate
+    from hire.checkpoint import model_folder
     from hire.predictor_files import save_predictors
 
     loaded = _load(model, None, _exact(model), "none")  # predictors fit the float weights (kept quantized or not)
@@ -1149,9 +1154,10 @@ def _access(host: str, api_keys: tuple[str, ...], insecure: bool, limits: tuple[
 
 
 def _serving_hire(model: str, flags: dict) -> dict:
-    """The HiRE overrides MODEL is served with: its folder's recommended setting under the flags (hire.calibrate.
-    serving_settings)."""
-    from hire.calibrate import model_folder, serving_settings
+    """The HiRE overrides MODEL is served with: its folder's recommended setting under the flags
+    (hire.predictor_files.serving_settings)."""
+    from hire.checkpoint import model_folder
+    from hire.predictor_files import serving_settings
 
     try:
         return serving_settings(model_folder(model), flags)

@@ -467,8 +467,7 @@ def load_on_disk(path: str | Path, budget: int, window: int | None = None, slots
 def convert_on_disk(src: str | Path, dst: str | Path, dtype: str | None = None) -> LoadedModel:
     """`hire convert SRC DST --weights-on-disk`: the hire checkpoint (hire.checkpoint.convert), SRC's HiRE
     predictors copied beside it, and ffn_groups.bin."""
-    from hire.calibrate import model_folder
-    from hire.checkpoint import convert
+    from hire.checkpoint import convert, model_folder
     from hire.predictor_files import META
 
     kept = {name: (model_folder(src) / name).read_bytes() for name in (PREDICTORS, META)

@@ -1,6 +1,7 @@
 """HiRE predictors on disk and into a model: the files beside a checkpoint, and `sparsify`, which turns a dense
 LoadedModel into one whose config asks for HiRE (the FFN kernels bundled per neuron group, the chosen predictors
-in the "hire" collection). hire.checkpoint.load_model reads them here; hire.calibrate builds them.
+in the "hire" collection). hire.checkpoint.load_model reads them here; hire.calibrate builds them. Also the HiRE
+settings a folder asks for: the one it is served with (`serving_settings`), and none (`exact_settings`).
 
 A model folder's predictors live beside its checkpoint in `hire_predictors.safetensors` (arrays named
 "KIND/PATH/NAME": KIND "lr", "int8" or "int4", PATH/NAME the variable's place in the model's "hire"
@@ -21,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 from hire import predictors, quant, sparse
 from hire.config import ModelConfig
-from hire.formats import CheckpointError, prepare_variables, unflatten
+from hire.formats import CheckpointError, prepare_variables, read_json, unflatten
 from hire.loaded import LoadedModel
 
 PREDICTORS = "hire_predictors.safetensors"
@@ -115,3 +116,21 @@ def _cache_predictors(folder: Path, found: dict[str, np.ndarray]) -> None:
             (folder / META).write_text(json.dumps({"built": "at load time: quantized softmax predictor"}) + "\n")
     except OSError:
         tmp.unlink(missing_ok=True)
+
+
+def exact_settings(folder: str | Path) -> dict[str, str]:
+    """The overrides that run the model in `folder` exactly, with no predictor: the dense softmax, and the FFN it
+    was trained with (the exact group-topk mask for a model fine-tuned group-sparse, docs/hire.md; else dense)."""
+    config = Path(folder) / "config.json"
+    trained = read_json(config).get("ffn") if config.is_file() else None
+    return {"softmax": "dense", "ffn": "group-topk" if trained == "group-topk" else "dense"}
+
+
+def serving_settings(folder: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The HiRE overrides to serve the model in `folder` with: its recommended setting
+    (hire.calibrate.recommend_serving), if it has one and its predictors are there, then `overrides` (the command
+    line's) on top."""
+    meta = Path(folder) / META
+    recommended = read_json(meta).get("serving", {}).get("settings", {}) \
+        if meta.is_file() and (Path(folder) / PREDICTORS).is_file() else {}
+    return {**recommended, **(overrides or {})}

@@ -10,8 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from hire import sparse
-from hire.calibrate import model_folder, serving_settings
-from hire.checkpoint import load_model
+from hire.checkpoint import load_model, model_folder
 from hire.cli import main
 from hire.config import ModelConfig
 from hire.engine import Engine
@@ -29,6 +28,7 @@ from hire.flash import (
 from hire.formats import CheckpointError
 from hire.generate import generate
 from hire.model import init_params
+from hire.predictor_files import serving_settings
 from hire.sampling import SamplingParams
 from hire.window import reuse_figures
 

@@ -306,8 +306,8 @@ def test_a_group_topk_model_recommends_hire_and_serves_with_it(run, tmp_path):
     from cluster.grpc_server import GrpcServer, Options
     from cluster.requests import Served
     from cluster.serve_app import EngineServer
-    from hire.calibrate import serving_settings
     from hire.formats.native import save_native
+    from hire.predictor_files import serving_settings
     from protos import inference_pb2 as pb
     from protos import inference_pb2_grpc
 

@@ -36,12 +36,11 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from hire.calibrate import model_folder, serving_settings
-from hire.checkpoint import detect_format, resolve_model, with_hire
+from hire.checkpoint import detect_format, model_folder, resolve_model, with_hire
 from hire.engine import Engine, buckets, compilation_cache_folder
 from hire.engine_api import EngineUnavailable, StepOutput
 from hire.formats.native import read_config
-from hire.predictor_files import PREDICTORS
+from hire.predictor_files import PREDICTORS, serving_settings
 from hire.sampling import SamplingParams
 from hire.tokenizer import load_tokenizer
 from workers.shard import ShardWorker
@@ -468,7 +467,7 @@ def serving_engine(model: str, hosts: int, devices_per_host: int = 1, placement:
                    max_len: int | None = None, dtype: str | None = None, lora: dict[str, str] | None = None,
                    hire: dict[str, Any] | None = None, **group: Any) -> ShardedEngine:
     """The ShardedEngine of `hire serve --hosts N` (cluster.serve_app.EngineServer), after `check_servable`, with
-    the model's serving HiRE setting under `hire` (hire.calibrate.serving_settings) and its compiled programs kept
+    the model's serving HiRE setting under `hire` (hire.predictor_files.serving_settings) and its compiled programs kept
     in hire's compilation cache."""
     check_servable(model, lora, hire)
     return ShardedEngine(model, hosts, devices_per_host, slots, max_len, dtype, strategy=placement,

@@ -82,7 +82,7 @@ class Limits:
 @dataclass
 class Served:
     """What a server serves: the engine, its LoRA adapters' and drafters' names, and the model's name. A server
-    that decodes speculatively (cluster.coordinator.Coordinator as the engine) names its drafter, its `mode`
+    that decodes speculatively (workers.coordinator.CoordinatorEngine as the engine) names its drafter, its `mode`
     (SPECULATIVE, or TANDEM when the drafter is a tandem model) and `gamma`."""
 
     engine: Engine

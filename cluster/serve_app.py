@@ -2,8 +2,8 @@
 
 - `EngineServer` owns one model: its engine, a continuous-batching Scheduler and the Ray metrics.
   Its `generate` streams hire.v1 GenerateResponse messages for a hire.v1 or JetStream request. With a
-  drafter (`draft`) the replica is a tandem coordinator instead (cluster.coordinator.Coordinator: the large
-  model and the drafter in two worker actors it owns, driven over gRPC), behind the same request path.
+  drafter (`draft`) its engine is a tandem coordinator instead (workers.coordinator.CoordinatorEngine: the large
+  model and the drafter in two worker actors it owns, driven over gRPC), whose batches the same Scheduler drives.
 - `Ingress` (FastAPI) serves the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
   both with SSE streaming, /v1/models, /health) and, through Ray Serve's gRPC proxy, the same
   hire.v1.Inference and jetstream_proto.Orchestrator methods as `hire serve-grpc`. It reaches the
@@ -112,17 +112,17 @@ class EngineServer:
                  quantize: str | None = None):
         use_compilation_cache()
         bounds = Limits.parse(limits)
+        batch = None  # the scheduler's default: hire.generate.PlainBatch
         if draft:
-            from cluster.coordinator import Coordinator
+            from workers.coordinator import CoordinatorEngine
 
-            coordinator = Coordinator(model, draft, slots, max_len, gamma, pipelined, dtype, queue_size=queue_size,
-                                      compilation_cache=compilation_cache_folder(), verify_hosts=hosts,
-                                      devices_per_host=devices_per_host)
-            mode = pb.DECODING_MODE_TANDEM if coordinator.hidden_layers else pb.DECODING_MODE_SPECULATIVE
-            self.served = Served(coordinator, coordinator.cfg.name, drafters=[Path(draft).name], mode=mode,
-                                 gamma=gamma, limits=bounds)
-            coordinator.warm_up()
-            self.scheduler = coordinator
+            tandem = CoordinatorEngine(model, draft, slots, max_len, gamma, pipelined, dtype,
+                                       compilation_cache=compilation_cache_folder(), verify_hosts=hosts,
+                                       devices_per_host=devices_per_host)
+            mode = pb.DECODING_MODE_TANDEM if tandem.hidden_layers else pb.DECODING_MODE_SPECULATIVE
+            self.served = Served(tandem, tandem.cfg.name, drafters=[Path(draft).name], mode=mode, gamma=gamma,
+                                 limits=bounds)
+            batch = tandem.batch
         elif hosts > 1:  # the model sharded over `hosts` Ray actors (workers.shards); this replica drives them
             sharded = serving_engine(model, hosts, devices_per_host, placement, slots, max_len, dtype, lora, hire)
             self.served = Served(sharded, sharded.cfg.name, limits=bounds)
@@ -132,9 +132,8 @@ class EngineServer:
             if lora:
                 loaded, names = load_adapters(loaded, lora)
             self.served = Served(Engine(loaded, slots=slots, max_len=max_len), loaded.cfg.name, names, limits=bounds)
-        if not draft:
-            self.served.engine.warm_up(chunk)
-            self.scheduler = Scheduler(self.served.engine, queue_size, chunk, prefills).start()
+        self.served.engine.warm_up(chunk)
+        self.scheduler = Scheduler(self.served.engine, queue_size, chunk, prefills, batch=batch).start()
         self.metrics = RayMetrics(self.scheduler)
         self._sampler: asyncio.Task | None = None
         self.cancelled = 0
@@ -181,12 +180,12 @@ class EngineServer:
 
     def stats(self) -> dict:
         """Speculative decoding's counters (acceptance, calls, restarts: CoordinatorStats), or {} for plain."""
-        stats = getattr(self.scheduler, "stats", None)
+        stats = getattr(self.served.engine, "stats", None)
         return stats.as_dict() if stats is not None else {}
 
     def worker(self, which: str):
         """The actor handle of a speculative replica's "verify" or "draft" worker (fault tests)."""
-        return self.scheduler.workers.actors[which]
+        return self.served.engine.workers.actors[which]
 
     def limits(self) -> Limits:
         return self.served.limits

@@ -1,4 +1,4 @@
-"""The tandem coordinator (cluster.coordinator) on a real two-node Ray cluster (ray.cluster_utils.Cluster): the large
+"""The tandem coordinator (workers.coordinator) on a real two-node Ray cluster (ray.cluster_utils.Cluster): the large
 model's actor on one node and the drafter's on the other, driven over gRPC on loopback, unpipelined and pipelined,
 with stdlib-9m-draft and stdlib-9m-tandem; and the large model sharded over two host actors (workers.shards)."""
 from __future__ import annotations
@@ -20,7 +20,6 @@ from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group_table
 from ray_nodes import add_node
 
-from cluster.coordinator import Coordinator, CoordinatorActor
 from hire.bench import text_prompts
 from hire.checkpoint import load_model
 from hire.drafters import load_drafter
@@ -31,6 +30,7 @@ from hire.speculative import speculative_generate
 from protos import internal_pb2 as pb
 from protos import internal_pb2_grpc
 from workers.auth import bearer
+from workers.coordinator import Coordinator, CoordinatorActor
 from workers.rpc import pack
 
 # Prompts of 13 tokens and γ 4 in a context of 32: every block's attention span is the bucket 32 and every prompt
@@ -163,18 +163,18 @@ def test_a_cancelled_request_leaves_its_slot(standalone, prompts, expected):
     no further event and leaves its slot before the next round; a request beside it is not disturbed."""
     first, go, events = threading.Event(), threading.Event(), []
 
-    def sink(item) -> None:  # on the coordinator's thread: hold it until the request is cancelled
+    def sink(item) -> None:  # on the scheduler's thread: hold it until the request is cancelled
         events.append(item)
         first.set()
         go.wait(60)
 
     before = standalone.stats.cancelled
-    job = standalone.submit(prompts[0], GREEDY, -1, sink)
+    job = standalone.scheduler.submit(prompts[0], GREEDY, -1, sink)
     first.wait(300)
-    standalone.cancel(job)
+    standalone.scheduler.cancel(job)
     go.set()
     outs = standalone.generate(prompts[1:2], GREEDY)
-    assert len(events) == 1 and standalone.stats.cancelled == before + 1 and standalone.busy_slots == 0
+    assert len(events) == 1 and standalone.stats.cancelled == before + 1 and standalone.scheduler.busy_slots == 0
     assert same_tokens(outs, expected[1:2])
 
 

@@ -1,5 +1,5 @@
 """Speculative decoding served by `hire serve --draft` on a real local Ray: the engine replica is a tandem
-coordinator (cluster.coordinator) that owns the large model's and stdlib-9m-tandem's worker actors. Greedy answers
+coordinator (workers.coordinator) that owns the large model's and stdlib-9m-tandem's worker actors. Greedy answers
 through Serve's gRPC proxy equal the large model alone; the decoding fields of a request are checked against what
 the server runs; under a closed-loop load, a killed drafter or verifier is restarted with no request lost, and a
 killed coordinator (the replica) costs only the requests it was running, each ended UNAVAILABLE, until Serve has

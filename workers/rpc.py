@@ -1,6 +1,6 @@
 """What the internal gRPC services (protos/internal.proto) share: numpy arrays as bytes, sampling rows, error
 status codes, message limits, and a server on a free port with standard health checking that answers only calls
-carrying the deployment's secret (`authorization: Bearer SECRET`; cluster.coordinator makes it and hands it to the
+carrying the deployment's secret (`authorization: Bearer SECRET`; workers.coordinator makes it and hands it to the
 worker actors through Ray).
 
 No jax at the top (see workers.shard): the workers import it once the actor process has started.

@@ -1,13 +1,14 @@
 """The tandem coordinator: speculative decoding with the drafter and the large model in separate Ray actors,
-driven over gRPC (hire.internal.v1, protos/internal.proto), with continuous batching over the cache slots.
+driven over gRPC (hire.internal.v1, protos/internal.proto), as a hire.batch.Batch whose step runs on the actors.
+hire.scheduler.Scheduler drives it like any batch: queueing, admission, cancellation and retries are its.
 
 `Workers` starts a `workers.verify.VerifyWorker` (the large model) and a `workers.draft.DraftWorker` (the small
 model: a standalone draft model, the tandem small model, or n-gram) and connects to their gRPC servers.
-`Coordinator` owns the requests (hire.request.Request: stop rules, max tokens, the end of the context), admits
-them into free slots between rounds and runs rounds of Draft and Verify calls. It has hire.scheduler.Scheduler's
-interface (`submit` with an event sink, `cancel`, queue depth and busy slots) and hire.engine.Engine's request
-checks, so the servers' request path (hire.scheduler.Stream, cluster.serve_app.EngineServer) serves speculative
-decoding through it unchanged (`hire serve --draft NAME`):
+`CoordinatorEngine` is what the scheduler and the servers see as the engine (hire.engine_api.Engine's limits,
+tokenizer, request checks and warm-up, and `recover`): it owns the workers, the calls to them and the stats, and
+makes the batches (`batch`). A `CoordinatorBatch` `admit`s a request by prefilling it on both workers (its first
+token is the verifier's), `drop`s one by freeing its row, and each `step` is one round of Draft and Verify calls
+over the live rows (`hire serve --draft NAME`):
 
 - unpipelined: draft block b for every live row, verify it, draft b + 1 (carrying b's verdicts), ...
 - pipelined: while the verifier checks block b of a row, the drafter already drafts that row's block b + 1 from
@@ -15,30 +16,31 @@ decoding through it unchanged (`hire serve --draft NAME`):
   (hire.speculative.verify_block's `defer`), so that last draft becomes the row's pending token and the next
   block starts from it. A row whose new pending token is not the one its pre-draft started from (a draft was
   rejected) throws that pre-draft away and is drafted afresh while other rows verify; rows whose pre-drafts held
-  go straight into the next verification. Greedy rows give the large model's output token for token and
-  sampled rows its distribution, exactly, in both modes (docs/coordinator.md).
+  go straight into the next verification (the batch keeps the pre-drafts between steps). Greedy rows give the
+  large model's output token for token and sampled rows its distribution, exactly, in both modes
+  (docs/coordinator.md).
 
 Faults: every call has a deadline; a worker that died or hangs (UNAVAILABLE, DEADLINE_EXCEEDED) is killed and
-restarted, and every live slot is prefilled again on it (its committed tokens; the verifier resumes the pending
-token rather than sampling one), then decoding goes on. A worker that fails `restarts` times in a row, or answers
-a call with an error, ends the requests in flight and queued with a WorkerError that says so.
+restarted inside the batch, and every live slot is prefilled again on it (its committed tokens; the verifier
+resumes the pending token rather than sampling one), then decoding goes on: the scheduler sees nothing. A worker
+that fails `restarts` times in a row, or answers a call with an error, makes the batch raise WorkerError
+(hire.engine_api.EngineUnavailable): the scheduler ends the streams cut mid-way with it, `recover` restarts what
+is down, and the requests that had no token yet are retried on a fresh batch.
 
-`CoordinatorActor` runs a Coordinator in its own actor. `python -m cluster.coordinator bench` measures it.
+`Coordinator` is an engine with a scheduler running over its batches (`generate` for callers in this process),
+`CoordinatorActor` one in its own actor. `python -m workers.coordinator bench` measures it.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import os
 import secrets
 import statistics
 import tempfile
-import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -52,10 +54,10 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from hire.checkpoint import resolve_model
 from hire.engine import Engine, buckets
 from hire.engine_api import EngineUnavailable
-from hire.generate import _requests
+from hire.generate import encode_prompt
 from hire.request import Completion, Event, Request
 from hire.sampling import SamplingParams
-from hire.scheduler import Job, Sink, check_room, deliver
+from hire.scheduler import Scheduler
 from hire.speculative import SpecStats
 from hire.tokenizer import load_tokenizer
 from protos import internal_pb2 as pb
@@ -72,8 +74,9 @@ DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)  # the w
 
 
 class WorkerError(EngineUnavailable):
-    """A worker could not be (re)started or failed a call; the requests it was serving end with this (servers
-    answer it as an engine that is down: UNAVAILABLE, HTTP 503)."""
+    """A worker could not be (re)started or failed a call: the batch is lost (hire.scheduler retries its requests
+    that had no token yet; the others end with this, which servers answer as an engine that is down: UNAVAILABLE,
+    HTTP 503)."""
 
 
 class _Down(Exception):
@@ -210,20 +213,21 @@ class CoordinatorStats(SpecStats):
                                     "call_seconds": {k: round(v, 3) for k, v in self.call_seconds.items()}}
 
 
-def pending(job: Job) -> tuple[int, int]:
+def pending(request: Request) -> tuple[int, int]:
     """A live request's last decided token (not yet in the large model's cache) and its position."""
-    out = job.request.out
+    out = request.out
     return out.tokens[-1], len(out.prompt_tokens) + len(out.tokens) - 1
 
 
-class Coordinator:
+class CoordinatorEngine:
     """Speculative decoding of `target` drafted by `draft` (a name or path, or "ngram"), γ = `gamma`, over `slots`
     cache slots, in two Ray actors driven over gRPC; `pipelined` overlaps drafting with verification (see the
     module's docstring). Needs a running Ray (ray.init). `timeout` bounds every call, `start_timeout` every
-    (re)start; `restarts` is how many restarts in a row a failure may take before requests fail. Up to
-    `queue_size` requests wait beyond the free slots (then QueueFull). With `verify_hosts` > 1 or
-    `devices_per_host` > 1 the large model is sharded over that many host actors of that many devices each
-    (workers.shards), which its worker drives; a host that dies or hangs restarts the verifier with a fresh group."""
+    (re)start; `restarts` is how many restarts in a row a failure may take before the batch gives up. With
+    `verify_hosts` > 1 or `devices_per_host` > 1 the large model is sharded over that many host actors of that many
+    devices each (workers.shards), which its worker drives; a host that dies or hangs restarts the verifier with a
+    fresh group. What a scheduler needs of an engine (hire.engine_api.Engine: cfg, tokenizer, slots, max_len,
+    check_request, warm_up; `recover`), not its prefill and decode calls: the batches make those."""
 
     check_request = Engine.check_request
 
@@ -231,11 +235,10 @@ class Coordinator:
                  max_len: int | None = None, gamma: int = 4, pipelined: bool = True, dtype: str | None = None,
                  timeout: float = 120.0, start_timeout: float = 300.0, restarts: int = 3,
                  compilation_cache: str | None = None, host: str | None = None,
-                 options: dict[str, dict] | None = None, queue_size: int = 128, verify_hosts: int = 1,
-                 devices_per_host: int = 1):
-        if min(gamma, slots, queue_size, verify_hosts, devices_per_host) < 1:
-            raise ValueError(f"gamma, slots, queue_size, verify_hosts and devices_per_host must be >= 1, got {gamma}, "
-                             f"{slots}, {queue_size}, {verify_hosts} and {devices_per_host}")
+                 options: dict[str, dict] | None = None, verify_hosts: int = 1, devices_per_host: int = 1):
+        if min(gamma, slots, verify_hosts, devices_per_host) < 1:
+            raise ValueError(f"gamma, slots, verify_hosts and devices_per_host must be >= 1, got {gamma}, {slots}, "
+                             f"{verify_hosts} and {devices_per_host}")
         group = {"hosts": verify_hosts, "devices_per_host": devices_per_host, "call_timeout": timeout,
                  "start_timeout": start_timeout} if verify_hosts * devices_per_host > 1 else None
         self.workers = Workers(target, draft, slots, max_len, gamma, dtype, compilation_cache, host, start_timeout,
@@ -245,171 +248,51 @@ class Coordinator:
         self.buckets = buckets(self.max_len)
         self.tokenizer = load_tokenizer(resolve_model(target))
         self.hidden_layers, self.trims = list(drafter["wants_hidden"]), drafter["stops_early"]
-        self.pipelined, self.timeout, self.restarts = pipelined, timeout, restarts
+        self.pipelined, self.timeout, self.restarts = pipelined, timeout, restarts  # switch modes between batches
         self.stats = CoordinatorStats()
-        self.queue_size = queue_size
-        self.live: dict[int, Job] = {}  # by slot
-        self.queue: deque[Job] = deque()
-        self.ids = itertools.count()
-        self.block: Block | None = None  # the last Draft reply
-        self.ready = np.zeros(slots, bool)  # pipelined: rows whose block in self.block waits for verification
-        self.update: pb.Verdicts | None = None  # verdicts the next Draft call carries
-        self.closed = False
-        self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self._run, name="coordinator", daemon=True)
-        self.thread.start()
+        self.down: set[str] = set()  # workers a batch failed to bring back: `recover` restarts them
 
-    # -- requests --------------------------------------------------------------------------------------------------
+    def batch(self) -> CoordinatorBatch:
+        """A batch with every slot free (the scheduler's `batch` factory)."""
+        return CoordinatorBatch(self)
 
-    @property
-    def engine(self) -> Coordinator:
-        """What a server reads as the engine (cfg, slots, max_len, tokenizer, check_request): the coordinator."""
-        return self
-
-    @property
-    def alive(self) -> bool:
-        return self.thread.is_alive()
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self.queue)
-
-    @property
-    def busy_slots(self) -> int:
-        return len(self.live)
-
-    def submit(self, prompt: Sequence[int], params: SamplingParams, adapter: int, sink: Sink) -> Job:
-        """Queue a request (Scheduler.submit): each token's hire.request.Event goes to `sink` on the coordinator's
-        thread, the last with its finish_reason, or a WorkerError. ValueError names a field the model cannot run;
-        QueueFull when `queue_size` requests already wait beyond the free slots."""
-        job = Job(Request(next(self.ids), list(prompt), params, adapter, self), sink)
-        self._queue(job)
-        return job
-
-    def _queue(self, job: Job) -> None:
-        with self.cond:
-            if self.closed:
-                raise WorkerError("the coordinator is shut down")
-            check_room(len(self.queue), len(self.live), self.slots, self.queue_size)
-            self.queue.append(job)
-            self.cond.notify()
-
-    def cancel(self, job: Job) -> None:
-        """End `job` with no further events: out of the queue now, out of its slot before the next round."""
-        with self.cond:
-            if job.cancelled or job.done:
-                return
-            job.cancelled = True
-            if job in self.queue:
-                self.queue.remove(job)
-
-    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-                 adapters: Sequence[int] | None = None) -> list[Completion]:
-        """Complete every prompt (text or token ids), in order, as hire.generate.generate does."""
-        futures = []
-        for request in _requests(self, prompts, params, adapters):
-            future: Future = Future()
-
-            def sink(item: Event | Exception, future: Future = future, out: Completion = request.out) -> None:
-                if isinstance(item, Exception):
-                    future.set_exception(item)
-                elif item.finish_reason:
-                    future.set_result(out)
-
-            self._queue(Job(request, sink))
-            futures.append(future)
-        return [f.result() for f in futures]
-
-    def warm_up(self) -> None:
+    def warm_up(self, chunk: int = 0) -> None:
         """Compile the workers' programs before a client's request: a prompt at every prompt bucket, and one greedy
-        request from a one-token prompt to the end of the context, through every attention span."""
+        request from a one-token prompt to the end of the context, through every attention span; through a
+        scheduler of its own. (`chunk`, a plain engine's decode steps per call, has no meaning here.)"""
         prompts = [[0] * min(b, self.max_len - 1) for b in self.buckets] + [[0]]
         params = [SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)] * len(self.buckets)
-        self.generate(prompts, [*params, SamplingParams(temperature=0.0, max_tokens=self.max_len, ignore_eos=True)])
+        scheduler = Scheduler(self, prefills=self.slots, batch=self.batch).start()
+        try:
+            complete(scheduler, prompts, [*params, SamplingParams(temperature=0.0, max_tokens=self.max_len,
+                                                                  ignore_eos=True)])
+        finally:
+            scheduler.stop()
         self.stats = CoordinatorStats()
 
-    def set_pipelined(self, pipelined: bool) -> None:
-        """Switch the mode (between runs: the coordinator must be idle)."""
-        with self.cond:
-            if self.live or self.queue:
-                raise RuntimeError("switch modes only when no request is running")
-            self.pipelined, self.block, self.ready[:] = pipelined, None, False
+    def recover(self, grow: bool = False) -> bool:
+        """Restart the workers a batch left down (hire.engine_api.Recoverable); True when it restarted any,
+        WorkerError when one does not start. Nothing grows (`grow`: False)."""
+        if grow or not self.down:
+            return False
+        self.restart(set(self.down))
+        return True
 
-    def shutdown(self) -> None:
-        """Fail what is queued or running, stop the loop and the workers."""
-        with self.cond:
-            self.closed = True
-            self.cond.notify()
-        self.thread.join(timeout=self.timeout)
-        self.workers.shutdown()
+    def restart(self, down: set[str]) -> None:
+        """(Re)start the workers in `down`, the verifier first (the drafter's start reads its model); WorkerError
+        when one does not start (it stays in `self.down`)."""
+        self.down |= down
+        for which in sorted(down, reverse=True):
+            self.stats.restart_seconds.append(self.workers.start(which))
+            self.stats.restarts[which] += 1
+            self.down.discard(which)
+            log.warning("restarted the %s worker", which)
 
-    # -- the loop --------------------------------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        while True:
-            with self.cond:
-                while not (self.queue or self.live or self.closed):
-                    self.cond.wait()
-                if self.closed:
-                    break
-            began = time.perf_counter()
-            try:
-                self._drop_cancelled()
-                self._admit()
-                if self.live:
-                    self._round()
-                    self.stats.rounds += 1
-            except WorkerError as e:
-                self._fail(e)
-            except Exception as e:  # a bug: end the requests with it rather than leave them waiting
-                log.exception("coordinator loop failed")
-                self._fail(WorkerError(f"the coordinator failed: {type(e).__name__}: {e}"))
-            self.stats.seconds += time.perf_counter() - began
-        self._fail(WorkerError("the coordinator is shut down"))
-
-    def _fail(self, error: WorkerError) -> None:
-        with self.cond:
-            failed = [*self.live.values(), *self.queue]
-            self.live.clear()
-            self.queue.clear()
-        for job in failed:
-            self._emit(job, error)
-        self.block, self.update, self.ready[:] = None, None, False
-
-    def _emit(self, job: Job, item: Event | Exception) -> None:
-        """Send an event or the request's failure to its sink (nothing once it is cancelled or done)."""
-        if job.done or job.cancelled:
-            return
-        job.done = isinstance(item, Exception) or item.finish_reason is not None
-        deliver(job, item, self.cancel)
-
-    def _push(self, job: Job, token: int, logprob: float) -> bool:
-        """Add a decided token to the request and tell its sink; whether the request has ended."""
-        self.stats.tokens += 1
-        event = job.request.push(token, logprob)
-        self._emit(job, event)
-        return event.finish_reason is not None
-
-    def _drop_cancelled(self) -> None:
-        """Free the slots of cancelled requests, and take them out of the verdicts the next Draft call carries (a
-        new request may take the slot before then)."""
-        with self.cond:
-            gone = [slot for slot, job in self.live.items() if job.cancelled]
-            for slot in gone:
-                del self.live[slot]
-        self.stats.cancelled += len(gone)
-        if gone:
-            self.ready[gone] = False
-            if self.update is not None:
-                rows = unpack(self.update.rows, "rows", dtype="bool").copy()
-                rows[gone] = False
-                self.update.rows.CopyFrom(pack(rows))
-
-    def _call(self, which: str, method: str, request: Any) -> Any:
+    def call(self, which: str, method: str, request: Any) -> Any:
         """A unary call to the `which` worker; _Down when it died or hangs, WorkerError when it answers an error."""
-        return self._result(which, self._send(which, method, request))
+        return self.result(which, self.send(which, method, request))
 
-    def _send(self, which: str, method: str, request: Any) -> grpc.Future:
+    def send(self, which: str, method: str, request: Any) -> grpc.Future:
         """Start a call to the `which` worker; its time to the answer adds to stats.call_seconds."""
         stub = self.workers.verifier if which == "verify" else self.workers.drafter
         began, name = time.perf_counter(), f"{which}.{method}"
@@ -422,7 +305,7 @@ class Coordinator:
         future.add_done_callback(done)
         return future
 
-    def _result(self, which: str, future: grpc.Future) -> Any:
+    def result(self, which: str, future: grpc.Future) -> Any:
         try:
             return future.result()
         except grpc.RpcError as e:
@@ -430,82 +313,125 @@ class Coordinator:
                 raise _Down(which, f"{e.code().name}: {e.details()}") from None
             raise WorkerError(f"the {which} worker answered {e.code().name}: {e.details()}") from None
 
-    def _recover(self, down: set[str]) -> None:
-        """Restart the workers in `down` and prefill every live slot again; WorkerError after `restarts` tries."""
-        for _ in range(self.restarts):
+    def shutdown(self) -> None:
+        """Stop the workers."""
+        self.workers.shutdown()
+
+
+class CoordinatorBatch:
+    """hire.batch.Batch over a CoordinatorEngine's two workers: each step one round of Draft and Verify calls.
+    The rows' state lives on the workers; the batch keeps each live request (its pending token and position are
+    its last token's) and, pipelined, the last Draft reply with the rows ready for verification."""
+
+    def __init__(self, engine: CoordinatorEngine):
+        self.engine = engine
+        self.live: dict[int, Request] = {}  # by slot
+        self.block: Block | None = None  # the last Draft reply
+        self.ready = np.zeros(engine.slots, bool)  # pipelined: rows whose block in self.block waits for verification
+        self.update: pb.Verdicts | None = None  # verdicts the next Draft call carries
+        self.events: list[Event] = []  # the step's so far
+
+    @property
+    def stats(self) -> CoordinatorStats:
+        return self.engine.stats
+
+    def free_slots(self) -> list[int]:
+        return [slot for slot in range(self.engine.slots) if slot not in self.live]
+
+    def admit(self, req: Request, slot: int) -> Event:
+        """Prefill `req` on the verifier, which samples its first token, then (unless that ends it) on the
+        drafter, with the large model's hidden states a tandem drafter reads."""
+        began, engine = time.perf_counter(), self.engine
+        tokens = req.out.prompt_tokens + req.out.tokens
+        while True:
             try:
-                for which in sorted(down, reverse=True):  # the verifier first: the drafter's prefill needs it
-                    self.stats.restart_seconds.append(self.workers.start(which))
-                    self.stats.restarts[which] += 1
-                    log.warning("restarted the %s worker", which)
+                reply = engine.call("verify", "Prefill", self._verify_prefill(slot, req, tokens))
+                break
+            except _Down as e:
+                self._recover({e.which})
+        self.stats.requests += 1
+        event = self._push(req, reply.token, reply.logprob)
+        if event.finish_reason is None:
+            self.live[slot], self.ready[slot] = req, False
+            try:
+                engine.call("draft", "Prefill", pb.DraftPrefillRequest(slot=slot, tokens=tokens, hidden=reply.hidden,
+                                                                       sampling=sampling_message(req.params)))
+            except _Down as e:
+                self._recover({e.which})  # prefills every live slot again, this one too
+        self.stats.seconds += time.perf_counter() - began
+        return event
+
+    def step(self) -> list[Event]:
+        """One round: a Draft call, and a Verify call after it (unpipelined) or beside it (pipelined)."""
+        began, self.events = time.perf_counter(), []
+        self._round()
+        self.stats.rounds += 1
+        self.stats.seconds += time.perf_counter() - began
+        return self.events
+
+    def drop(self, req: Request) -> None:
+        """Free `req`'s slot, and take its row out of the verdicts the next Draft call carries (a new request may
+        take the slot before then); the workers leave a row no call names as it is."""
+        gone = [slot for slot, r in self.live.items() if r is req]
+        for slot in gone:
+            del self.live[slot]
+        self.stats.cancelled += len(gone)
+        if gone:
+            self.ready[gone] = False
+            if self.update is not None:
+                rows = unpack(self.update.rows, "rows", dtype="bool").copy()
+                rows[gone] = False
+                self.update.rows.CopyFrom(pack(rows))
+
+    def _push(self, req: Request, token: int, logprob: float) -> Event:
+        self.stats.tokens += 1
+        return req.push(int(token), float(logprob))
+
+    def _recover(self, down: set[str]) -> None:
+        """Restart the workers in `down` and prefill every live slot again; WorkerError after `restarts` tries
+        (what is still down is left to the engine's `recover`)."""
+        engine = self.engine
+        for _ in range(engine.restarts):
+            try:
+                engine.restart(down)
                 self._resync(resume_verifier="verify" in down)
                 return
             except _Down as e:
                 down = down | {e.which}
-        raise WorkerError(f"the {' and '.join(sorted(down))} worker failed {self.restarts} restarts in a row")
+        engine.down |= down
+        raise WorkerError(f"the {' and '.join(sorted(down))} worker failed {engine.restarts} restarts in a row")
 
     def _resync(self, resume_verifier: bool) -> None:
         """Prefill every live slot's committed tokens on the drafter (and on the verifier, resuming its pending
         token, when it was restarted or the drafter needs the large model's states); pre-drafts are dropped."""
         self.block, self.update, self.ready[:] = None, None, False
-        for slot, job in self.live.items():
-            out = job.request.out
-            committed, (token, _) = out.prompt_tokens + out.tokens[:-1], pending(job)
+        engine = self.engine
+        for slot, req in self.live.items():
+            out = req.out
+            committed, (token, _) = out.prompt_tokens + out.tokens[:-1], pending(req)
             hidden = None
-            if resume_verifier or self.hidden_layers:
-                reply = self._call("verify", "Prefill", self._verify_prefill(slot, job.request, committed, token))
+            if resume_verifier or engine.hidden_layers:
+                reply = engine.call("verify", "Prefill", self._verify_prefill(slot, req, committed, token))
                 hidden = reply.hidden
-            self._call("draft", "Prefill", pb.DraftPrefillRequest(slot=slot, tokens=committed, hidden=hidden,
-                                                                  sampling=sampling_message(job.request.params)))
+            engine.call("draft", "Prefill", pb.DraftPrefillRequest(slot=slot, tokens=committed, hidden=hidden,
+                                                                   sampling=sampling_message(req.params)))
 
-    def _verify_prefill(self, slot: int, request: Request, tokens: list[int],
+    def _verify_prefill(self, slot: int, req: Request, tokens: list[int],
                         resume: int | None = None) -> pb.VerifyPrefillRequest:
-        return pb.VerifyPrefillRequest(slot=slot, tokens=tokens, sampling=sampling_message(request.params),
-                                       adapter=request.adapter, hidden_layers=self.hidden_layers, resume_token=resume)
-
-    def _admit(self) -> None:
-        """Prefill queued requests into free slots (both workers); a request that ends at its first token is done."""
-        for slot in range(self.slots):
-            if slot in self.live:
-                continue
-            with self.cond:
-                if not self.queue:
-                    return
-                job = self.queue.popleft()
-            try:
-                while True:
-                    try:
-                        self._start(slot, job)
-                        break
-                    except _Down as e:
-                        self._recover({e.which})
-                        if slot in self.live:  # the resync prefilled it
-                            break
-            except WorkerError as e:
-                self._emit(job, e)
-                raise
-
-    def _start(self, slot: int, job: Job) -> None:
-        request = job.request
-        prompt = request.out.prompt_tokens
-        reply = self._call("verify", "Prefill", self._verify_prefill(slot, request, prompt))
-        self.stats.requests += 1
-        if self._push(job, reply.token, reply.logprob):
-            return
-        self.live[slot], self.ready[slot] = job, False
-        self._call("draft", "Prefill", pb.DraftPrefillRequest(slot=slot, tokens=prompt, hidden=reply.hidden,
-                                                              sampling=sampling_message(request.params)))
+        return pb.VerifyPrefillRequest(slot=slot, tokens=tokens, sampling=sampling_message(req.params),
+                                       adapter=req.adapter, hidden_layers=self.engine.hidden_layers,
+                                       resume_token=resume)
 
     def _round(self) -> None:
-        """One round: a Draft call, and a Verify call after it (unpipelined) or beside it (pipelined)."""
-        B = self.slots
+        engine, B = self.engine, self.engine.slots
+        pipelined, gamma = engine.pipelined, engine.gamma
         live = np.zeros(B, bool)
         tokens, positions = np.zeros(B, np.int32), np.zeros(B, np.int32)
-        for slot, job in self.live.items():
+        for slot, req in self.live.items():
             live[slot] = True
-            tokens[slot], positions[slot] = pending(job)
+            tokens[slot], positions[slot] = pending(req)
         block = self.block
-        if self.pipelined and block is not None:
+        if pipelined and block is not None:
             verify = live & self.ready
             k = block.proposed.sum(axis=1)
             ahead = verify & (k > 0)  # drafted from the block's last draft, as if it were all accepted
@@ -513,23 +439,23 @@ class Coordinator:
             tokens = np.where(ahead, last, tokens).astype(np.int32)
             positions = np.where(ahead, block.positions + k, positions).astype(np.int32)
             # a row can go on past this block only if its pre-draft would start inside the context
-            draft = live & ~(verify & (k == 0)) & (positions < self.max_len - 1)
+            draft = live & ~(verify & (k == 0)) & (positions < engine.max_len - 1)
         else:
-            verify, ahead, draft = (np.zeros(B, bool) if self.pipelined else live), np.zeros(B, bool), live
+            verify, ahead, draft = (np.zeros(B, bool) if pipelined else live), np.zeros(B, bool), live
         request = pb.DraftRequest(rows=pack(draft), tokens=pack(tokens), positions=pack(positions),
-                                  reach=int(positions[draft].max(initial=0)) + self.gamma + 1, update=self.update)
+                                  reach=int(positions[draft].max(initial=0)) + gamma + 1, update=self.update)
         self.update = None
         try:
-            if self.pipelined:
-                drafting = self._send("draft", "Draft", request)
+            if pipelined:
+                drafting = engine.send("draft", "Draft", request)
                 verdicts, down = None, set()
                 if verify.any():
                     try:
-                        verdicts = self._call("verify", "Verify", self._verify_request(block, verify))
+                        verdicts = engine.call("verify", "Verify", self._verify_request(block, verify))
                     except _Down:
                         down.add("verify")
                 try:
-                    drafted = self._result("draft", drafting)
+                    drafted = engine.result("draft", drafting)
                 except _Down:
                     down.add("draft")
                 still = np.zeros(B, bool) if verdicts is None else self._apply(block, verify, verdicts)
@@ -537,41 +463,41 @@ class Coordinator:
                     self._recover(down)
                     return
                 held = self._ready(Block(drafted, tokens, positions), draft, ahead)
-                if not self.hidden_layers:  # the steps of a held pre-draft fed every token the update commits
+                if not engine.hidden_layers:  # the steps of a held pre-draft fed every token the update commits
                     still &= ~held
                 self._verdicts(block, still, verdicts)
             else:
-                block = Block(self._call("draft", "Draft", request), tokens, positions)
-                verdicts = self._call("verify", "Verify", self._verify_request(block, verify))
+                block = Block(engine.call("draft", "Draft", request), tokens, positions)
+                verdicts = engine.call("verify", "Verify", self._verify_request(block, verify))
                 self._verdicts(block, self._apply(block, verify, verdicts), verdicts)
         except _Down as e:
             self._recover({e.which})
 
     def _verify_request(self, block: Block, rows: np.ndarray) -> pb.VerifyRequest:
-        reply = block.reply
+        reply, engine = block.reply, self.engine
         return pb.VerifyRequest(rows=pack(rows), drafts=reply.drafts, proposed=reply.proposed, sampled=reply.sampled,
-                                q=reply.q if reply.HasField("q") else None, defer=self.pipelined, trims=self.trims,
-                                hidden_layers=self.hidden_layers,
-                                reach=int(block.positions[rows].max(initial=0)) + self.gamma + 1)
+                                q=reply.q if reply.HasField("q") else None, defer=engine.pipelined,
+                                trims=engine.trims, hidden_layers=engine.hidden_layers,
+                                reach=int(block.positions[rows].max(initial=0)) + engine.gamma + 1)
 
     def _apply(self, block: Block, rows: np.ndarray, reply: pb.VerifyReply) -> np.ndarray:
-        """Push each verified row's tokens to its request, freeing the slots of those that end; the verified rows
-        still live [B]."""
+        """Push each verified row's tokens to its request (the step's events), freeing the slots of those that
+        end; the verified rows still live [B]."""
         self.stats.verify_calls += 1
-        B = self.slots
-        tokens = unpack(reply.tokens, "tokens", (B, self.gamma + 1), "int32")
-        logprobs = unpack(reply.logprobs, "logprobs", (B, self.gamma + 1), "float32")
+        B, gamma = self.engine.slots, self.engine.gamma
+        tokens = unpack(reply.tokens, "tokens", (B, gamma + 1), "int32")
+        logprobs = unpack(reply.logprobs, "logprobs", (B, gamma + 1), "float32")
         accepted = unpack(reply.accepted, "accepted", (B,), "int32")
         kept = np.cumprod((tokens[:, :-1] == block.drafts) & block.proposed, axis=1).sum(axis=1)
         for slot in np.flatnonzero(rows):
-            job = self.live[slot]
+            req = self.live[slot]
             self.stats.blocks += 1
             self.stats.proposed += int(block.proposed[slot].sum())
             self.stats.accepted += int(min(kept[slot], accepted[slot] + 1))
             for i in range(accepted[slot] + 1):
-                if self._push(job, int(tokens[slot, i]), float(logprobs[slot, i])):
-                    with self.cond:
-                        del self.live[slot]
+                self.events.append(event := self._push(req, tokens[slot, i], logprobs[slot, i]))
+                if event.finish_reason is not None:
+                    del self.live[slot]
                     break
         return rows & np.isin(np.arange(B), list(self.live))
 
@@ -589,14 +515,75 @@ class Coordinator:
         (its pre-draft held: returned, [B])."""
         self.block = block
         self.ready[:] = False
-        held = np.zeros(self.slots, bool)
-        for slot, job in self.live.items():
+        held = np.zeros(self.engine.slots, bool)
+        for slot, req in self.live.items():
             if drafted[slot]:
-                held[slot] = ahead[slot] and pending(job) == (block.tokens[slot], block.positions[slot])
+                held[slot] = ahead[slot] and pending(req) == (block.tokens[slot], block.positions[slot])
                 self.ready[slot] = held[slot] or not ahead[slot]
                 self.stats.predrafts_used += int(held[slot])
                 self.stats.predrafts_discarded += int(ahead[slot] and not held[slot])
         return held
+
+
+def complete(scheduler: Scheduler, prompts: Sequence[str | Sequence[int]],
+             params: SamplingParams | Sequence[SamplingParams], adapters: Sequence[int] | None = None
+             ) -> list[Completion]:
+    """Complete every prompt (text or token ids) through a running `scheduler`, in order, as
+    hire.generate.generate does in this process; a request's failure raises."""
+    params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    adapters = [-1] * len(prompts) if adapters is None else list(adapters)
+    if not len(prompts) == len(params) == len(adapters):
+        raise ValueError("prompts, params and adapters differ in length")
+    ends = [Future() for _ in prompts]
+
+    def sink(end: Future):
+        def put(item: Event | Exception) -> None:
+            if isinstance(item, Exception):
+                end.set_exception(item)
+            elif item.finish_reason is not None:
+                end.set_result(None)
+        return put
+
+    jobs = [scheduler.submit(encode_prompt(scheduler.engine, prompt), p, adapter, sink(end))
+            for prompt, p, adapter, end in zip(prompts, params, adapters, ends)]
+    for end in ends:
+        end.result()
+    return [job.request.out for job in jobs]
+
+
+class Coordinator:
+    """A CoordinatorEngine (its arguments) with a hire.scheduler.Scheduler running over its batches, up to
+    `queue_size` requests waiting beyond the free slots: `generate` for callers in this process, `scheduler`'s
+    submit / cancel for streams."""
+
+    def __init__(self, *args: Any, queue_size: int = 128, **kwargs: Any):
+        self.engine = CoordinatorEngine(*args, **kwargs)
+        self.scheduler = Scheduler(self.engine, queue_size, prefills=self.engine.slots,
+                                   batch=self.engine.batch).start()
+
+    @property
+    def workers(self) -> Workers:
+        return self.engine.workers
+
+    @property
+    def stats(self) -> CoordinatorStats:
+        return self.engine.stats
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+                 adapters: Sequence[int] | None = None) -> list[Completion]:
+        """Complete every prompt (text or token ids), in order, as hire.generate.generate does."""
+        return complete(self.scheduler, prompts, params, adapters)
+
+    def set_pipelined(self, pipelined: bool) -> None:
+        """Switch the mode (between runs: no request may be running or waiting)."""
+        if self.scheduler.busy_slots or self.scheduler.queue_depth:
+            raise RuntimeError("switch modes only when no request is running")
+        self.engine.pipelined = pipelined
+
+    def shutdown(self) -> None:
+        """Fail what is queued or running, stop the scheduler and the workers."""
+        self.scheduler.stop()
+        self.engine.shutdown()
 
 
 @ray.remote(max_concurrency=16)
@@ -669,7 +656,7 @@ def bench(target: str, draft: str, slots: int, gamma: int, max_tokens: int, prom
             def mode(pipelined: bool):
                 def run() -> list[Completion]:
                     coordinator.set_pipelined(pipelined)
-                    coordinator.stats = CoordinatorStats()
+                    coordinator.engine.stats = CoordinatorStats()
                     outs = coordinator.generate(prompts, params)
                     stats["pipelined" if pipelined else "unpipelined"].append(coordinator.stats.as_dict())
                     return outs
@@ -716,7 +703,7 @@ def bench(target: str, draft: str, slots: int, gamma: int, max_tokens: int, prom
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cluster.coordinator", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m workers.coordinator", description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("bench",))
     parser.add_argument("--target", default="stdlib-9m")
     parser.add_argument("--draft", default="stdlib-9m-draft")

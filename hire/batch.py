@@ -1,11 +1,12 @@
-"""The batch contract: decode slots and the requests in them, the unit that hire.scheduler drives.
+"""The batch contract, decode slots and the requests in them, the unit that hire.scheduler drives; and the plain
+batch.
 
 The scheduler is the only decode loop: between steps it drops cancelled requests, `admit`s waiting
 ones into `free_slots()`, then calls `step()`, which advances every live request and returns their
 events (hire.request.Event; a request leaves `live` with its last one). How a step decodes is the
 batch's business:
 
-- hire.generate.PlainBatch: `chunk` tokens per slot from an engine (hire.engine_api.Engine), with
+- PlainBatch (below): `chunk` tokens per slot from an engine (hire.engine_api.Engine), with
   whatever HiRE, LoRA, quantization or sharding that engine carries;
 - hire.speculative.SpeculativeBatch: a block drafted by any hire.speculative.Drafter (standalone,
   tandem, n-gram) and verified by the engine, in one process;
@@ -18,6 +19,8 @@ fresh one. One thread drives a batch.
 from __future__ import annotations
 
 from typing import Protocol
+
+import numpy as np
 
 from hire.engine_api import Engine
 from hire.request import Event, Request
@@ -38,3 +41,60 @@ class Batch(Protocol):
 
     def drop(self, req: Request) -> None:
         """Free `req`'s slot at once, if it holds one; its remaining tokens are never decoded."""
+
+
+WHOLE_SPAN = 512  # PlainBatch(whole=True): the longest attention span taken from the first step
+
+
+class PlainBatch:
+    """The Batch over an engine's slots: each step decodes every slot `chunk` tokens.
+
+    With `whole`, attention spans the bucket of the live requests' last position (up to WHOLE_SPAN) from the
+    first step: one decode program where the span would otherwise cross several buckets, each a program to
+    compile or load from the cache (1.3-3 s apiece for SmolLM2's 30 layers), for attention over at most
+    WHOLE_SPAN positions early on (`hire generate`, `hire chat`).
+    """
+
+    def __init__(self, engine: Engine, chunk: int, whole: bool = False):
+        self.engine, self.chunk, self.whole = engine, chunk, whole
+        self.state = engine.init_state()
+        self.live: dict[int, Request] = {}
+
+    def free_slots(self) -> list[int]:
+        return [slot for slot in range(self.engine.slots) if slot not in self.live]
+
+    def admit(self, req: Request, slot: int) -> Event:
+        """Prefill `req` into the free `slot`; returns its next event (it stays only if that is not its last).
+
+        A request that already has tokens (retried after the engine was rebuilt) is prefilled with its prompt and
+        those tokens, so it goes on where it stopped: a token's sample depends only on the request's seed, its
+        position and what precedes it, so the output is the one it would have had.
+        """
+        prefix = self.engine.prefill(req.out.prompt_tokens + req.out.tokens, req.params, req.adapter)
+        event = req.push(int(prefix.token[0]), float(prefix.logprob[0]))
+        if event.finish_reason is None:
+            self.state = self.engine.insert(prefix, self.state, slot)
+            self.live[slot] = req
+        return event
+
+    def step(self) -> list[Event]:
+        """Decode `chunk` tokens in every slot; the live requests' events, each request's in order."""
+        n = self.chunk
+        reach = max(len(r.out.prompt_tokens) + len(r.out.tokens) + n for r in self.live.values())
+        if self.whole:  # at least the span of every request's last position, up to WHOLE_SPAN
+            last = max(len(r.out.prompt_tokens) + min(r.params.max_tokens, r.room) for r in self.live.values())
+            reach = max(reach, min(last, WHOLE_SPAN))
+        self.state, out = self.engine.generate_steps(self.state, n, reach)
+        tokens, logprobs = np.asarray(out.tokens), np.asarray(out.logprobs)
+        events = []
+        for slot, req in list(self.live.items()):
+            for t in range(n):
+                events.append(event := req.push(int(tokens[t, slot]), float(logprobs[t, slot])))
+                if event.finish_reason:
+                    del self.live[slot]
+                    break
+        return events
+
+    def drop(self, req: Request) -> None:
+        """Free `req`'s slot, if it holds one; its remaining tokens are never decoded."""
+        self.live = {slot: r for slot, r in self.live.items() if r is not req}

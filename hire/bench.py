@@ -105,7 +105,7 @@ def bench_decode(model: LoadedModel, batch: int, steps: int = 128, prompt_len: i
     """Time `steps` greedy decode steps of `batch` slots; medians of `repeats`.
 
     Steps run `chunk` at a time in one compiled loop each, attention reading the cache only as
-    far as the chunk reaches, as `hire.generate.run` decodes. The memory bandwidth is measured
+    far as the chunk reaches, as `hire.batch.PlainBatch` decodes. The memory bandwidth is measured
     right before each timed run and each run is compared with its own floor, since this
     machine's bandwidth drifts with its neighbours' load. With `dense` (the same model without HiRE, or
     the mixture of experts running every expert: moe_dispatch "all"), each repeat also times it right after,

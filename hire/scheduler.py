@@ -1,11 +1,14 @@
-"""Continuous batching for a server: one thread drives the engine, requests come and go between chunks.
+"""Continuous batching, the one decode loop: requests come and go between the steps of a batch.
+
+A server starts the scheduler's thread and submits from any thread; `hire generate` and the other in-process
+callers `drain` a list of requests on their own thread instead (each turn of the loop is `tick`).
 
 Requests wait in a queue: a request is refused (QueueFull) when `queue_size` already wait beyond
-the free slots. Before each decode chunk the scheduler thread frees the slots of cancelled
-requests, prefills up to `prefills` waiting requests into free slots (so prefill interleaves with
-decoding), then decodes every slot `chunk` tokens. Each request's events go to its own sink,
-called on the scheduler thread; `Stream` turns them into an asyncio iterator. The stopping rules
-are `hire.request.Request`'s and the slots a `hire.batch.Batch`'s, as in `generate`.
+the free slots. Each turn frees the slots of cancelled requests, prefills up to `prefills` waiting
+requests into free slots (so prefill interleaves with decoding), then steps the batch (every slot `chunk`
+tokens for the plain one). Each request's events go to its own sink, called on the thread that turns the
+loop; `Stream` turns them into an asyncio iterator. The stopping rules are `hire.request.Request`'s and the
+slots a `hire.batch.Batch`'s.
 
 When the engine fails as a whole (hire.engine_api.EngineUnavailable: a host of a sharded engine died or hung),
 the streams cut mid-way (a token already sent) end at once with EngineUnavailable (gRPC UNAVAILABLE, HTTP 503);
@@ -21,12 +24,11 @@ import itertools
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from hire.batch import Batch
+from hire.batch import Batch, PlainBatch
 from hire.engine_api import Engine, EngineUnavailable
-from hire.generate import PlainBatch
 from hire.request import Completion, Event, Request
 from hire.sampling import SamplingParams
 
@@ -72,7 +74,7 @@ class Scheduler:
     def __init__(self, engine: Engine, queue_size: int = 128, chunk: int = 4, prefills: int = 4, retries: int = 1,
                  batch: Callable[[], Batch] | None = None):
         """`batch` makes a fresh hire.batch.Batch over `engine` (at start and after a failure); by default a
-        hire.generate.PlainBatch decoding `chunk` tokens a step."""
+        hire.batch.PlainBatch decoding `chunk` tokens a step."""
         if queue_size < 1 or chunk < 1 or prefills < 1 or retries < 0:
             raise ValueError("queue_size, chunk and prefills must be >= 1, retries >= 0")
         self.engine, self.queue_size, self.prefills, self.retries = engine, queue_size, prefills, retries
@@ -134,7 +136,12 @@ class Scheduler:
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, adapter: int, sink: Sink) -> Job:
         """Queue a request. Raises ValueError naming the field the engine cannot run, QueueFull when full."""
-        job = Job(Request(next(self._ids), list(prompt), params, adapter, self.engine), sink)
+        return self.enqueue(Request(next(self._ids), list(prompt), params, adapter, self.engine), sink)
+
+    def enqueue(self, request: Request, sink: Sink) -> Job:
+        """Queue a built request, its index unused by the scheduler's other requests (`submit` numbers its own).
+        Raises QueueFull when full."""
+        job = Job(request, sink)
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the scheduler has stopped")
@@ -155,37 +162,66 @@ class Scheduler:
                 self._cancelled.append(job)
                 self._cond.notify()
 
+    def drain(self, requests: Sequence[Request]) -> Iterator[Event]:
+        """Decode `requests` on the caller's thread (the scheduler's own not started), yielding their events as they
+        come, each request's in order, until the scheduler is idle; raises the first request's failure. Leaving the
+        iteration early cancels the requests not done."""
+        if self.alive:
+            raise RuntimeError("the scheduler's thread is running: submit to it instead")
+        items: deque[Event | Exception] = deque()
+        jobs = [self.enqueue(request, items.append) for request in requests]
+        try:
+            while self._has_work():
+                self.tick()
+                while items:
+                    if isinstance(item := items.popleft(), Exception):
+                        raise item
+                    yield item
+        finally:
+            for job in jobs:
+                self.cancel(job)
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._cancelled or self._recover_asked or (self._batch and self._batch.live)
+                    or (self._grow_asked and not self._running))
+
     def _loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._stopping or self._waiting or self._cancelled or self._recover_asked
-                                    or (self._batch and self._batch.live) or (self._grow_asked and not self._running))
+                self._cond.wait_for(lambda: self._stopping or self._has_work())
                 if self._stopping:
                     break
-                asked, self._recover_asked = self._recover_asked, False
-                grow = self._grow_asked and not self._running and not self._waiting and not self._cancelled
-                self._grow_asked &= not grow
-                for job in self._cancelled:
-                    if self._batch:
-                        self._batch.drop(job.request)
-                    self._running.pop(job.request.index, None)
-                self._cancelled.clear()
-                free = self._batch.free_slots() if self._batch else list(range(self.engine.slots))
-                admitted = [(slot, self._waiting.popleft()) for slot in free[: min(self.prefills, len(self._waiting))]]
-                self._running.update((job.request.index, job) for _, job in admitted)
-            if asked or grow or (admitted and self._batch is None):
-                self._recover(None if asked or grow else EngineUnavailable("the engine failed before this request"),
-                              grow=grow)
-            for slot, job in admitted:
-                if self._running.get(job.request.index) is job:  # not sent back to the queue or failed by _recover
-                    self._admit(job, slot)
-            if self._batch and self._batch.live:
-                self._step()
+            self.tick()
         with self._cond:
             left = [*self._waiting, *self._running.values()]
             self._waiting.clear()
         for job in left:
             self._send(job, RuntimeError("the scheduler has stopped"))
+
+    def tick(self) -> None:
+        """One turn of the loop: free the slots of cancelled requests, rebuild the engine if asked, admit up to
+        `prefills` waiting requests, step the batch; events go to the jobs' sinks. Turned by the scheduler's thread
+        once started, else by the caller (`drain`)."""
+        with self._cond:
+            asked, self._recover_asked = self._recover_asked, False
+            grow = self._grow_asked and not self._running and not self._waiting and not self._cancelled
+            self._grow_asked &= not grow
+            for job in self._cancelled:
+                if self._batch:
+                    self._batch.drop(job.request)
+                self._running.pop(job.request.index, None)
+            self._cancelled.clear()
+            free = self._batch.free_slots() if self._batch else list(range(self.engine.slots))
+            admitted = [(slot, self._waiting.popleft()) for slot in free[: min(self.prefills, len(self._waiting))]]
+            self._running.update((job.request.index, job) for _, job in admitted)
+        if asked or grow or (admitted and self._batch is None):
+            self._recover(None if asked or grow else EngineUnavailable("the engine failed before this request"),
+                          grow=grow)
+        for slot, job in admitted:
+            if self._running.get(job.request.index) is job:  # not sent back to the queue or failed by _recover
+                self._admit(job, slot)
+        if self._batch and self._batch.live:
+            self._step()
 
     def _admit(self, job: Job, slot: int) -> None:
         try:

@@ -24,6 +24,7 @@ from hire.bench import text_prompts
 from hire.checkpoint import load_model
 from hire.drafters import load_drafter
 from hire.engine import Engine
+from hire.engine_api import EngineUnavailable
 from hire.generate import generate
 from hire.sampling import SamplingParams
 from hire.speculative import speculative_generate
@@ -176,6 +177,48 @@ def test_a_cancelled_request_leaves_its_slot(standalone, prompts, expected):
     outs = standalone.generate(prompts[1:2], GREEDY)
     assert len(events) == 1 and standalone.stats.cancelled == before + 1 and standalone.scheduler.busy_slots == 0
     assert same_tokens(outs, expected[1:2])
+
+
+def test_a_worker_past_its_restarts_fails_the_batch_and_the_scheduler_recovers(standalone, prompts, expected):
+    """With no restart left inside the batch (`restarts` 0), a killed verifier makes the batch raise WorkerError.
+    Killed before any token: the scheduler restarts it (CoordinatorEngine.recover) and retries the requests, which
+    end with the large model's output. Killed mid-stream: the streams that had sent tokens end with
+    EngineUnavailable (UNAVAILABLE for a server's client), the one still waiting runs on the restarted verifier."""
+    scheduler, engine = standalone.scheduler, standalone.engine
+    before = standalone.stats.restarts["verify"]
+    engine.restarts = 0
+    try:
+        os.kill(standalone.workers.info["verify"]["pid"], signal.SIGKILL)
+        assert same_tokens(standalone.generate(prompts, GREEDY), expected)
+        assert standalone.stats.restarts["verify"] == before + 1
+
+        items: list[list] = [[] for _ in prompts]
+        ended = threading.Semaphore(0)
+
+        def sink(i: int):
+            def put(item) -> None:
+                items[i].append(item)
+                if isinstance(item, Exception) or item.finish_reason:
+                    ended.release()
+            return put
+
+        tokens = standalone.stats.tokens
+        for i, prompt in enumerate(prompts):
+            scheduler.submit(prompt, GREEDY, -1, sink(i))
+        deadline = time.monotonic() + 300
+        while standalone.stats.tokens < tokens + 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(standalone.workers.info["verify"]["pid"], signal.SIGKILL)
+        for _ in prompts:
+            assert ended.acquire(timeout=600)
+    finally:
+        engine.restarts = 3
+    *cut, waited = items
+    for stream in cut:
+        assert 1 <= len(stream) - 1 < MAX_LEN - PROMPT_LEN and isinstance(stream[-1], EngineUnavailable)
+        assert "cut after" in str(stream[-1])
+    assert [e.token for e in waited] == expected[2].tokens and waited[-1].finish_reason == "length"
+    assert standalone.stats.restarts["verify"] == before + 2 and scheduler.busy_slots == 0
 
 
 def test_workers_answer_only_the_deployment_and_within_bounds(standalone):

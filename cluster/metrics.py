@@ -1,12 +1,13 @@
-"""A server's metrics: requests by status, latencies, tokens, queue depth, batch occupancy.
+"""A server's metrics: requests by status, latencies, tokens, queue depth, batch occupancy, draft acceptance.
 
-`Metrics` keeps them in a prometheus-client registry (the standalone gRPC server's /metrics);
-`RayMetrics` reports the same names through ray.util.metrics from a Ray Serve replica, and Ray
-exports them with its own (serve_*) metrics on each node's metrics port.
+One set of names, kept by either kind of instruments: `Prometheus` (a prometheus-client registry: the standalone gRPC
+server's /metrics) or `Ray` (ray.util.metrics, from a Ray Serve replica; Ray exports them with its own serve_*
+metrics on each node's metrics port). Where the scheduler runs the gauges read it; where calls arrive the calls are
+counted (in `hire serve` the ingress and the engine replicas are different actors, each with its part).
 """
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -17,77 +18,99 @@ SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 PER_TOKEN = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 
-class Latencies:
-    """What both kinds record per completed request (prometheus-client and Ray share these calls)."""
+class Prometheus:
+    """Instruments in their own registry (`registry`), which /metrics exposes; gauges are read when scraped."""
 
-    latency: Any
-    tokens: Any
-    ttft: Any
-    tpot: Any
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+
+    def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Callable[..., None]:
+        c = Counter(name, doc, labels, registry=self.registry)
+        return lambda n=1, **tags: (c.labels(**tags) if tags else c).inc(n)
+
+    def histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Callable[[float], None]:
+        return Histogram(name, doc, buckets=buckets, registry=self.registry).observe
+
+    def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        Gauge(name, doc, registry=self.registry).set_function(read)
+
+    def sample(self) -> None:
+        """Nothing to do: a scrape reads the gauges."""
+
+
+class Ray:
+    """Instruments through ray.util.metrics (import only inside a Ray worker); `sample` sets the gauges."""
+
+    def __init__(self):
+        from ray.util import metrics
+
+        self._metrics, self._gauges = metrics, []
+
+    def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Callable[..., None]:
+        c = self._metrics.Counter(name, doc, tag_keys=labels)
+        return lambda n=1, **tags: c.inc(n, tags=tags or None)
+
+    def histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Callable[[float], None]:
+        return self._metrics.Histogram(name, doc, boundaries=list(buckets)).observe
+
+    def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        self._gauges.append((self._metrics.Gauge(name, doc), read))
+
+    def sample(self) -> None:
+        for gauge, read in self._gauges:
+            gauge.set(read())
+
+
+class Metrics:
+    """The metrics of one server (or one Serve actor): `request` counts finished calls, `completed` the generation
+    requests that ran to their end; with a `scheduler`, gauges of its queue, slots and draft acceptance."""
+
+    def __init__(self, instruments: Prometheus | Ray, scheduler: Scheduler | None = None):
+        self.instruments = i = instruments
+        self._requests = i.counter("hire_requests", "Finished calls by method and status.", ("rpc", "status"))
+        self._ttft = i.histogram("hire_time_to_first_token_seconds", "From arrival (queueing included) to the first "
+                                 "token.", SECONDS)
+        self._tpot = i.histogram("hire_time_per_output_token_seconds", "Mean time per token after the first, per "
+                                 "request.", PER_TOKEN)
+        self._latency = i.histogram("hire_request_latency_seconds", "End-to-end time of completed generation "
+                                    "requests.", SECONDS)
+        self._tokens = i.counter("hire_generated_tokens", "Tokens generated for completed requests.")
+        if scheduler is not None:
+            s = scheduler
+            i.gauge("hire_queue_depth", "Requests waiting for a slot.", lambda: s.queue_depth)
+            i.gauge("hire_batch_occupancy", "Fraction of the engine's slots holding a request.",
+                    lambda: s.busy_slots / s.engine.slots)
+            i.gauge("hire_speculative_acceptance_rate", "Fraction of drafted tokens accepted (0 without a drafter).",
+                    lambda: acceptance(s))
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The Prometheus registry (a standalone server's)."""
+        return self.instruments.registry
+
+    def request(self, rpc: str, status: str) -> None:
+        self._requests(rpc=rpc, status=status)
 
     def completed(self, out: Completion, seconds: float) -> None:
         """Record a generation request that ran to its end in `seconds`."""
-        self.latency.observe(seconds)
-        self.tokens.inc(len(out.tokens))
-        self.ttft.observe(out.time_to_first_token)
+        self._latency(seconds)
+        self._tokens(len(out.tokens))
+        self._ttft(out.time_to_first_token)
         if (tpot := time_per_token(out, seconds)) is not None:
-            self.tpot.observe(tpot)
+            self._tpot(tpot)
+
+    def sample(self) -> None:
+        """Set the gauges now (Ray's: a replica calls it every second)."""
+        self.instruments.sample()
 
 
-class Metrics(Latencies):
-    """One server's metrics, in their own registry (`registry`), which /metrics exposes."""
-
-    def __init__(self, scheduler: Scheduler, registry: CollectorRegistry | None = None):
-        self.registry = r = registry or CollectorRegistry()
-        self.requests = Counter("hire_requests", "Finished RPCs by method and gRPC status code.", ["rpc", "status"],
-                                registry=r)
-        self.ttft = Histogram("hire_time_to_first_token_seconds", "From arrival (queueing included) to the first "
-                              "token.", buckets=SECONDS, registry=r)
-        self.tpot = Histogram("hire_time_per_output_token_seconds", "Mean time per token after the first, per "
-                              "request.", buckets=PER_TOKEN, registry=r)
-        self.latency = Histogram("hire_request_latency_seconds", "End-to-end time of completed generation "
-                                 "requests.", buckets=SECONDS, registry=r)
-        self.tokens = Counter("hire_generated_tokens", "Tokens generated for completed requests.", registry=r)
-        Gauge("hire_queue_depth", "Requests waiting for a slot.", registry=r).set_function(
-            lambda: scheduler.queue_depth)
-        Gauge("hire_batch_occupancy", "Fraction of the engine's slots holding a request.", registry=r).set_function(
-            lambda: scheduler.busy_slots / scheduler.engine.slots)
-        self.acceptance = Gauge("hire_speculative_acceptance_rate", "Fraction of drafted tokens accepted; stays 0 "
-                                "until speculative decoding lands.", registry=r)
-
-    def request(self, rpc: str, status: str) -> None:
-        self.requests.labels(rpc, status).inc()
+def acceptance(scheduler: Scheduler) -> float:
+    """Accepted / proposed draft tokens so far of a speculative engine (its `stats`), else 0."""
+    stats = getattr(scheduler.engine, "stats", None)
+    return stats.accepted / stats.proposed if stats is not None and stats.proposed else 0.0
 
 
 def time_per_token(out: Completion, seconds: float) -> float | None:
     """Mean time per output token after the first, or None with fewer than two tokens."""
     n = len(out.tokens)
     return (seconds - out.time_to_first_token) / (n - 1) if n > 1 else None
-
-
-class RayMetrics(Latencies):
-    """The same metrics through ray.util.metrics (import only inside a Ray worker); `sample` sets the gauges."""
-
-    def __init__(self, scheduler: Scheduler):
-        from ray.util import metrics
-
-        self.scheduler = scheduler
-        self.requests = metrics.Counter("hire_requests", "Finished requests by method and status.",
-                                        tag_keys=("rpc", "status"))
-        self.ttft = metrics.Histogram("hire_time_to_first_token_seconds", "From arrival to the first token.",
-                                      boundaries=list(SECONDS))
-        self.tpot = metrics.Histogram("hire_time_per_output_token_seconds", "Mean time per token after the first.",
-                                      boundaries=list(PER_TOKEN))
-        self.latency = metrics.Histogram("hire_request_latency_seconds", "End-to-end time of completed requests.",
-                                         boundaries=list(SECONDS))
-        self.tokens = metrics.Counter("hire_generated_tokens", "Tokens generated for completed requests.")
-        self.queue = metrics.Gauge("hire_queue_depth", "Requests waiting for a slot.")
-        self.occupancy = metrics.Gauge("hire_batch_occupancy", "Fraction of the engine's slots holding a request.")
-
-    def request(self, rpc: str, status: str) -> None:
-        self.requests.inc(tags={"rpc": rpc, "status": status})
-
-    def sample(self) -> None:
-        s = self.scheduler
-        self.queue.set(s.queue_depth)
-        self.occupancy.set(s.busy_slots / s.engine.slots)

@@ -15,15 +15,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.requests import UnknownModel
 from hire.chat import ChatTemplate, chat_prompt
 from protos import inference_pb2 as pb
 
 FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to a stop or the context's end
-
-
-class UnknownModel(LookupError):
-    """The request names a model this server does not serve (HTTP 404)."""
 
 
 class StreamOptions(BaseModel):
@@ -157,18 +154,6 @@ def choice(msg: pb.GenerateResponse, chat: bool, stream: bool, first: bool, logp
 def body(request_id: str, model: str, chat: bool, stream: bool, choices: list[dict]) -> dict:
     kind = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
     return {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": choices}
-
-
-def merge(msgs: list[pb.GenerateResponse]) -> pb.GenerateResponse:
-    """One response holding a whole stream's tokens, text, logprobs, finish reason and usage."""
-    out = pb.GenerateResponse()
-    for m in msgs:
-        out.token_ids.extend(m.token_ids)
-        out.logprobs.extend(m.logprobs)
-        out.text += m.text
-    out.usage.CopyFrom(msgs[-1].usage)
-    out.finish_reason = msgs[-1].finish_reason
-    return out
 
 
 def error(message: str, kind: str, param: str | None = None) -> dict:

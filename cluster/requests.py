@@ -21,6 +21,10 @@ MODES = {pb.DECODING_MODE_PLAIN: "plain", pb.DECODING_MODE_SPECULATIVE: "specula
          pb.DECODING_MODE_TANDEM: "tandem"}
 
 
+class UnknownModel(LookupError):
+    """The request names a model this server does not serve (HTTP 404)."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one request may carry (docs/serving.md, "Limits"); hire serve and serve-grpc take `--limit NAME=VALUE`,

@@ -5,9 +5,8 @@
   drafter (`draft`) its engine is a tandem coordinator instead (workers.coordinator.CoordinatorEngine: the large
   model and the drafter in two worker actors it owns, driven over gRPC), whose batches the same Scheduler drives.
 - `Ingress` (FastAPI) serves the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
-  both with SSE streaming, /v1/models, /health) and, through Ray Serve's gRPC proxy, the same
-  hire.v1.Inference and jetstream_proto.Orchestrator methods as `hire serve-grpc`. It reaches the
-  engine through a deployment handle.
+  both with SSE streaming, /v1/models, /health) and, through Ray Serve's gRPC proxy, the services of
+  `hire serve-grpc` (cluster.servicers), over `Remote`: the engine reached through a deployment handle.
 
 `build` is the application builder named by deploy/serve.yaml (`serve run deploy/serve.yaml`) and
 used by `hire serve`. Bad requests end as HTTP 400 (404 for an unknown model, 413 for a body over
@@ -25,28 +24,25 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
 from cluster import openai_api as oa
 from cluster.auth import REFUSED, ApiKeys, env_keys, parse_keys
-from cluster.messages import decode_response, request_id, stream_response
-from cluster.metrics import RayMetrics
-from cluster.requests import Limits, Served, from_decode, from_generate, model_info
+from cluster.metrics import Metrics, Ray
+from cluster.requests import Limits, Served, model_info
+from cluster.servicers import CODE, INTERNAL, STOPPING, Local, Services, status
 from hire.chat import ChatTemplate
 from hire.checkpoint import DEFAULT_MODEL, load_model, model_folder
 from hire.engine import Engine, compilation_cache_folder, use_compilation_cache
 from hire.engine_api import EngineUnavailable
 from hire.lora import load_adapters
 from hire.predictor_files import serving_settings
-from hire.scheduler import QueueFull, Scheduler, Stream
+from hire.scheduler import Scheduler
 from protos import inference_pb2 as pb
 from protos import jetstream_pb2 as js
 from workers.shards import RETRY_S, serving_engine
@@ -58,34 +54,17 @@ log = logging.getLogger(__name__)
 GRPC_SERVICERS = ("protos.inference_pb2_grpc.add_InferenceServicer_to_server",
                   "protos.jetstream_pb2_grpc.add_OrchestratorServicer_to_server",
                   "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server")
-SERVICES = ("", pb.DESCRIPTOR.services_by_name["Inference"].full_name,
-            js.DESCRIPTOR.services_by_name["Orchestrator"].full_name)  # the names health checks answer for
-STOPPING = "the server is shutting down; retry on another"
 # A replica that died or cannot be reached (its process killed, its node cut off) fails its calls with a
 # RayActorError: UNAVAILABLE / 503, a status a client may retry.
-GRPC_STATUS = {ValueError: grpc.StatusCode.INVALID_ARGUMENT, NotImplementedError: grpc.StatusCode.UNIMPLEMENTED,
-               QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED, RayActorError: grpc.StatusCode.UNAVAILABLE,
-               EngineUnavailable: grpc.StatusCode.UNAVAILABLE}
-HTTP_STATUS = {oa.UnknownModel: 404, ValueError: 400, NotImplementedError: 400, QueueFull: 429, RayActorError: 503,
-               EngineUnavailable: 503}
+LOST = "the engine replica serving this request died or became unreachable; retry"
 HEAD_NODE = "node:__internal_head__"  # the resource Ray gives the head node only
 
 
-def cause(e: BaseException) -> BaseException:
-    """The exception a replica raised, out of Ray's wrapper."""
-    return e.cause if isinstance(e, RayTaskError) and e.cause is not None else e
-
-
-def kind_of(e: BaseException, table: dict):
-    """The entry of `table` for the first exception class `e` is an instance of, or None."""
-    return next((v for k, v in table.items() if isinstance(e, k)), None)
-
-
-def describe(e: BaseException) -> str:
-    """What the client is told about a failed request with a known status."""
-    if isinstance(e, RayActorError):
-        return "the engine replica serving this request died or became unreachable; retry"
-    return str(e)
+def unwrap(e: BaseException) -> BaseException:
+    """The exception a replica raised, out of Ray's wrapper; EngineUnavailable for a replica lost."""
+    if isinstance(e, RayTaskError) and e.cause is not None:
+        return e.cause
+    return EngineUnavailable(LOST) if isinstance(e, RayActorError) else e
 
 
 def retry_after(e: BaseException) -> dict[str, str]:
@@ -134,7 +113,8 @@ class EngineServer:
             self.served = Served(Engine(loaded, slots=slots, max_len=max_len), loaded.cfg.name, names, limits=bounds)
         self.served.engine.warm_up(chunk)
         self.scheduler = Scheduler(self.served.engine, queue_size, chunk, prefills, batch=batch).start()
-        self.metrics = RayMetrics(self.scheduler)
+        self.metrics = Metrics(Ray(), self.scheduler)
+        self.local = Local(self.served, self.scheduler, self.metrics)
         self._sampler: asyncio.Task | None = None
         self.cancelled = 0
 
@@ -143,33 +123,25 @@ class EngineServer:
             self.metrics.sample()
             await asyncio.sleep(1.0)
 
-    async def generate(self, request: pb.GenerateRequest | js.DecodeRequest) -> AsyncIterator[pb.GenerateResponse]:
-        """Check and run one request; each message holds every token ready when it was sent.
+    async def generate(self, request: pb.GenerateRequest | js.DecodeRequest,
+                       whole: bool = False) -> AsyncIterator[pb.GenerateResponse]:
+        """Check and run one request (cluster.servicers.Local): each message holds every token ready when it was
+        sent, or with `whole` the one message is the completion.
 
         Raises ValueError / NotImplementedError naming the field, or QueueFull. Cancelling the call
         (the client went away) frees the request's slot before the next decode chunk.
         """
-        rpc = "Decode" if isinstance(request, js.DecodeRequest) else "Generate"
         if self._sampler is None:  # on the replica's event loop, which __init__ may not run on
             self._sampler = asyncio.get_running_loop().create_task(self._sample_gauges())
-        start, status = time.perf_counter(), "OK"
+        answer = self.local.generate(request, whole)
         try:
-            if rpc == "Decode":
-                work, rid = from_decode(request, self.served), ""
-            else:
-                work, rid = from_generate(request, self.served), request_id(request)
-            with Stream(self.scheduler, *work) as stream:
-                async for batch in stream.batches():
-                    yield stream_response(batch, stream.job.request, rid)
-            self.metrics.completed(stream.completion, time.perf_counter() - start)
-        except BaseException as e:
-            if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
-                status, self.cancelled = "CANCELLED", self.cancelled + 1
-            else:
-                status = (kind_of(e, GRPC_STATUS) or grpc.StatusCode.INTERNAL).name
+            async for msg in answer:
+                yield msg
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
             raise
         finally:
-            self.metrics.request(rpc, status)
+            answer.cancel()
 
     def info(self) -> pb.ModelInfo:
         return model_info(self.served, self.scheduler.queue_size)
@@ -190,9 +162,8 @@ class EngineServer:
     def limits(self) -> Limits:
         return self.served.limits
 
-    def tokenize(self, text: str) -> list[int]:
-        self.served.limits.check_text("text", text)
-        return self.served.engine.tokenizer.encode(text)
+    async def tokenize(self, text: str) -> list[int]:
+        return await self.local.tokenize(text)
 
     def token_texts(self, ids: list[int]) -> list[str]:
         """Each token's own text (for OpenAI logprobs)."""
@@ -290,45 +261,94 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 def http_error(e: BaseException) -> JSONResponse:
     """The OpenAI error response for a failed request (500 only for a server fault)."""
-    e = cause(e)
-    status = kind_of(e, HTTP_STATUS)
-    if status is None:
+    known = status(e := unwrap(e))
+    if known is None:
         log.error("request failed", exc_info=e)
-        return JSONResponse(oa.error("internal error; see the server's log", "server_error"), status_code=500)
-    kind = {404: "not_found_error", 429: "rate_limit_error", 503: "server_error"}.get(status, "invalid_request_error")
-    return JSONResponse(oa.error(describe(e), kind, oa.field_of(str(e)) if status < 429 else None), status_code=status,
+        return JSONResponse(oa.error(INTERNAL, "server_error"), status_code=500)
+    code = known[1]
+    kind = {404: "not_found_error", 429: "rate_limit_error", 503: "server_error"}.get(code, "invalid_request_error")
+    return JSONResponse(oa.error(str(e), kind, oa.field_of(str(e)) if code < 429 else None), status_code=code,
                         headers=retry_after(e))
 
 
-class Refused(Exception):
-    """A gRPC call refused before it reached the engine (its status is set on the call's context)."""
+class Remote:
+    """cluster.servicers' Backend over a handle of EngineServer replicas (each runs a `Local`); Ray's errors become
+    the replica's (`unwrap`)."""
 
-
-@serve.ingress(app)
-class Ingress:
-    """HTTP (OpenAI API) and gRPC (hire.v1, JetStream and grpc.health.v1) in front of an `EngineServer` handle.
-    With `api_keys`, every call but health checks needs one."""
-
-    def __init__(self, engine: DeploymentHandle, api_keys: list[str] | None = None):
+    def __init__(self, engine: DeploymentHandle):
         self.engine = engine
-        self.keys = ApiKeys(api_keys) if api_keys else None
-        self.draining, self.active = False, 0  # active: requests being answered
-        self._served: tuple[pb.ModelInfo, ChatTemplate | None] | None = None
+        self._info: pb.ModelInfo | None = None
         self._limits: Limits | None = None
 
-    async def served(self) -> tuple[pb.ModelInfo, ChatTemplate | None]:
-        """The model's info and chat template, asked of the engine once; chat prompts are rendered here."""
-        if self._served is None:
-            self._served = (await self.engine.info.remote(), await self.engine.chat_template.remote())
-        return self._served
+    def generate(self, request: pb.GenerateRequest | js.DecodeRequest, whole: bool = False) -> Replies:
+        return Replies(self.engine.generate.options(stream=True).remote(request, whole))
 
-    async def model_info(self) -> pb.ModelInfo:
-        return (await self.served())[0]
+    async def info(self) -> pb.ModelInfo:
+        if self._info is None:
+            self._info = await self._call(self.engine.info.remote())
+        return self._info
+
+    async def tokenize(self, text: str) -> list[int]:
+        return await self._call(self.engine.tokenize.remote(text))
 
     async def limits(self) -> Limits:
         if self._limits is None:
-            self._limits = await self.engine.limits.remote()
+            self._limits = await self._call(self.engine.limits.remote())
         return self._limits
+
+    async def live(self) -> bool:
+        try:
+            return await self.engine.check_health.remote() is None
+        except Exception:  # noqa: BLE001 - any failure means not live
+            return False
+
+    @staticmethod
+    async def _call(response):
+        try:
+            return await response
+        except Exception as e:  # noqa: BLE001
+            raise unwrap(e) from None
+
+
+class Replies:
+    """A replica's streamed messages; `cancel` cancels the call in the replica (its request leaves its slot)."""
+
+    def __init__(self, responses):
+        self._responses = responses
+
+    def __aiter__(self) -> Replies:
+        return self
+
+    async def __anext__(self) -> pb.GenerateResponse:
+        try:
+            return await self._responses.__anext__()
+        except StopAsyncIteration:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise unwrap(e) from None
+
+    def cancel(self) -> None:
+        self._responses.cancel()
+
+
+@serve.ingress(app)
+class Ingress(Services):
+    """HTTP (OpenAI API) and gRPC (cluster.servicers: hire.v1, JetStream and grpc.health.v1) in front of an
+    `EngineServer` handle. With `api_keys`, every call but health checks needs one."""
+
+    def __init__(self, engine: DeploymentHandle, api_keys: list[str] | None = None):
+        super().__init__(Remote(engine), Metrics(Ray()), ApiKeys(api_keys) if api_keys else None)
+        self.engine = engine
+        self._template: tuple[ChatTemplate | None] | None = None
+
+    async def served(self) -> tuple[pb.ModelInfo, ChatTemplate | None]:
+        """The model's info and chat template, asked of the engine once; chat prompts are rendered here."""
+        if self._template is None:
+            self._template = (await self.engine.chat_template.remote(),)
+        return await self.backend.info(), self._template[0]
+
+    async def limits(self) -> Limits:
+        return await self.backend.limits()
 
     async def drain(self, grace: float) -> int:
         """Stop taking requests (health NOT_SERVING, new calls 503 / UNAVAILABLE) and wait up to `grace` seconds
@@ -338,25 +358,6 @@ class Ingress:
         while self.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return self.active
-
-    async def _admit(self, request, context: RayServegRPCContext) -> None:
-        """Raise Refused, with the call's status set, for a call without a key, while stopping, or over
-        request_bytes."""
-        refusal = None
-        if self.keys is not None and not self.keys.allows_metadata(context.invocation_metadata()):
-            refusal = grpc.StatusCode.UNAUTHENTICATED, REFUSED
-        elif self.draining:
-            refusal = grpc.StatusCode.UNAVAILABLE, STOPPING
-        elif (size := request.ByteSize()) > (limit := (await self.limits()).request_bytes):
-            refusal = grpc.StatusCode.RESOURCE_EXHAUSTED, f"request: {size} bytes, over the limit of {limit} " \
-                                                          "(limit request_bytes)"
-        if refusal:
-            context.set_code(refusal[0])
-            context.set_details(refusal[1])
-            raise Refused(refusal[1])
-
-    def _stream(self, request: pb.GenerateRequest | js.DecodeRequest):
-        return self.engine.generate.options(stream=True).remote(request)
 
     # HTTP
 
@@ -371,7 +372,7 @@ class Ingress:
 
     @app.get("/v1/models")
     async def models(self) -> dict:
-        info = await self.model_info()
+        info = await self.backend.info()
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "hire",
                                             **({"parent": info.name} if name != info.name else {})}
                                            for name in (info.name, *info.adapters)]}
@@ -385,23 +386,25 @@ class Ingress:
         return await self._openai(body, chat=True)
 
     async def _openai(self, body: oa.CompletionRequest | oa.ChatRequest, chat: bool):
-        rid, streaming = oa.new_id(chat), False
+        rid, streaming, rpc = oa.new_id(chat), False, "ChatCompletions" if chat else "Completions"
         self.active += 1
         try:
             try:
                 info, template = await self.served()
-                responses = self._stream(oa.to_generate(body, info.name, list(info.adapters), template))
+                request = oa.to_generate(body, info.name, list(info.adapters), template)
+                responses = self.backend.generate(request, whole=not body.stream)
                 first = await responses.__anext__()  # a bad request fails here, before any byte is sent
             except Exception as e:  # noqa: BLE001 - every failure becomes an error response
+                self.metrics.request(rpc, (status(unwrap(e)) or (CODE.INTERNAL,))[0].name)
                 return http_error(e)
+            self.metrics.request(rpc, CODE.OK.name)
             if body.stream:
                 streaming = True  # _sse counts it out
                 return StreamingResponse(self._sse(rid, body, chat, first, responses), media_type="text/event-stream")
             try:
-                msgs = [first] + [m async for m in responses]
+                msg = ([first] + [m async for m in responses])[-1]  # the whole completion
             except Exception as e:  # noqa: BLE001
                 return http_error(e)
-            msg = oa.merge(msgs)
             lp = await self._logprobs(msg, chat) if msg.logprobs else None
             out = oa.body(rid, body.model, chat, False, [oa.choice(msg, chat, False, True, lp)])
             return {**out, "usage": oa.usage(msg)}
@@ -430,110 +433,6 @@ class Ingress:
             rest.cancel()
             self.active -= 1
         yield "data: [DONE]\n\n"
-
-    # gRPC, through Serve's proxy: the methods of hire.v1.Inference, jetstream_proto.Orchestrator and
-    # grpc.health.v1.Health (the one service that needs no key)
-
-    async def _grpc(self, request, context: RayServegRPCContext) -> AsyncIterator[pb.GenerateResponse]:
-        self.active += 1  # counted from admission on: a drain waits for a call that passed its check mid-await
-        try:
-            await self._admit(request, context)
-            responses = self._stream(request)
-            try:
-                async for msg in responses:
-                    yield msg
-            except Exception as e:  # noqa: BLE001 - every failure becomes a status
-                e = cause(e)
-                code = kind_of(e, GRPC_STATUS)
-                if code is None:
-                    log.error("gRPC request failed", exc_info=e)
-                context.set_code(code or grpc.StatusCode.INTERNAL)
-                context.set_details(describe(e) if code else "internal error; see the server's log")
-                raise e from None  # Serve's proxy answers with the status set above
-            finally:
-                responses.cancel()
-        finally:
-            self.active -= 1
-
-    async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
-        msgs = [m async for m in self._grpc(request, grpc_context)]
-        out = oa.merge(msgs)
-        out.request_id = msgs[-1].request_id
-        return out
-
-    async def GenerateStream(self, request: pb.GenerateRequest,
-                             grpc_context: RayServegRPCContext) -> AsyncIterator[pb.GenerateResponse]:
-        async for msg in self._grpc(request, grpc_context):
-            yield msg
-
-    async def Tokenize(self, request: pb.TokenizeRequest, grpc_context: RayServegRPCContext) -> pb.TokenizeResponse:
-        await self._admit(request, grpc_context)
-        try:
-            return pb.TokenizeResponse(token_ids=await self.engine.tokenize.remote(request.text))
-        except Exception as e:  # noqa: BLE001 - a text over prompt_bytes
-            if not isinstance(e := cause(e), ValueError):
-                raise
-            grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
-            grpc_context.set_details(str(e))
-            raise e from None
-
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest,
-                           grpc_context: RayServegRPCContext) -> pb.ModelInfo:
-        await self._admit(request, grpc_context)
-        return await self.model_info()
-
-    async def Decode(self, request: js.DecodeRequest,
-                     grpc_context: RayServegRPCContext) -> AsyncIterator[js.DecodeResponse]:
-        text = request.WhichOneof("content") != "token_content"
-        async for msg in self._grpc(request, grpc_context):
-            if out := decode_response(msg, text):
-                yield out
-
-    async def HealthCheck(self, request: js.HealthCheckRequest,
-                          grpc_context: RayServegRPCContext) -> js.HealthCheckResponse:
-        await self._admit(request, grpc_context)
-        return js.HealthCheckResponse(is_live=await self._live())
-
-    async def _live(self) -> bool:
-        if self.draining:
-            return False
-        try:
-            return await self.engine.check_health.remote() is None
-        except Exception:  # noqa: BLE001 - any failure means not live
-            return False
-
-    async def _status(self, service: str) -> int | None:
-        """grpc.health.v1's status of `service` ("": the server), or None for a service not served here."""
-        if service not in SERVICES:
-            return None
-        return health_pb2.HealthCheckResponse.SERVING if await self._live() else \
-            health_pb2.HealthCheckResponse.NOT_SERVING
-
-    async def Check(self, request: health_pb2.HealthCheckRequest,
-                    grpc_context: RayServegRPCContext) -> health_pb2.HealthCheckResponse:
-        """grpc.health.v1.Health/Check: SERVING, NOT_SERVING (stopping, or the engine is down), NOT_FOUND."""
-        status = await self._status(request.service)
-        if status is None:
-            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
-            grpc_context.set_details(f"service: {request.service!r} is not served here")
-            raise Refused(request.service)
-        return health_pb2.HealthCheckResponse(status=status)
-
-    async def Watch(self, request: health_pb2.HealthCheckRequest,
-                    grpc_context: RayServegRPCContext) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        """grpc.health.v1.Health/Watch: the status now, then each change (checked every second); the stream ends
-        once it said NOT_SERVING for a stopping server."""
-        last = None
-        while True:
-            status = await self._status(request.service)
-            if status is None:
-                status = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-            if status != last:
-                yield health_pb2.HealthCheckResponse(status=status)
-                last = status
-            if self.draining:
-                return
-            await asyncio.sleep(1.0)
 
 
 def build(args: dict) -> serve.Application:

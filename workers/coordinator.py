@@ -54,7 +54,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from hire.checkpoint import resolve_model
 from hire.engine import Engine, buckets
 from hire.engine_api import EngineUnavailable
-from hire.generate import encode_prompt
+from hire.generate import _requests, run
 from hire.request import Completion, Event, Request
 from hire.sampling import SamplingParams
 from hire.scheduler import Scheduler
@@ -258,16 +258,13 @@ class CoordinatorEngine:
 
     def warm_up(self, chunk: int = 0) -> None:
         """Compile the workers' programs before a client's request: a prompt at every prompt bucket, and one greedy
-        request from a one-token prompt to the end of the context, through every attention span; through a
-        scheduler of its own. (`chunk`, a plain engine's decode steps per call, has no meaning here.)"""
+        request from a one-token prompt to the end of the context, through every attention span; on this thread,
+        through a scheduler of its own. (`chunk`, a plain engine's decode steps per call, means nothing here.)"""
         prompts = [[0] * min(b, self.max_len - 1) for b in self.buckets] + [[0]]
         params = [SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)] * len(self.buckets)
-        scheduler = Scheduler(self, prefills=self.slots, batch=self.batch).start()
-        try:
-            complete(scheduler, prompts, [*params, SamplingParams(temperature=0.0, max_tokens=self.max_len,
-                                                                  ignore_eos=True)])
-        finally:
-            scheduler.stop()
+        params.append(SamplingParams(temperature=0.0, max_tokens=self.max_len, ignore_eos=True))
+        for _ in run(self, _requests(self, prompts, params, None), self.batch):
+            pass
         self.stats = CoordinatorStats()
 
     def recover(self, grow: bool = False) -> bool:
@@ -525,32 +522,6 @@ class CoordinatorBatch:
         return held
 
 
-def complete(scheduler: Scheduler, prompts: Sequence[str | Sequence[int]],
-             params: SamplingParams | Sequence[SamplingParams], adapters: Sequence[int] | None = None
-             ) -> list[Completion]:
-    """Complete every prompt (text or token ids) through a running `scheduler`, in order, as
-    hire.generate.generate does in this process; a request's failure raises."""
-    params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-    adapters = [-1] * len(prompts) if adapters is None else list(adapters)
-    if not len(prompts) == len(params) == len(adapters):
-        raise ValueError("prompts, params and adapters differ in length")
-    ends = [Future() for _ in prompts]
-
-    def sink(end: Future):
-        def put(item: Event | Exception) -> None:
-            if isinstance(item, Exception):
-                end.set_exception(item)
-            elif item.finish_reason is not None:
-                end.set_result(None)
-        return put
-
-    jobs = [scheduler.submit(encode_prompt(scheduler.engine, prompt), p, adapter, sink(end))
-            for prompt, p, adapter, end in zip(prompts, params, adapters, ends)]
-    for end in ends:
-        end.result()
-    return [job.request.out for job in jobs]
-
-
 class Coordinator:
     """A CoordinatorEngine (its arguments) with a hire.scheduler.Scheduler running over its batches, up to
     `queue_size` requests waiting beyond the free slots: `generate` for callers in this process, `scheduler`'s
@@ -571,8 +542,23 @@ class Coordinator:
 
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                  adapters: Sequence[int] | None = None) -> list[Completion]:
-        """Complete every prompt (text or token ids), in order, as hire.generate.generate does."""
-        return complete(self.scheduler, prompts, params, adapters)
+        """Complete every prompt (text or token ids), in order, as hire.generate.generate does; a request's failure
+        raises. Safe from any number of threads: their requests share the slots."""
+        def sink(end: Future):
+            def put(item: Event | Exception) -> None:
+                if isinstance(item, Exception):
+                    end.set_exception(item)
+                elif item.finish_reason is not None:
+                    end.set_result(None)
+            return put
+
+        ends, jobs = [], []
+        for r in _requests(self.engine, prompts, params, adapters):  # checked and numbered here, again by submit
+            ends.append(end := Future())
+            jobs.append(self.scheduler.submit(r.out.prompt_tokens, r.params, r.adapter, sink(end)))
+        for end in ends:
+            end.result()
+        return [job.request.out for job in jobs]
 
     def set_pipelined(self, pipelined: bool) -> None:
         """Switch the mode (between runs: no request may be running or waiting)."""

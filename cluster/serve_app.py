@@ -91,7 +91,7 @@ class EngineServer:
                  quantize: str | None = None):
         use_compilation_cache()
         bounds = Limits.parse(limits)
-        batch = None  # the scheduler's default: hire.generate.PlainBatch
+        batch = None  # the scheduler's default: hire.batch.PlainBatch
         if draft:
             from workers.coordinator import CoordinatorEngine
 

@@ -336,25 +336,23 @@ class CoordinatorBatch:
         return [slot for slot in range(self.engine.slots) if slot not in self.live]
 
     def admit(self, req: Request, slot: int) -> Event:
-        """Prefill `req` on the verifier, which samples its first token, then (unless that ends it) on the
-        drafter, with the large model's hidden states a tandem drafter reads."""
+        """Prefill `req` on the verifier, which samples its first token, and on the drafter, with the large model's
+        hidden states a tandem drafter reads; the token goes to the request once both have its row, so that a
+        failure on the way leaves it without one (the scheduler retries such a request)."""
         began, engine = time.perf_counter(), self.engine
         tokens = req.out.prompt_tokens + req.out.tokens
         while True:
             try:
                 reply = engine.call("verify", "Prefill", self._verify_prefill(slot, req, tokens))
+                engine.call("draft", "Prefill", pb.DraftPrefillRequest(slot=slot, tokens=tokens, hidden=reply.hidden,
+                                                                       sampling=sampling_message(req.params)))
                 break
             except _Down as e:
-                self._recover({e.which})
+                self._recover({e.which})  # the live slots; this one is prefilled afresh
         self.stats.requests += 1
         event = self._push(req, reply.token, reply.logprob)
         if event.finish_reason is None:
             self.live[slot], self.ready[slot] = req, False
-            try:
-                engine.call("draft", "Prefill", pb.DraftPrefillRequest(slot=slot, tokens=tokens, hidden=reply.hidden,
-                                                                       sampling=sampling_message(req.params)))
-            except _Down as e:
-                self._recover({e.which})  # prefills every live slot again, this one too
         self.stats.seconds += time.perf_counter() - began
         return event
 

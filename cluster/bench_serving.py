@@ -21,7 +21,8 @@ from collections.abc import AsyncIterator
 
 from cluster import launch
 from cluster import loadtest as lt
-from cluster.grpc_server import GrpcServer, Options
+from cluster.config import ServeConfig
+from cluster.grpc_server import GrpcServer
 from cluster.requests import Served
 from hire.checkpoint import load_model
 from hire.engine import Engine
@@ -52,12 +53,12 @@ async def run(model: str, concurrency: list[int], prompt_len: int, max_tokens: i
               max_len: int) -> list[dict]:
     loaded = load_model(model)
     engine = Engine(loaded, slots=slots, max_len=max_len)
-    server = GrpcServer(Served(engine, loaded.cfg.name), Options(port=0), queue_size=1024)
+    config = ServeConfig(model=model, slots=slots, max_len=max_len, queue_size=1024, grpc_port=0)
+    server = GrpcServer(Served(engine, loaded.cfg.name), config)
     await asyncio.to_thread(engine.warm_up, server.scheduler.chunk)
     await server.start()
     http_port, serve_grpc_port = free_port(), free_port()
-    await asyncio.to_thread(launch.start, {"model": model, "slots": slots, "max_len": max_len, "queue_size": 1024},
-                            http_port=http_port, grpc_port=serve_grpc_port)
+    await asyncio.to_thread(launch.start, config.replace(http_port=http_port, grpc_port=serve_grpc_port))
     doors = {"direct": Direct(server.scheduler), "grpc": lt.GrpcTarget(f"127.0.0.1:{server.port}"),
              "serve_grpc": lt.GrpcTarget(f"127.0.0.1:{serve_grpc_port}"),
              "serve_http": lt.HttpTarget(f"http://127.0.0.1:{http_port}", loaded.cfg.name)}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
 
 import grpc
 import prometheus_client
@@ -19,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cluster import servicers
 from cluster.auth import ApiKeyInterceptor, ApiKeys, check_exposure, loopback, server_credentials
+from cluster.config import ServeConfig
 from cluster.metrics import Metrics, Prometheus
 from cluster.requests import Served
 from cluster.servicers import Local, Services
@@ -30,27 +30,15 @@ log = logging.getLogger(__name__)
 SERVICES = (*servicers.SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME)
 
 
-@dataclass
-class Options:
-    """Where and how to listen. TLS when `tls_cert` and `tls_key` are set (mutual with `tls_client_ca`)."""
-
-    host: str = "127.0.0.1"
-    port: int = 50051  # 0 picks a free port
-    api_keys: tuple[str, ...] = ()  # one is required on every call but health checks
-    insecure: bool = False  # listen beyond loopback with no key
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-
-
 class GrpcServer:
-    """A started Scheduler behind a grpc.aio server; `start` and `stop` run on the serving event loop."""
+    """A started Scheduler behind a grpc.aio server; `start` and `stop` run on the serving event loop. Of `config`
+    it takes the scheduling (queue_size, chunk, prefills), where to listen (host, grpc_port: 0 picks a free one), the
+    API keys (`insecure`: beyond loopback without one) and TLS (tls_cert and tls_key; mutual with tls_client_ca)."""
 
-    def __init__(self, served: Served, options: Options | None = None, queue_size: int = 128, chunk: int = 4,
-                 prefills: int = 4):
-        self.options = options or Options()
+    def __init__(self, served: Served, config: ServeConfig | None = None):
+        self.config = config or ServeConfig()
         self.served = served
-        self.scheduler = Scheduler(served.engine, queue_size, chunk, prefills)
+        self.scheduler = Scheduler(served.engine, **self.config.scheduling)
         self.metrics = Metrics(Prometheus(), self.scheduler)
         self.services = Services(Local(served, self.scheduler, self.metrics), self.metrics)
         self.port: int | None = None
@@ -58,7 +46,7 @@ class GrpcServer:
 
     async def start(self) -> int:
         """Start the scheduler and listen; returns the port."""
-        opts = self.options
+        opts = self.config
         check_exposure(opts.host, opts.api_keys, opts.insecure)
         interceptors = [ApiKeyInterceptor(ApiKeys(opts.api_keys))] if opts.api_keys else []
         server = grpc.aio.server(interceptors=interceptors,
@@ -67,7 +55,7 @@ class GrpcServer:
         jetstream_pb2_grpc.add_OrchestratorServicer_to_server(self.services, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.services, server)
         reflection.enable_server_reflection(SERVICES, server)
-        address = f"[{opts.host}]:{opts.port}" if ":" in opts.host else f"{opts.host}:{opts.port}"
+        address = f"[{opts.host}]:{opts.grpc_port}" if ":" in opts.host else f"{opts.host}:{opts.grpc_port}"
         if opts.tls_cert or opts.tls_key:
             if not (opts.tls_cert and opts.tls_key):
                 raise ValueError("TLS needs both a certificate and its key")
@@ -103,12 +91,11 @@ class GrpcServer:
         await self._server.wait_for_termination()
 
 
-async def serve(served: Served, options: Options, metrics: tuple[str, int] | None = None, grace: float = 20.0,
-                **scheduling: int) -> None:
-    """Serve until SIGINT or SIGTERM, then stop gracefully within `grace` seconds (a second signal stops at once);
-    the `hire serve-grpc` command. `metrics`: where to serve Prometheus metrics (host, port)."""
-    server = GrpcServer(served, options, **scheduling)
-    check_exposure(options.host, options.api_keys, options.insecure)
+async def serve(served: Served, config: ServeConfig) -> None:
+    """Serve until SIGINT or SIGTERM, then stop gracefully within `config.grace` seconds (a second signal stops at
+    once); the `hire serve-grpc` command. Prometheus metrics on `config.metrics_port` if set."""
+    server = GrpcServer(served, config)
+    check_exposure(config.host, config.api_keys, config.insecure)
     signals = asyncio.Queue()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, signals.put_nowait, sig)
@@ -119,10 +106,11 @@ async def serve(served: Served, options: Options, metrics: tuple[str, int] | Non
         log.info("stopped before serving")
         return
     await server.start()
-    if metrics is not None:
-        prometheus_client.start_http_server(metrics[1], addr=metrics[0], registry=server.metrics.registry)
+    if config.metrics_port is not None:
+        prometheus_client.start_http_server(config.metrics_port, addr=config.metrics_host,
+                                            registry=server.metrics.registry)
     await first
-    stopping = asyncio.create_task(server.stop(grace))
+    stopping = asyncio.create_task(server.stop(config.grace))
     again = asyncio.create_task(signals.get())
     await asyncio.wait([stopping, again], return_when=asyncio.FIRST_COMPLETED)
     if again.done():

@@ -13,7 +13,7 @@ from ray import serve
 from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
 from cluster.auth import check_exposure, env_keys, loopback
-from cluster.requests import Limits
+from cluster.config import ServeConfig
 from cluster.serve_app import GRPC_SERVICERS, build
 
 log = logging.getLogger(__name__)
@@ -22,32 +22,32 @@ GRPC_MESSAGE = 4 * 2**20  # Serve's gRPC proxy takes messages up to this (gRPC's
 PROXY_DRAINED_AFTER_S = "0.2"  # a proxy of a Ray started here counts as drained this long after its last call ended
 
 
-def start(args: dict, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 50051,
-          address: str | None = None, num_cpus: int | None = None) -> None:
-    """Deploy the application with `build`'s arguments `args` and return when it answers. `address` joins a running
-    Ray cluster ("auto" finds a local one); by default a local Ray starts inside this process and ends with it.
+def start(config: ServeConfig) -> None:
+    """Deploy the application of `config` and return when it answers, its proxies on `config.host`'s http_port and
+    grpc_port. `config.address` joins a running Ray cluster ("auto" finds a local one); by default a local Ray starts
+    inside this process and ends with it.
 
-    With no API key (`args["api_keys"]` or $HIRE_API_KEY) a `host` beyond loopback needs `args["insecure"]`.
+    With no API key (`config.api_keys` or $HIRE_API_KEY) a host beyond loopback needs `config.insecure`.
     """
-    check_exposure(host, args.get("api_keys") or env_keys(), args.get("insecure", False))
-    args = {**args, "insecure": args.get("insecure", False) or loopback(host)}
-    init_ray(args, address, num_cpus)
-    serve.start(http_options={"host": host, "port": http_port},
-                grpc_options={"port": grpc_port, "grpc_servicer_functions": list(GRPC_SERVICERS)})
-    serve.run(build(args), name=APP, route_prefix="/")
+    check_exposure(config.host, config.api_keys or env_keys(), config.insecure)
+    config = config.replace(insecure=config.insecure or loopback(config.host))
+    init_ray(config)
+    serve.start(http_options={"host": config.host, "port": config.http_port},
+                grpc_options={"port": config.grpc_port, "grpc_servicer_functions": list(GRPC_SERVICERS)})
+    serve.run(build(config), name=APP, route_prefix="/")
 
 
-def init_ray(args: dict, address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join Ray at `address`, or start a local Ray in this process (unless one is connected already)."""
+def init_ray(config: ServeConfig) -> None:
+    """Join Ray at `config.address`, or start a local Ray in this process (unless one is connected already)."""
     if ray.is_initialized():
         return
     # the proxy processes Ray starts here read their gRPC message limit from the environment
-    limit = max(GRPC_MESSAGE, Limits.parse(args.get("limits")).request_bytes)
+    limit = max(GRPC_MESSAGE, config.limits.request_bytes)
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(limit))
     os.environ.setdefault("RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S", PROXY_DRAINED_AFTER_S)  # Serve's default: 30 s
     # "local": a Ray of its own, even where another runs on this machine (None would join the latest one)
-    ray.init(address=address or "local", num_cpus=num_cpus if address is None else None, include_dashboard=False,
-             namespace="hire")
+    ray.init(address=config.address or "local", num_cpus=config.num_cpus if config.address is None else None,
+             include_dashboard=False, namespace="hire")
 
 
 def drain(grace: float, cut: threading.Event | None = None) -> list[int] | None:
@@ -84,22 +84,23 @@ def stop() -> None:
     ray.shutdown()
 
 
-def serve_until_signal(args: dict, grace: float = 20.0, **where) -> None:
-    """`start`, then serve until SIGINT or SIGTERM; then `drain` for up to `grace` seconds (a second signal cuts it
-    short) and shut Serve (and a Ray started here) down."""
+def serve_until_signal(config: ServeConfig) -> None:
+    """`start`, then serve until SIGINT or SIGTERM; then `drain` for up to `config.grace` seconds (a second signal
+    cuts it short) and shut Serve (and a Ray started here) down."""
     stopping, cut = threading.Event(), threading.Event()
 
     def handle(*_) -> None:
         (cut if stopping.is_set() else stopping).set()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handle)
-    init_ray(args, where.get("address"), where.get("num_cpus"))
+    init_ray(config)
     signal.signal(signal.SIGTERM, handle)  # again: a Ray started here put its own (kill everything, exit 1)
-    start(args, **where)
-    log.info("serving: HTTP http://%s:%d/v1, gRPC %s:%d; Ctrl-C stops", where.get("host", "127.0.0.1"),
-             where.get("http_port", 8000), where.get("host", "127.0.0.1"), where.get("grpc_port", 50051))
+    start(config)
+    log.info("serving: HTTP http://%s:%d/v1, gRPC %s:%d; Ctrl-C stops", config.host, config.http_port, config.host,
+             config.grpc_port)
     stopping.wait()
-    log.info("stopping: new requests are refused, those in flight have %.0f s (a second signal stops now)", grace)
-    left = drain(grace, cut)
+    log.info("stopping: new requests are refused, those in flight have %.0f s (a second signal stops now)",
+             config.grace)
+    left = drain(config.grace, cut)
     log.info("stopping: %s", "cut short" if left is None else f"{sum(left)} requests still running are cut")
     stop()

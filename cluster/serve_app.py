@@ -21,8 +21,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,12 +33,13 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from cluster import openai_api as oa
-from cluster.auth import REFUSED, ApiKeys, env_keys, parse_keys
+from cluster.auth import REFUSED, ApiKeys, env_keys
+from cluster.config import ServeConfig
 from cluster.metrics import Metrics, Ray
 from cluster.requests import Limits, Served, model_info
 from cluster.servicers import CODE, INTERNAL, STOPPING, Local, Services, status
 from hire.chat import ChatTemplate
-from hire.checkpoint import DEFAULT_MODEL, load_model, model_folder
+from hire.checkpoint import load_model, model_folder
 from hire.engine import Engine, compilation_cache_folder, use_compilation_cache
 from hire.engine_api import EngineUnavailable
 from hire.lora import load_adapters
@@ -77,42 +79,40 @@ def retry_after(e: BaseException) -> dict[str, str]:
 class EngineServer:
     """One model with its scheduler; calls arrive from the ingress through a handle.
 
-    The model runs with the HiRE setting its folder recommends (hire.predictor_files.serving_settings), if any,
-    with `hire` (ModelConfig HiRE fields, e.g. {"softmax": "dense"}) on top. With `draft` (a drafter's name or
-    path, or "ngram") it is decoded speculatively, `gamma` tokens drafted per block, `pipelined` or not
-    (docs/coordinator.md); the large model then runs exactly, in its own worker actor (over `hosts` host actors
-    when > 1). `limits` bound each request (cluster.requests.Limits' fields).
+    The model (`config.model`) runs with the HiRE setting its folder recommends (hire.predictor_files.
+    serving_settings), if any, with `config.hire` (ModelConfig HiRE fields, e.g. {"softmax": "dense"}) on top. With
+    `config.draft` (a drafter's name or path, or "ngram") it is decoded speculatively, `gamma` tokens drafted per
+    block, `pipelined` or not (docs/coordinator.md); the large model then runs exactly, in its own worker actor (over
+    `hosts` host actors when > 1). `config.limits` bound each request.
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, slots: int = 8, max_len: int | None = None, queue_size: int = 128,
-                 chunk: int = 4, prefills: int = 4, dtype: str | None = None, lora: dict[str, str] | None = None,
-                 hire: dict | None = None, hosts: int = 1, devices_per_host: int = 1, placement: str | None = None,
-                 draft: str | None = None, gamma: int = 4, pipelined: bool = True, limits: dict | None = None,
-                 quantize: str | None = None):
+    def __init__(self, config: ServeConfig):
         use_compilation_cache()
-        bounds = Limits.parse(limits)
-        batch = None  # the scheduler's default: hire.batch.PlainBatch
-        if draft:
+        c, batch = config, None  # the scheduler's default batch: hire.batch.PlainBatch
+        if c.draft:
             from workers.coordinator import CoordinatorEngine
 
-            tandem = CoordinatorEngine(model, draft, slots, max_len, gamma, pipelined, dtype,
-                                       compilation_cache=compilation_cache_folder(), verify_hosts=hosts,
-                                       devices_per_host=devices_per_host)
+            tandem = CoordinatorEngine(c.model, c.draft, c.slots, c.max_len, c.gamma, c.pipelined, c.dtype,
+                                       compilation_cache=compilation_cache_folder(), verify_hosts=c.hosts,
+                                       devices_per_host=c.devices_per_host)
             mode = pb.DECODING_MODE_TANDEM if tandem.hidden_layers else pb.DECODING_MODE_SPECULATIVE
-            self.served = Served(tandem, tandem.cfg.name, drafters=[Path(draft).name], mode=mode, gamma=gamma,
-                                 limits=bounds)
+            self.served = Served(tandem, tandem.cfg.name, drafters=[Path(c.draft).name], mode=mode, gamma=c.gamma,
+                                 limits=c.limits)
             batch = tandem.batch
-        elif hosts > 1:  # the model sharded over `hosts` Ray actors (workers.shards); this replica drives them
-            sharded = serving_engine(model, hosts, devices_per_host, placement, slots, max_len, dtype, lora, hire)
-            self.served = Served(sharded, sharded.cfg.name, limits=bounds)
+        elif c.hosts > 1:  # the model sharded over `hosts` Ray actors (workers.shards); this replica drives them
+            sharded = serving_engine(c.model, c.hosts, c.devices_per_host, c.placement, c.slots, c.max_len, c.dtype,
+                                     c.lora or None, c.hire or None)
+            self.served = Served(sharded, sharded.cfg.name, limits=c.limits)
         else:
-            loaded = load_model(model, dtype=dtype, quantize=quantize, **serving_settings(model_folder(model), hire))
+            loaded = load_model(c.model, dtype=c.dtype, quantize=c.quantize,
+                                **serving_settings(model_folder(c.model), c.hire or None))
             names: dict[str, int] = {}
-            if lora:
-                loaded, names = load_adapters(loaded, lora)
-            self.served = Served(Engine(loaded, slots=slots, max_len=max_len), loaded.cfg.name, names, limits=bounds)
-        self.served.engine.warm_up(chunk)
-        self.scheduler = Scheduler(self.served.engine, queue_size, chunk, prefills, batch=batch).start()
+            if c.lora:
+                loaded, names = load_adapters(loaded, c.lora)
+            self.served = Served(Engine(loaded, slots=c.slots, max_len=c.max_len), loaded.cfg.name, names,
+                                 limits=c.limits)
+        self.served.engine.warm_up(c.chunk)
+        self.scheduler = Scheduler(self.served.engine, **c.scheduling, batch=batch).start()
         self.metrics = Metrics(Ray(), self.scheduler)
         self.local = Local(self.served, self.scheduler, self.metrics)
         self._sampler: asyncio.Task | None = None
@@ -435,12 +435,11 @@ class Ingress(Services):
         yield "data: [DONE]\n\n"
 
 
-def build(args: dict) -> serve.Application:
-    """The application: `args` are EngineServer's keyword arguments (model, slots, max_len, ...) and
-    optionally `replicas`, the engine's replica count (serve.yaml may instead autoscale it), and
-    `replica_resource`, a Ray resource each engine replica takes one unit of (nodes started with one unit,
-    such as deploy/local-cluster.sh's `hire_host`, hold one replica each), which also keeps the ingress on
-    the head node beside Serve's proxy.
+def build(args: Mapping[str, Any] | ServeConfig) -> serve.Application:
+    """The application of a ServeConfig, or of its fields (deploy/serve.yaml's `args`). `replicas` is the engine's
+    replica count (left out, serve.yaml may autoscale it); with `replica_resource` each engine replica takes one unit
+    of that Ray resource (nodes started with one unit, such as deploy/local-cluster.sh's `hire_host`, hold one
+    replica each), and the ingress stays on the head node beside Serve's proxy.
 
     Every call but health checks needs one of `api_keys` (a list, or one string of keys separated by commas),
     or of $HIRE_API_KEY's where the application is built (a Kubernetes Secret in deploy/rayservice.yaml). With
@@ -449,18 +448,15 @@ def build(args: dict) -> serve.Application:
 
     Each engine replica admits up to slots + queue_size requests: it queues and batches them itself.
     """
-    args = dict(args)
-    keys = args.pop("api_keys", None)
-    keys = parse_keys([keys] if isinstance(keys, str) else keys or []) or env_keys()
-    if not keys and not args.pop("insecure", False):
+    config = args if isinstance(args, ServeConfig) else ServeConfig.of(args)
+    keys = list(config.api_keys) or env_keys()
+    if not keys and not config.insecure:
         raise ValueError("api_keys: no API key; set $HIRE_API_KEY where the application is built (or args "
                          "api_keys), or say `insecure: true` in args for a server that only trusted clients reach")
-    args.pop("insecure", None)
-    replicas = {"num_replicas": int(args.pop("replicas"))} if "replicas" in args else {}
-    resource = args.pop("replica_resource", None)
-    slots, queue = int(args.get("slots", 8)), int(args.get("queue_size", 128))
+    replicas = {"num_replicas": config.replicas} if config.replicas else {}
+    resource, slots, queue = config.replica_resource, config.slots, config.queue_size
     options = {"resources": {resource: 1}} if resource else {}
-    if int(args.get("hosts", 1)) > 1 or args.get("draft"):  # the replica drives actors that take the CPUs
+    if config.hosts > 1 or config.draft:  # the replica drives actors that take the CPUs
         options["num_cpus"] = 0
     engine = serve.deployment(EngineServer, name="engine", max_ongoing_requests=slots + queue + 16,
                               health_check_period_s=5, **replicas,
@@ -468,4 +464,4 @@ def build(args: dict) -> serve.Application:
     ingress = serve.deployment(Ingress, name="ingress", max_ongoing_requests=16 * (slots + queue),
                                ray_actor_options={"num_cpus": 0,  # waits on the engine; needs no core of its own
                                                   **({"resources": {HEAD_NODE: 0.001}} if resource else {})})
-    return ingress.bind(engine.bind(**args), keys)
+    return ingress.bind(engine.bind(config.replace(api_keys=())), keys)  # the keys stay with the ingress

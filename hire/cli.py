@@ -1153,6 +1153,27 @@ def _access(host: str, api_keys: tuple[str, ...], insecure: bool, limits: tuple[
         raise click.BadParameter(str(e), param_hint="--limit") from None
 
 
+SERVE_FLAGS = {"hire": "--softmax / --ffn / --hire", "lora": "--lora", "limits": "--limit", "api_keys": "--api-key",
+               "pipelined": "--unpipelined"}  # a cluster.config.ServeConfig field's flag, where not --FIELD
+
+
+def _serve_config(flags: dict, **fields):
+    """The cluster.config.ServeConfig of a serve command's flags (and `fields`); a usage error naming the flag of a
+    bad value."""
+    from cluster.config import ServeConfig
+
+    pairs = [spec.split("=", 1) for spec in flags.pop("loras")]
+    if any(len(p) != 2 or not all(p) for p in pairs):
+        raise click.BadParameter("expected NAME=PATH", param_hint="--lora")
+    keys, limits = _access(flags["host"], flags.pop("api_keys"), flags["insecure"], flags.pop("limits"))
+    hire = _hire(flags.pop("softmax"), flags.pop("ffn"), flags.pop("hire_settings"))
+    try:
+        return ServeConfig(**flags, **fields, hire=hire, lora=dict(pairs), api_keys=tuple(keys), limits=limits)
+    except ValueError as e:
+        name = str(e).split(":")[0]
+        raise click.BadParameter(str(e), param_hint=SERVE_FLAGS.get(name, f"--{name.replace('_', '-')}")) from None
+
+
 def _serving_hire(model: str, flags: dict) -> dict:
     """The HiRE overrides MODEL is served with: its folder's recommended setting under the flags
     (hire.predictor_files.serving_settings)."""
@@ -1188,9 +1209,7 @@ def _log_hire(cfg) -> None:
               help="PEM CA certificate(s): require client certificates it signed (mutual TLS).")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve Prometheus metrics on this port.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address the metrics listen on.")
-def serve_grpc(model, host, port, slots, max_len, queue_size, chunk, prefills, dtype, quantize, loras, softmax, ffn,
-               hire_settings, api_keys, insecure, limits, grace, tls_cert, tls_key, tls_client_ca, metrics_port,
-               metrics_host) -> None:
+def serve_grpc(**flags) -> None:
     """Serve a model over gRPC (hire.v1.Inference and JetStream's Orchestrator) until Ctrl-C or SIGTERM.
 
     HiRE runs as --softmax, --ffn and --hire say, on top of the setting the model's folder recommends
@@ -1203,25 +1222,24 @@ def serve_grpc(model, host, port, slots, max_len, queue_size, chunk, prefills, d
     from hire.engine import Engine
 
     try:
-        from cluster.grpc_server import Options, serve
+        from cluster.grpc_server import serve
         from cluster.requests import Served
     except ModuleNotFoundError as e:
         raise click.ClickException(f"hire serve-grpc needs {e.name}: pip install -e '.[grpc]'") from None
-    if bool(tls_cert) != bool(tls_key):
+    if bool(flags["tls_cert"]) != bool(flags["tls_key"]):
         raise click.UsageError("--tls-cert and --tls-key go together")
-    if tls_client_ca and not tls_cert:
+    if flags["tls_client_ca"] and not flags["tls_cert"]:
         raise click.UsageError("--tls-client-ca needs --tls-cert and --tls-key")
-    keys, request_limits = _access(host, api_keys, insecure, limits)
+    loras = flags["loras"]
+    config = _serve_config(flags, grpc_port=flags.pop("port"))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("cluster", "hire"):
         logging.getLogger(name).setLevel(logging.INFO)
-    loaded, names = _load_with_adapters(model, dtype, loras, _serving_hire(model, _hire(softmax, ffn, hire_settings)),
-                                        quantize)
+    loaded, names = _load_with_adapters(config.model, config.dtype, loras, _serving_hire(config.model, config.hire),
+                                        config.quantize)
     _log_hire(loaded.cfg)
-    served = Served(Engine(loaded, slots=slots, max_len=max_len), loaded.cfg.name, names, limits=request_limits)
-    options = Options(host, port, tuple(keys), insecure, tls_cert, tls_key, tls_client_ca)
-    metrics = (metrics_host, metrics_port) if metrics_port is not None else None
-    asyncio.run(serve(served, options, metrics, grace, queue_size=queue_size, chunk=chunk, prefills=prefills))
+    engine = Engine(loaded, slots=config.slots, max_len=config.max_len)
+    asyncio.run(serve(Served(engine, loaded.cfg.name, names, limits=config.limits), config))
 
 
 @main.command("serve")
@@ -1256,9 +1274,7 @@ def serve_grpc(model, host, port, slots, max_len, queue_size, chunk, prefills, d
               "(default: draft block b+1 while b is verified).")
 @serving_options
 @access_options
-def serve_command(model, host, http_port, grpc_port, replicas, address, replica_resource, num_cpus, hosts,
-                  devices_per_host, placement, draft, gamma, unpipelined, slots, max_len, queue_size, chunk, prefills,
-                  dtype, quantize, loras, softmax, ffn, hire_settings, api_keys, insecure, limits, grace) -> None:
+def serve_command(**flags) -> None:
     """Serve a model on Ray Serve (HTTP and gRPC) until Ctrl-C or SIGTERM.
 
     Starts a local Ray in this process (or joins --address), deploys the application of deploy/serve.yaml
@@ -1268,62 +1284,41 @@ def serve_command(model, host, http_port, grpc_port, replicas, address, replica_
     loopback (or --insecure). SIGTERM stops gracefully (--grace). Needs the serve extra (pip install -e
     '.[serve]'). See docs/serving.md.
     """
-    import dataclasses
     import logging
 
     try:
         from cluster.launch import serve_until_signal
     except ModuleNotFoundError as e:
         raise click.ClickException(f"hire serve needs {e.name}: pip install -e '.[serve]'") from None
-    pairs = [spec.split("=", 1) for spec in loras]
-    if any(len(p) != 2 or not all(p) for p in pairs):
-        raise click.BadParameter("expected NAME=PATH", param_hint="--lora")
-    keys, request_limits = _access(host, api_keys, insecure, limits)
     from hire.checkpoint import detect_format, resolve_model
 
+    config = _serve_config(flags, pipelined=not flags.pop("unpipelined"))
     try:  # fail here, not inside a replica, on a model that is not there or a bad GGUF; pass replicas a path
-        model = str(resolve_model(model))
+        model = str(resolve_model(config.model))
         if detect_format(Path(model)) == "gguf":
             from hire.formats.gguf import check_gguf
 
             check_gguf(model)
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
+    try:
+        draft = config.draft if config.draft in (None, "ngram") else str(resolve_model(config.draft))
+    except CheckpointError as e:
+        raise click.BadParameter(str(e), param_hint="--draft") from None
+    config = config.replace(model=model, draft=draft, lora={name: str(Path(path).resolve())
+                                                            for name, path in config.lora.items()})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    flags = _hire(softmax, ffn, hire_settings)
-    if quantize and (draft or hosts > 1):
-        raise click.BadParameter("quantized weights are served by one engine per replica; they do not combine with "
-                                 "--draft or --hosts yet", param_hint="--quantize")
-    if settings := not draft and _serving_hire(model, flags):  # fail here on a bad setting; each replica applies it
-        _log_hire(_load(model, dtype, settings, quantize).cfg)
-    args = dict(model=model, slots=slots, max_len=max_len, queue_size=queue_size, chunk=chunk, prefills=prefills,
-                dtype=dtype, lora={name: str(Path(path).resolve()) for name, path in pairs} or None, replicas=replicas,
-                hire=flags or None, api_keys=keys, insecure=insecure, limits=dataclasses.asdict(request_limits),
-                quantize=quantize)
-    if replica_resource:
-        args["replica_resource"] = replica_resource
-    if draft:
-        clash = {"--lora": bool(pairs), "--softmax / --ffn / --hire": bool(flags)}
-        if given := [name for name, on in clash.items() if on]:
-            raise click.BadParameter(f"speculative decoding verifies with the exact model; it does not combine "
-                                     f"with {', '.join(given)} yet", param_hint="--draft")
-        if draft != "ngram":
-            try:
-                draft = str(resolve_model(draft))
-            except CheckpointError as e:
-                raise click.BadParameter(str(e), param_hint="--draft") from None
-        args |= dict(draft=draft, gamma=gamma, pipelined=not unpipelined, hire=None)
-    if hosts > 1:
+    if settings := not config.draft and _serving_hire(model, config.hire):  # fail here on a bad setting
+        _log_hire(_load(model, config.dtype, settings, config.quantize).cfg)
+    if config.hosts > 1:
         from workers.shards import check_servable
 
         try:
-            check_servable(model, args["lora"], flags)
+            check_servable(model, config.lora or None, config.hire)
         except ValueError as e:
             option = {"lora": "--lora", "model": "--model"}.get(str(e).split(":")[0], "--softmax / --ffn / --hire")
             raise click.BadParameter(str(e), param_hint=option) from None
-        args |= dict(hosts=hosts, devices_per_host=devices_per_host, placement=placement)
-    serve_until_signal(args, grace, host=host, http_port=http_port, grpc_port=grpc_port, address=address,
-                       num_cpus=num_cpus)
+    serve_until_signal(config)
 
 
 @main.command("client")

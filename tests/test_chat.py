@@ -20,6 +20,7 @@ from transformers.utils.chat_template_utils import render_jinja_template
 
 from cluster import launch
 from cluster.bench_serving import free_port
+from cluster.config import ServeConfig
 from cluster.openai_api import ChatRequest, to_generate
 from hire.chat import ChatError, ChatTemplate, chat_prompt
 from hire.checkpoint import convert, load_model, resolve_model
@@ -220,8 +221,8 @@ def test_generation_stops_at_every_end_id(ended):
 def server(ended):
     """hire serve's application on a local Ray, serving the `ended` model; its OpenAI base URL."""
     http = free_port()
-    launch.start({"model": str(ended[0]), "slots": 2, "max_len": 256}, http_port=http, grpc_port=free_port(),
-                 num_cpus=2)
+    launch.start(ServeConfig(model=str(ended[0]), slots=2, max_len=256, http_port=http, grpc_port=free_port(),
+                             num_cpus=2))
     yield f"http://127.0.0.1:{http}/v1"
     launch.stop()
 

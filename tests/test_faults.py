@@ -16,6 +16,7 @@ from ray import serve
 from cluster import faults, launch
 from cluster import loadtest as lt
 from cluster.bench_serving import free_port
+from cluster.config import ServeConfig
 
 WORKLOAD = lt.Workload(lt.Dist("16"), lt.Dist("uniform:16:48"))  # varied lengths: requests end at any time
 
@@ -26,8 +27,8 @@ def target():
     ray.init(num_cpus=2, include_dashboard=False, namespace="hire-faults",
              _temp_dir=tempfile.mkdtemp(prefix="hire-faults-"))
     try:
-        launch.start({"model": "stories260K", "slots": 8, "max_len": 256, "replicas": 1}, http_port=http,
-                     grpc_port=grpc_port)
+        launch.start(ServeConfig(model="stories260K", slots=8, max_len=256, replicas=1, http_port=http,
+                                 grpc_port=grpc_port))
         yield f"grpc://127.0.0.1:{grpc_port}"
     finally:
         launch.stop()

@@ -17,7 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.grpc_server import GrpcServer, Options
+from cluster.config import ServeConfig
+from cluster.grpc_server import GrpcServer
 from cluster.requests import Served
 from hire.checkpoint import load_model
 from hire.engine import Engine
@@ -41,7 +42,7 @@ def port():
     engine = Engine(load_model("stories260K"), slots=4, max_len=128)
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
-    server = GrpcServer(Served(engine, "stories260K"), Options(port=0, api_keys=(KEY,)), queue_size=64)
+    server = GrpcServer(Served(engine, "stories260K"), ServeConfig(grpc_port=0, api_keys=(KEY,), queue_size=64))
     engine.warm_up(server.scheduler.chunk)  # as `hire serve-grpc` does: no call waits for a compilation
     yield asyncio.run_coroutine_threadsafe(server.start(), loop).result(60)
     asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(60)

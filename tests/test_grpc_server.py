@@ -25,7 +25,8 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from cluster.grpc_server import GrpcServer, Options
+from cluster.config import ServeConfig
+from cluster.grpc_server import GrpcServer
 from cluster.requests import Served
 from hire.checkpoint import load_model
 from hire.cli import main
@@ -66,11 +67,11 @@ class Paced:
 class Running:
     """A GrpcServer serving from its own event-loop thread."""
 
-    def __init__(self, served: Served, options: Options, **scheduling: int):
+    def __init__(self, served: Served, config: ServeConfig):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = GrpcServer(served, options, **scheduling)
+        self.server = GrpcServer(served, config)
         self.port = self._run(self.server.start())
         self.scheduler = self.server.scheduler
 
@@ -88,8 +89,9 @@ class Running:
 
 
 @contextmanager
-def running(engine, options: Options | None = None, **scheduling: int) -> Iterator[Running]:
-    server = Running(Served(engine, "stories260K"), options or Options(port=0), **scheduling)
+def running(engine, **settings) -> Iterator[Running]:
+    """A server of `engine` on a free port, with ServeConfig `settings`."""
+    server = Running(Served(engine, "stories260K"), ServeConfig(grpc_port=0, **settings))
     try:
         yield server
     finally:
@@ -338,7 +340,7 @@ def test_oversized_messages_and_texts_are_refused_before_any_work(stub):
 
 
 def test_api_keys(engine):
-    with running(engine, Options(port=0, api_keys=("s3cret-one", "s3cret-two"))) as server, \
+    with running(engine, api_keys=("s3cret-one", "s3cret-two")) as server, \
             server.channel() as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         for value in (None, "Bearer wrong", "s3cret-one", "Basic s3cret-one", "Bearer s3cret-one,s3cret-two",
@@ -362,9 +364,24 @@ def test_api_keys(engine):
 
 def test_no_key_means_loopback_only(engine):
     with pytest.raises(ValueError, match="host: 0.0.0.0 lets anyone"):
-        asyncio.run(GrpcServer(Served(engine, "stories260K"), Options(host="0.0.0.0", port=0)).start())
-    with running(engine, Options(host="0.0.0.0", port=0, insecure=True)) as server, server.channel() as channel:
+        asyncio.run(GrpcServer(Served(engine, "stories260K"), ServeConfig(host="0.0.0.0", grpc_port=0)).start())
+    with running(engine, host="0.0.0.0", insecure=True) as server, server.channel() as channel:
         assert inference_pb2_grpc.InferenceStub(channel).Generate(greedy(2)).usage.completion_tokens == 2
+
+
+def test_serve_config_names_a_bad_setting():
+    for bad, message in (({"slots": 0}, "slots: 0 is not a number >= 1"),
+                         ({"prompts": 3}, "prompts: not a serving setting"),
+                         ({"limits": {"stop_bytes": -1}}, "limit stop_bytes: -1 is not a whole number"),
+                         ({"api_keys": "two words"}, "api key: a key is visible ASCII characters"),
+                         ({"placement": "ANYWHERE"}, "placement: 'ANYWHERE' is not one of"),
+                         ({"draft": "ngram", "lora": {"fr": "x"}}, "draft: speculative decoding verifies with the "
+                                                                   "exact model; it does not combine with lora")):
+        with pytest.raises(ValueError) as e:
+            ServeConfig.of(bad)
+        assert str(e.value).startswith(message), e.value
+    config = ServeConfig.of({"api_keys": "k1,k2", "limits": {"stop_strings": 4}})  # as deploy/serve.yaml's args
+    assert config.api_keys == ("k1", "k2") and config.limits.stop_strings == 4
 
 
 def certificate(name: str, issuer: tuple | None = None) -> tuple[bytes, bytes, tuple]:
@@ -393,9 +410,9 @@ def test_tls(engine, tmp_path, mutual):
     client_pem, client_key, _ = certificate("client", ca)
     for name, data in {"ca.pem": ca_pem, "server.pem": server_pem, "server.key": server_key}.items():
         (tmp_path / name).write_bytes(data)
-    options = Options(port=0, tls_cert=str(tmp_path / "server.pem"), tls_key=str(tmp_path / "server.key"),
-                      tls_client_ca=str(tmp_path / "ca.pem") if mutual else None)
-    with running(engine, options) as server:
+    tls = dict(tls_cert=str(tmp_path / "server.pem"), tls_key=str(tmp_path / "server.key"),
+               tls_client_ca=str(tmp_path / "ca.pem") if mutual else None)
+    with running(engine, **tls) as server:
         target = f"localhost:{server.port}"
         with grpc.secure_channel(target, grpc.ssl_channel_credentials(ca_pem, client_key, client_pem)) as channel:
             assert inference_pb2_grpc.InferenceStub(channel).Generate(greedy(3)).usage.completion_tokens == 3

@@ -303,7 +303,8 @@ def test_a_group_topk_model_recommends_hire_and_serves_with_it(run, tmp_path):
     k = 8): calibrate measures recall at its k and eval compares HiRE with its exact-mask forward; --recommend
     records a setting that keeps quality (and refuses one that does not); the Serve app's engine and the gRPC
     server then run that setting by default, generating what the exact-mask model generates."""
-    from cluster.grpc_server import GrpcServer, Options
+    from cluster.config import ServeConfig
+    from cluster.grpc_server import GrpcServer
     from cluster.requests import Served
     from cluster.serve_app import EngineServer
     from hire.formats.native import save_native
@@ -345,7 +346,7 @@ def test_a_group_topk_model_recommends_hire_and_serves_with_it(run, tmp_path):
     want = generate(Engine(load_model(model), slots=1, max_len=32), [prompt],
                     SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0].tokens
     request = pb.GenerateRequest(text=prompt, temperature=0, max_tokens=16, ignore_eos=True, hire=True)
-    app = EngineServer(model=str(model), slots=2, max_len=32, chunk=2)  # the Serve deployment's class, no Ray
+    app = EngineServer(ServeConfig(model=str(model), slots=2, max_len=32, chunk=2))  # the Serve deployment, no Ray
     try:
         cfg = app.served.engine.cfg
         assert cfg.sparse and cfg.ffn == "group-sparse" and cfg.ffn_keep_k and app.info().hire
@@ -363,7 +364,7 @@ def test_a_group_topk_model_recommends_hire_and_serves_with_it(run, tmp_path):
             return info.hire, list(stub.Generate(request, timeout=60).token_ids)
 
     async def through_grpc_server() -> tuple[bool, list[int]]:
-        server = GrpcServer(Served(app.served.engine, "topk"), Options(port=0), chunk=2)
+        server = GrpcServer(Served(app.served.engine, "topk"), ServeConfig(grpc_port=0, chunk=2))
         port = await server.start()
         try:
             return await asyncio.to_thread(call, port)

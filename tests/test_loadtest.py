@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from cluster import loadtest as lt
-from cluster.grpc_server import GrpcServer, Options
+from cluster.config import ServeConfig
+from cluster.grpc_server import GrpcServer
 from cluster.requests import Served
 from hire.checkpoint import load_model
 from hire.cli import main
@@ -25,7 +26,7 @@ def engine() -> Engine:
 def against_server(engine: Engine, run):
     """Start a gRPC server over `engine` on a free port, await run(port), stop the server."""
     async def main_() -> object:
-        server = GrpcServer(Served(engine, "stories260K"), Options(port=0), queue_size=256)
+        server = GrpcServer(Served(engine, "stories260K"), ServeConfig(grpc_port=0, queue_size=256))
         port = await server.start()
         try:
             return await run(port)

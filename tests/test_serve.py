@@ -23,6 +23,7 @@ from ray import serve
 
 from cluster import launch
 from cluster.bench_serving import free_port
+from cluster.config import ServeConfig
 from hire.chat import chat_prompt
 from hire.checkpoint import load_model
 from hire.engine import Engine
@@ -42,8 +43,8 @@ REQUEST_BYTES = 8 * 32 * 512 + 2**16  # Limits.request_bytes for a context of 51
 @pytest.fixture(scope="module")
 def ports():
     http, grpc_port = free_port(), free_port()
-    launch.start({"model": MODEL, "slots": 8, "max_len": 512, "api_keys": [KEY, OTHER_KEY]}, http_port=http,
-                 grpc_port=grpc_port, num_cpus=2)
+    launch.start(ServeConfig(model=MODEL, slots=8, max_len=512, api_keys=(KEY, OTHER_KEY), http_port=http,
+                             grpc_port=grpc_port, num_cpus=2))
     yield http, grpc_port
     launch.stop()
 

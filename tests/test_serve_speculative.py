@@ -21,6 +21,7 @@ from cluster import faults, launch
 from cluster import loadtest as lt
 from cluster.bench_serving import free_port
 from cluster.client import Client
+from cluster.config import ServeConfig
 from hire.checkpoint import load_model
 from hire.engine import Engine
 from hire.generate import generate
@@ -39,8 +40,8 @@ def grpc_port():
     ray.init(num_cpus=2, include_dashboard=False, namespace="hire-serve-speculative", log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="hire-spec-serve-"))
     try:
-        launch.start({"model": "stdlib-9m", "draft": "stdlib-9m-tandem", "gamma": GAMMA, "slots": SLOTS,
-                      "max_len": MAX_LEN, "replicas": 1}, http_port=http, grpc_port=port)
+        launch.start(ServeConfig(model="stdlib-9m", draft="stdlib-9m-tandem", gamma=GAMMA, slots=SLOTS,
+                                 max_len=MAX_LEN, replicas=1, http_port=http, grpc_port=port))
         yield port
     finally:
         launch.stop()

@@ -19,6 +19,7 @@ from ray_nodes import add_node
 
 from cluster import launch
 from cluster.bench_serving import free_port
+from cluster.config import ServeConfig
 from hire.checkpoint import load_model, resolve_model
 from hire.engine import Engine
 from hire.generate import generate
@@ -46,8 +47,9 @@ def served():
             add_node(cluster, num_cpus=1, resources={"hire_host": 1})
         ray.init(address=cluster.address, include_dashboard=False)
         port, grpc_port = free_port(), free_port()
-        launch.start(dict(model=str(resolve_model("stories260K")), slots=4, max_len=16, chunk=4, hosts=2,
-                          devices_per_host=2, replica_resource="hire_driver"), http_port=port, grpc_port=grpc_port)
+        launch.start(ServeConfig(model=str(resolve_model("stories260K")), slots=4, max_len=16, chunk=4, hosts=2,
+                                 devices_per_host=2, replica_resource="hire_driver", http_port=port,
+                                 grpc_port=grpc_port))
         yield cluster, f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
     finally:
         if ray.is_initialized():

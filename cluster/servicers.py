@@ -187,11 +187,13 @@ class Door:
         except Exception as e:  # noqa: BLE001 - every failure becomes a status
             if (known := status(e)) is None:
                 log.error("%s failed", rpc, exc_info=e)
-            code = known[0] if known else CODE.INTERNAL
-            await fail(grpc_context, code, str(e) if known else INTERNAL)
+            self.metrics.request(rpc, (known[0] if known else CODE.INTERNAL).name)  # before the client hears
+            code = None
+            await fail(grpc_context, known[0] if known else CODE.INTERNAL, str(e) if known else INTERNAL)
         finally:
             self.active -= 1
-            self.metrics.request(rpc, code.name)
+            if code is not None:
+                self.metrics.request(rpc, code.name)
 
     def count(self, rpc: str) -> None:
         """Count a call that generates nothing (it cannot fail once admitted)."""

@@ -1,6 +1,7 @@
 """`hire serve --hosts 2` end to end: Ray Serve's HTTP front door over an engine sharded across two worker nodes
 of a real multi-node Ray cluster on this machine (a head and two nodes with a hire_host each, two CPU devices
-per host), against the single-process engine's greedy output; with both host nodes lost, HTTP, gRPC and their
+per host), and the gRPC server (`hire serve-grpc`'s) over such an engine, against the single-process engine's greedy
+output; with both host nodes lost, HTTP, gRPC and their
 health checks fail fast and cleanly until nodes return."""
 from __future__ import annotations
 
@@ -16,15 +17,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
 from ray.cluster_utils import Cluster
 from ray_nodes import add_node
+from test_grpc_server import Running
 
 from cluster import launch
 from cluster.bench_serving import free_port
 from cluster.config import ServeConfig
+from cluster.requests import Served
 from hire.checkpoint import load_model, resolve_model
 from hire.engine import Engine
 from hire.generate import generate
 from hire.sampling import SamplingParams
 from protos import inference_pb2, inference_pb2_grpc
+from workers.shards import serving_engine
 
 PROMPT, MAX_TOKENS = "Once upon a time", 10
 
@@ -38,14 +42,24 @@ def call(url: str, body: dict | None = None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def served():
-    """The cluster, the HTTP base URL and the gRPC address. The replicas stay on the head (as in
-    deploy/local-cluster.sh), the hosts go to the two worker nodes."""
+def cluster():
+    """A head and two worker nodes with a hire_host each."""
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"hire_driver": 1}})
     try:
         for _ in range(2):
             add_node(cluster, num_cpus=1, resources={"hire_host": 1})
         ray.init(address=cluster.address, include_dashboard=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served(cluster):
+    """The cluster, the HTTP base URL and the gRPC address of `hire serve --hosts 2`. The replicas stay on the head
+    (as in deploy/local-cluster.sh), the hosts go to the two worker nodes."""
+    try:
         port, grpc_port = free_port(), free_port()
         launch.start(ServeConfig(model=str(resolve_model("stories260K")), slots=4, max_len=16, chunk=4, hosts=2,
                                  devices_per_host=2, replica_resource="hire_driver", http_port=port,
@@ -54,8 +68,34 @@ def served():
     finally:
         if ray.is_initialized():
             serve.shutdown()
-        ray.shutdown()
-        cluster.shutdown()
+
+
+@pytest.fixture(scope="module", params=["serve-grpc", "serve"])
+def door(request, cluster):
+    """Either server of the model sharded over the two hosts; how to ask it for PROMPT's greedy completion (its
+    text and token count). The gRPC server drives its ShardedEngine from this process, as a replica does."""
+    if request.param == "serve":
+        _, http_url, _ = request.getfixturevalue("served")
+        assert call(http_url + "/health") == {"status": "ok"}  # the probe pings every host
+
+        def ask() -> tuple[str, int]:
+            body = complete(http_url)
+            return body["choices"][0]["text"], body["usage"]["completion_tokens"]
+        yield ask
+        return
+    engine = serving_engine(str(resolve_model("stories260K")), 2, 2, slots=4, max_len=16)
+    server = Running(Served(engine, engine.cfg.name), ServeConfig(chunk=4, grpc_port=0))
+
+    def ask() -> tuple[str, int]:
+        with server.channel() as channel:
+            request = inference_pb2.GenerateRequest(text=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+            out = inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=120)
+        return out.text, out.usage.completion_tokens
+    try:
+        yield ask
+    finally:
+        server.close()
+        engine.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +110,8 @@ def complete(http_url: str) -> dict:
                                                "temperature": 0})
 
 
-def test_completion_through_serve_equals_one_process(served, want):
-    _, http_url, _ = served
-    assert call(http_url + "/health") == {"status": "ok"}  # the probe pings every host
-    body = complete(http_url)
-    assert body["choices"][0]["text"] == want.text
-    assert body["usage"]["completion_tokens"] == len(want.tokens)
+def test_completion_through_either_server_equals_one_process(door, want):
+    assert door() == (want.text, len(want.tokens))
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("hire_host")}
     # the hosts' placement group (read from the GCS: the state API would need the dashboard, which a fresh
     # machine can be slow to start): one bundle per worker node

@@ -46,7 +46,40 @@ class Batch(Protocol):
 WHOLE_SPAN = 512  # PlainBatch(whole=True): the longest attention span taken from the first step
 
 
-class PlainBatch:
+class SlotBatch:
+    """What the in-process batches share: the requests by slot, and handing tokens to them."""
+
+    engine: Engine
+    live: dict[int, Request]
+
+    def free_slots(self) -> list[int]:
+        return [slot for slot in range(self.engine.slots) if slot not in self.live]
+
+    def drop(self, req: Request) -> None:
+        """Free `req`'s slot, if it holds one; its remaining tokens are never decoded."""
+        self.live = {slot: r for slot, r in self.live.items() if r is not req}
+
+    @staticmethod
+    def context(req: Request) -> list[int]:
+        """What to prefill for `req`: its prompt, and the tokens it already has when retried after the engine was
+        rebuilt, so that it goes on where it stopped (a token's sample depends only on the request's seed, its
+        position and what precedes it, so the output is the one it would have had)."""
+        return req.out.prompt_tokens + req.out.tokens
+
+    def _emit(self, tokens: np.ndarray, logprobs: np.ndarray, counts: np.ndarray) -> list[Event]:
+        """Push the first counts[slot] of tokens [slots, n] (and logprobs) to each live slot's request, until its last
+        event; the events, each request's in order."""
+        events = []
+        for slot, req in list(self.live.items()):
+            for t in range(counts[slot]):
+                events.append(event := req.push(int(tokens[slot, t]), float(logprobs[slot, t])))
+                if event.finish_reason:
+                    del self.live[slot]
+                    break
+        return events
+
+
+class PlainBatch(SlotBatch):
     """The Batch over an engine's slots: each step decodes every slot `chunk` tokens.
 
     With `whole`, attention spans the bucket of the live requests' last position (up to WHOLE_SPAN) from the
@@ -60,17 +93,9 @@ class PlainBatch:
         self.state = engine.init_state()
         self.live: dict[int, Request] = {}
 
-    def free_slots(self) -> list[int]:
-        return [slot for slot in range(self.engine.slots) if slot not in self.live]
-
     def admit(self, req: Request, slot: int) -> Event:
-        """Prefill `req` into the free `slot`; returns its next event (it stays only if that is not its last).
-
-        A request that already has tokens (retried after the engine was rebuilt) is prefilled with its prompt and
-        those tokens, so it goes on where it stopped: a token's sample depends only on the request's seed, its
-        position and what precedes it, so the output is the one it would have had.
-        """
-        prefix = self.engine.prefill(req.out.prompt_tokens + req.out.tokens, req.params, req.adapter)
+        """Prefill `req`'s `context` into the free `slot`; its next event (it stays only if that is not its last)."""
+        prefix = self.engine.prefill(self.context(req), req.params, req.adapter)
         event = req.push(int(prefix.token[0]), float(prefix.logprob[0]))
         if event.finish_reason is None:
             self.state = self.engine.insert(prefix, self.state, slot)
@@ -85,16 +110,4 @@ class PlainBatch:
             last = max(len(r.out.prompt_tokens) + min(r.params.max_tokens, r.room) for r in self.live.values())
             reach = max(reach, min(last, WHOLE_SPAN))
         self.state, out = self.engine.generate_steps(self.state, n, reach)
-        tokens, logprobs = np.asarray(out.tokens), np.asarray(out.logprobs)
-        events = []
-        for slot, req in list(self.live.items()):
-            for t in range(n):
-                events.append(event := req.push(int(tokens[t, slot]), float(logprobs[t, slot])))
-                if event.finish_reason:
-                    del self.live[slot]
-                    break
-        return events
-
-    def drop(self, req: Request) -> None:
-        """Free `req`'s slot, if it holds one; its remaining tokens are never decoded."""
-        self.live = {slot: r for slot, r in self.live.items() if r is not req}
+        return self._emit(np.asarray(out.tokens).T, np.asarray(out.logprobs).T, np.full(self.engine.slots, n))

@@ -9,10 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hire import generate
+from hire.batch import Batch, PlainBatch
 from hire.config import ModelConfig
 from hire.engine import Engine
 from hire.loaded import LoadedModel
 from hire.moe import experts_read, pick
+from hire.request import Request
 from hire.sampling import SamplingParams
 from hire.sparse import use_gather
 
@@ -177,70 +180,49 @@ def bench_speculative(model: LoadedModel, drafter: Any, prompts: list[list[int]]
                       batch: int | None = None) -> dict[str, Any]:
     """Speculative decoding (hire.speculative) against the large model alone, `steps` tokens per prompt (no stop
     token), `batch` prompts at a time in as many slots (default: all at once), in the same run: medians of
-    `repeats` interleaved runs of each over all the prompts, `speedup` the median of the paired ratios. Both
-    include prefill; the large model alone decodes `chunk` steps per compiled loop, the speculative one a block
-    per call (a batch runs until its slowest row is done). Prompt i samples with seed i.
+    `repeats` interleaved runs of each over all the prompts, `speedup` the median of the paired ratios. Both run
+    as `hire generate` does, through a hire.scheduler.Scheduler (prefill included): the large model alone a
+    hire.batch.PlainBatch of `chunk` steps per call, the speculative one a hire.speculative.SpeculativeBatch of a
+    block per call. Prompt i samples with seed i.
     `speculator(engine, drafter, gamma)` replaces hire.speculative.Speculator (e.g. hire.tandem.TandemAlone).
     `verified_per_block`: the mean block length the large model ran over (γ + 1 unless blocks end early)."""
-    from hire.speculative import SpecStats, Speculator
+    from hire.speculative import SpecStats, SpeculativeBatch, Speculator
 
     batch = batch or len(prompts)
     if len(prompts) % batch:
         raise ValueError(f"{len(prompts)} prompts do not split into batches of {batch}")
     engine = Engine(model, slots=batch, max_len=min(model.cfg.max_seq_len, max(map(len, prompts)) + steps))
-    params = [SamplingParams(temperature=temperature, seed=i) for i in range(len(prompts))]
+    params = [SamplingParams(temperature=temperature, seed=i, max_tokens=steps, ignore_eos=True)
+              for i in range(len(prompts))]
     spec = (speculator or Speculator)(engine, drafter, gamma)
 
-    def alone(prompts: list[list[int]], params: list[SamplingParams]) -> np.ndarray:
-        state, first = engine.init_state(), []
-        for slot, (prompt, p) in enumerate(zip(prompts, params)):
-            prefix = engine.prefill(prompt, p)
-            state = engine.insert(prefix, state, slot)
-            first.append(prefix.token)
-        outs = [jnp.concatenate(first)[None]]
-        for done in range(1, steps, chunk):
-            n = min(chunk, steps - done)
-            state, out = engine.generate_steps(state, n, max(map(len, prompts)) + done + n)
-            outs.append(out.tokens)
-        return np.asarray(jnp.concatenate(outs)).T
+    def timed(make: Callable[[], Batch]) -> tuple[float, np.ndarray]:
+        """Seconds and tokens [prompts, steps] of every `batch` of prompts in turn, each through a Scheduler of
+        `make()`."""
+        start, tokens = time.perf_counter(), []
+        for first in range(0, len(prompts), batch):
+            requests = [Request(i, prompts[i], params[i], -1, engine) for i in range(first, first + batch)]
+            for _ in generate.run(engine, requests, make):
+                pass
+            tokens += [r.out.tokens for r in requests]
+        return time.perf_counter() - start, np.array(tokens)
 
-    def speculative(prompts: list[list[int]], params: list[SamplingParams], stats: SpecStats,
-                    verified: list[int]) -> np.ndarray:
-        state, rows = spec.init_state(), []
-        for slot, (prompt, p) in enumerate(zip(prompts, params)):
-            state, token, _ = spec.prefill(state, slot, prompt, p)
-            rows.append([token])
-        while min(map(len, rows)) < steps:
-            state = state._replace(active=jnp.array([len(r) < steps for r in rows]))
-            state, out = spec.block(state, max(len(p) + len(r) for p, r in zip(prompts, rows)) + gamma)
-            tokens, count, proposed = np.asarray(out.tokens), np.asarray(out.count), np.asarray(out.proposed)
-            verified.append(int(out.verified))
-            for slot, row in enumerate(rows):
-                if len(row) < steps:
-                    row += tokens[slot, : count[slot]].tolist()
-                    stats.blocks, stats.proposed = stats.blocks + 1, stats.proposed + int(proposed[slot])
-                    stats.accepted += int(count[slot]) - 1
-        return np.array([r[:steps] for r in rows])
+    def run_speculative() -> tuple[float, np.ndarray, SpecStats]:
+        stats = SpecStats()
+        return *timed(lambda: SpeculativeBatch(spec, stats)), stats
 
-    def timed(decode: Callable[..., np.ndarray], *args: Any) -> tuple[float, np.ndarray]:
-        """Seconds and tokens [prompts, steps] of `decode` over every batch of prompts."""
-        start = time.perf_counter()
-        tokens = [decode(prompts[i:i + batch], params[i:i + batch], *args) for i in range(0, len(prompts), batch)]
-        return time.perf_counter() - start, np.concatenate(tokens)
+    def alone() -> tuple[float, np.ndarray]:
+        return timed(lambda: PlainBatch(engine, chunk))
 
-    def run_speculative() -> tuple[float, np.ndarray, SpecStats, float]:
-        stats, verified = SpecStats(requests=len(prompts), tokens=len(prompts) * steps), []
-        return *timed(speculative, stats, verified), stats, float(np.mean(verified))
-
-    timed(alone), run_speculative()  # compile
-    pairs = [(timed(alone), run_speculative()) for _ in range(repeats)]
+    alone(), run_speculative()  # compile
+    pairs = [(alone(), run_speculative()) for _ in range(repeats)]
     base_s, spec_s = [a[0] for a, _ in pairs], [s[0] for _, s in pairs]
-    (_, base_tokens), (_, spec_tokens, stats, verified) = pairs[-1]
+    (_, base_tokens), (_, spec_tokens, stats) = pairs[-1]
     return {
         "model": model.cfg.name, "draft": drafter.name, "speculator": type(spec).__name__, "batch": batch,
         "prompts": len(prompts), "gamma": gamma, "temperature": temperature,
         "steps": steps, "prompt_len": max(map(len, prompts)), **stats.as_dict(),
-        "verified_per_block": round(verified, 3),
+        "verified_per_block": round(stats.verified / max(stats.passes, 1), 3),
         "tokens_per_s": round(len(prompts) * steps / statistics.median(spec_s), 1),
         "baseline_tokens_per_s": round(len(prompts) * steps / statistics.median(base_s), 1),
         "speedup": round(statistics.median(b / s for b, s in zip(base_s, spec_s)), 3),

@@ -596,10 +596,11 @@ def _bench_speculative(loaded, draft, dtype, batch, gamma, steps, prompt_len, ch
 
     from hire.bench import bench_speculative, text_prompts
 
+    if loaded.tokenizer is None:  # requests decode their text as they go, as in `hire generate`
+        raise click.BadParameter("a --shape model has no tokenizer; speculative decoding needs a --model",
+                                 param_hint="--draft")
     drafter = _drafter(draft, loaded, dtype)
     if text_file is not None:
-        if loaded.tokenizer is None:
-            raise click.BadParameter("a --shape model has no tokenizer to cut prompts with", param_hint="--text")
         tokens = loaded.tokenizer.encode(Path(text_file).read_text(encoding="utf-8"))
     else:
         tokens = np.random.default_rng(0).integers(0, loaded.cfg.vocab_size,

@@ -29,7 +29,6 @@ decided, so a request's output depends only on its own seed, never on its batch 
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -38,9 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hire import generate
+from hire.batch import SlotBatch
 from hire.config import ModelConfig
 from hire.engine import DecodeState, Engine
-from hire.generate import _requests
 from hire.loaded import LoadedModel
 from hire.model import KVCache, Transformer
 from hire.request import Completion, Event, Request
@@ -393,8 +393,8 @@ def verify_block(cfg: ModelConfig, wants_hidden: tuple[int, ...], lengths: tuple
     else:
         window = tuple((k[..., :kv_len], v[:, :, :kv_len]) for k, v in t.cache)
         logits, window, hidden = jax.lax.switch(choice, [run(n) for n in lengths], window)
-        cache = tuple((jax.lax.dynamic_update_slice_in_dim(k, wk, 0, 3), jax.lax.dynamic_update_slice_in_dim(v, wv, 0, 2))
-                      for (k, v), (wk, wv) in zip(t.cache, window))
+        put = jax.lax.dynamic_update_slice_in_dim
+        cache = tuple((put(k, wk, 0, 3), put(v, wv, 0, 2)) for (k, v), (wk, wv) in zip(t.cache, window))
     accepted, final = verify(logits, drafts, q, proposed, t.sampling, t.positions)
     k = jnp.sum(proposed, axis=1)
     full = defer & (k > 0) & (accepted == k)
@@ -465,6 +465,8 @@ class SpecStats:
     accepted: int = 0
     tokens: int = 0  # tokens emitted, stop tokens included
     seconds: float = 0.0
+    passes: int = 0  # block calls (one large-model pass over every row)
+    verified: int = 0  # tokens the large model ran over per row, summed over passes (γ + 1 unless blocks end early)
 
     @property
     def acceptance_rate(self) -> float:
@@ -487,40 +489,50 @@ class SpecStats:
                 "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else 0.0}
 
 
-def run(spec: Speculator, requests: Sequence[Request], stats: SpecStats | None = None) -> Iterator[Event]:
-    """Decode every request speculatively, yielding events as tokens are decided (a block's at once).
+class SpeculativeBatch(SlotBatch):
+    """The hire.batch.Batch over a Speculator's slots (any Drafter; TandemAlone too): each step is one block for
+    every live request, its tokens handed out as they were decided; `stats` is updated as blocks finish (seconds
+    from the batch's start)."""
 
-    Requests enter free slots between blocks and leave on a stop token, a stop string, max_tokens or the
-    end of the context (hire.request.Request's rules); `stats`, when given, is updated as blocks finish.
-    """
-    stats = stats if stats is not None else SpecStats()
-    queue, state, live = deque(requests), spec.init_state(), {}
-    start = time.perf_counter()
-    while queue or live:
-        for slot in [s for s in range(spec.engine.slots) if s not in live][: len(queue)]:
-            req = queue.popleft()
-            state, token, logprob = spec.prefill(state, slot, req.out.prompt_tokens, req.params, req.adapter)
-            stats.requests, stats.tokens = stats.requests + 1, stats.tokens + 1
-            yield (event := req.push(token, logprob))
-            if event.finish_reason is None:
-                live[slot] = req
-        if not live:
-            continue
-        reach = max(len(r.out.prompt_tokens) + len(r.out.tokens) for r in live.values()) + spec.gamma
-        state = state._replace(active=jnp.array([slot in live for slot in range(spec.engine.slots)]))
-        state, out = spec.block(state, reach)
+    def __init__(self, spec: Speculator, stats: SpecStats | None = None):
+        self.spec, self.engine = spec, spec.engine
+        self.stats = stats if stats is not None else SpecStats()
+        self.state = spec.init_state()
+        self.live: dict[int, Request] = {}
+        self._start = time.perf_counter()
+
+    def admit(self, req: Request, slot: int) -> Event:
+        """Prefill `req`'s `context` into the free `slot` (both models); its first event."""
+        self.state, token, logprob = self.spec.prefill(self.state, slot, self.context(req), req.params, req.adapter)
+        self.stats.requests, self.stats.tokens = self.stats.requests + 1, self.stats.tokens + 1
+        event = req.push(token, logprob)
+        if event.finish_reason is None:
+            self.live[slot] = req
+        return event
+
+    def step(self) -> list[Event]:
+        """One block: up to γ drafts per live row, verified in one large-model pass; the accepted drafts and the
+        decided token of each row, each request's in order."""
+        stats, slots = self.stats, list(self.live)
+        reach = max(len(r.out.prompt_tokens) + len(r.out.tokens) for r in self.live.values()) + self.spec.gamma
+        state = self.state._replace(active=jnp.array([slot in self.live for slot in range(self.engine.slots)]))
+        self.state, out = self.spec.block(state, reach)
         tokens, logprobs, count, proposed = (np.asarray(a) for a in out[:4])
-        for slot, req in list(live.items()):
-            stats.blocks += 1
-            stats.proposed += int(proposed[slot])
-            stats.accepted += int(count[slot]) - 1
-            for i in range(count[slot]):
-                stats.tokens += 1
-                yield (event := req.push(int(tokens[slot, i]), float(logprobs[slot, i])))
-                if event.finish_reason:
-                    del live[slot]
-                    break
-        stats.seconds = time.perf_counter() - start
+        stats.passes, stats.verified = stats.passes + 1, stats.verified + int(out.verified)
+        stats.blocks += len(slots)
+        stats.proposed += int(proposed[slots].sum())
+        stats.accepted += int(count[slots].sum()) - len(slots)
+        events = self._emit(tokens, logprobs, count)
+        stats.tokens += len(events)
+        stats.seconds = time.perf_counter() - self._start
+        return events
+
+
+def run(spec: Speculator, requests: Sequence[Request], stats: SpecStats | None = None) -> Iterator[Event]:
+    """Decode every request speculatively through a hire.scheduler.Scheduler of SpeculativeBatches on this thread,
+    yielding events as tokens are decided (a block's at once); `stats`, when given, is updated as blocks finish."""
+    stats = stats if stats is not None else SpecStats()
+    return generate.run(spec.engine, requests, lambda: SpeculativeBatch(spec, stats))
 
 
 def speculative_generate(engine: Engine, drafter: Drafter, prompts: Sequence[str | Sequence[int]],
@@ -530,7 +542,7 @@ def speculative_generate(engine: Engine, drafter: Drafter, prompts: Sequence[str
     """Complete every prompt (text or token ids) with the engine's model, drafting with `drafter` up to `gamma`
     tokens per block (fewer where `router` stops them); the completions (in order, as
     hire.generate.generate returns them) and statistics."""
-    requests = _requests(engine, prompts, params, adapters)
+    requests = generate._requests(engine, prompts, params, adapters)
     stats = SpecStats()
     for _ in run(Speculator(engine, drafter, gamma, router), requests, stats):
         pass

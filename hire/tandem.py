@@ -414,7 +414,7 @@ class TandemAlone(Speculator):
     """Tandem transformers without verification (`--tandem-only`): the small model generates every token
     after the first (which the large model samples from the prompt), γ per block, and the large model runs
     in block mode only to refresh the representations the small model reads. Its output is the tandem's,
-    not the large model's. Runs in hire.speculative.run like a Speculator."""
+    not the large model's. A hire.speculative.SpeculativeBatch runs it like a Speculator."""
 
     def block(self, state: SpecState, reach: int) -> tuple[SpecState, BlockOutput]:
         engine = self.engine

@@ -212,5 +212,7 @@ def test_cli_generates_with_a_named_adapter(setup, tmp_path, monkeypatch):
             "--ignore-eos", "--lora", f"qv={setup.folders['qv']}", "--lora", f"all={setup.folders['all']}"]
     result = CliRunner().invoke(main, [*args, "--adapter", "all"], catch_exceptions=False)
     assert result.stdout == prompt + expected.text + "\n"
+    drafted = CliRunner().invoke(main, [*args, "--adapter", "all", "--draft", "ngram"], catch_exceptions=False)
+    assert drafted.stdout == result.stdout  # verified with the adapter: the adapted model's own text
     base = CliRunner().invoke(main, args, catch_exceptions=False)
     assert base.stdout != result.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from hire.checkpoint import load_model
+from hire.checkpoint import load_model, resolve_model
 from hire.config import ModelConfig
 from hire.drafters import ModelDrafter, NGramDrafter
 from hire.engine import Engine
@@ -91,6 +92,32 @@ def test_verification_over_part_of_a_longer_cache(stories, drafters):
     outs, stats = speculative_generate(engine, drafters["ngram"], PROMPTS, params, gamma=2)
     assert [o.tokens for o in outs] == [o.tokens for o in alone] and all(len(o.tokens) == 40 for o in outs)
     assert stats.accepted > 0
+
+
+def with_adapters(model: LoadedModel) -> LoadedModel:
+    """`model` with two random LoRA adapters (as hire.lora loads them: variables["lora"], scale 1.5)."""
+    cfg = model.cfg.replace(lora_adapters=2, lora_rank=4, lora_targets=("q", "v", "o", "down"))
+    keys = iter(jax.random.split(jax.random.PRNGKey(2), 64))
+    lora = jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape) * 0.2, init_params(cfg, seed=1)["lora"])
+    return LoadedModel(cfg, {**model.variables, "lora": lora | {"scale": jnp.full((2,), 1.5)}}, model.tokenizer)
+
+
+@pytest.mark.parametrize("variant", ["lora", "hire-q"])
+def test_greedy_equals_the_engines_model_with_lora_or_hire(stories, drafters, greedy_alone, variant, tmp_path):
+    """LoRA and HiRE are properties of the engine's model: verification and prefill run each row's adapter and the
+    HiRE softmax, so the output is that model's own (which differs from the plain model's)."""
+    if variant == "lora":
+        model, adapters = with_adapters(stories), [0, 1, -1, 0]
+    else:  # 2 candidate rows of 512, from the int4 predictor built at load: not always the exact argmax
+        folder = shutil.copytree(resolve_model("stories260K"), tmp_path / "stories")
+        model = load_model(folder, softmax="hire-q", hire_quant="int4", softmax_k=1, softmax_oversample=2)
+        adapters = None
+    engine = Engine(model, slots=2, max_len=MAX_LEN)
+    params = SamplingParams(temperature=0, max_tokens=MAX_LEN, ignore_eos=True)
+    alone = generate(engine, PROMPTS, params, adapters)
+    outs, stats = speculative_generate(engine, drafters["ngram"], PROMPTS, params, gamma=2, adapters=adapters)
+    assert [o.tokens for o in outs] == [o.tokens for o in alone] and stats.accepted > 0
+    assert [o.tokens for o in alone] != [o.tokens for o in greedy_alone]
 
 
 def test_stopping_rules_as_generate(engine, drafters, greedy_alone):

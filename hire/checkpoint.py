@@ -6,16 +6,20 @@ tokenizer .bin). A name of hire.registry that is not here yet is pulled on first
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
-from hire.config import ModelConfig
+from hire.config import ModelConfig, OptionError
 from hire.formats import CheckpointError, read_json
 from hire.loaded import LoadedModel
-from hire.predictor_files import with_predictors
+from hire.predictor_files import exact_settings, with_predictors
 from hire.registry import REGISTRY, model_dirs, pull
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # what --model means when left out (pulled on first use: hire.registry)
+HALF_ON_CPU = ("on the CPU, XLA converts every 16-bit weight matrix to float32 before each product, so {} decodes "
+               "slower than float32 (docs/benchmarks.md): for smaller weights use --quantize int8 (integer products, "
+               "within 0.6% of float32's perplexity: docs/models.md), else --dtype float32")
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
@@ -98,6 +102,47 @@ def load_model(path: str | Path, dtype: str | None = None, quantize: str | None 
         return LoadedModel(cfg, model.variables, model.tokenizer) if hire else model
     dense = LoadedModel(cfg.dense(), model.variables, model.tokenizer)
     return with_predictors(dense, path if path.is_dir() else path.parent, cfg)
+
+
+def load(model: str | Path, dtype: str | None = None, hire: dict[str, Any] | None = None,
+         quantize: str | None = None) -> LoadedModel:
+    """load_model for a command: a bad `hire` (hire.config.hire_overrides) or `quantize` is an OptionError naming
+    its option, a 16-bit dtype on the CPU is refused (HALF_ON_CPU), and a model stored so is warned about."""
+    import jax
+
+    cpu = jax.default_backend() == "cpu"
+    if cpu and dtype in ("bfloat16", "float16"):
+        raise OptionError(HALF_ON_CPU.format(dtype), "--dtype")
+    try:
+        loaded = load_model(model, dtype=dtype, quantize=quantize, **(hire or {}))
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise OptionError(str(e), "--quantize" if quantize and "quantize" in str(e) else "--softmax/--ffn/--hire") \
+            from None
+    if cpu and loaded.cfg.dtype != "float32":
+        print(f"warning: {loaded.cfg.name} is stored in {loaded.cfg.dtype}; {HALF_ON_CPU.format('it')}",
+              file=sys.stderr)
+    return loaded
+
+
+def load_with_adapters(model: str | Path, dtype: str | None, loras: tuple[str, ...], hire: dict[str, Any] | None = None,
+                       quantize: str | None = None) -> tuple[LoadedModel, dict[str, int]]:
+    """`load`, with the `--lora NAME=PATH` adapters `loras` loaded (hire.lora), and each adapter name's index."""
+    from hire.lora import load_adapters
+
+    loaded = load(model, dtype, hire, quantize)
+    if not loras:
+        return loaded, {}
+    pairs = [spec.split("=", 1) for spec in loras]
+    if any(len(p) != 2 or not all(p) for p in pairs):
+        raise OptionError("expected NAME=PATH", "--lora")
+    return load_adapters(loaded, dict(pairs))
+
+
+def exact(model: str | Path) -> dict[str, str]:
+    """The overrides that run `model` exactly, with no predictor (hire.predictor_files.exact_settings)."""
+    return exact_settings(model_folder(model))
 
 
 def quantized(model: LoadedModel, kind: str) -> LoadedModel:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from hire.checkpoint import DEFAULT_MODEL
-from hire.config import QUANTIZE
+from hire.checkpoint import DEFAULT_MODEL, exact, load, load_with_adapters
+from hire.config import QUANTIZE, OptionError, hire_overrides
 from hire.formats import DTYPES, CheckpointError
 from hire.topk import METHODS
 
@@ -23,31 +23,30 @@ DRAFT_HELP = ("Decode speculatively with this drafter: 'ngram' (prompt lookup, n
               "stdlib-9m-tandem).")
 
 
-HALF_ON_CPU = ("on the CPU, XLA converts every 16-bit weight matrix to float32 before each product, so {} decodes "
-               "slower than float32 (docs/benchmarks.md): for smaller weights use --quantize int8 (integer products, "
-               "within 0.6% of float32's perplexity: docs/models.md), else --dtype float32")
+# The names the decode and serving commands load with (hire.checkpoint.load, load_with_adapters; hire.config).
+_load, _load_with_adapters, _hire = load, load_with_adapters, hire_overrides
 
 
-def _load(model: str, dtype: str | None, hire: dict | None = None, quantize: str | None = None):
-    """Load a model; `hire` overrides its config's HiRE fields (see hire_options), `quantize` its weights'.
-    A 16-bit dtype on the CPU is refused (HALF_ON_CPU), and a model stored so is warned about."""
-    import jax
+class Command(click.Command):
+    """A command whose work's errors read as its own: an OptionError as a bad value of the option it names (a usage
+    error where it names none), a CheckpointError as one line."""
 
-    from hire.checkpoint import load_model
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except OptionError as e:
+            if e.option is None:
+                raise click.UsageError(str(e), ctx) from None
+            raise click.BadParameter(str(e), ctx, param_hint=e.option) from None
+        except CheckpointError as e:
+            raise click.ClickException(str(e)) from None
 
-    cpu = jax.default_backend() == "cpu"
-    if cpu and dtype in ("bfloat16", "float16"):
-        raise click.BadParameter(HALF_ON_CPU.format(dtype), param_hint="--dtype")
-    try:
-        loaded = load_model(model, dtype=dtype, quantize=quantize, **(hire or {}))
-    except CheckpointError as e:
-        raise click.ClickException(str(e)) from None
-    except ValueError as e:
-        hint = "--quantize" if quantize and "quantize" in str(e) else "--softmax/--ffn/--hire"
-        raise click.BadParameter(str(e), param_hint=hint) from None
-    if cpu and loaded.cfg.dtype != "float32":
-        click.echo(f"warning: {loaded.cfg.name} is stored in {loaded.cfg.dtype}; {HALF_ON_CPU.format('it')}", err=True)
-    return loaded
+
+class Group(click.Group):
+    """A group whose commands are Commands, and whose groups are Groups."""
+
+    command_class = Command
+    group_class = type
 
 
 def quantize_option(command):
@@ -76,38 +75,6 @@ def hire_options(command):
     for option in reversed(options):
         command = option(command)
     return command
-
-
-def _hire(softmax: str | None, ffn: str | None, settings: tuple[str, ...]) -> dict:
-    """ModelConfig overrides from --softmax, --ffn and --hire KEY=VALUE."""
-    import dataclasses
-
-    from hire.config import HIRE_FIELDS, ModelConfig
-
-    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    out = {k: v for k, v in (("softmax", softmax), ("ffn", ffn)) if v is not None}
-    for spec in settings:
-        key, _, value = spec.partition("=")
-        if key not in HIRE_FIELDS or not value:
-            raise click.BadParameter(f"expected KEY=VALUE with KEY one of {', '.join(HIRE_FIELDS)}, got {spec!r}",
-                                     param_hint="--hire")
-        kind = type(defaults[key])
-        try:
-            out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-        except ValueError:
-            raise click.BadParameter(f"{key} takes a {kind.__name__}, got {value!r}", param_hint="--hire") from None
-    return out
-
-
-def _exact(model: str) -> dict:
-    """The overrides that run MODEL exactly, with no predictor (hire.predictor_files.exact_settings)."""
-    from hire.checkpoint import model_folder
-    from hire.predictor_files import exact_settings
-
-    try:
-        return exact_settings(model_folder(model))
-    except CheckpointError as e:
-        raise click.ClickException(str(e)) from None
 
 
 def _is_tandem(model: str) -> bool:
@@ -155,23 +122,6 @@ def _speculator(engine, drafter, gamma: int, tandem_only: bool):
     return TandemAlone(engine, drafter, gamma)
 
 
-def _load_with_adapters(model: str, dtype: str | None, loras: tuple[str, ...], hire: dict | None = None,
-                        quantize: str | None = None):
-    """The model with the `--lora NAME=PATH` adapters loaded, and each adapter name's index."""
-    from hire.lora import load_adapters
-
-    loaded = _load(model, dtype, hire, quantize)
-    if not loras:
-        return loaded, {}
-    pairs = [spec.split("=", 1) for spec in loras]
-    if any(len(p) != 2 or not all(p) for p in pairs):
-        raise click.BadParameter("expected NAME=PATH", param_hint="--lora")
-    try:
-        return load_adapters(loaded, dict(pairs))
-    except CheckpointError as e:
-        raise click.ClickException(str(e)) from None
-
-
 def _bytes(ctx, param, value):
     """A click callback: "2.6GB", "64MiB" or a plain number of bytes -> int (hire.flash.parse_bytes)."""
     from hire.flash import parse_bytes
@@ -205,28 +155,7 @@ def on_disk_options(command):
                              "(docs/hire.md, Weights on disk).")(memory_options(command))
 
 
-def _engine_on_disk(model: str, budget: int | None, window: int | None, hire: dict):
-    """An Engine of one slot for MODEL with its FFN on disk, run with its serving HiRE settings and `hire`."""
-    from hire.checkpoint import model_folder
-    from hire.engine import Engine
-    from hire.flash import BudgetError, OnDiskNet, load_on_disk
-    from hire.predictor_files import serving_settings
-
-    if budget is None:
-        raise click.UsageError("--weights-on-disk needs --memory-budget")
-    try:
-        loaded, store, _ = load_on_disk(model, budget, window, slots=1,
-                                        **serving_settings(model_folder(model), {"ffn": "group-sparse", **hire}))
-    except BudgetError as e:
-        raise click.BadParameter(str(e), param_hint="--memory-budget") from None
-    except CheckpointError as e:
-        raise click.ClickException(str(e)) from None
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--softmax/--ffn/--hire") from None
-    return Engine(loaded, slots=1, net=OnDiskNet(loaded.cfg, store))
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """hire: LLM inference with HiRE approximate top-k sparsity and tandem transformers.
 
@@ -312,6 +241,7 @@ def generate(model, prompt, as_chat, max_tokens, temperature, top_k, top_p, seed
     """
     from hire.chat import ChatTemplate, chat_prompt
     from hire.engine import Engine
+    from hire.flash import engine_on_disk
     from hire.generate import _requests, stream
     from hire.sampling import SamplingParams
     from hire.speculative import SpecStats
@@ -320,7 +250,7 @@ def generate(model, prompt, as_chat, max_tokens, temperature, top_k, top_p, seed
     if weights_on_disk:
         if loras or draft or dtype or quantize:
             raise click.UsageError("--weights-on-disk takes no --lora, --draft, --dtype or --quantize")
-        engine, names = _engine_on_disk(model, memory_budget, window, _hire(softmax, ffn, hire_settings)), {}
+        engine, names = engine_on_disk(model, memory_budget, window, _hire(softmax, ffn, hire_settings)), {}
     else:
         loaded, names = _load_with_adapters(model, dtype, loras, _hire(softmax, ffn, hire_settings), quantize)
         engine = Engine(loaded, slots=1)
@@ -753,7 +683,7 @@ def bench_window(model, text_file, window_sizes, predictor_dir, kinds, oversampl
     from hire.predictor_files import load_predictors
     from hire.window import ffn_kinds, measure
 
-    loaded = _load(model, None, _exact(model), "none")  # predictors fit the float weights (kept quantized or not)
+    loaded = _load(model, None, exact(model), "none")  # predictors fit the float weights (kept quantized or not)
     settings = _hire(None, None, hire_settings)
     if bad := set(settings) - {"ffn_group", "ffn_k"}:
         raise click.BadParameter(f"only ffn_group and ffn_k apply here, got {', '.join(sorted(bad))}",
@@ -1014,7 +944,7 @@ def eval_command(model, text_file, context, batch, dtype, quantize, reference, s
         loaded, logits_fn = tandem_scorer(tandem, dtype)
     else:
         loaded, logits_fn = _load(model, dtype, _hire(softmax, ffn, hire_settings), quantize), None
-    dense = _load(model, dtype, _exact(model), quantize) if loaded.cfg.sparse else None
+    dense = _load(model, dtype, exact(model), quantize) if loaded.cfg.sparse else None
     ref = None if reference is None else _load(reference, dtype)
     if ref is not None and ref.cfg.vocab_size != loaded.cfg.vocab_size:
         raise click.BadParameter("the reference model has another vocabulary", param_hint="--reference")
@@ -1070,7 +1000,7 @@ def calibrate_command(model, text_file, rank, quants, context, batch, max_tokens
     from hire.checkpoint import model_folder
     from hire.predictor_files import save_predictors
 
-    loaded = _load(model, None, _exact(model), "none")  # predictors fit the float weights (kept quantized or not)
+    loaded = _load(model, None, exact(model), "none")  # predictors fit the float weights (kept quantized or not)
     settings = _hire(None, None, hire_settings)
     try:
         loaded.cfg.replace(**settings)

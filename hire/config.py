@@ -21,6 +21,15 @@ HIRE_FIELDS = ("softmax", "softmax_k", "softmax_oversample", "ffn", "ffn_predict
 ROPE_SCALINGS = ("llama3", "linear")
 
 
+class OptionError(Exception):
+    """A bad value given on the command line: `option` names the option(s) that gave it (e.g. "--text"); None
+    for a bad combination of options. Not a ValueError, so that it passes through code catching those."""
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """RoPE frequency scaling, Hugging Face's "rope_type": "llama3" (Llama 3's smoothed bands) or "linear"
@@ -270,3 +279,19 @@ SHAPES: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
                         max_seq_len=256, name="synthetic-tiny"),
 }
+
+
+def hire_overrides(softmax: str | None, ffn: str | None, settings: tuple[str, ...] = ()) -> dict[str, Any]:
+    """ModelConfig overrides from --softmax, --ffn and --hire KEY=VALUE (`settings`)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    out = {k: v for k, v in (("softmax", softmax), ("ffn", ffn)) if v is not None}
+    for spec in settings:
+        key, _, value = spec.partition("=")
+        if key not in HIRE_FIELDS or not value:
+            raise OptionError(f"expected KEY=VALUE with KEY one of {', '.join(HIRE_FIELDS)}, got {spec!r}", "--hire")
+        kind = type(defaults[key])
+        try:
+            out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError:
+            raise OptionError(f"{key} takes a {kind.__name__}, got {value!r}", "--hire") from None
+    return out

@@ -46,7 +46,7 @@ from safetensors import SafetensorError, safe_open
 
 from hire import predictors, sparse
 from hire.checkpoint import detect_format, resolve_model, with_hire
-from hire.config import ModelConfig
+from hire.config import ModelConfig, OptionError
 from hire.formats import CheckpointError, prepare_variables, unflatten
 from hire.formats.native import WEIGHTS, read_config
 from hire.loaded import LoadedModel
@@ -462,6 +462,27 @@ def load_on_disk(path: str | Path, budget: int, window: int | None = None, slots
     memory = plan(model.cfg, layout, resident_bytes(model, slots, min(max_len or model.cfg.max_seq_len,
                                                                       model.cfg.max_seq_len)), budget, slots)
     return model, DiskFFN(file, layout, memory.slots, window, threads), memory
+
+
+def engine_on_disk(model: str | Path, budget: int | None, window: int | None, hire: dict[str, Any]):
+    """An Engine of one slot for `model` with its FFN on disk (`hire generate --weights-on-disk`), run with its
+    serving HiRE settings and `hire` on top; a bad `budget` or setting is an OptionError naming its option."""
+    from hire.checkpoint import model_folder
+    from hire.engine import Engine
+    from hire.predictor_files import serving_settings
+
+    if budget is None:
+        raise OptionError("--weights-on-disk needs --memory-budget")
+    try:
+        loaded, store, _ = load_on_disk(model, budget, window, slots=1,
+                                        **serving_settings(model_folder(model), {"ffn": "group-sparse", **hire}))
+    except BudgetError as e:
+        raise OptionError(str(e), "--memory-budget") from None
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise OptionError(str(e), "--softmax/--ffn/--hire") from None
+    return Engine(loaded, slots=1, net=OnDiskNet(loaded.cfg, store))
 
 
 def convert_on_disk(src: str | Path, dst: str | Path, dtype: str | None = None) -> LoadedModel:

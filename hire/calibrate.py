@@ -7,7 +7,6 @@ are fitted to the second moment of the hidden states that layer reads (hire.pred
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterable
@@ -18,15 +17,11 @@ import numpy as np
 from tqdm import tqdm
 
 from hire import predictors
-from hire.config import HIRE_FIELDS, ModelConfig
-from hire.evaluate import windows
-from hire.formats import expected_variables, read_json
+from hire.config import ModelConfig, OptionError
+from hire.formats import expected_variables
 from hire.loaded import LoadedModel
-from hire.predictor_files import META, softmax_kernel, sparsify
-from hire.recall import layer_inputs, recall_of, scores_on
-
-# Issue 5's quality targets for HiRE, against the exact model: what makes a setting the serving default.
-SERVING_TARGETS = {"perplexity_ratio": 1.01, "top1_agreement": 0.99, "recall": 0.99}
+from hire.predictor_files import save_predictors, softmax_kernel, sparsify
+from hire.recall import layer_inputs, recall_of, scores_on, windows
 
 
 def ffn_kernel(ffn: dict) -> jax.Array:
@@ -72,35 +67,6 @@ def random_predictors(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
             value = rng.standard_normal(shape.shape, np.float32) / math.sqrt(shape.shape[0])
         out[f"{kind}/{path}"] = value
     return out
-
-
-def quality_misses(result: dict[str, Any]) -> list[str]:
-    """The quality targets (SERVING_TARGETS) a `hire eval` result with HiRE misses, each as a short sentence."""
-    misses = []
-    if "dense_perplexity" not in result:
-        return ["no HiRE part is on (no --softmax hire-lr/hire-q, no --ffn group-sparse)"]
-    if result["perplexity"] > result["dense_perplexity"] * SERVING_TARGETS["perplexity_ratio"]:
-        misses.append(f"perplexity {result['perplexity']:.4f} is above {SERVING_TARGETS['perplexity_ratio']} x the "
-                      f"exact model's {result['dense_perplexity']:.4f}")
-    for key, target in (("top1_agreement", SERVING_TARGETS["top1_agreement"]),
-                        ("softmax_recall", SERVING_TARGETS["recall"]), ("ffn_recall", SERVING_TARGETS["recall"])):
-        if key in result and result[key] < target:
-            misses.append(f"{key} {result[key]:.4f} is below {target}")
-    return misses
-
-
-def recommend_serving(folder: str | Path, cfg: ModelConfig, result: dict[str, Any]) -> list[str]:
-    """Make `cfg`'s HiRE settings the serving default of the model in `folder` if `result` (its `hire eval` with
-    them) meets every quality target: written into hire_predictors.json as "serving", with the evidence.
-    Returns the targets missed (nothing is written then)."""
-    if misses := quality_misses(result):
-        return misses
-    path = Path(folder) / META
-    meta = read_json(path) if path.is_file() else {}
-    meta["serving"] = {"settings": {f: getattr(cfg, f) for f in HIRE_FIELDS}, "targets": SERVING_TARGETS,
-                       "eval": result}
-    path.write_text(json.dumps(meta, indent=2) + "\n")
-    return []
 
 
 def calibrate(model: LoadedModel, tokens: np.ndarray, context: int, rank: int, quants: Iterable[str],
@@ -151,6 +117,34 @@ def calibrate(model: LoadedModel, tokens: np.ndarray, context: int, rank: int, q
     meta = {"rank": rank, "kinds": kinds, "context": context, "fit_tokens": count,
             "held_out_tokens": int(mask[fit:].sum()), "recall": measured}
     return found, meta
+
+
+def calibrate_text(model: str, text_file: str | Path, rank: int = 64, quants: Iterable[str] = ("int8",),
+                   context: int | None = None, batch_size: int = 8, max_tokens: int | None = None,
+                   out: str | Path | None = None, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`hire calibrate`: `calibrate` the exact `model` (a name or path; its float weights, which the predictors fit
+    whether they are kept quantized or not) on the UTF-8 text in `text_file` (its first `max_tokens`), in windows of
+    `context` (default and at most the model's), and save the predictors into `out` (default: the model's folder).
+    Returns what was written into hire_predictors.json."""
+    from hire.checkpoint import exact, load, model_folder
+
+    loaded = load(model, None, exact(model), "none")
+    settings = settings or {}
+    try:
+        loaded.cfg.replace(**settings)
+    except ValueError as e:
+        raise OptionError(str(e), "--hire") from None
+    tokens = loaded.tokenizer.encode(Path(text_file).read_text(encoding="utf-8"))[:max_tokens]
+    context = min(context or loaded.cfg.max_seq_len, loaded.cfg.max_seq_len)
+    try:
+        found, meta = calibrate(loaded, tokens, context, rank, quants, batch_size, settings=settings)
+    except ValueError as e:
+        raise OptionError(str(e), "--text") from None
+    folder = Path(out) if out else model_folder(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"model": loaded.cfg.name, "text": str(text_file), **meta}
+    save_predictors(folder, found, meta)
+    return meta
 
 
 def _settings(cfg: ModelConfig) -> dict[str, Any]:

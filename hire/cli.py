@@ -77,36 +77,11 @@ def hire_options(command):
     return command
 
 
-def _is_tandem(model: str) -> bool:
-    """Whether MODEL names a tandem small model (hire.tandem); False for anything else, even nothing."""
-    from hire.checkpoint import detect_format, resolve_model
-
-    try:
-        return detect_format(resolve_model(model)) == "tandem"
-    except CheckpointError:
-        return False
-
-
-def _load_tandem(model: str, dtype: str | None):
-    """The tandem small model (hire.tandem) at MODEL, or None when MODEL is another kind of model."""
-    from hire.tandem import load_tandem
-
-    try:
-        return load_tandem(model, dtype) if _is_tandem(model) else None
-    except CheckpointError as e:
-        raise click.ClickException(str(e)) from None
-
-
 def _drafter(name: str, target, dtype: str | None):
-    """The drafter called NAME for the loaded model `target`: hire.tandem's for a tandem model (e.g.
-    stdlib-9m-tandem), else hire.drafters.load_drafter's."""
-    from hire.drafters import load_drafter
-    from hire.tandem import tandem_drafter
+    """The drafter called NAME for the loaded model `target` (hire.tandem.drafter)."""
+    from hire.tandem import drafter
 
-    try:
-        return (tandem_drafter if _is_tandem(name) else load_drafter)(name, target, dtype)
-    except (CheckpointError, ValueError) as e:
-        raise click.BadParameter(str(e), param_hint="--draft") from None
+    return drafter(name, target, dtype)
 
 
 def _speculator(engine, drafter, gamma: int, tandem_only: bool):
@@ -934,39 +909,14 @@ def eval_command(model, text_file, context, batch, dtype, quantize, reference, s
     training block pattern (docs/speculative.md). With --draft, also the drafter's keys (hire.speculative.
     drafter_accuracy): draft_next_token_accuracy, draft_agreement, draft_predictions, draft_gamma.
     """
-    import math
+    from hire.evaluate import evaluate_text
 
-    from hire.evaluate import evaluate
-
-    if (tandem := _load_tandem(model, dtype)) is not None:
-        from hire.tandem import tandem_scorer
-
-        loaded, logits_fn = tandem_scorer(tandem, dtype)
-    else:
-        loaded, logits_fn = _load(model, dtype, _hire(softmax, ffn, hire_settings), quantize), None
-    dense = _load(model, dtype, exact(model), quantize) if loaded.cfg.sparse else None
-    ref = None if reference is None else _load(reference, dtype)
-    if ref is not None and ref.cfg.vocab_size != loaded.cfg.vocab_size:
-        raise click.BadParameter("the reference model has another vocabulary", param_hint="--reference")
-    text = Path(text_file).read_text(encoding="utf-8")
-    context = min(context or loaded.cfg.max_seq_len, loaded.cfg.max_seq_len, (ref or loaded).cfg.max_seq_len)
-    tokens = loaded.tokenizer.encode(text)
-    try:
-        result = evaluate(loaded, tokens, context, batch, reference=ref, dense=dense, logits_fn=logits_fn)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--text") from None
-    if draft is not None:
-        from hire.speculative import drafter_accuracy
-
-        result |= drafter_accuracy(loaded, _drafter(draft, loaded, dtype), tokens, context, gamma, batch)
-    result["bits_per_byte"] = result["loss"] * result["tokens"] / math.log(2) / max(len(text.encode()), 1)
+    result, misses = evaluate_text(model, text_file, context, batch, dtype, quantize, reference,
+                                   _hire(softmax, ffn, hire_settings), draft, gamma, recommend)
     click.echo(json.dumps(result))
+    if misses:
+        raise click.ClickException("not made the serving default: " + "; ".join(misses))
     if recommend:
-        from hire.calibrate import recommend_serving
-        from hire.checkpoint import model_folder
-
-        if misses := recommend_serving(model_folder(model), loaded.cfg, {"text": str(text_file), **result}):
-            raise click.ClickException("not made the serving default: " + "; ".join(misses))
         click.echo(f"these HiRE settings are now the serving default of {model}", err=True)
 
 
@@ -996,27 +946,10 @@ def calibrate_command(model, text_file, rank, quants, context, batch, max_tokens
     oversampling 1 to 16; this drops a serving default `hire eval --recommend` wrote) and prints that JSON.
     `--softmax`/`--ffn` on generate, eval, bench decode and the serving commands then use them.
     """
-    from hire.calibrate import calibrate
-    from hire.checkpoint import model_folder
-    from hire.predictor_files import save_predictors
+    from hire.calibrate import calibrate_text
 
-    loaded = _load(model, None, exact(model), "none")  # predictors fit the float weights (kept quantized or not)
-    settings = _hire(None, None, hire_settings)
-    try:
-        loaded.cfg.replace(**settings)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--hire") from None
-    tokens = loaded.tokenizer.encode(Path(text_file).read_text(encoding="utf-8"))[:max_tokens]
-    context = min(context or loaded.cfg.max_seq_len, loaded.cfg.max_seq_len)
-    try:
-        found, meta = calibrate(loaded, tokens, context, rank, quants, batch, settings=settings)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--text") from None
-    folder = Path(out) if out else model_folder(model)
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {"model": loaded.cfg.name, "text": str(text_file), **meta}
-    save_predictors(folder, found, meta)
-    click.echo(json.dumps(meta))
+    click.echo(json.dumps(calibrate_text(model, text_file, rank, quants, context, batch, max_tokens, out,
+                                         _hire(None, None, hire_settings))))
 
 
 def serving_options(command):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -10,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from hire.config import OptionError
 from hire.loaded import LoadedModel
 from hire.model import Transformer
-from hire.recall import layer_inputs, recalls
+from hire.recall import layer_inputs, recalls, windows
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -35,15 +37,6 @@ def fidelity(logits: jax.Array, exact: jax.Array, targets: jax.Array, key: jax.A
             "sampled_agreement": jnp.argmax(logp + noise, -1) == jnp.argmax(exact_logp + noise, -1),
             "tv_distance": 0.5 * jnp.abs(jnp.exp(logp) - jnp.exp(exact_logp)).sum(-1),
             "logprob_error": jnp.abs(at(logp) - at(exact_logp))}
-
-
-def windows(tokens: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Inputs, targets and mask [n, context]: window i predicts tokens[i*context + 1 : (i+1)*context + 1]."""
-    n = math.ceil((len(tokens) - 1) / context)
-    padded = np.zeros(n * context + 1, np.int32)
-    padded[:len(tokens)] = tokens
-    mask = np.arange(1, n * context + 1) < len(tokens)
-    return (padded[:-1].reshape(n, context), padded[1:].reshape(n, context), mask.reshape(n, context))
 
 
 def evaluate(model: LoadedModel, tokens: np.ndarray, context: int, batch_size: int = 8,
@@ -107,3 +100,41 @@ def evaluate(model: LoadedModel, tokens: np.ndarray, context: int, batch_size: i
         dense_loss = means.pop("dense_nll")
         result |= {"dense_loss": dense_loss, "dense_perplexity": math.exp(dense_loss)}
     return result | means
+
+
+def evaluate_text(model: str, text_file: str | Path, context: int | None = None, batch_size: int = 8,
+                  dtype: str | None = None, quantize: str | None = None, reference: str | None = None,
+                  hire: dict[str, Any] | None = None, draft: str | None = None, gamma: int = 4,
+                  recommend: bool = False) -> tuple[dict[str, Any], list[str]]:
+    """`hire eval`: `evaluate` `model` (a name or path: hire.checkpoint.load with the HiRE overrides `hire`, the exact
+    model beside it when they ask for HiRE; a tandem small model beside its large one) on the UTF-8 text in
+    `text_file`, in windows of `context` (default and at most the models'), plus bits_per_byte; with `draft`, also
+    hire.speculative.drafter_accuracy of that drafter (hire.tandem.drafter). With `recommend`, these HiRE settings
+    become `model`'s serving default if the result meets the quality targets (predictor_files.recommend_serving).
+    Returns the result and the targets missed (none without `recommend`)."""
+    from hire.checkpoint import exact, load, model_folder
+    from hire.predictor_files import recommend_serving
+    from hire.speculative import drafter_accuracy
+    from hire.tandem import drafter, is_tandem, load_tandem, tandem_scorer
+
+    if is_tandem(model):
+        loaded, logits_fn = tandem_scorer(load_tandem(model, dtype), dtype)
+    else:
+        loaded, logits_fn = load(model, dtype, hire, quantize), None
+    dense = load(model, dtype, exact(model), quantize) if loaded.cfg.sparse else None
+    ref = None if reference is None else load(reference, dtype)
+    if ref is not None and ref.cfg.vocab_size != loaded.cfg.vocab_size:
+        raise OptionError("the reference model has another vocabulary", "--reference")
+    text = Path(text_file).read_text(encoding="utf-8")
+    context = min(context or loaded.cfg.max_seq_len, loaded.cfg.max_seq_len, (ref or loaded).cfg.max_seq_len)
+    tokens = loaded.tokenizer.encode(text)
+    try:
+        result = evaluate(loaded, tokens, context, batch_size, reference=ref, dense=dense, logits_fn=logits_fn)
+    except ValueError as e:
+        raise OptionError(str(e), "--text") from None
+    if draft is not None:
+        result |= drafter_accuracy(loaded, drafter(draft, loaded, dtype), tokens, context, gamma, batch_size)
+    result["bits_per_byte"] = result["loss"] * result["tokens"] / math.log(2) / max(len(text.encode()), 1)
+    misses = recommend_serving(model_folder(model), loaded.cfg, {"text": str(text_file), **result}) \
+        if recommend else []
+    return result, misses

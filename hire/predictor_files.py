@@ -7,7 +7,7 @@ A model folder's predictors live beside its checkpoint in `hire_predictors.safet
 "KIND/PATH/NAME": KIND "lr", "int8" or "int4", PATH/NAME the variable's place in the model's "hire"
 collection, e.g. "lr/softmax/a", "int4/layers_3/ffn/predictor/q") and `hire_predictors.json` (how they
 were built and the recall measured on held-out text; and "serving", the HiRE setting the model is served with
-by default once an evaluation showed it keeps quality: hire.calibrate.recommend_serving).
+by default once an evaluation showed it keeps quality: recommend_serving).
 """
 from __future__ import annotations
 
@@ -21,12 +21,14 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from hire import predictors, quant, sparse
-from hire.config import ModelConfig
+from hire.config import HIRE_FIELDS, ModelConfig
 from hire.formats import CheckpointError, prepare_variables, read_json, unflatten
 from hire.loaded import LoadedModel
 
 PREDICTORS = "hire_predictors.safetensors"
 META = "hire_predictors.json"
+# Issue 5's quality targets for HiRE, against the exact model: what makes a setting the serving default.
+SERVING_TARGETS = {"perplexity_ratio": 1.01, "top1_agreement": 0.99, "recall": 0.99}
 
 
 def softmax_kernel(cfg: ModelConfig, params: dict) -> jax.Array:
@@ -128,9 +130,38 @@ def exact_settings(folder: str | Path) -> dict[str, str]:
 
 def serving_settings(folder: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The HiRE overrides to serve the model in `folder` with: its recommended setting
-    (hire.calibrate.recommend_serving), if it has one and its predictors are there, then `overrides` (the command
+    (recommend_serving), if it has one and its predictors are there, then `overrides` (the command
     line's) on top."""
     meta = Path(folder) / META
     recommended = read_json(meta).get("serving", {}).get("settings", {}) \
         if meta.is_file() and (Path(folder) / PREDICTORS).is_file() else {}
     return {**recommended, **(overrides or {})}
+
+
+def quality_misses(result: dict[str, Any]) -> list[str]:
+    """The quality targets (SERVING_TARGETS) a `hire eval` result with HiRE misses, each as a short sentence."""
+    misses = []
+    if "dense_perplexity" not in result:
+        return ["no HiRE part is on (no --softmax hire-lr/hire-q, no --ffn group-sparse)"]
+    if result["perplexity"] > result["dense_perplexity"] * SERVING_TARGETS["perplexity_ratio"]:
+        misses.append(f"perplexity {result['perplexity']:.4f} is above {SERVING_TARGETS['perplexity_ratio']} x the "
+                      f"exact model's {result['dense_perplexity']:.4f}")
+    for key, target in (("top1_agreement", SERVING_TARGETS["top1_agreement"]),
+                        ("softmax_recall", SERVING_TARGETS["recall"]), ("ffn_recall", SERVING_TARGETS["recall"])):
+        if key in result and result[key] < target:
+            misses.append(f"{key} {result[key]:.4f} is below {target}")
+    return misses
+
+
+def recommend_serving(folder: str | Path, cfg: ModelConfig, result: dict[str, Any]) -> list[str]:
+    """Make `cfg`'s HiRE settings the serving default of the model in `folder` if `result` (its `hire eval` with
+    them) meets every quality target: written into hire_predictors.json as "serving", with the evidence.
+    Returns the targets missed (nothing is written then)."""
+    if misses := quality_misses(result):
+        return misses
+    path = Path(folder) / META
+    meta = read_json(path) if path.is_file() else {}
+    meta["serving"] = {"settings": {f: getattr(cfg, f) for f in HIRE_FIELDS}, "targets": SERVING_TARGETS,
+                       "eval": result}
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    return []

@@ -4,6 +4,8 @@ predicted scores of the softmax and of each FFN's neuron groups, and the recall 
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,3 +88,12 @@ def recalls(cfg: ModelConfig, variables: dict, softmax_x: jax.Array, ffn_x: list
     """Per-token recall of a HiRE model's predictors on hidden states [..., dim] its softmax and FFNs read
     (`recall_of` says which)."""
     return recall_of(cfg, scores_on(cfg, variables, softmax_x, ffn_x))
+
+
+def windows(tokens: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inputs, targets and mask [n, context]: window i predicts tokens[i*context + 1 : (i+1)*context + 1]."""
+    n = math.ceil((len(tokens) - 1) / context)
+    padded = np.zeros(n * context + 1, np.int32)
+    padded[:len(tokens)] = tokens
+    mask = np.arange(1, n * context + 1) < len(tokens)
+    return (padded[:-1].reshape(n, context), padded[1:].reshape(n, context), mask.reshape(n, context))

@@ -601,7 +601,7 @@ def drafter_accuracy(target: LoadedModel, drafter: Drafter, tokens: np.ndarray, 
                      batch_size: int = 8) -> dict[str, Any]:
     """How well `drafter` guesses a text, run as speculative decoding runs it but fed the true tokens.
 
-    The text is cut into windows of `context` (hire.evaluate.windows); in each, the drafter prefills the first
+    The text is cut into windows of `context` (hire.recall.windows); in each, the drafter prefills the first
     token, then goes block by block: fed the true tokens at positions n .. n+γ-1 it guesses n+1 .. n+γ (its
     argmax; nothing where it proposes nothing), then is told all γ were accepted, with the large model's
     hidden states at n .. n+γ; the next block starts at n+γ+1 (the large model's own token). Returns
@@ -609,7 +609,7 @@ def drafter_accuracy(target: LoadedModel, drafter: Drafter, tokens: np.ndarray, 
     model's argmax: the rate greedy verification accepts a draft at a position, given the right context),
     over `draft_predictions` guesses.
     """
-    from hire.evaluate import windows
+    from hire.recall import windows
 
     inputs, _, mask = windows(np.asarray(tokens, np.int32), context)
     fill = -len(inputs) % batch_size

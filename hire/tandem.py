@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from hire.checkpoint import detect_format, load_model, resolve_model
-from hire.config import ModelConfig
+from hire.config import ModelConfig, OptionError
 from hire.formats import CheckpointError, _check, build_config, flatten, read_json, unflatten, with_dtype
 from hire.loaded import LoadedModel
 from hire.model import FFN, KVCache, Linear, RMSNorm, apply_rope, init_cache, rope_frequencies
@@ -379,6 +379,25 @@ def tandem_drafter(name: str, target: LoadedModel, dtype: str | None = None) -> 
                          f"{want.used} and {model.cfg.vocab_size} tokens; {cfg.name} has width {cfg.dim}, "
                          f"{cfg.n_layers} layers and {cfg.vocab_size} tokens")
     return TandemDrafter(model)
+
+
+def is_tandem(model: str | Path) -> bool:
+    """Whether `model` names a tandem small model; False for anything else, even nothing."""
+    try:
+        return detect_format(resolve_model(model)) == "tandem"
+    except CheckpointError:
+        return False
+
+
+def drafter(name: str, target: LoadedModel, dtype: str | None = None):
+    """The drafter called `name` (`--draft`) for the loaded model `target`: tandem_drafter's for a tandem model (e.g.
+    stdlib-9m-tandem), else hire.drafters.load_drafter's; one that cannot be had is an OptionError."""
+    from hire.drafters import load_drafter
+
+    try:
+        return (tandem_drafter if is_tandem(name) else load_drafter)(name, target, dtype)
+    except ValueError as e:  # a CheckpointError too
+        raise OptionError(str(e), "--draft") from None
 
 
 def _alone_block(cfg: ModelConfig, drafter: TandemDrafter, gamma: int, kv_len: int, tvars: dict, dvars: dict,

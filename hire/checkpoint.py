@@ -65,6 +65,23 @@ def detect_format(path: Path) -> str:
                           "cannot tell what model this is")
 
 
+def available_models() -> list[tuple[str, str, str]]:
+    """`hire models`: the models a name can mean here (in hire.registry.model_dirs, as (name, format, path)) and the
+    ones hire.registry can pull (as (name, "pull", what it is))."""
+    found: dict[str, tuple[str, str, str]] = {}
+    for folder in model_dirs():
+        for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+            try:
+                kind = detect_format(path)
+            except (CheckpointError, OSError):
+                continue
+            if not path.name.startswith(".") and path.name not in found and (path.is_dir() or kind == "gguf"):
+                found[path.name] = (path.name, kind, str(path))
+    return [*found.values(), *((name, "pull", f"{entry.description}; {entry.size / 1e6:.0f} MB; {entry.license} "
+                                              f"(hire pull {name})") for name, entry in REGISTRY.items()
+                                if name not in found)]
+
+
 def _is_gguf(file: Path) -> bool:
     """Whether `file` is named .gguf or starts with GGUF's magic."""
     with open(file, "rb") as f:

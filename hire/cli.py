@@ -340,17 +340,9 @@ def _read_message(interactive: bool) -> str | None:
 @quantize_option
 def convert(src, dst, dtype, weights_on_disk, quantize) -> None:
     """Convert the model at SRC (any supported format) into hire's format at DST."""
-    from hire.checkpoint import convert
-    from hire.flash import convert_on_disk
+    from hire.flash import convert_model
 
-    try:
-        if weights_on_disk and quantize:
-            raise click.UsageError("--weights-on-disk takes no --quantize")
-        loaded = convert_on_disk(src, dst, dtype) if weights_on_disk else convert(src, dst, dtype, quantize)
-    except CheckpointError as e:
-        raise click.ClickException(str(e)) from None
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--quantize") from None
+    loaded = convert_model(src, dst, dtype, quantize, weights_on_disk)
     cfg = loaded.cfg
     weights = cfg.dtype if cfg.quantize == "none" else f"{cfg.quantize} weights, {cfg.dtype} activations"
     click.echo(f"wrote {dst} ({cfg.name}: {cfg.n_layers} layers, dim {cfg.dim}, {weights})")
@@ -366,33 +358,17 @@ def pull_command(name, force) -> None:
     (a model named but not pulled is pulled on first use)."""
     from hire.registry import pull
 
-    try:
-        click.echo(pull(name, force))
-    except CheckpointError as e:
-        raise click.ClickException(str(e)) from None
+    click.echo(pull(name, force))
 
 
 @main.command("models")
 def models_command() -> None:
     """List the models --model can name here (in $HIRE_MODELS or ~/.cache/hire/models, and models/) and
     the ones `hire pull` can fetch."""
-    from hire.checkpoint import detect_format
-    from hire.registry import REGISTRY, model_dirs
+    from hire.checkpoint import available_models
 
-    local = set()
-    for folder in model_dirs():
-        for path in sorted(folder.iterdir()) if folder.is_dir() else ():
-            try:
-                kind = detect_format(path)
-            except (CheckpointError, OSError):
-                continue
-            if not path.name.startswith(".") and path.name not in local and (path.is_dir() or kind == "gguf"):
-                local.add(path.name)
-                click.echo(f"{path.name:28} {kind:8} {path}")
-    for name, entry in REGISTRY.items():
-        if name not in local:
-            click.echo(f"{name:28} {'pull':8} {entry.description}; {entry.size / 1e6:.0f} MB; {entry.license} "
-                       f"(hire pull {name})")
+    for name, kind, where in available_models():
+        click.echo(f"{name:28} {kind:8} {where}")
 
 
 @main.group()
@@ -844,24 +820,14 @@ def train_command(config, out, until, init, quiet) -> None:
     When the last step is done the model is saved in hire's format to OUT/model, ready for
     `hire generate --model OUT/model`. Prints a JSON summary (losses, tokens/s, step time).
     """
-    import dataclasses
-
     try:
-        from hire.train import train as run
+        from hire.train import train_recipe
     except ModuleNotFoundError as e:
         raise click.ClickException(f"hire train needs {e.name}: pip install -e '.[train]'") from None
-    from hire.train_config import ConfigError, load_config
+    from hire.train_config import ConfigError
 
     try:
-        cfg = load_config(config)
-        if out:
-            cfg = dataclasses.replace(cfg, out=out)
-        if init:
-            try:
-                cfg = dataclasses.replace(cfg, init=init)
-            except ValueError as e:
-                raise click.BadParameter(str(e), param_hint="--init") from None
-        summary = run(cfg, until=until, progress=not quiet)
+        summary = train_recipe(config, out, until, init, progress=not quiet)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(summary))

@@ -498,3 +498,18 @@ def convert_on_disk(src: str | Path, dst: str | Path, dtype: str | None = None) 
         (Path(dst) / name).write_bytes(data)
     write_groups(Path(dst) / GROUPS, Layout.of(model.cfg), model.variables["params"])
     return model
+
+
+def convert_model(src: str | Path, dst: str | Path, dtype: str | None = None, quantize: str | None = None,
+                  on_disk: bool = False) -> LoadedModel:
+    """`hire convert`: hire.checkpoint.convert, or with `on_disk` convert_on_disk (which takes no `quantize`)."""
+    from hire.checkpoint import convert
+
+    if on_disk and quantize:
+        raise OptionError("--weights-on-disk takes no --quantize")
+    try:
+        return convert_on_disk(src, dst, dtype) if on_disk else convert(src, dst, dtype, quantize)
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise OptionError(str(e), "--quantize") from None

@@ -10,6 +10,7 @@ pure function of the step, so a run resumed from a checkpoint retraces the unint
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import signal
 import sys
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from hire.bpe import load_or_train
 from hire.checkpoint import load_model
-from hire.config import ModelConfig
+from hire.config import ModelConfig, OptionError
 from hire.data import Batches, encode_documents, eval_batches, split_corpus
 from hire.evaluate import token_nll
 from hire.formats import CheckpointError, flatten, unflatten
@@ -36,7 +37,7 @@ from hire.formats.native import save_native
 from hire.model import Transformer, init_params
 from hire.tokenizer import Tokenizer
 from hire.train_checkpoint import checkpoints, remove_partial, restore_checkpoint, save_checkpoint
-from hire.train_config import ConfigError, LossFn, OptimizerConfig, TrainConfig, resolve_compute_dtype
+from hire.train_config import ConfigError, LossFn, OptimizerConfig, TrainConfig, load_config, resolve_compute_dtype
 from hire.train_tandem import tandem_recipe
 
 Batch = dict[str, np.ndarray]
@@ -294,3 +295,18 @@ def train(cfg: TrainConfig, until: int | None = None, progress: bool = True) -> 
         save(result.trainable)
     return {**result.summary, "train_tokens": len(batches.tokens),
             "epochs": result.step * cfg.batch_size * cfg.seq_len / len(batches.tokens)}
+
+
+def train_recipe(path: str | Path, out: str | None = None, until: int | None = None, init: str | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """`hire train`: `train` the recipe in the file at `path` (hire.train_config.load_config), with `out` and `init`
+    in place of its own where given."""
+    cfg = load_config(path)
+    if out:
+        cfg = dataclasses.replace(cfg, out=out)
+    if init:
+        try:
+            cfg = dataclasses.replace(cfg, init=init)
+        except ValueError as e:
+            raise OptionError(str(e), "--init") from None
+    return train(cfg, until=until, progress=progress)

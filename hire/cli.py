@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from hire.checkpoint import DEFAULT_MODEL, exact, load, load_with_adapters
+from hire.checkpoint import DEFAULT_MODEL, load, load_with_adapters
 from hire.config import QUANTIZE, OptionError, hire_overrides
 from hire.formats import DTYPES, CheckpointError
 from hire.topk import METHODS
@@ -528,15 +528,10 @@ def bench_router(model, draft, train_file, text_file, batch, n_prompts, train_pr
     each setting greedily on prompts cut from --text, against the model alone in the same run: one JSON object
     each (hire bench decode --draft's keys, plus router and its held-out auc, accuracy and share of drafts kept).
     """
-    from hire.bench import text_prompts
-    from hire.router import bench_router as run
+    from hire.router import bench_router_text
 
-    loaded = _load(model, None)
-    drafter = _drafter(draft, loaded, None)
-    encode = lambda f, n: text_prompts(loaded.tokenizer.encode(Path(f).read_text(encoding="utf-8")), n,  # noqa: E731
-                                       prompt_len)
-    for result in run(loaded, drafter, encode(train_file, train_prompts), encode(text_file, score_prompts),
-                      encode(text_file, _prompt_count(n_prompts, batch)), gamma, steps, thresholds, repeats, batch):
+    for result in bench_router_text(model, draft, train_file, text_file, batch, _prompt_count(n_prompts, batch),
+                                    train_prompts, score_prompts, gamma, steps, prompt_len, thresholds, repeats):
         click.echo(json.dumps(result))
 
 
@@ -571,34 +566,15 @@ def bench_topk(devices, vocab, batch, k, dim, methods, recall_target, repeats, p
     and the top-k methods.
 
     The 'hire' entry is the same step with approximate scores from an int8/int4 copy of the weight."""
-    if (model is None) != (text_file is None):
-        raise click.UsageError("--model and --text go together")
-    if model is None and (vocab % devices or k > vocab):
-        raise click.BadParameter(f"needs a multiple of --devices ({devices}), at least --k", param_hint="--vocab")
-    # The JAX backend starts at the first device query, so the host device count still takes effect here.
-    flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-    import jax
+    from hire.recall import DeviceError, bench_host_devices
 
-    from hire.recall import model_softmax
-    from hire.topk import bench_topk as run
-
-    if jax.device_count() < devices:
-        raise click.ClickException(f"--devices {devices}, but JAX has {jax.device_count()} "
-                                   f"{jax.default_backend()} devices (was its backend started already?)")
-    real = None
-    if model is not None:
-        loaded = _load(model, None, None, "none")
-        try:
-            real = model_softmax(loaded, loaded.tokenizer.encode(Path(text_file).read_text(encoding="utf-8")), batch)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--text") from None
-        if real[0].shape[0] % devices or k > real[0].shape[0]:
-            raise click.BadParameter(f"{model}'s vocabulary ({real[0].shape[0]}) is not a multiple of --devices "
-                                     f"({devices}) or is under --k", param_hint="--model")
-    click.echo(json.dumps(run(jax.devices()[:devices], vocab, batch, k, dim, methods, repeats, recall_target,
-                              predictor=None if predictor == "none" else predictor, oversample=oversample,
-                              real=real, shuffle_rows=shuffle_rows)))
+    try:
+        result = bench_host_devices(devices, vocab, batch, k, dim, methods, recall_target, repeats,
+                                    None if predictor == "none" else predictor, oversample, model, text_file,
+                                    shuffle_rows)
+    except DeviceError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(result))
 
 
 @bench.command("window")
@@ -630,30 +606,11 @@ def bench_window(model, text_file, window_sizes, predictor_dir, kinds, oversampl
     (recall_used, extra_used) or with its cache of candidates (recall_cache, extra_cache), loads and held.
     See hire/window.py and docs/hire.md.
     """
-    from hire.checkpoint import model_folder
-    from hire.predictor_files import load_predictors
-    from hire.window import ffn_kinds, measure
+    from hire.window import measure_text
 
-    loaded = _load(model, None, exact(model), "none")  # predictors fit the float weights (kept quantized or not)
-    settings = _hire(None, None, hire_settings)
-    if bad := set(settings) - {"ffn_group", "ffn_k"}:
-        raise click.BadParameter(f"only ffn_group and ffn_k apply here, got {', '.join(sorted(bad))}",
-                                 param_hint="--hire")
-    try:
-        found = load_predictors(predictor_dir or model_folder(model))
-    except CheckpointError as e:
-        raise click.ClickException(str(e)) from None
-    kinds = kinds or ffn_kinds(found)
-    tokens = loaded.tokenizer.encode(Path(text_file).read_text(encoding="utf-8"))[:max_tokens]
-    context = min(context or loaded.cfg.max_seq_len, loaded.cfg.max_seq_len)
-    try:
-        results = measure(loaded, found, tokens, context, window_sizes, kinds, oversamples, settings, batch)
-    except CheckpointError as e:
-        raise click.ClickException(str(e)) from None
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--text/--hire/--kind") from None
-    for result in results:
-        click.echo(json.dumps({"model": loaded.cfg.name, "text": str(text_file), **result}))
+    for result in measure_text(model, text_file, window_sizes, predictor_dir, kinds, oversamples, context, batch,
+                               max_tokens, _hire(None, None, hire_settings)):
+        click.echo(json.dumps(result))
 
 
 @bench.command("peers")
@@ -687,14 +644,9 @@ def bench_peers(model, precisions, batch, steps, prompt_len, prefill_len, rounds
     See docs/benchmarks.md.
     """
     from hire import peers
-    from hire.checkpoint import resolve_model
 
-    path = resolve_model(model)
-    gguf = path if path.suffix == ".gguf" else next(path.glob("*.gguf"), None)
-    if gguf is None:
-        raise click.BadParameter(f"{path} holds no .gguf file", param_hint="--model")
-    result = peers.bench_peers(model, gguf, list(precisions), sorted(set(batch)), steps, prompt_len, prefill_len,
-                               rounds, threads, with_transformers)
+    result = peers.bench_peers(model, list(precisions), sorted(set(batch)), steps, prompt_len, prefill_len, rounds,
+                               threads, with_transformers)
     click.echo(json.dumps(result))
     if markdown:
         click.echo(peers.markdown(result))
@@ -728,55 +680,10 @@ def bench_flash(model, shape, memory_budget, window, steps, repeats, prompt, tem
     reuse (share of needed groups the window held), tokens_per_s, naive_tokens_per_s, speedup (median of paired
     ratios) and the memory plan. See hire/flash_bench.py and docs/hire.md (Weights on disk).
     """
-    import shutil
-    import tempfile
+    from hire.flash_bench import bench_flash_model
 
-    import numpy as np
-
-    from hire.checkpoint import model_folder
-    from hire.config import SHAPES
-    from hire.flash import GROUPS, BudgetError, convert_on_disk
-    from hire.flash_bench import bench_flash as run
-    from hire.flash_bench import random_model
-    from hire.formats.native import read_config
-    from hire.predictor_files import serving_settings
-    from hire.tokenizer import load_tokenizer
-
-    if (model is None) == (shape is None):
-        raise click.UsageError("give exactly one of --model and --shape")
-    if memory_budget is None:
-        raise click.UsageError("--memory-budget is required")
-    if shape is not None and shape not in SHAPES:
-        raise click.BadParameter(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}", param_hint="--shape")
-    hire = {"ffn": "group-sparse", **_hire(softmax, ffn, hire_settings)}
-    temporary = None if folder else Path(tempfile.mkdtemp(prefix="hire-flash-"))
-    work = Path(folder) if folder else temporary
-    try:
-        if model is not None:
-            hire = serving_settings(model_folder(model), hire)
-            if (model_folder(model) / GROUPS).is_file():
-                work = model_folder(model)
-            elif not (work / GROUPS).is_file():
-                convert_on_disk(model, work)
-        elif not (work / GROUPS).is_file():
-            try:
-                random_model(work, SHAPES[shape], SHAPES[shape].replace(**hire))
-            except ValueError as e:
-                raise click.BadParameter(str(e), param_hint="--softmax/--ffn/--hire") from None
-        if any(work.glob("tokenizer.*")):
-            ids = load_tokenizer(work).encode(prompt or "def parse_args(argv):")
-        elif prompt:
-            raise click.BadParameter("this model has no tokenizer", param_hint="--prompt")
-        else:
-            ids = np.random.default_rng(0).integers(0, read_config(work).vocab_size, 16).tolist()
-        click.echo(json.dumps(run(work, memory_budget, window, ids, steps, repeats, threads, hire, temperature)))
-    except BudgetError as e:
-        raise click.BadParameter(str(e), param_hint="--memory-budget") from None
-    except CheckpointError as e:
-        raise click.ClickException(str(e)) from None
-    finally:
-        if temporary is not None:
-            shutil.rmtree(temporary, ignore_errors=True)
+    click.echo(json.dumps(bench_flash_model(model, shape, memory_budget, window, steps, repeats, prompt, temperature,
+                                            threads, folder, _hire(softmax, ffn, hire_settings))))
 
 
 @bench.command("serving")

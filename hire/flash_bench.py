@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -28,9 +30,19 @@ import jax
 import numpy as np
 
 from hire.calibrate import random_predictors
-from hire.config import ModelConfig
+from hire.config import SHAPES, ModelConfig, OptionError
 from hire.engine import Engine
-from hire.flash import GROUPS, Layout, MappedFFN, OnDiskNet, load_on_disk, load_resident, write_groups
+from hire.flash import (
+    GROUPS,
+    BudgetError,
+    Layout,
+    MappedFFN,
+    OnDiskNet,
+    convert_on_disk,
+    load_on_disk,
+    load_resident,
+    write_groups,
+)
 from hire.formats import expected_variables, unflatten
 from hire.formats.native import save_native
 from hire.predictor_files import save_predictors
@@ -292,3 +304,49 @@ def bench_flash(folder: str | Path, budget: int, window: int | None, prompt: lis
         "load_average_start": [round(x, 2) for x in load], "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "device": jax.devices()[0].device_kind, "jax": jax.__version__,
     }
+
+
+def bench_flash_model(model: str | None, shape: str | None, budget: int | None, window: int | None, steps: int = 64,
+                      repeats: int = 3, prompt: str | None = None, temperature: float = 0.0, threads: int = 16,
+                      folder: str | Path | None = None, hire: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`hire bench flash`: bench_flash on `model` (its ffn_groups.bin, or the model converted into `folder` first) or
+    on a random model of `shape` written into `folder` (default: a temporary folder, deleted after), run group-sparse
+    with `hire` on top; `prompt` (default: 'def parse_args(argv):', or 16 random token ids without a tokenizer)."""
+    from hire.checkpoint import model_folder
+    from hire.formats.native import read_config
+    from hire.predictor_files import serving_settings
+    from hire.tokenizer import load_tokenizer
+
+    if (model is None) == (shape is None):
+        raise OptionError("give exactly one of --model and --shape")
+    if budget is None:
+        raise OptionError("--memory-budget is required")
+    if shape is not None and shape not in SHAPES:
+        raise OptionError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}", "--shape")
+    hire = {"ffn": "group-sparse", **(hire or {})}
+    temporary = None if folder else Path(tempfile.mkdtemp(prefix="hire-flash-"))
+    work = Path(folder) if folder else temporary
+    try:
+        if model is not None:
+            hire = serving_settings(model_folder(model), hire)
+            if (model_folder(model) / GROUPS).is_file():
+                work = model_folder(model)
+            elif not (work / GROUPS).is_file():
+                convert_on_disk(model, work)
+        elif not (work / GROUPS).is_file():
+            try:
+                random_model(work, SHAPES[shape], SHAPES[shape].replace(**hire))
+            except ValueError as e:
+                raise OptionError(str(e), "--softmax/--ffn/--hire") from None
+        if any(work.glob("tokenizer.*")):
+            ids = load_tokenizer(work).encode(prompt or "def parse_args(argv):")
+        elif prompt:
+            raise OptionError("this model has no tokenizer", "--prompt")
+        else:
+            ids = np.random.default_rng(0).integers(0, read_config(work).vocab_size, 16).tolist()
+        return bench_flash(work, budget, window, ids, steps, repeats, threads, hire, temperature)
+    except BudgetError as e:
+        raise OptionError(str(e), "--memory-budget") from None
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)

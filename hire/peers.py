@@ -19,6 +19,9 @@ from typing import Any
 
 import click
 
+from hire.checkpoint import resolve_model
+from hire.config import OptionError
+
 LLAMA_CPP_PYTHON = "0.3.36"  # the llama-cpp-python release whose vendored llama.cpp is built
 TARGETS = ("llama-bench", "llama-batched-bench", "llama-quantize")
 # precision -> (llama.cpp file type, hire's loading flags)
@@ -150,9 +153,14 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def bench_peers(model: str, gguf: Path, precisions: list[str], batches: list[int], steps: int, prompt_len: int,
+def bench_peers(model: str, precisions: list[str], batches: list[int], steps: int, prompt_len: int,
                 prefill_len: int, rounds: int, threads: int, with_transformers: bool) -> dict[str, Any]:
-    """Interleaved rounds of hire, llama.cpp (and transformers at f32); medians and ratios per precision/batch."""
+    """Interleaved rounds of hire, llama.cpp (and transformers at f32) on the GGUF file of `model` (a pulled name or a
+    .gguf file); medians and ratios per precision/batch."""
+    path = resolve_model(model)
+    gguf = path if path.suffix == ".gguf" else next(path.glob("*.gguf"), None)
+    if gguf is None:
+        raise OptionError(f"{path} holds no .gguf file", "--model")
     bin_dir = build_llamacpp()
     files = {p: peer_file(bin_dir, gguf, PRECISIONS[p][0]) for p in precisions}
     samples: dict[tuple[str, str, int | str], list[float]] = {}

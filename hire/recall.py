@@ -1,20 +1,25 @@
 """The hidden states HiRE's predictors read, and how well the predictors find the top scores on them: exact and
 predicted scores of the softmax and of each FFN's neuron groups, and the recall of the predicted candidates
-(hire.calibrate measures it on held-out text, hire.evaluate beside perplexity, hire.window over decode windows).
+(hire.calibrate measures it on held-out text, hire.evaluate beside perplexity, hire.window over decode windows);
+the windows a text is cut into; and `hire bench topk` on a model's softmax (bench_host_devices).
 """
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hire import predictors, sparse
-from hire.config import ModelConfig
+from hire.config import ModelConfig, OptionError
 from hire.loaded import LoadedModel
 from hire.model import RMSNorm, Transformer, activation
 from hire.predictor_files import softmax_kernel
+from hire.topk import METHODS, bench_topk
 
 
 def layer_inputs(cfg: ModelConfig, variables: dict,
@@ -97,3 +102,39 @@ def windows(tokens: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray, n
     padded[:len(tokens)] = tokens
     mask = np.arange(1, n * context + 1) < len(tokens)
     return (padded[:-1].reshape(n, context), padded[1:].reshape(n, context), mask.reshape(n, context))
+
+
+class DeviceError(RuntimeError):
+    """Fewer devices than a benchmark asks for."""
+
+
+def bench_host_devices(devices: int, vocab: int, batch: int, k: int, dim: int = 2048,
+                       methods: tuple[str, ...] = METHODS, recall_target: float = 0.99, repeats: int = 5,
+                       predictor: str | None = "int8", oversample: int = 4, model: str | None = None,
+                       text_file: str | Path | None = None, shuffle_rows: bool = False) -> dict[str, Any]:
+    """`hire bench topk`: bench_topk over `devices` CPU host devices, made here (so before JAX's backend starts), on
+    random scores or, with `model` and `text_file`, that model's output embedding and hidden states on the text
+    (hire.recall.model_softmax). DeviceError where JAX has fewer devices (its backend had started)."""
+    from hire.checkpoint import load
+
+    if (model is None) != (text_file is None):
+        raise OptionError("--model and --text go together")
+    if model is None and (vocab % devices or k > vocab):
+        raise OptionError(f"needs a multiple of --devices ({devices}), at least --k", "--vocab")
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    if jax.device_count() < devices:
+        raise DeviceError(f"--devices {devices}, but JAX has {jax.device_count()} {jax.default_backend()} devices "
+                           "(was its backend started already?)")
+    real = None
+    if model is not None:
+        loaded = load(model, None, None, "none")
+        try:
+            real = model_softmax(loaded, loaded.tokenizer.encode(Path(text_file).read_text(encoding="utf-8")), batch)
+        except ValueError as e:
+            raise OptionError(str(e), "--text") from None
+        if real[0].shape[0] % devices or k > real[0].shape[0]:
+            raise OptionError(f"{model}'s vocabulary ({real[0].shape[0]}) is not a multiple of --devices "
+                              f"({devices}) or is under --k", "--model")
+    return bench_topk(jax.devices()[:devices], vocab, batch, k, dim, methods, repeats, recall_target,
+                      predictor=predictor, oversample=oversample, real=real, shuffle_rows=shuffle_rows)

@@ -13,6 +13,7 @@ shortest compiled block length that covers the longest proposal (hire.speculativ
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -146,3 +147,20 @@ def bench_router(model: LoadedModel, drafter: Drafter, train_prompts: list[list[
         results.append(result | {"router": router.name, **scores(router, *held_out)})
     return results
 
+
+def bench_router_text(model: str, draft: str, train_file: str | Path, text_file: str | Path, batch: int, prompts: int,
+                      train_prompts: int = 64, score_prompts: int = 16, gamma: int = 8, steps: int = 128,
+                      prompt_len: int = 64, thresholds: tuple[float, ...] = (0.3, 0.5, 0.7), repeats: int = 5
+                      ) -> list[dict[str, Any]]:
+    """`hire bench router`: bench_router of `model` (a name or path) with the drafter `draft` (hire.tandem.drafter),
+    on prompts of `prompt_len` tokens cut from the UTF-8 texts: `train_prompts` from `train_file`, `score_prompts`
+    and `prompts` (timed `batch` at a time) from `text_file`."""
+    from hire.bench import text_prompts
+    from hire.checkpoint import load
+    from hire.tandem import drafter
+
+    loaded = load(model)
+    cut = lambda file, n: text_prompts(loaded.tokenizer.encode(Path(file).read_text(encoding="utf-8")), n,  # noqa: E731
+                                       prompt_len)
+    return bench_router(loaded, drafter(draft, loaded), cut(train_file, train_prompts), cut(text_file, score_prompts),
+                        cut(text_file, prompts), gamma, steps, thresholds, repeats, batch)

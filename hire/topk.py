@@ -20,7 +20,7 @@ API (all shapes static, so everything runs under `jax.jit`):
 - `shard_recall(k, shards, n, k_local)`: expected recall of keeping `k_local` per shard when the global
   top-k rows are spread at random over `shards` equal shards of `n` rows (hypergeometric).
 - `k_local_for_recall(k, shards, n, target)`: the smallest `k_local` whose expected recall meets `target`.
-- `bench_topk(...)`: the measurements behind `hire bench topk` (docs/hire.md).
+- `bench_topk(...)`: the measurements behind `hire bench topk` (docs/hire.md) (hire.recall.bench_host_devices runs them).
 """
 from __future__ import annotations
 
@@ -320,3 +320,4 @@ def bench_topk(devices: list[jax.Device], vocab: int, batch: int, k: int, dim: i
             "exact_bytes_read": w.nbytes}} if predictor else {}),
         "device": devices[0].device_kind, "jax": jax.__version__,
     }
+

@@ -20,6 +20,7 @@ reports these figures per layer and over all layers (`hire bench window`, docs/h
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import jax
@@ -27,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from hire.config import OptionError
 from hire.evaluate import windows as text_windows
+from hire.formats import CheckpointError
 from hire.loaded import LoadedModel
 from hire.predictor_files import sparsify
 from hire.predictors import QUANTS
@@ -153,6 +156,32 @@ def measure(model: LoadedModel, found: dict[str, np.ndarray], tokens: np.ndarray
             "groups": groups, "k": k, "group_bytes": group_bytes}
     return [{"window": w, **head, **{name: _summary(part, count, group_bytes, candidates.get(name, ("", k))[1])
                                      for name, part in sums[w].items()}} for w in windows]
+
+
+def measure_text(model: str, text_file: str | Path, windows: Iterable[int], predictor_dir: str | Path | None = None,
+                 kinds: Iterable[str] = (), oversamples: Iterable[int] = (1, 2), context: int | None = None,
+                 batch_size: int = 8, max_tokens: int | None = None, settings: dict[str, Any] | None = None
+                 ) -> list[dict[str, Any]]:
+    """`hire bench window`: `measure` the exact `model` (a name or path) over the UTF-8 text in `text_file` (its
+    first `max_tokens`) with the predictors in `predictor_dir` (default: the model's folder), of `kinds` (default:
+    every kind there); `settings` may set ffn_group and ffn_k. One result per window, naming the model and text."""
+    from hire.checkpoint import exact, load, model_folder
+    from hire.predictor_files import load_predictors
+
+    loaded = load(model, None, exact(model), "none")  # predictors fit the float weights (kept quantized or not)
+    if bad := set(settings or {}) - {"ffn_group", "ffn_k"}:
+        raise OptionError(f"only ffn_group and ffn_k apply here, got {', '.join(sorted(bad))}", "--hire")
+    found = load_predictors(predictor_dir or model_folder(model))
+    tokens = loaded.tokenizer.encode(Path(text_file).read_text(encoding="utf-8"))[:max_tokens]
+    context = min(context or loaded.cfg.max_seq_len, loaded.cfg.max_seq_len)
+    try:
+        results = measure(loaded, found, tokens, context, windows, kinds or ffn_kinds(found), oversamples, settings,
+                          batch_size)
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise OptionError(str(e), "--text/--hire/--kind") from None
+    return [{"model": loaded.cfg.name, "text": str(text_file), **result} for result in results]
 
 
 def _summary(sums: dict[str, np.ndarray], count: float, group_bytes: int, size: int) -> dict[str, Any]:

@@ -609,7 +609,7 @@ def bench_window(model, text_file, window_sizes, predictor_dir, kinds, oversampl
     from hire.window import measure_text
 
     for result in measure_text(model, text_file, window_sizes, predictor_dir, kinds, oversamples, context, batch,
-                               max_tokens, _hire(None, None, hire_settings)):
+                               max_tokens, hire_overrides(None, None, hire_settings)):
         click.echo(json.dumps(result))
 
 
@@ -683,7 +683,7 @@ def bench_flash(model, shape, memory_budget, window, steps, repeats, prompt, tem
     from hire.flash_bench import bench_flash_model
 
     click.echo(json.dumps(bench_flash_model(model, shape, memory_budget, window, steps, repeats, prompt, temperature,
-                                            threads, folder, _hire(softmax, ffn, hire_settings))))
+                                            threads, folder, hire_overrides(softmax, ffn, hire_settings))))
 
 
 @bench.command("serving")
@@ -785,7 +785,7 @@ def eval_command(model, text_file, context, batch, dtype, quantize, reference, s
     from hire.evaluate import evaluate_text
 
     result, misses = evaluate_text(model, text_file, context, batch, dtype, quantize, reference,
-                                   _hire(softmax, ffn, hire_settings), draft, gamma, recommend)
+                                   hire_overrides(softmax, ffn, hire_settings), draft, gamma, recommend)
     click.echo(json.dumps(result))
     if misses:
         raise click.ClickException("not made the serving default: " + "; ".join(misses))
@@ -822,7 +822,7 @@ def calibrate_command(model, text_file, rank, quants, context, batch, max_tokens
     from hire.calibrate import calibrate_text
 
     click.echo(json.dumps(calibrate_text(model, text_file, rank, quants, context, batch, max_tokens, out,
-                                         _hire(None, None, hire_settings))))
+                                         hire_overrides(None, None, hire_settings))))
 
 
 def serving_options(command):

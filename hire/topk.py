@@ -20,7 +20,7 @@ API (all shapes static, so everything runs under `jax.jit`):
 - `shard_recall(k, shards, n, k_local)`: expected recall of keeping `k_local` per shard when the global
   top-k rows are spread at random over `shards` equal shards of `n` rows (hypergeometric).
 - `k_local_for_recall(k, shards, n, target)`: the smallest `k_local` whose expected recall meets `target`.
-- `bench_topk(...)`: the measurements behind `hire bench topk` (docs/hire.md) (hire.recall.bench_host_devices runs them).
+- `bench_topk(...)`: the measurements behind `hire bench topk` (docs/hire.md; hire.recall.bench_host_devices).
 """
 from __future__ import annotations
 

@@ -8,8 +8,10 @@ but health checks needs one; without, the server listens on loopback only unless
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
+from pathlib import Path
 
 import grpc
 import prometheus_client
@@ -23,6 +25,9 @@ from cluster.metrics import Metrics, Prometheus
 from cluster.requests import Served
 from cluster.servicers import Local, Services
 from hire.scheduler import Scheduler
+from hire.speculative import Drafter, SpecStats, SpeculativeBatch, Speculator
+from hire.tandem import TandemDrafter
+from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc, jetstream_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -33,13 +38,21 @@ SERVICES = (*servicers.SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME)
 class GrpcServer:
     """A started Scheduler behind a grpc.aio server; `start` and `stop` run on the serving event loop. Of `config`
     it takes the scheduling (queue_size, chunk, prefills), where to listen (host, grpc_port: 0 picks a free one), the
-    API keys (`insecure`: beyond loopback without one) and TLS (tls_cert and tls_key; mutual with tls_client_ca)."""
+    API keys (`insecure`: beyond loopback without one) and TLS (tls_cert and tls_key; mutual with tls_client_ca).
+    With a `drafter` (config.draft's) it decodes speculatively, config.gamma tokens drafted per block
+    (hire.speculative.SpeculativeBatch): the same tokens as plain decoding, for greedy requests the same text."""
 
-    def __init__(self, served: Served, config: ServeConfig | None = None):
-        self.config = config or ServeConfig()
-        self.served = served
-        self.scheduler = Scheduler(served.engine, **self.config.scheduling)
-        self.metrics = Metrics(Prometheus(), self.scheduler)
+    def __init__(self, served: Served, config: ServeConfig | None = None, drafter: Drafter | None = None):
+        self.config = c = config or ServeConfig()
+        batch, stats = None, None  # the scheduler's default batch: hire.batch.PlainBatch
+        if drafter is not None:
+            spec, stats = Speculator(served.engine, drafter, c.gamma), SpecStats()
+            batch = lambda: SpeculativeBatch(spec, stats)  # noqa: E731
+            mode = pb.DECODING_MODE_TANDEM if isinstance(drafter, TandemDrafter) else pb.DECODING_MODE_SPECULATIVE
+            served = dataclasses.replace(served, drafters=[Path(c.draft or "draft").name], mode=mode, gamma=c.gamma)
+        self.served, self.stats = served, stats  # stats: the drafts' (hire.speculative.SpecStats), or None
+        self.scheduler = Scheduler(served.engine, **c.scheduling, batch=batch)
+        self.metrics = Metrics(Prometheus(), self.scheduler, stats)
         self.services = Services(Local(served, self.scheduler, self.metrics), self.metrics)
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -91,10 +104,10 @@ class GrpcServer:
         await self._server.wait_for_termination()
 
 
-async def serve(served: Served, config: ServeConfig) -> None:
+async def serve(served: Served, config: ServeConfig, drafter: Drafter | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then stop gracefully within `config.grace` seconds (a second signal stops at
     once); the `hire serve-grpc` command. Prometheus metrics on `config.metrics_port` if set."""
-    server = GrpcServer(served, config)
+    server = GrpcServer(served, config, drafter)
     check_exposure(config.host, config.api_keys, config.insecure)
     signals = asyncio.Queue()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -8,6 +8,7 @@ counted (in `hire serve` the ingress and the engine replicas are different actor
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -63,9 +64,10 @@ class Ray:
 
 class Metrics:
     """The metrics of one server (or one Serve actor): `request` counts finished calls, `completed` the generation
-    requests that ran to their end; with a `scheduler`, gauges of its queue, slots and draft acceptance."""
+    requests that ran to their end; with a `scheduler`, gauges of its queue, slots and draft acceptance (of `drafts`,
+    a speculative batch's SpecStats, or its engine's `stats`)."""
 
-    def __init__(self, instruments: Prometheus | Ray, scheduler: Scheduler | None = None):
+    def __init__(self, instruments: Prometheus | Ray, scheduler: Scheduler | None = None, drafts: Any = None):
         self.instruments = i = instruments
         self._requests = i.counter("hire_requests", "Finished calls by method and status.", ("rpc", "status"))
         self._ttft = i.histogram("hire_time_to_first_token_seconds", "From arrival (queueing included) to the first "
@@ -81,7 +83,7 @@ class Metrics:
             i.gauge("hire_batch_occupancy", "Fraction of the engine's slots holding a request.",
                     lambda: s.busy_slots / s.engine.slots)
             i.gauge("hire_speculative_acceptance_rate", "Fraction of drafted tokens accepted (0 without a drafter).",
-                    lambda: acceptance(s))
+                    lambda: acceptance(drafts or getattr(s.engine, "stats", None)))
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -104,9 +106,8 @@ class Metrics:
         self.instruments.sample()
 
 
-def acceptance(scheduler: Scheduler) -> float:
-    """Accepted / proposed draft tokens so far of a speculative engine (its `stats`), else 0."""
-    stats = getattr(scheduler.engine, "stats", None)
+def acceptance(stats: Any) -> float:
+    """Accepted / proposed draft tokens so far (hire.speculative.SpecStats or the like), else 0."""
     return stats.accepted / stats.proposed if stats is not None and stats.proposed else 0.0
 
 

@@ -826,8 +826,8 @@ def calibrate_command(model, text_file, rank, quants, context, batch, max_tokens
 
 
 def serving_options(command):
-    """The engine, scheduling and HiRE flags `hire serve-grpc` and `hire serve` share. Left out, the HiRE flags
-    default to the setting the model's folder recommends (`hire eval --recommend`), if any."""
+    """The engine, scheduling, drafting and HiRE flags `hire serve-grpc` and `hire serve` share. Left out, the HiRE
+    flags default to the setting the model's folder recommends (`hire eval --recommend`), if any."""
     options = [
         click.option("--slots", default=8, show_default=True, type=click.IntRange(min=1),
                      help="Requests decoding together."),
@@ -844,6 +844,13 @@ def serving_options(command):
         quantize_option,
         click.option("--lora", "loras", multiple=True, metavar="NAME=PATH",
                      help="Serve the Hugging Face PEFT LoRA adapter in folder PATH as NAME (repeatable)."),
+        click.option("--draft", metavar="NAME", help="Decode speculatively with this drafter (stdlib-9m-draft, "
+                     "stdlib-9m-tandem, ngram, or a model path); output is exactly the model's. hire serve-grpc "
+                     "runs both models in its process (hire.speculative); in hire serve each replica becomes a "
+                     "tandem coordinator driving them in two worker actors over gRPC (one CPU each; with --hosts N "
+                     "the model's worker drives N host actors; docs/coordinator.md)."),
+        click.option("--gamma", default=4, show_default=True, type=click.IntRange(1, 16),
+                     help="Tokens drafted per block (with --draft)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -975,8 +982,9 @@ def serve_grpc(**flags) -> None:
     loaded, names = _load_with_adapters(config.model, config.dtype, loras, _serving_hire(config.model, config.hire),
                                         config.quantize)
     _log_hire(loaded.cfg)
+    drafter = _drafter(config.draft, loaded, config.dtype) if config.draft else None
     engine = Engine(loaded, slots=config.slots, max_len=config.max_len)
-    asyncio.run(serve(Served(engine, loaded.cfg.name, names, limits=config.limits), config))
+    asyncio.run(serve(Served(engine, loaded.cfg.name, names, limits=config.limits), config, drafter))
 
 
 @main.command("serve")
@@ -1001,12 +1009,6 @@ def serve_grpc(**flags) -> None:
 @click.option("--placement", type=click.Choice(("STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK")),
               help="Placement-group strategy of the hosts (default: STRICT_SPREAD when enough nodes have room, "
               "else PACK).")
-@click.option("--draft", metavar="NAME", help="Decode speculatively with this drafter (stdlib-9m-draft, "
-              "stdlib-9m-tandem, ngram, or a model path): each replica becomes a tandem coordinator driving the model "
-              "and the drafter in two worker actors over gRPC (one CPU each; with --hosts N the model's worker "
-              "drives N host actors). Output is exactly the model's (docs/coordinator.md).")
-@click.option("--gamma", default=4, show_default=True, type=click.IntRange(1, 16),
-              help="Tokens drafted per block (with --draft).")
 @click.option("--unpipelined", is_flag=True, help="With --draft: draft a block only after the previous one is verified "
               "(default: draft block b+1 while b is verified).")
 @serving_options

@@ -30,6 +30,7 @@ from cluster.grpc_server import GrpcServer
 from cluster.requests import Served
 from hire.checkpoint import load_model
 from hire.cli import main
+from hire.drafters import load_drafter
 from hire.engine import Engine
 from hire.generate import generate
 from hire.sampling import SamplingParams
@@ -67,11 +68,11 @@ class Paced:
 class Running:
     """A GrpcServer serving from its own event-loop thread."""
 
-    def __init__(self, served: Served, config: ServeConfig):
+    def __init__(self, served: Served, config: ServeConfig, drafter=None):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = GrpcServer(served, config)
+        self.server = GrpcServer(served, config, drafter)
         self.port = self._run(self.server.start())
         self.scheduler = self.server.scheduler
 
@@ -89,9 +90,9 @@ class Running:
 
 
 @contextmanager
-def running(engine, **settings) -> Iterator[Running]:
-    """A server of `engine` on a free port, with ServeConfig `settings`."""
-    server = Running(Served(engine, "stories260K"), ServeConfig(grpc_port=0, **settings))
+def running(engine, drafter=None, **settings) -> Iterator[Running]:
+    """A server of `engine` on a free port, with ServeConfig `settings` (and a `drafter` for config.draft)."""
+    server = Running(Served(engine, "stories260K"), ServeConfig(grpc_port=0, **settings), drafter)
     try:
         yield server
     finally:
@@ -326,6 +327,30 @@ def test_64_concurrent_streams_equal_each_alone(engine, stub):
         assert [t for r in parts for t in r.token_ids] == expected.tokens
         assert "".join(r.text for r in parts) == expected.text
     print(f"\n64 concurrent streams, {sum(len(o) for o in outs)} responses: {seconds:.2f}s")
+
+
+def test_draft_ngram_gives_the_greedy_text_of_plain_decoding(engine, stub):
+    """hire serve-grpc --draft ngram: speculative decoding in the server's process (hire.speculative's batch driven
+    by its Scheduler) streams what the plain server streams, token for token."""
+    prompts = ["Tom went to the park. Tom went", "Lily saw a cat. The cat", "Once upon a time", "The dog"]
+    plain = [stub.Generate(greedy(48, p, ignore_eos=True)) for p in prompts]
+    drafter = load_drafter("ngram", load_model("stories260K"))
+    with running(engine, drafter, draft="ngram", gamma=3) as server, server.channel() as channel:
+        spec = inference_pb2_grpc.InferenceStub(channel)
+        info = spec.GetModelInfo(pb.GetModelInfoRequest())
+        assert list(info.drafters) == ["ngram"] and pb.DECODING_MODE_SPECULATIVE in info.modes
+        calls = [spec.GenerateStream(greedy(48, p, ignore_eos=True)) for p in prompts]  # decoding together
+        for want, parts in zip(plain, [list(c) for c in calls]):
+            assert [t for r in parts for t in r.token_ids] == list(want.token_ids)
+            assert "".join(r.text for r in parts) == want.text
+        named = spec.Generate(greedy(48, prompts[0], ignore_eos=True, mode=pb.DECODING_MODE_SPECULATIVE,
+                                     drafter="ngram", gamma=3))
+        assert named.text == plain[0].text
+        with pytest.raises(grpc.RpcError) as e:
+            spec.Generate(greedy(4, mode=pb.DECODING_MODE_SPECULATIVE, drafter="ngram", gamma=2))
+        assert e.value.code() == CODE.INVALID_ARGUMENT and "gamma: this server drafts 3" in e.value.details()
+        accepted = server.server.metrics.registry.get_sample_value("hire_speculative_acceptance_rate")
+        assert 0 < accepted <= 1  # the prompts repeat themselves: prompt lookup has drafts accepted
 
 
 def test_oversized_messages_and_texts_are_refused_before_any_work(stub):

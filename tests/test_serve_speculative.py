@@ -1,12 +1,13 @@
 """Speculative decoding served by `hire serve --draft` on a real local Ray: the engine replica is a tandem
-coordinator (workers.coordinator) that owns the large model's and stdlib-9m-tandem's worker actors. Greedy answers
-through Serve's gRPC proxy equal the large model alone; the decoding fields of a request are checked against what
-the server runs; under a closed-loop load, a killed drafter or verifier is restarted with no request lost, and a
-killed coordinator (the replica) costs only the requests it was running, each ended UNAVAILABLE, until Serve has
-started another."""
+coordinator (workers.coordinator) that owns the large model's and stdlib-9m-tandem's worker actors; and by `hire
+serve-grpc --draft` (the gRPC server, both models in its process). Greedy answers through either server equal the
+large model alone; the decoding fields of a request are checked against what the server runs; under a closed-loop
+load, a killed drafter or verifier is restarted with no request lost, and a killed coordinator (the replica) costs
+only the requests it was running, each ended UNAVAILABLE, until Serve has started another."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import tempfile
@@ -16,16 +17,19 @@ import grpc
 import pytest
 import ray
 from ray import serve
+from test_grpc_server import Running
 
 from cluster import faults, launch
 from cluster import loadtest as lt
 from cluster.bench_serving import free_port
 from cluster.client import Client
 from cluster.config import ServeConfig
+from cluster.requests import Served
 from hire.checkpoint import load_model
 from hire.engine import Engine
 from hire.generate import generate
 from hire.sampling import SamplingParams
+from hire.tandem import tandem_drafter
 from protos import inference_pb2 as pb
 
 MAX_LEN, GAMMA, SLOTS = 32, 4, 2
@@ -58,7 +62,26 @@ def engine_stats() -> dict:
     return serve.get_deployment_handle("engine", launch.APP).stats.remote().result()
 
 
-def test_greedy_through_serve_equals_model_alone(client):
+@pytest.fixture(scope="module", params=["serve", "serve-grpc"])
+def door(request):
+    """A client of either server, and how to read its drafting counters."""
+    if request.param == "serve":
+        yield request.getfixturevalue("client"), engine_stats
+        return
+    large = load_model("stdlib-9m")
+    config = ServeConfig(draft="stdlib-9m-tandem", gamma=GAMMA, slots=SLOTS, max_len=MAX_LEN, grpc_port=0)
+    server = Running(Served(Engine(large, SLOTS, MAX_LEN), large.cfg.name), config,
+                     tandem_drafter("stdlib-9m-tandem", large))
+    c = Client(f"127.0.0.1:{server.port}")
+    try:
+        yield c, lambda: dataclasses.asdict(server.server.stats)
+    finally:
+        c.close()
+        server.close()
+
+
+def test_greedy_through_serve_equals_model_alone(door):
+    client, stats_of = door
     large = load_model("stdlib-9m")
     want = generate(Engine(large, SLOTS, MAX_LEN), PROMPTS, SamplingParams(temperature=0.0, max_tokens=20))
     requests = [pb.GenerateRequest(text=p, temperature=0.0, max_tokens=20) for p in PROMPTS]
@@ -68,11 +91,12 @@ def test_greedy_through_serve_equals_model_alone(client):
     got_together = asyncio.run(together())
     for out, once, both in zip(want, got, got_together):
         assert list(once.token_ids) == out.tokens == list(both.token_ids) and once.text == out.text
-    stats = engine_stats()
+    stats = stats_of()
     assert stats["blocks"] > 0 and 0 < stats["accepted"] <= stats["proposed"], stats
 
 
-def test_model_info_and_decoding_fields(client):
+def test_model_info_and_decoding_fields(door):
+    client, _ = door
     info = client.wait(10)
     assert list(info.drafters) == ["stdlib-9m-tandem"]
     assert list(info.modes) == [pb.DECODING_MODE_PLAIN, pb.DECODING_MODE_TANDEM]

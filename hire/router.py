@@ -21,10 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from hire import generate
 from hire.engine import Engine
 from hire.loaded import LoadedModel
+from hire.request import Request
 from hire.sampling import SamplingParams
-from hire.speculative import Drafter, Speculator
+from hire.speculative import BlockOutput, Drafter, SpeculativeBatch, Speculator
 
 
 class ConfidenceRouter:
@@ -61,29 +63,24 @@ class MLPRouter:
 def collect(engine: Engine, drafter: Drafter, gamma: int, prompts: list[list[int]], max_tokens: int
             ) -> tuple[np.ndarray, np.ndarray]:
     """Router inputs [N, F+2] and labels [N] (1: accepted) of every draft that greedy verification judged,
-    decoding each prompt for `max_tokens` tokens (`engine.slots` at a time) with blocks of `gamma` drafts.
+    decoding each prompt for `max_tokens` tokens (through a Scheduler of `engine.slots`) with blocks of `gamma`
+    drafts.
 
     A draft is judged when every draft before it in its block was accepted; later ones are left out."""
     spec = Speculator(engine, drafter, gamma, log_inputs=True)
-    greedy = SamplingParams(temperature=0.0)
+    greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     inputs, labels = [], []
-    for group in range(0, len(prompts), spec.engine.slots):
-        batch, state, done = prompts[group:group + spec.engine.slots], spec.init_state(), []
-        for slot, prompt in enumerate(batch):
-            state, _, _ = spec.prefill(state, slot, prompt, greedy)
-            done.append(1)
-        while min(done) < max_tokens:
-            active = [n < max_tokens for n in done] + [False] * (spec.engine.slots - len(batch))
-            state = state._replace(active=jnp.array(active))
-            state, out = spec.block(state, max(len(p) + n for p, n in zip(batch, done)) + spec.gamma)
-            count, proposed, x = np.asarray(out.count), np.asarray(out.proposed), np.asarray(out.inputs)
-            for slot in range(len(batch)):
-                if done[slot] >= max_tokens:
-                    continue
-                accepted, judged = count[slot] - 1, min(count[slot], proposed[slot])
-                inputs.append(x[slot, :judged])
-                labels.append(np.arange(judged) < accepted)
-                done[slot] += int(count[slot])
+
+    def log(slots: list[int], out: BlockOutput) -> None:
+        count, proposed, x = np.asarray(out.count), np.asarray(out.proposed), np.asarray(out.inputs)
+        for slot in slots:
+            accepted, judged = count[slot] - 1, min(count[slot], proposed[slot])
+            inputs.append(x[slot, :judged])
+            labels.append(np.arange(judged) < accepted)
+
+    requests = [Request(i, prompt, greedy, -1, engine) for i, prompt in enumerate(prompts)]
+    for _ in generate.run(engine, requests, lambda: SpeculativeBatch(spec, log=log)):
+        pass
     return np.concatenate(inputs), np.concatenate(labels).astype(np.float32)
 
 

@@ -29,7 +29,7 @@ decided, so a request's output depends only on its own seed, never on its batch 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -492,10 +492,11 @@ class SpecStats:
 class SpeculativeBatch(SlotBatch):
     """The hire.batch.Batch over a Speculator's slots (any Drafter; TandemAlone too): each step is one block for
     every live request, its tokens handed out as they were decided; `stats` is updated as blocks finish (seconds
-    from the batch's start)."""
+    from the batch's start), and `log`, when given, is called with the slots a block decoded and its output."""
 
-    def __init__(self, spec: Speculator, stats: SpecStats | None = None):
-        self.spec, self.engine = spec, spec.engine
+    def __init__(self, spec: Speculator, stats: SpecStats | None = None,
+                 log: Callable[[list[int], BlockOutput], None] | None = None):
+        self.spec, self.engine, self.log = spec, spec.engine, log
         self.stats = stats if stats is not None else SpecStats()
         self.state = spec.init_state()
         self.live: dict[int, Request] = {}
@@ -517,6 +518,8 @@ class SpeculativeBatch(SlotBatch):
         reach = max(len(r.out.prompt_tokens) + len(r.out.tokens) for r in self.live.values()) + self.spec.gamma
         state = self.state._replace(active=jnp.array([slot in self.live for slot in range(self.engine.slots)]))
         self.state, out = self.spec.block(state, reach)
+        if self.log:
+            self.log(slots, out)
         tokens, logprobs, count, proposed = (np.asarray(a) for a in out[:4])
         stats.passes, stats.verified = stats.passes + 1, stats.verified + int(out.verified)
         stats.blocks += len(slots)

@@ -2,6 +2,21 @@
 import jax
 import pytest
 
+from hire.engine import use_compilation_cache
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One folder of compiled programs for the whole run, $HIRE_CACHE: this process, the CLI runs, servers and Ray
+    nodes the tests start (they inherit the environment) and their actors all keep their programs there, so that a
+    program compiled once is loaded, not compiled, wherever it is needed again (e.g. test_shards_serve's sharded
+    programs are test_shards'). A fresh folder: nothing is read from, or left in, the user's cache."""
+    with pytest.MonkeyPatch.context() as env:
+        folder = str(tmp_path_factory.mktemp("xla"))
+        env.setenv("HIRE_CACHE", folder)
+        use_compilation_cache(folder)
+        yield folder
+
 
 @pytest.fixture(autouse=True)
 def full_precision_matmuls():

@@ -246,15 +246,14 @@ def test_served_chat_applies_the_template_and_stops_at_its_end(ended, server):
     assert again.choices[0].message.content == r.choices[0].message.content  # still serving
 
 
-def test_generate_chat(chat_model, monkeypatch, tmp_path):
-    monkeypatch.setenv("HIRE_CACHE", str(tmp_path / "xla"))
+def test_generate_chat(chat_model):
     expected = answers(chat_model, [{"role": "user", "content": "import os"}], 10)
     result = CliRunner().invoke(main, ["generate", "--model", str(chat_model), "--chat", "--prompt", "import os",
                                        "--temperature", "0", "--max-tokens", "10"], catch_exceptions=False)
     assert result.exit_code == 0 and result.stdout == expected.text + "\n"
 
 
-def test_hire_chat_reads_a_pipe(chat_model, tmp_path):
+def test_hire_chat_reads_a_pipe(chat_model):
     """`hire chat` as a user runs it, its stdin a pipe: history kept, /reset forgets it but the system prompt,
     /exit ends before the last line."""
     system = {"role": "system", "content": "You write Python."}
@@ -264,27 +263,26 @@ def test_hire_chat_reads_a_pipe(chat_model, tmp_path):
     a3 = answers(chat_model, [system, u2], 12).text
     assert a2 != a3  # the history matters
     stdin = f"{u1['content']}\n{u2['content']}\n\n/reset\n{u2['content']}\n/exit\nnever read\n"
-    done = hire_chat(stdin, "--model", str(chat_model), "--system", system["content"], "--max-tokens", "12",
-                     cache=tmp_path / "xla")
+    done = hire_chat(stdin, "--model", str(chat_model), "--system", system["content"], "--max-tokens", "12")
     assert done.stdout == f"{a1}\n{a2}\n{a3}\n"
     assert "[conversation reset]" in done.stderr and done.stderr.count("tokens/s") == 3
 
 
-def hire_chat(stdin: str, *args: str, cache: Path) -> subprocess.CompletedProcess:
+def hire_chat(stdin: str, *args: str) -> subprocess.CompletedProcess:
     """`hire chat ARGS`, greedy, in its own process with `stdin` piped in; it must succeed."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HIRE_CACHE": str(cache)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", "from hire.cli import main; main()", "chat", "--temperature", "0",
                            *args], input=stdin, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
     return done
 
 
-def test_hire_chat_with_smollm2(tmp_path):
+def test_hire_chat_with_smollm2():
     """The real instruct model by name (pulled through hire's registry on first use): its ChatML template from
     the GGUF file, answers that end at <|im_end|> (its EOS, id 2), and a second question that needs the first."""
     resolve_model("smollm2-135m-instruct")
     done = hire_chat("What is the capital of France?\nAnd of Germany?\n", "--model", "smollm2-135m-instruct",
-                     "--max-tokens", "30", cache=tmp_path / "xla")
+                     "--max-tokens", "30")
     france, germany = done.stdout.splitlines()
     assert "Paris" in france and "Berlin" in germany and "Germany" in germany
     assert done.stderr.count("finish: stop") == 2

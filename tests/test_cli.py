@@ -15,9 +15,7 @@ LILY = "Once upon a time, there was a little girl named Lily. She loved to play 
 
 
 @pytest.fixture
-def run(tmp_path, monkeypatch):
-    monkeypatch.setenv("HIRE_CACHE", str(tmp_path / "xla"))
-
+def run():
     def invoke(*args: str):
         return CliRunner().invoke(main, list(args), catch_exceptions=False)
     return invoke

@@ -23,7 +23,7 @@ from ray_nodes import add_node
 from hire.bench import text_prompts
 from hire.checkpoint import load_model
 from hire.drafters import load_drafter
-from hire.engine import Engine
+from hire.engine import Engine, compilation_cache_folder
 from hire.engine_api import EngineUnavailable
 from hire.generate import generate
 from hire.sampling import SamplingParams
@@ -85,7 +85,7 @@ def local_ray():
 
 def start(local_ray: Path, draft: str) -> Coordinator:
     return Coordinator("stdlib-9m", draft, SLOTS, MAX_LEN, GAMMA, timeout=120, start_timeout=180,
-                       compilation_cache=str(local_ray / "xla"), options=PLACES)
+                       compilation_cache=compilation_cache_folder(), options=PLACES)
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +268,7 @@ def test_tandem_through_the_coordinator_actor(local_ray, prompts, expected):
     coordinator in its own actor, which owns the two workers."""
     actor = CoordinatorActor.remote(target="stdlib-9m", draft="stdlib-9m-tandem", slots=SLOTS, max_len=MAX_LEN,
                                     gamma=GAMMA, timeout=120, start_timeout=180,
-                                    compilation_cache=str(local_ray / "xla"), options=PLACES)
+                                    compilation_cache=compilation_cache_folder(), options=PLACES)
     try:
         for pipelined in (False, True):
             ray.get(actor.set_pipelined.remote(pipelined), timeout=60)
@@ -290,7 +290,7 @@ def test_verifier_sharded_over_hosts(local_ray, prompts, expected):
     it again, and the output is unchanged."""
     places = {"verify": {"num_cpus": 0, "resources": {"verify_node": 1}}, "draft": PLACES["draft"]}
     coordinator = Coordinator("stdlib-9m", "ngram", SLOTS, MAX_LEN, GAMMA, timeout=120, start_timeout=180,
-                              compilation_cache=str(local_ray / "xla"), options=places, verify_hosts=2)
+                              compilation_cache=compilation_cache_folder(), options=places, verify_hosts=2)
     try:
         hosts = coordinator.workers.info["verify"]["hosts"]
         assert len({h["node"] for h in hosts}) == 2

@@ -105,9 +105,8 @@ def test_tiny_tokenizer_matches_transformers(tiny):
         assert tok.end_ids == (2,) and tok.chat_template is None and tok.add_bos
 
 
-def test_convert_gguf(tiny, tmp_path, monkeypatch):
+def test_convert_gguf(tiny, tmp_path):
     path, _ = tiny
-    monkeypatch.setenv("HIRE_CACHE", str(tmp_path / "xla"))
     result = CliRunner().invoke(main, ["convert", str(path), str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     src, dst = load_model(path), load_model(tmp_path / "out")
@@ -119,9 +118,8 @@ def test_convert_gguf(tiny, tmp_path, monkeypatch):
     assert src.tokenizer.encode(TEXTS[5]) == dst.tokenizer.encode(TEXTS[5])
 
 
-def test_generate_command_takes_a_gguf_file(tiny, tmp_path, monkeypatch):
+def test_generate_command_takes_a_gguf_file(tiny):
     path, _ = tiny
-    monkeypatch.setenv("HIRE_CACHE", str(tmp_path / "xla"))
     result = CliRunner().invoke(main, ["generate", "--model", str(path), "--prompt", "the cat", "--max-tokens", "4",
                                        "--temperature", "0"])
     assert result.exit_code == 0, result.output
@@ -280,9 +278,8 @@ def test_bad_metadata_or_tensor(tmp_path, tiny_llama, kw, named):
     assert named in load_error(broken(tmp_path, tiny_llama, **kw))
 
 
-def test_bad_file_fails_before_a_server_starts(tmp_path, tiny_llama, monkeypatch):
+def test_bad_file_fails_before_a_server_starts(tmp_path, tiny_llama):
     path = broken(tmp_path, tiny_llama, types=("Q8_1",))
-    monkeypatch.setenv("HIRE_CACHE", str(tmp_path / "xla"))
     for command in (["generate", "--prompt", "x"], ["serve"], ["serve-grpc"]):
         result = CliRunner().invoke(main, [*command, "--model", str(path)])
         assert result.exit_code == 1 and "Error: " in result.output, (command, result.output)

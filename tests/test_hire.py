@@ -259,9 +259,7 @@ def test_recall_on_the_trained_dense_default_model():
 
 
 @pytest.fixture
-def run(tmp_path, monkeypatch):
-    monkeypatch.setenv("HIRE_CACHE", str(tmp_path / "xla"))
-
+def run():
     def invoke(*args: str):
         result = CliRunner().invoke(main, list(args), catch_exceptions=False)
         assert result.exit_code == 0, result.output

@@ -202,8 +202,7 @@ def test_mixture_of_experts_ffn_is_refused(setup):
         load_adapters(model, {"all": setup.folders["all"]})
 
 
-def test_cli_generates_with_a_named_adapter(setup, tmp_path, monkeypatch):
-    monkeypatch.setenv("HIRE_CACHE", str(tmp_path / "xla"))
+def test_cli_generates_with_a_named_adapter(setup):
     prompt = " ".join(f"t{t}" for t in setup.prompt)
     engine = Engine(setup.loaded, slots=1, max_len=64)
     [expected] = generate(engine, [prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),

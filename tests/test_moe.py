@@ -109,10 +109,9 @@ def test_bad_dispatch_is_named():
         CFG.replace(moe_dispatch="sparse")
 
 
-def test_bench_decode_reports_bytes_and_the_all_experts_path(model, tmp_path, monkeypatch):
+def test_bench_decode_reports_bytes_and_the_all_experts_path(model, tmp_path):
     """hire bench decode on a mixture: the all-experts path timed in the same run, and the bytes each reads."""
     save_native(tmp_path / "moe", CFG, model.variables, model.tokenizer)
-    monkeypatch.setenv("HIRE_CACHE", str(tmp_path / "xla"))
     result = CliRunner().invoke(main, ["bench", "decode", "--model", str(tmp_path / "moe"), "--batch", "1", "--batch",
                                        "8", "--steps", "2", "--chunk", "2", "--prompt-len", "4", "--repeats", "1"],
                                 catch_exceptions=False)

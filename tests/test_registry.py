@@ -52,7 +52,6 @@ def index(tmp_path, tiny_file, monkeypatch):
     monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("HIRE_MODELS", str(tmp_path / "models"))
-    monkeypatch.setenv("HIRE_CACHE", str(tmp_path / "xla"))
     return entry
 
 

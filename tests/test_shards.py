@@ -22,7 +22,7 @@ from test_sharded_sampling import hire_model
 from hire import sharding
 from hire.checkpoint import load_model
 from hire.config import ModelConfig
-from hire.engine import Engine
+from hire.engine import Engine, compilation_cache_folder
 from hire.engine_api import EngineUnavailable
 from hire.formats import expected_variables
 from hire.generate import generate
@@ -54,9 +54,9 @@ def local_cluster():
 
 
 @pytest.fixture(scope="module")
-def sharded(local_cluster, tmp_path_factory):
+def sharded(local_cluster):
     engine = ShardedEngine("stories260K", HOSTS, DEVICES, slots=4, max_len=16, call_timeout=120, start_timeout=120,
-                           compilation_cache=str(tmp_path_factory.mktemp("xla")))
+                           compilation_cache=compilation_cache_folder())
     try:
         yield engine
     finally:

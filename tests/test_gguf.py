@@ -150,18 +150,22 @@ def test_real_tokenizer_matches_transformers(real):
         assert tok.chat_template is None and tok.end_ids == (1,) and tok.bos_id == 2 and tok.add_bos
 
 
-def greedy_matches_transformers(loaded, ref, prompts: list[str], n: int, max_len: int = 64) -> list[str]:
-    """hire's greedy tokens against transformers' for each prompt (up to transformers' EOS); hire's texts."""
-    engine, texts = Engine(loaded, slots=1, max_len=max_len), []
+def greedy_matches_transformers(loaded, ref, prompts: list[str], n: int, max_len: int = 64) -> None:
+    """hire's n greedy tokens for each prompt are transformers' greedy ones (`generate(do_sample=False)`, which stops
+    at an EOS of its generation config): each is the argmax of transformers' logits after the prompt and hire's
+    tokens before it. One forward pass over them gives every step's logits (greedy decoding is a function of them),
+    where `generate` would take n passes (in eager attention, most of this module's time)."""
+    engine = Engine(loaded, slots=1, max_len=max_len)
+    eos = ref.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or ())
     for prompt in prompts:
         ids = loaded.tokenizer.encode(prompt)
-        want = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                            do_sample=False, max_new_tokens=n)[0, len(ids):].tolist()
         [out] = generate(engine, [ids], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-        assert out.tokens[:len(want)] == want, prompt  # transformers stops at EOS
-        assert len(want) == n or want[-1] in loaded.tokenizer.end_ids
-        texts.append(out.text)
-    return texts
+        with torch.no_grad():
+            want = ref(torch.tensor([ids + out.tokens[:-1]])).logits[0, len(ids) - 1:].argmax(-1).tolist()
+        end = next((i + 1 for i, t in enumerate(want) if t in eos), n)  # where transformers' greedy run stops
+        assert out.tokens[:end] == want[:end], prompt
+        assert end == n or want[end - 1] in loaded.tokenizer.end_ids
 
 
 def test_smollm2_greedy_matches_transformers():

@@ -6,6 +6,7 @@ import asyncio
 import datetime
 import filecmp
 import ipaddress
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
@@ -24,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from safetensors.numpy import save_file
 
 from cluster.config import ServeConfig
 from cluster.grpc_server import GrpcServer
@@ -33,6 +36,7 @@ from hire.cli import main
 from hire.drafters import load_drafter
 from hire.engine import Engine
 from hire.generate import generate
+from hire.lora import load_adapters
 from hire.sampling import SamplingParams
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc, jetstream_pb2_grpc
@@ -351,6 +355,49 @@ def test_draft_ngram_gives_the_greedy_text_of_plain_decoding(engine, stub):
         assert e.value.code() == CODE.INVALID_ARGUMENT and "gamma: this server drafts 3" in e.value.details()
         accepted = server.server.metrics.registry.get_sample_value("hire_speculative_acceptance_rate")
         assert 0 < accepted <= 1  # the prompts repeat themselves: prompt lookup has drafts accepted
+
+
+def tiny_adapter(folder: Path) -> Path:
+    """A rank-4 PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors) on stories260K's q and v
+    projections, strong enough to change its greedy text."""
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for layer in range(5):
+        for proj, n_out in (("q_proj", 64), ("v_proj", 32)):
+            key = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            tensors[f"{key}.lora_A.weight"] = rng.normal(0, 0.3, (4, 64)).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = rng.normal(0, 0.3, (n_out, 4)).astype(np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                            "target_modules": ["q_proj", "v_proj"]}))
+    return folder
+
+
+def check_lora(stub: inference_pb2_grpc.InferenceStub, adapter: Path, max_len: int) -> None:
+    """A server of stories260K with `adapter` loaded as "tiny" answers a request naming it as the library does with
+    the adapter, and one naming none as the base model."""
+    loaded, names = load_adapters(load_model("stories260K"), {"tiny": adapter})
+    want = generate(Engine(loaded, slots=2, max_len=max_len), [PROMPT, PROMPT],
+                    SamplingParams(temperature=0, max_tokens=24), adapters=[names["tiny"], -1], chunk=4)
+    assert want[0].tokens != want[1].tokens
+    assert list(stub.GetModelInfo(pb.GetModelInfoRequest()).adapters) == ["tiny"]
+    for name, expected in (("tiny", want[0]), ("", want[1])):
+        assert list(stub.Generate(greedy(24, adapter=name)).token_ids) == expected.tokens
+        parts = list(stub.GenerateStream(greedy(24, adapter=name)))
+        assert "".join(p.text for p in parts) == expected.text
+
+
+def test_lora_adapter_by_name(tmp_path):
+    adapter = tiny_adapter(tmp_path / "tiny")
+    loaded, names = load_adapters(load_model("stories260K"), {"tiny": adapter})
+    served = Served(Engine(loaded, slots=4, max_len=128), "stories260K", names)
+    server = Running(served, ServeConfig(grpc_port=0))
+    try:
+        with server.channel() as channel:
+            check_lora(inference_pb2_grpc.InferenceStub(channel), adapter, 128)
+    finally:
+        server.close()
 
 
 def test_oversized_messages_and_texts_are_refused_before_any_work(stub):

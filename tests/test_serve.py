@@ -10,6 +10,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import grpc
 import openai
@@ -20,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ray import serve
+from test_grpc_server import check_lora, tiny_adapter
 
 from cluster import launch
 from cluster.bench_serving import free_port
@@ -41,10 +43,15 @@ REQUEST_BYTES = 8 * 32 * 512 + 2**16  # Limits.request_bytes for a context of 51
 
 
 @pytest.fixture(scope="module")
-def ports():
+def adapter(tmp_path_factory) -> Path:
+    return tiny_adapter(tmp_path_factory.mktemp("lora") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def ports(adapter):
     http, grpc_port = free_port(), free_port()
     launch.start(ServeConfig(model=MODEL, slots=8, max_len=512, api_keys=(KEY, OTHER_KEY), http_port=http,
-                             grpc_port=grpc_port, num_cpus=2))
+                             grpc_port=grpc_port, num_cpus=2, lora={"tiny": str(adapter)}))
     yield http, grpc_port
     launch.stop()
 
@@ -123,7 +130,7 @@ def test_chat_completions_match_the_library(engine, client):
 
 
 def test_models_health_and_seeded_sampling(ports, client):
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert [m.id for m in client.models.list().data] == [MODEL, "tiny"]  # a LoRA adapter is a model
     with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/health") as r:
         assert json.load(r) == {"status": "ok"}
     a, b = (client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=1, top_p=0.9, seed=7)
@@ -165,6 +172,10 @@ def test_bad_chat_request_through_the_openai_client(client):
         client.chat.completions.create(model=MODEL, messages=[], max_tokens=5)
     with pytest.raises(openai.BadRequestError, match="top_p"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], top_p=1.5)
+
+
+def test_lora_adapter_by_name_through_the_serve_proxy(adapter, channel):
+    check_lora(inference_pb2_grpc.InferenceStub(channel), adapter, 512)  # as test_grpc_server's, through Serve
 
 
 def test_grpc_through_the_serve_proxy(engine, channel):

@@ -23,10 +23,6 @@ DRAFT_HELP = ("Decode speculatively with this drafter: 'ngram' (prompt lookup, n
               "stdlib-9m-tandem).")
 
 
-# The names the decode and serving commands load with (hire.checkpoint.load, load_with_adapters; hire.config).
-_load, _load_with_adapters, _hire = load, load_with_adapters, hire_overrides
-
-
 class Command(click.Command):
     """A command whose work's errors read as its own: an OptionError as a bad value of the option it names (a usage
     error where it names none), a CheckpointError as one line."""
@@ -225,9 +221,9 @@ def generate(model, prompt, as_chat, max_tokens, temperature, top_k, top_p, seed
     if weights_on_disk:
         if loras or draft or dtype or quantize:
             raise click.UsageError("--weights-on-disk takes no --lora, --draft, --dtype or --quantize")
-        engine, names = engine_on_disk(model, memory_budget, window, _hire(softmax, ffn, hire_settings)), {}
+        engine, names = engine_on_disk(model, memory_budget, window, hire_overrides(softmax, ffn, hire_settings)), {}
     else:
-        loaded, names = _load_with_adapters(model, dtype, loras, _hire(softmax, ffn, hire_settings), quantize)
+        loaded, names = load_with_adapters(model, dtype, loras, hire_overrides(softmax, ffn, hire_settings), quantize)
         engine = Engine(loaded, slots=1)
     if adapter is not None and adapter not in names:
         raise click.BadParameter(f"no adapter {adapter!r} loaded; loaded: {sorted(names) or 'none'}",
@@ -287,7 +283,7 @@ def chat(model, system, max_tokens, temperature, top_k, top_p, seed, stop, dtype
     from hire.generate import stream
     from hire.sampling import SamplingParams
 
-    loaded = _load(model, dtype, _hire(softmax, ffn, hire_settings), quantize)
+    loaded = load(model, dtype, hire_overrides(softmax, ffn, hire_settings), quantize)
     engine, template = Engine(loaded, slots=1), ChatTemplate.of(loaded.tokenizer)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed,
                             stop_strings=stop)
@@ -425,7 +421,7 @@ def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype, 
 
     if (model is None) == (shape is None):
         raise click.UsageError("give exactly one of --model and --shape")
-    hire, dense = _hire(softmax, ffn, hire_settings), None
+    hire, dense = hire_overrides(softmax, ffn, hire_settings), None
     if shape is not None:
         from hire.calibrate import random_predictors
         from hire.predictor_files import sparsify
@@ -445,9 +441,9 @@ def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype, 
         if want.sparse:
             dense, loaded = loaded, sparsify(loaded, want, random_predictors(want))
     else:
-        loaded = _load(model, dtype, hire, quantize)
+        loaded = load(model, dtype, hire, quantize)
         if loaded.cfg.sparse:
-            dense = _load(model, dtype, {"softmax": "dense", "ffn": "dense"}, quantize)  # at the same precision
+            dense = load(model, dtype, {"softmax": "dense", "ffn": "dense"}, quantize)  # at the same precision
     if loaded.cfg.n_experts and loaded.cfg.moe_dispatch != "all":  # against the all-experts path (hire.moe)
         base = dense or loaded
         dense = LoadedModel(base.cfg.replace(moe_dispatch="all"), base.variables, base.tokenizer)
@@ -910,7 +906,7 @@ def _serve_config(flags: dict, **fields):
     if any(len(p) != 2 or not all(p) for p in pairs):
         raise click.BadParameter("expected NAME=PATH", param_hint="--lora")
     keys, limits = _access(flags["host"], flags.pop("api_keys"), flags["insecure"], flags.pop("limits"))
-    hire = _hire(flags.pop("softmax"), flags.pop("ffn"), flags.pop("hire_settings"))
+    hire = hire_overrides(flags.pop("softmax"), flags.pop("ffn"), flags.pop("hire_settings"))
     try:
         return ServeConfig(**flags, **fields, hire=hire, lora=dict(pairs), api_keys=tuple(keys), limits=limits)
     except ValueError as e:
@@ -979,7 +975,7 @@ def serve_grpc(**flags) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("cluster", "hire"):
         logging.getLogger(name).setLevel(logging.INFO)
-    loaded, names = _load_with_adapters(config.model, config.dtype, loras, _serving_hire(config.model, config.hire),
+    loaded, names = load_with_adapters(config.model, config.dtype, loras, _serving_hire(config.model, config.hire),
                                         config.quantize)
     _log_hire(loaded.cfg)
     drafter = _drafter(config.draft, loaded, config.dtype) if config.draft else None
@@ -1048,7 +1044,7 @@ def serve_command(**flags) -> None:
                                                             for name, path in config.lora.items()})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings := not config.draft and _serving_hire(model, config.hire):  # fail here on a bad setting
-        _log_hire(_load(model, config.dtype, settings, config.quantize).cfg)
+        _log_hire(load(model, config.dtype, settings, config.quantize).cfg)
     if config.hosts > 1:
         from workers.shards import check_servable
 

@@ -82,8 +82,8 @@ class EngineServer:
     The model (`config.model`) runs with the HiRE setting its folder recommends (hire.predictor_files.
     serving_settings), if any, with `config.hire` (ModelConfig HiRE fields, e.g. {"softmax": "dense"}) on top. With
     `config.draft` (a drafter's name or path, or "ngram") it is decoded speculatively, `gamma` tokens drafted per
-    block, `pipelined` or not (docs/coordinator.md); the large model then runs exactly, in its own worker actor (over
-    `hosts` host actors when > 1). `config.limits` bound each request.
+    block, `pipelined` or not (docs/coordinator.md); the large model, with the same HiRE setting, then runs in its
+    own worker actor (over `hosts` host actors when > 1). `config.limits` bound each request.
     """
 
     def __init__(self, config: ServeConfig):
@@ -94,7 +94,8 @@ class EngineServer:
 
             tandem = CoordinatorEngine(c.model, c.draft, c.slots, c.max_len, c.gamma, c.pipelined, c.dtype,
                                        compilation_cache=compilation_cache_folder(), verify_hosts=c.hosts,
-                                       devices_per_host=c.devices_per_host)
+                                       devices_per_host=c.devices_per_host,
+                                       hire=serving_settings(model_folder(c.model), c.hire or None))
             mode = pb.DECODING_MODE_TANDEM if tandem.hidden_layers else pb.DECODING_MODE_SPECULATIVE
             self.served = Served(tandem, tandem.cfg.name, drafters=[Path(c.draft).name], mode=mode, gamma=c.gamma,
                                  limits=c.limits)

@@ -1043,7 +1043,7 @@ def serve_command(**flags) -> None:
     config = config.replace(model=model, draft=draft, lora={name: str(Path(path).resolve())
                                                             for name, path in config.lora.items()})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings := not config.draft and _serving_hire(model, config.hire):  # fail here on a bad setting
+    if settings := _serving_hire(model, config.hire):  # fail here on a bad setting
         _log_hire(load(model, config.dtype, settings, config.quantize).cfg)
     if config.hosts > 1:
         from workers.shards import check_servable

@@ -4,6 +4,7 @@ with stdlib-9m-draft and stdlib-9m-tandem; and the large model sharded over two 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sysconfig
 import tempfile
@@ -21,7 +22,7 @@ from ray.util.placement_group import placement_group_table
 from ray_nodes import add_node
 
 from hire.bench import text_prompts
-from hire.checkpoint import load_model
+from hire.checkpoint import load_model, resolve_model
 from hire.drafters import load_drafter
 from hire.engine import Engine, compilation_cache_folder
 from hire.engine_api import EngineUnavailable
@@ -314,5 +315,25 @@ def test_verifier_sharded_over_hosts(local_ray, prompts, expected):
         groups = [g for g in placement_group_table().values()
                   if g["name"].startswith("hire-verify-") and g["state"] != "REMOVED"]
         assert [g["name"] for g in groups] == [coordinator.workers.group_name]
+    finally:
+        coordinator.shutdown()
+
+
+def test_hire_verifier_equals_its_model_alone(local_ray, tmp_path):
+    """HiRE is a property of the large model: the verifier loads it with the HiRE overrides given, and greedy output
+    through the coordinator equals that model alone (which differs from the exact model's)."""
+    folder = shutil.copytree(resolve_model("stories260K"), tmp_path / "stories")  # int4 predictors built at load
+    hire = {"softmax": "hire-q", "hire_quant": "int4", "softmax_k": 1, "softmax_oversample": 2}
+    prompts = ["The cat sat on the mat. The cat sat", "Tom and his mom went to the park to play"]
+    model = load_model(folder, **hire)
+    want = generate(Engine(model, SLOTS, MAX_LEN), prompts, GREEDY)
+    assert [o.tokens for o in want] != [o.tokens for o in generate(Engine(load_model(folder), SLOTS, MAX_LEN),
+                                                                   prompts, GREEDY)]
+    coordinator = Coordinator(str(folder), "ngram", SLOTS, MAX_LEN, GAMMA, timeout=120, start_timeout=180,
+                              compilation_cache=compilation_cache_folder(), options=PLACES, hire=hire)
+    try:
+        assert coordinator.engine.cfg.softmax == "hire-q"
+        outs, stats = run(coordinator, True, prompts)
+        assert same_tokens(outs, want) and stats["accepted"] > 0
     finally:
         coordinator.shutdown()

@@ -25,9 +25,11 @@ from cluster.bench_serving import free_port
 from cluster.client import Client
 from cluster.config import ServeConfig
 from cluster.requests import Served
-from hire.checkpoint import load_model
+from hire.checkpoint import load_model, model_folder
 from hire.engine import Engine
 from hire.generate import generate
+from hire.loaded import LoadedModel
+from hire.predictor_files import serving_settings
 from hire.sampling import SamplingParams
 from hire.tandem import tandem_drafter
 from protos import inference_pb2 as pb
@@ -35,6 +37,11 @@ from protos import inference_pb2 as pb
 MAX_LEN, GAMMA, SLOTS = 32, 4, 2
 WORKLOAD = lt.Workload(lt.Dist("8"), lt.Dist("uniform:8:20"))
 PROMPTS = ["def parse_args(argv):\n", "import os\n", "x = [\n    0,\n    0,\n"]
+
+
+def served() -> LoadedModel:
+    """stdlib-9m as `hire serve` serves it, with or without --draft: with the HiRE setting its folder recommends."""
+    return load_model("stdlib-9m", **serving_settings(model_folder("stdlib-9m")))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +75,7 @@ def door(request):
     if request.param == "serve":
         yield request.getfixturevalue("client"), engine_stats
         return
-    large = load_model("stdlib-9m")
+    large = served()
     config = ServeConfig(draft="stdlib-9m-tandem", gamma=GAMMA, slots=SLOTS, max_len=MAX_LEN, grpc_port=0)
     server = Running(Served(Engine(large, SLOTS, MAX_LEN), large.cfg.name), config,
                      tandem_drafter("stdlib-9m-tandem", large))
@@ -82,7 +89,7 @@ def door(request):
 
 def test_greedy_through_serve_equals_model_alone(door):
     client, stats_of = door
-    large = load_model("stdlib-9m")
+    large = served()
     want = generate(Engine(large, SLOTS, MAX_LEN), PROMPTS, SamplingParams(temperature=0.0, max_tokens=20))
     requests = [pb.GenerateRequest(text=p, temperature=0.0, max_tokens=20) for p in PROMPTS]
     got = [client.generate(r) for r in requests]  # one at a time, then all at once (3 requests over 2 slots)

@@ -97,7 +97,9 @@ class Workers:
 
     def __init__(self, target: str, draft: str, slots: int, max_len: int | None, gamma: int, dtype: str | None = None,
                  compilation_cache: str | None = None, host: str | None = None, start_timeout: float = 300.0,
-                 options: dict[str, dict] | None = None, group: dict[str, Any] | None = None):
+                 options: dict[str, dict] | None = None, group: dict[str, Any] | None = None,
+                 hire: dict[str, Any] | None = None):
+        self.hire = hire
         self.target, self.draft, self.slots, self.gamma, self.dtype = target, draft, slots, gamma, dtype
         self.group, self.group_name = group, ""  # the verifier's shard group, and its placement group's name
         self.max_len, self.compilation_cache, self.host = max_len, compilation_cache, host
@@ -133,7 +135,7 @@ class Workers:
             self.group_name = f"hire-verify-{uuid.uuid4().hex}" if self.group else ""
             call = actor.start.remote(self.target, self.slots, self.max_len, self.gamma, self.secret, self.dtype,
                                       self.compilation_cache, self.host,
-                                      self.group and self.group | {"name": self.group_name})
+                                      self.group and self.group | {"name": self.group_name}, self.hire)
         else:
             verify = self.info["verify"]
             call = actor.start.remote(self.draft, verify["cfg"], self.slots, verify["max_len"], self.gamma,
@@ -227,7 +229,8 @@ class CoordinatorEngine:
     `verify_hosts` > 1 or `devices_per_host` > 1 the large model is sharded over that many host actors of that many
     devices each (workers.shards), which its worker drives; a host that dies or hangs restarts the verifier with a
     fresh group. What a scheduler needs of an engine (hire.engine_api.Engine: cfg, tokenizer, slots, max_len,
-    check_request, warm_up; `recover`), not its prefill and decode calls: the batches make those."""
+    check_request, warm_up; `recover`), not its prefill and decode calls: the batches make those. `hire` overrides
+    the large model's HiRE fields (hire.checkpoint.load_model's keywords; the drafter drafts for that model)."""
 
     check_request = Engine.check_request
 
@@ -235,14 +238,15 @@ class CoordinatorEngine:
                  max_len: int | None = None, gamma: int = 4, pipelined: bool = True, dtype: str | None = None,
                  timeout: float = 120.0, start_timeout: float = 300.0, restarts: int = 3,
                  compilation_cache: str | None = None, host: str | None = None,
-                 options: dict[str, dict] | None = None, verify_hosts: int = 1, devices_per_host: int = 1):
+                 options: dict[str, dict] | None = None, verify_hosts: int = 1, devices_per_host: int = 1,
+                 hire: dict[str, Any] | None = None):
         if min(gamma, slots, verify_hosts, devices_per_host) < 1:
             raise ValueError(f"gamma, slots, verify_hosts and devices_per_host must be >= 1, got {gamma}, {slots}, "
                              f"{verify_hosts} and {devices_per_host}")
         group = {"hosts": verify_hosts, "devices_per_host": devices_per_host, "call_timeout": timeout,
                  "start_timeout": start_timeout} if verify_hosts * devices_per_host > 1 else None
         self.workers = Workers(target, draft, slots, max_len, gamma, dtype, compilation_cache, host, start_timeout,
-                               options, group)
+                               options, group, hire)
         verify, drafter = self.workers.info["verify"], self.workers.info["draft"]
         self.cfg, self.max_len, self.slots, self.gamma = verify["cfg"], verify["max_len"], slots, gamma
         self.buckets = buckets(self.max_len)

@@ -110,9 +110,10 @@ class VerifyWorker:
 
     def start(self, model: str, slots: int, max_len: int | None, gamma: int, secret: str, dtype: str | None = None,
               compilation_cache: str | None = None, host: str | None = None,
-              group: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Load `model`, build its engine and serve calls that carry `secret` (blocks of up to `gamma` drafts); where
-        to reach it and the model's shape. With `group`
+              group: dict[str, Any] | None = None, hire: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Load `model` (with the HiRE overrides `hire`, hire.checkpoint.load_model's), build its engine and serve
+        calls that carry `secret` (blocks of up to `gamma` drafts); where to reach it and the model's shape. With
+        `group`
         (workers.shards.ShardedEngine's keywords: hosts, devices_per_host, ...) the model is sharded over a group of
         host actors that this actor drives ("hosts": each host's rank, node and process)."""
         if compilation_cache:
@@ -122,13 +123,13 @@ class VerifyWorker:
             from workers.shards import ShardedEngine
 
             self.engine = ShardedEngine(model, slots=slots, max_len=max_len, dtype=dtype,
-                                        compilation_cache=compilation_cache, **group)
+                                        compilation_cache=compilation_cache, hire=hire, **group)
             service = VerifierService(self.engine, GroupPrograms(self.engine.group))
             info["hosts"] = [{k: i[k] for k in ("rank", "node", "pid")} for i in self.engine.group.info]
         else:
             from hire.checkpoint import load_model
 
-            self.engine = Engine(load_model(model, dtype), slots, max_len)
+            self.engine = Engine(load_model(model, dtype, **(hire or {})), slots, max_len)
             service = VerifierService(self.engine)
         host = host or ray.util.get_node_ip_address()
         limit = message_limit(slots, self.engine.max_len, gamma, self.engine.cfg.vocab_size)

@@ -74,8 +74,6 @@ class ServeConfig:
         object.__setattr__(self, "api_keys", tuple(parse_keys([keys] if isinstance(keys, str) else keys or ())))
         object.__setattr__(self, "hire", dict(self.hire or {}))
         object.__setattr__(self, "lora", dict(self.lora or {}))
-        if self.draft and self.lora:
-            raise ValueError("draft: speculative decoding does not combine with lora yet")
         if self.quantize and (self.draft or self.hosts > 1):
             raise ValueError("quantize: quantized weights are served by one engine per replica; they do not combine "
                              "with draft or hosts yet")

@@ -82,8 +82,9 @@ class EngineServer:
     The model (`config.model`) runs with the HiRE setting its folder recommends (hire.predictor_files.
     serving_settings), if any, with `config.hire` (ModelConfig HiRE fields, e.g. {"softmax": "dense"}) on top. With
     `config.draft` (a drafter's name or path, or "ngram") it is decoded speculatively, `gamma` tokens drafted per
-    block, `pipelined` or not (docs/coordinator.md); the large model, with the same HiRE setting, then runs in its
-    own worker actor (over `hosts` host actors when > 1). `config.limits` bound each request.
+    block, `pipelined` or not (docs/coordinator.md); the large model, with the same HiRE setting and adapters, then
+    runs in its own worker actor (over `hosts` host actors when > 1, with no adapters). `config.limits` bound each
+    request.
     """
 
     def __init__(self, config: ServeConfig):
@@ -95,10 +96,11 @@ class EngineServer:
             tandem = CoordinatorEngine(c.model, c.draft, c.slots, c.max_len, c.gamma, c.pipelined, c.dtype,
                                        compilation_cache=compilation_cache_folder(), verify_hosts=c.hosts,
                                        devices_per_host=c.devices_per_host,
-                                       hire=serving_settings(model_folder(c.model), c.hire or None))
+                                       hire=serving_settings(model_folder(c.model), c.hire or None),
+                                       lora=c.lora or None)
             mode = pb.DECODING_MODE_TANDEM if tandem.hidden_layers else pb.DECODING_MODE_SPECULATIVE
-            self.served = Served(tandem, tandem.cfg.name, drafters=[Path(c.draft).name], mode=mode, gamma=c.gamma,
-                                 limits=c.limits)
+            self.served = Served(tandem, tandem.cfg.name, tandem.adapters, drafters=[Path(c.draft).name], mode=mode,
+                                 gamma=c.gamma, limits=c.limits)
             batch = tandem.batch
         elif c.hosts > 1:  # the model sharded over `hosts` Ray actors (workers.shards); this replica drives them
             sharded = serving_engine(c.model, c.hosts, c.devices_per_host, c.placement, c.slots, c.max_len, c.dtype,

@@ -1,8 +1,10 @@
 """The tandem coordinator (workers.coordinator) on a real two-node Ray cluster (ray.cluster_utils.Cluster): the large
 model's actor on one node and the drafter's on the other, driven over gRPC on loopback, unpipelined and pipelined,
-with stdlib-9m-draft and stdlib-9m-tandem; and the large model sharded over two host actors (workers.shards)."""
+with stdlib-9m-draft and stdlib-9m-tandem; the large model sharded over two host actors (workers.shards); and with a
+HiRE setting or LoRA adapters (the verifier's model, also through `hire serve`'s engine replica)."""
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -20,17 +22,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group_table
 from ray_nodes import add_node
+from test_grpc_server import tiny_adapter
 
+from cluster.config import ServeConfig
+from cluster.serve_app import EngineServer
 from hire.bench import text_prompts
 from hire.checkpoint import load_model, resolve_model
 from hire.drafters import load_drafter
 from hire.engine import Engine, compilation_cache_folder
 from hire.engine_api import EngineUnavailable
 from hire.generate import generate
+from hire.lora import load_adapters
 from hire.sampling import SamplingParams
 from hire.speculative import speculative_generate
+from protos import inference_pb2, internal_pb2_grpc
 from protos import internal_pb2 as pb
-from protos import internal_pb2_grpc
 from workers.auth import bearer
 from workers.coordinator import Coordinator, CoordinatorActor
 from workers.rpc import pack
@@ -337,3 +343,51 @@ def test_hire_verifier_equals_its_model_alone(local_ray, tmp_path):
         assert same_tokens(outs, want) and stats["accepted"] > 0
     finally:
         coordinator.shutdown()
+
+
+def test_lora_verifier_runs_each_requests_adapter(local_ray, tmp_path):
+    """The verifier loads the adapters and prefills and verifies each row with its request's: greedy output through
+    the coordinator equals the adapted model alone, row by row (one row adapted, one on the base model)."""
+    lora = {"tiny": str(tiny_adapter(tmp_path / "tiny"))}
+    prompts = ["The cat sat on the mat. The cat sat"] * 2
+    model, names = load_adapters(load_model("stories260K"), lora)
+    adapters = [names["tiny"], -1]
+    want = generate(Engine(model, SLOTS, MAX_LEN), prompts, GREEDY, adapters)
+    assert want[0].tokens != want[1].tokens
+    coordinator = Coordinator("stories260K", "ngram", SLOTS, MAX_LEN, GAMMA, timeout=120, start_timeout=180,
+                              compilation_cache=compilation_cache_folder(), options=PLACES, lora=lora)
+    try:
+        assert coordinator.engine.adapters == names
+        coordinator.set_pipelined(True)
+        assert same_tokens(coordinator.generate(prompts, GREEDY, adapters), want)
+    finally:
+        coordinator.shutdown()
+    with pytest.raises(ValueError, match="lora: LoRA adapters are not served over several hosts"):
+        Coordinator("stories260K", "ngram", SLOTS, MAX_LEN, GAMMA, lora=lora, verify_hosts=2)
+
+
+def test_lora_through_a_serve_replica(local_ray, tmp_path):
+    """`hire serve --draft ngram --lora tiny=PATH`'s engine replica (cluster.serve_app.EngineServer, outside Serve):
+    it names the adapter, and a request naming it gets the adapted model's greedy answer, one naming none the base
+    model's."""
+    adapter = tiny_adapter(tmp_path / "tiny")
+    prompt, max_len = "The cat sat on the mat. The cat sat", 64
+    loaded, names = load_adapters(load_model("stories260K"), {"tiny": adapter})
+    want = generate(Engine(loaded, SLOTS, max_len), [prompt] * 2, SamplingParams(temperature=0.0, max_tokens=24),
+                    [names["tiny"], -1])
+    server = EngineServer(ServeConfig(model="stories260K", draft="ngram", gamma=GAMMA, slots=SLOTS, max_len=max_len,
+                                      lora={"tiny": str(adapter)}))
+
+    async def answer(name: str) -> list:
+        request = inference_pb2.GenerateRequest(text=prompt, temperature=0.0, max_tokens=24, adapter=name)
+        return [m async for m in server.generate(request, whole=True)]
+
+    try:
+        assert list(server.info().adapters) == ["tiny"]
+        for name, expected in (("tiny", want[0]), ("", want[1])):
+            [reply] = asyncio.run(answer(name))
+            assert list(reply.token_ids) == expected.tokens, name
+        assert want[0].tokens != want[1].tokens
+    finally:
+        server.scheduler.stop()
+        server.served.engine.shutdown()

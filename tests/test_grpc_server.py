@@ -446,9 +446,7 @@ def test_serve_config_names_a_bad_setting():
                          ({"prompts": 3}, "prompts: not a serving setting"),
                          ({"limits": {"stop_bytes": -1}}, "limit stop_bytes: -1 is not a whole number"),
                          ({"api_keys": "two words"}, "api key: a key is visible ASCII characters"),
-                         ({"placement": "ANYWHERE"}, "placement: 'ANYWHERE' is not one of"),
-                         ({"draft": "ngram", "lora": {"fr": "x"}}, "draft: speculative decoding does not combine "
-                                                                   "with lora yet")):
+                         ({"placement": "ANYWHERE"}, "placement: 'ANYWHERE' is not one of")):
         with pytest.raises(ValueError) as e:
             ServeConfig.of(bad)
         assert str(e.value).startswith(message), e.value

@@ -98,8 +98,8 @@ class Workers:
     def __init__(self, target: str, draft: str, slots: int, max_len: int | None, gamma: int, dtype: str | None = None,
                  compilation_cache: str | None = None, host: str | None = None, start_timeout: float = 300.0,
                  options: dict[str, dict] | None = None, group: dict[str, Any] | None = None,
-                 hire: dict[str, Any] | None = None):
-        self.hire = hire
+                 hire: dict[str, Any] | None = None, lora: dict[str, str] | None = None):
+        self.hire, self.lora = hire, lora
         self.target, self.draft, self.slots, self.gamma, self.dtype = target, draft, slots, gamma, dtype
         self.group, self.group_name = group, ""  # the verifier's shard group, and its placement group's name
         self.max_len, self.compilation_cache, self.host = max_len, compilation_cache, host
@@ -135,7 +135,7 @@ class Workers:
             self.group_name = f"hire-verify-{uuid.uuid4().hex}" if self.group else ""
             call = actor.start.remote(self.target, self.slots, self.max_len, self.gamma, self.secret, self.dtype,
                                       self.compilation_cache, self.host,
-                                      self.group and self.group | {"name": self.group_name}, self.hire)
+                                      self.group and self.group | {"name": self.group_name}, self.hire, self.lora)
         else:
             verify = self.info["verify"]
             call = actor.start.remote(self.draft, verify["cfg"], self.slots, verify["max_len"], self.gamma,
@@ -230,7 +230,9 @@ class CoordinatorEngine:
     devices each (workers.shards), which its worker drives; a host that dies or hangs restarts the verifier with a
     fresh group. What a scheduler needs of an engine (hire.engine_api.Engine: cfg, tokenizer, slots, max_len,
     check_request, warm_up; `recover`), not its prefill and decode calls: the batches make those. `hire` overrides
-    the large model's HiRE fields (hire.checkpoint.load_model's keywords; the drafter drafts for that model)."""
+    the large model's HiRE fields (hire.checkpoint.load_model's keywords; the drafter drafts for that model), `lora`
+    names the PEFT adapter folders it serves (`adapters`: name -> the index a request passes; in one process only),
+    which prefill and verification run row by row; the drafter drafts with the base model."""
 
     check_request = Engine.check_request
 
@@ -239,16 +241,19 @@ class CoordinatorEngine:
                  timeout: float = 120.0, start_timeout: float = 300.0, restarts: int = 3,
                  compilation_cache: str | None = None, host: str | None = None,
                  options: dict[str, dict] | None = None, verify_hosts: int = 1, devices_per_host: int = 1,
-                 hire: dict[str, Any] | None = None):
+                 hire: dict[str, Any] | None = None, lora: dict[str, str] | None = None):
         if min(gamma, slots, verify_hosts, devices_per_host) < 1:
             raise ValueError(f"gamma, slots, verify_hosts and devices_per_host must be >= 1, got {gamma}, {slots}, "
                              f"{verify_hosts} and {devices_per_host}")
         group = {"hosts": verify_hosts, "devices_per_host": devices_per_host, "call_timeout": timeout,
                  "start_timeout": start_timeout} if verify_hosts * devices_per_host > 1 else None
+        if group and lora:
+            raise ValueError("lora: LoRA adapters are not served over several hosts; serve them with --hosts 1")
         self.workers = Workers(target, draft, slots, max_len, gamma, dtype, compilation_cache, host, start_timeout,
-                               options, group, hire)
+                               options, group, hire, lora)
         verify, drafter = self.workers.info["verify"], self.workers.info["draft"]
         self.cfg, self.max_len, self.slots, self.gamma = verify["cfg"], verify["max_len"], slots, gamma
+        self.adapters: dict[str, int] = verify["adapters"]
         self.buckets = buckets(self.max_len)
         self.tokenizer = load_tokenizer(resolve_model(target))
         self.hidden_layers, self.trims = list(drafter["wants_hidden"]), drafter["stops_early"]

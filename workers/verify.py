@@ -110,15 +110,16 @@ class VerifyWorker:
 
     def start(self, model: str, slots: int, max_len: int | None, gamma: int, secret: str, dtype: str | None = None,
               compilation_cache: str | None = None, host: str | None = None,
-              group: dict[str, Any] | None = None, hire: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Load `model` (with the HiRE overrides `hire`, hire.checkpoint.load_model's), build its engine and serve
-        calls that carry `secret` (blocks of up to `gamma` drafts); where to reach it and the model's shape. With
-        `group`
+              group: dict[str, Any] | None = None, hire: dict[str, Any] | None = None,
+              lora: dict[str, str] | None = None) -> dict[str, Any]:
+        """Load `model` (with the HiRE overrides `hire`, hire.checkpoint.load_model's, and the PEFT adapters `lora`,
+        name -> folder), build its engine and serve calls that carry `secret` (blocks of up to `gamma` drafts); where
+        to reach it, the model's shape and each adapter's index ("adapters"). With `group`
         (workers.shards.ShardedEngine's keywords: hosts, devices_per_host, ...) the model is sharded over a group of
         host actors that this actor drives ("hosts": each host's rank, node and process)."""
         if compilation_cache:
             use_compilation_cache(compilation_cache)
-        info: dict[str, Any] = {}
+        info: dict[str, Any] = {"adapters": {}}
         if group:
             from workers.shards import ShardedEngine
 
@@ -128,8 +129,12 @@ class VerifyWorker:
             info["hosts"] = [{k: i[k] for k in ("rank", "node", "pid")} for i in self.engine.group.info]
         else:
             from hire.checkpoint import load_model
+            from hire.lora import load_adapters
 
-            self.engine = Engine(load_model(model, dtype, **(hire or {})), slots, max_len)
+            loaded = load_model(model, dtype, **(hire or {}))
+            if lora:
+                loaded, info["adapters"] = load_adapters(loaded, lora)
+            self.engine = Engine(loaded, slots, max_len)
             service = VerifierService(self.engine)
         host = host or ray.util.get_node_ip_address()
         limit = message_limit(slots, self.engine.max_len, gamma, self.engine.cfg.vocab_size)

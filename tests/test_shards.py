@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import ray
 from jax.sharding import PartitionSpec as P
-from ray.cluster_utils import Cluster
-from ray_nodes import add_node
+from ray_nodes import add_node, host_cluster
 from test_sharded_sampling import hire_model
 
 from hire import sharding
@@ -42,15 +41,8 @@ SERVING_HIRE = dict(softmax="hire-q", softmax_k=8, softmax_oversample=2, ffn="gr
 
 @pytest.fixture(scope="module")
 def local_cluster():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    try:
-        for _ in range(HOSTS):
-            add_node(cluster, num_cpus=1, resources={"hire_host": 1})
-        ray.init(address=cluster.address, include_dashboard=False)
+    with host_cluster(HOSTS, num_cpus=0) as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,7 @@ import pytest
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
-from ray.cluster_utils import Cluster
-from ray_nodes import add_node
+from ray_nodes import add_node, host_cluster
 from test_grpc_server import Running
 
 from cluster import launch
@@ -44,15 +43,8 @@ def call(url: str, body: dict | None = None) -> dict:
 @pytest.fixture(scope="module")
 def cluster():
     """A head and two worker nodes with a hire_host each."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"hire_driver": 1}})
-    try:
-        for _ in range(2):
-            add_node(cluster, num_cpus=1, resources={"hire_host": 1})
-        ray.init(address=cluster.address, include_dashboard=False)
+    with host_cluster(2, num_cpus=1, resources={"hire_driver": 1}) as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ WHOLE_SPAN = 512  # PlainBatch(whole=True): the longest attention span taken fro
 
 
 class SlotBatch:
-    """What the in-process batches share: the requests by slot, and handing tokens to them."""
+    """What the batches share: the requests by slot, what a request prefills, and handing tokens to them."""
 
     engine: Engine
     live: dict[int, Request]

@@ -51,6 +51,7 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from hire.batch import SlotBatch
 from hire.checkpoint import resolve_model
 from hire.engine import Engine, buckets
 from hire.engine_api import EngineUnavailable
@@ -324,7 +325,7 @@ class CoordinatorEngine:
         self.workers.shutdown()
 
 
-class CoordinatorBatch:
+class CoordinatorBatch(SlotBatch):
     """hire.batch.Batch over a CoordinatorEngine's two workers: each step one round of Draft and Verify calls.
     The rows' state lives on the workers; the batch keeps each live request (its pending token and position are
     its last token's) and, pipelined, the last Draft reply with the rows ready for verification."""
@@ -341,15 +342,12 @@ class CoordinatorBatch:
     def stats(self) -> CoordinatorStats:
         return self.engine.stats
 
-    def free_slots(self) -> list[int]:
-        return [slot for slot in range(self.engine.slots) if slot not in self.live]
-
     def admit(self, req: Request, slot: int) -> Event:
         """Prefill `req` on the verifier, which samples its first token, and on the drafter, with the large model's
         hidden states a tandem drafter reads; the token goes to the request once both have its row, so that a
         failure on the way leaves it without one (the scheduler retries such a request)."""
         began, engine = time.perf_counter(), self.engine
-        tokens = req.out.prompt_tokens + req.out.tokens
+        tokens = self.context(req)
         while True:
             try:
                 reply = engine.call("verify", "Prefill", self._verify_prefill(slot, req, tokens))

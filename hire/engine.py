@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -194,7 +195,27 @@ def compilation_cache_folder() -> str:
 
 
 def use_compilation_cache(folder: str | None = None) -> None:
-    """Keep compiled programs in `folder` (default `compilation_cache_folder()`) across processes."""
+    """Keep compiled programs in `folder` (default `compilation_cache_folder()`) across processes, those of every
+    process of a multi-process program included (`_write_from_every_process`)."""
     folder = folder or compilation_cache_folder()
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    _write_from_every_process()
+
+
+def _write_from_every_process() -> None:
+    """jax writes the compilation cache from process 0 only, and on CPU a program's cache key differs between the
+    processes of one program (it hashes the process's own topology): a shard host of rank > 0 compiled every program
+    again in each new process (~3 s each for a 30-layer model) while rank 0 waited in the first collective. Each
+    process writes its own entries instead (jax 0.10-0.11's private `_cache_write`; a no-op for one process)."""
+    from jax._src import compilation_cache, compiler
+
+    def write(key: str, seconds: float, name: str, backend, executable, host_callbacks) -> None:
+        if host_callbacks or seconds < jax.config.jax_persistent_cache_min_compile_time_secs:
+            return
+        try:
+            compilation_cache.put_executable_and_time(key, name, executable, backend, int(seconds))
+        except Exception as e:  # a cache that cannot be written costs the next process a compile, not this call
+            warnings.warn(f"could not keep the compiled program {name}: {type(e).__name__}: {e}")
+
+    compiler._cache_write = write

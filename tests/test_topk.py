@@ -1,7 +1,7 @@
 """hire.topk: top-k methods, the DA-TOP-k recall formula, DA-TOP-k on 1-8 devices and across 2 processes.
 
 Multi-device checks run this file as a script in subprocesses (`python tests/test_topk.py devices` or
-`... process ID PORT`), since the host device count is fixed when JAX's backend starts.
+`... process ID PORT CACHE`), since the host device count is fixed when JAX's backend starts.
 """
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hire.engine import use_compilation_cache
 from hire.topk import METHODS, da_top_k, gather_top_k, k_local_for_recall, shard_recall, threshold_candidates, top_k
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS, DIM, BATCH, K = 1024, 32, 4, 16  # the DA-TOP-k problem: 1024 rows scored for 4 queries, top 16
 DEVICE_COUNTS = (1, 2, 4, 8)
+CACHE_HIT = "/jax/compilation_cache/cache_hits"
 
 
 def small_k_local(shards: int) -> int:
@@ -203,21 +205,27 @@ def test_da_top_k_on_1_2_4_8_devices():
     assert all(recall(np.asarray(results[str(s)]["small"]), truth) < 1 for s in (2, 4, 8))  # candidates were cut
 
 
-def test_da_top_k_across_two_processes():
-    """jax.distributed with 2 processes x 2 CPU devices (gloo): a 4-device mesh gives the one-process result."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [run_script("process", str(i), str(port), devices=2) for i in range(2)]
-    try:
-        results = [finish(p) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    _, _, scores = problem()
-    for r in results:
-        check_against_reference(r, 4, scores)
+def test_da_top_k_across_two_processes(tmp_path):
+    """jax.distributed with 2 processes x 2 CPU devices (gloo): a 4-device mesh gives the one-process result. Run
+    twice over one compilation cache: the second time both processes load their programs, rank 1 included (jax
+    writes the cache from process 0 only, and rank 1's keys differ from rank 0's)."""
+    hits = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [run_script("process", str(i), str(port), str(tmp_path), devices=2) for i in range(2)]
+        try:
+            results = [finish(p) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        _, _, scores = problem()
+        for r in results:
+            check_against_reference(r, 4, scores)
+        hits.append([r.pop("cache_hits") for r in results])
+    assert hits[0] == [0, 0] and min(hits[1]) > 0, hits
 
 
 def test_bench_topk_command():
@@ -257,7 +265,7 @@ def test_bench_topk_on_a_models_softmax(tmp_path):
 
 
 def main(argv: list[str]) -> None:
-    """Subprocess entry: `devices` (one process, meshes of 1-8 devices) or `process ID PORT` (2 processes)."""
+    """Subprocess entry: `devices` (one process, meshes of 1-8 devices) or `process ID PORT CACHE` (2 processes)."""
     w, h, _ = problem()
     if argv[0] == "devices":
         out = {}
@@ -266,6 +274,10 @@ def main(argv: list[str]) -> None:
             results = sharded_results(mesh, jnp.asarray(w), jnp.asarray(h))
             out[shards] = {name: a.tolist() for name, a in results.items()}
     else:
+        hits = []
+        jax.monitoring.register_event_listener(lambda event, **_: hits.append(event == CACHE_HIT))
+        use_compilation_cache(argv[3])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # keep even these small programs
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=f"127.0.0.1:{argv[2]}", num_processes=2,
                                    process_id=int(argv[1]), initialization_timeout=60)
@@ -275,6 +287,7 @@ def main(argv: list[str]) -> None:
         global_w = jax.make_array_from_callback(w.shape, sharding(mesh, jax.P("rows")), lambda i: w[i])
         global_h = jax.make_array_from_callback(h.shape, sharding(mesh, jax.P()), lambda i: h[i])
         out = {name: a.tolist() for name, a in sharded_results(mesh, global_w, global_h).items()}
+        out["cache_hits"] = sum(hits)
         jax.distributed.shutdown()
     print(json.dumps(out))
 

@@ -31,11 +31,13 @@ def engine(stories) -> Engine:
 
 
 def recompute_greedy(model: LoadedModel, prompt: list[int], n: int) -> list[int]:
-    """Greedy tokens by running the whole sequence from scratch at every step, no cache."""
-    net, tokens = Transformer(model.cfg), list(prompt)
+    """Greedy tokens by running the whole sequence from scratch at every step, no cache: one compiled program, the
+    sequence padded to its final length (the causal mask keeps the padding out of the last real position)."""
+    apply, tokens, length = jax.jit(Transformer(model.cfg).apply), list(prompt), len(prompt) + n
     for _ in range(n):
-        logits, _ = net.apply(model.variables, jnp.array([tokens]), jnp.arange(len(tokens))[None])
-        tokens.append(int(jnp.argmax(logits[0, -1])))
+        padded = jnp.array([tokens + [0] * (length - len(tokens))])
+        logits, _ = apply(model.variables, padded, jnp.arange(length)[None])
+        tokens.append(int(jnp.argmax(logits[0, len(tokens) - 1])))
     return tokens[len(prompt):]
 
 
@@ -94,7 +96,7 @@ def test_logprobs_are_the_models(stories, engine):
     [out] = generate(engine, [prompt], SamplingParams(temperature=1.0, max_tokens=8, seed=1, logprobs=True,
                                                       ignore_eos=True))
     seq = prompt + out.tokens
-    logits, _ = Transformer(stories.cfg).apply(stories.variables, jnp.array([seq]), jnp.arange(len(seq))[None])
+    logits, _ = jax.jit(Transformer(stories.cfg).apply)(stories.variables, jnp.array([seq]), jnp.arange(len(seq))[None])
     expected = jax.nn.log_softmax(logits[0, len(prompt) - 1:-1])[jnp.arange(8), jnp.array(out.tokens)]
     np.testing.assert_allclose(out.logprobs, expected, atol=1e-4)
 

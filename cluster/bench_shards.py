@@ -116,7 +116,8 @@ def _local_ray(cpus: int) -> Iterator[None]:
     """A local one-node Ray with `cpus` CPUs for the duration, unless one is already up."""
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)  # keep the hosts' logs off stdout
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False,  # its own, even beside another Ray
+                 log_to_driver=False)  # keep the hosts' logs off stdout
     try:
         yield
     finally:

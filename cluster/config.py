@@ -6,13 +6,19 @@ that names the field.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cluster.auth import parse_keys
 from cluster.requests import Limits
-from hire.checkpoint import DEFAULT_MODEL
+from hire.checkpoint import DEFAULT_MODEL, load, model_folder, resolve_model
+from hire.config import HIRE_FIELDS, ModelConfig, OptionError
+from hire.formats import CheckpointError
+from hire.loaded import LoadedModel
+from hire.predictor_files import serving_settings
 
 PLACEMENTS = ("STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK")
 AT_LEAST = {"slots": 1, "queue_size": 1, "chunk": 1, "prefills": 1, "gamma": 1, "hosts": 1, "devices_per_host": 1,
@@ -93,3 +99,50 @@ class ServeConfig:
     def scheduling(self) -> dict[str, int]:
         """hire.scheduler.Scheduler's settings."""
         return {"queue_size": self.queue_size, "chunk": self.chunk, "prefills": self.prefills}
+
+    def load(self) -> tuple[LoadedModel, dict[str, int]]:
+        """The model as served in this process (hire.checkpoint.load): its folder's recommended HiRE setting under
+        `hire` (hire.predictor_files.serving_settings), said in the log, and the `lora` adapters, with each one's
+        index."""
+        from hire.lora import load_adapters
+
+        loaded = load(self.model, self.dtype, serving_settings(model_folder(self.model), self.hire), self.quantize)
+        log_hire(loaded.cfg)
+        return load_adapters(loaded, self.lora) if self.lora else (loaded, {})
+
+    def checked(self) -> ServeConfig:
+        """This config with paths for the model, the drafter and the adapters (`hire serve` hands them to replicas),
+        checked here rather than in a replica: the model is there (a GGUF file sound), so is the drafter, the HiRE
+        setting loads (said in the log), and with `hosts` > 1 the model is servable over them
+        (workers.shards.check_servable). A bad value is an OptionError naming its option."""
+        from hire.checkpoint import detect_format
+
+        model = str(resolve_model(self.model))
+        if detect_format(Path(model)) == "gguf":
+            from hire.formats.gguf import check_gguf
+
+            check_gguf(model)
+        try:
+            draft = self.draft if self.draft in (None, "ngram") else str(resolve_model(self.draft))
+        except CheckpointError as e:
+            raise OptionError(str(e), "--draft") from None
+        config = self.replace(model=model, draft=draft, lora={name: str(Path(path).resolve())
+                                                              for name, path in self.lora.items()})
+        if settings := serving_settings(model_folder(model), config.hire):
+            log_hire(load(model, config.dtype, settings, config.quantize).cfg)
+        if config.hosts > 1:
+            from workers.shards import check_servable
+
+            try:
+                check_servable(model, config.lora or None, config.hire)
+            except ValueError as e:
+                option = {"lora": "--lora", "model": "--model"}.get(str(e).split(":")[0], "--softmax / --ffn / --hire")
+                raise OptionError(str(e), option) from None
+        return config
+
+
+def log_hire(cfg: ModelConfig) -> None:
+    """Say in the server's log which HiRE setting it runs, if any."""
+    if cfg.sparse:
+        logging.getLogger("hire").info("HiRE on: softmax %s, ffn %s (%s)", cfg.softmax, cfg.ffn, ", ".join(
+            f"{k}={getattr(cfg, k)}" for k in HIRE_FIELDS if k not in ("softmax", "ffn")))

@@ -104,9 +104,20 @@ class GrpcServer:
         await self._server.wait_for_termination()
 
 
+def serve_model(config: ServeConfig) -> None:
+    """`hire serve-grpc`: `serve` the model of `config` (ServeConfig.load) with its drafter (hire.tandem.drafter)."""
+    from hire.engine import Engine
+    from hire.tandem import drafter
+
+    loaded, names = config.load()
+    draft = drafter(config.draft, loaded, config.dtype) if config.draft else None
+    engine = Engine(loaded, slots=config.slots, max_len=config.max_len)
+    asyncio.run(serve(Served(engine, loaded.cfg.name, names, limits=config.limits), config, draft))
+
+
 async def serve(served: Served, config: ServeConfig, drafter: Drafter | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then stop gracefully within `config.grace` seconds (a second signal stops at
-    once); the `hire serve-grpc` command. Prometheus metrics on `config.metrics_port` if set."""
+    once). Prometheus metrics on `config.metrics_port` if set."""
     server = GrpcServer(served, config, drafter)
     check_exposure(config.host, config.api_keys, config.insecure)
     signals = asyncio.Queue()

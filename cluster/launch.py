@@ -85,8 +85,9 @@ def stop() -> None:
 
 
 def serve_until_signal(config: ServeConfig) -> None:
-    """`start`, then serve until SIGINT or SIGTERM; then `drain` for up to `config.grace` seconds (a second signal
-    cuts it short) and shut Serve (and a Ray started here) down."""
+    """`hire serve`: `start` the `ServeConfig.checked` config, then serve until SIGINT or SIGTERM; then `drain` for up
+    to `config.grace` seconds (a second signal cuts it short) and shut Serve (and a Ray started here) down."""
+    config = config.checked()
     stopping, cut = threading.Event(), threading.Event()
 
     def handle(*_) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from hire.engine import Engine
-from hire.generate import encode_prompt
+from hire.request import encode_prompt
 from hire.sampling import SamplingParams
 from protos import inference_pb2 as pb
 from protos import jetstream_pb2 as js

@@ -3,20 +3,22 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hire import generate
 from hire.batch import Batch, PlainBatch
-from hire.config import ModelConfig
+from hire.config import ModelConfig, OptionError
 from hire.engine import Engine
 from hire.loaded import LoadedModel
 from hire.moe import experts_read, pick
 from hire.request import Request
 from hire.sampling import SamplingParams
+from hire.scheduler import run
 from hire.sparse import use_gather
 
 
@@ -202,7 +204,7 @@ def bench_speculative(model: LoadedModel, drafter: Any, prompts: list[list[int]]
         start, tokens = time.perf_counter(), []
         for first in range(0, len(prompts), batch):
             requests = [Request(i, prompts[i], params[i], -1, engine) for i in range(first, first + batch)]
-            for _ in generate.run(engine, requests, make):
+            for _ in run(engine, requests, make):
                 pass
             tokens += [r.out.tokens for r in requests]
         return time.perf_counter() - start, np.array(tokens)
@@ -229,3 +231,86 @@ def bench_speculative(model: LoadedModel, drafter: Any, prompts: list[list[int]]
         "identical": bool((base_tokens == spec_tokens).all()) if temperature == 0 else None,
         "device": jax.devices()[0].device_kind, "jax": jax.__version__,
     }
+
+
+def prompt_count(n_prompts: int | None, batch: int) -> int:
+    """Prompts timed with --prompts (default: one batch), which must split into batches of `batch`."""
+    if n_prompts is not None and n_prompts % batch:
+        raise OptionError(f"{n_prompts} prompts do not split into batches of {batch}", "--prompts")
+    return n_prompts or batch
+
+
+def _models(model: str | None, shape: str | None, dtype: str | None, quantize: str | None,
+            hire: dict[str, Any]) -> tuple[LoadedModel, LoadedModel | None]:
+    """The model `hire bench decode` times (`model`, or a random one of `shape` with random predictors) and the one it
+    is timed against: the dense model beside HiRE, the all-experts path beside a mixture of experts, else None."""
+    from hire.calibrate import random_predictors
+    from hire.checkpoint import load
+    from hire.config import SHAPES
+    from hire.model import init_params
+    from hire.predictor_files import sparsify
+    from hire.quant import EMBED_BESIDE
+
+    if (model is None) == (shape is None):
+        raise OptionError("give exactly one of --model and --shape")
+    dense = None
+    if shape is not None:
+        if shape not in SHAPES:
+            raise OptionError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}", "--shape")
+        try:
+            cfg = SHAPES[shape].replace(dtype=dtype or "float32", quantize=quantize or "none",
+                                        quantize_embed=EMBED_BESIDE.get(quantize, ""))
+        except ValueError as e:
+            raise OptionError(str(e), "--quantize") from None
+        loaded = LoadedModel(cfg, init_params(cfg), None)
+        try:
+            want = cfg.replace(**hire)
+        except ValueError as e:
+            raise OptionError(str(e), "--softmax/--ffn/--hire") from None
+        if want.sparse:
+            dense, loaded = loaded, sparsify(loaded, want, random_predictors(want))
+    else:
+        loaded = load(model, dtype, hire, quantize)
+        if loaded.cfg.sparse:
+            dense = load(model, dtype, {"softmax": "dense", "ffn": "dense"}, quantize)  # at the same precision
+    if loaded.cfg.n_experts and loaded.cfg.moe_dispatch != "all":  # against the all-experts path (hire.moe)
+        base = dense or loaded
+        dense = LoadedModel(base.cfg.replace(moe_dispatch="all"), base.variables, base.tokenizer)
+    return loaded, dense
+
+
+def bench_decode_runs(model: str | None, shape: str | None, batches: tuple[int, ...], steps: int, prompt_len: int,
+                      chunk: int, repeats: int, dtype: str | None = None, quantize: str | None = None,
+                      hire: dict[str, Any] | None = None, draft: str | None = None, gammas: tuple[int, ...] = (4,),
+                      temperature: float = 0.0, text_file: str | Path | None = None, n_prompts: int | None = None,
+                      tandem_only: bool = False) -> Iterator[dict[str, Any]]:
+    """`hire bench decode`: `bench_decode` of `model` (a name or path) or of a random model of `shape` (hire.config.
+    SHAPES) at every batch size, or with `draft` (hire.tandem.drafter) `bench_speculative` at every batch size and
+    gamma, on `n_prompts` prompts (prompt_count) cut from `text_file` or random ids; one result each, as it is
+    measured. A bad value is an OptionError naming its option."""
+    from hire.tandem import drafter, speculator
+
+    loaded, dense = _models(model, shape, dtype, quantize, hire or {})
+    if draft is None:
+        if tandem_only:
+            raise OptionError("--tandem-only needs --draft (a tandem model, e.g. stdlib-9m-tandem)")
+        for b in batches:
+            yield bench_decode(loaded, b, steps, prompt_len, chunk, repeats, dense)
+        return
+    if loaded.tokenizer is None:  # requests decode their text as they go, as in `hire generate`
+        raise OptionError("a --shape model has no tokenizer; speculative decoding needs a --model", "--draft")
+    draft_model = drafter(draft, loaded, dtype)
+    if text_file is not None:
+        tokens = loaded.tokenizer.encode(Path(text_file).read_text(encoding="utf-8"))
+    else:
+        tokens = np.random.default_rng(0).integers(0, loaded.cfg.vocab_size,
+                                                   prompt_len * max(*batches, n_prompts or 1)).tolist()
+    counts = {b: prompt_count(n_prompts, b) for b in batches}  # every batch checked before the first run
+    for b in batches:
+        try:
+            prompts = text_prompts(tokens, counts[b], prompt_len)
+        except ValueError as e:
+            raise OptionError(str(e), "--text") from None
+        for g in gammas:
+            yield bench_speculative(loaded, draft_model, prompts, g, steps, temperature, chunk, repeats,
+                                    lambda engine, d, gamma: speculator(engine, d, gamma, tandem_only), b)

@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import click
 
-from hire.checkpoint import DEFAULT_MODEL, load, load_with_adapters
+from hire.checkpoint import DEFAULT_MODEL
 from hire.config import QUANTIZE, OptionError, hire_overrides
 from hire.formats import DTYPES, CheckpointError
 from hire.topk import METHODS
@@ -71,26 +70,6 @@ def hire_options(command):
     for option in reversed(options):
         command = option(command)
     return command
-
-
-def _drafter(name: str, target, dtype: str | None):
-    """The drafter called NAME for the loaded model `target` (hire.tandem.drafter)."""
-    from hire.tandem import drafter
-
-    return drafter(name, target, dtype)
-
-
-def _speculator(engine, drafter, gamma: int, tandem_only: bool):
-    """hire.speculative.Speculator, or with --tandem-only hire.tandem.TandemAlone (for a tandem drafter only)."""
-    from hire.speculative import Speculator
-    from hire.tandem import TandemAlone, TandemDrafter
-
-    if not tandem_only:
-        return Speculator(engine, drafter, gamma)
-    if not isinstance(drafter, TandemDrafter):
-        raise click.BadParameter("needs --draft to name a tandem model (e.g. stdlib-9m-tandem)",
-                                 param_hint="--tandem-only")
-    return TandemAlone(engine, drafter, gamma)
 
 
 def _bytes(ctx, param, value):
@@ -162,21 +141,6 @@ def sampling_options(max_tokens: int):
     return decorate
 
 
-def _print_stream(events, interruptible: bool = False) -> tuple[list, float]:
-    """Write each generation event's text to stdout as it comes; the events, and the seconds they took.
-    `interruptible`: Ctrl-C ends the stream early (the events so far are returned) instead of the program."""
-    start, seen = time.perf_counter(), []
-    try:
-        for event in events:
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-            seen.append(event)
-    except KeyboardInterrupt:
-        if not interruptible:
-            raise
-    return seen, time.perf_counter() - start
-
-
 @main.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @click.option("--prompt", required=True, help="Text to continue (with --chat, the user's message).")
@@ -210,55 +174,14 @@ def generate(model, prompt, as_chat, max_tokens, temperature, top_k, top_p, seed
     sampled), and the acceptance statistics go to stderr. With --tandem-only the tandem drafter generates
     alone (its output, not the model's).
     """
-    from hire.chat import ChatTemplate, chat_prompt
-    from hire.engine import Engine
-    from hire.flash import engine_on_disk
-    from hire.generate import _requests, stream
+    from hire.generate import generate_text
     from hire.sampling import SamplingParams
-    from hire.speculative import SpecStats
-    from hire.speculative import run as speculate
 
-    if weights_on_disk:
-        if loras or draft or dtype or quantize:
-            raise click.UsageError("--weights-on-disk takes no --lora, --draft, --dtype or --quantize")
-        engine, names = engine_on_disk(model, memory_budget, window, hire_overrides(softmax, ffn, hire_settings)), {}
-    else:
-        loaded, names = load_with_adapters(model, dtype, loras, hire_overrides(softmax, ffn, hire_settings), quantize)
-        engine = Engine(loaded, slots=1)
-    if adapter is not None and adapter not in names:
-        raise click.BadParameter(f"no adapter {adapter!r} loaded; loaded: {sorted(names) or 'none'}",
-                                 param_hint="--adapter")
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed,
                             stop_strings=stop, ignore_eos=ignore_eos, logprobs=logprobs)
-    stats = SpecStats()
-    if tandem_only and draft is None:
-        raise click.UsageError("--tandem-only needs --draft (a tandem model, e.g. stdlib-9m-tandem)")
-    try:
-        text = chat_prompt(ChatTemplate.of(engine.tokenizer), [{"role": "user", "content": prompt}]) if as_chat \
-            else prompt
-        if draft is None:
-            events = stream(engine, text, params, names.get(adapter, -1))
-        else:
-            spec = _speculator(engine, _drafter(draft, loaded, dtype), gamma, tandem_only)
-            events = speculate(spec, _requests(engine, [text], params, [names.get(adapter, -1)]), stats)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--prompt") from None
-    sys.stdout.write("" if as_chat else prompt)
-    seen, seconds = _print_stream(events)
-    count, finish = sum(not e.stop_token for e in seen), seen[-1].finish_reason
-    record = [(e.token, round(e.logprob, 4)) for e in seen]
-    sys.stdout.write("\n")
-    click.echo(f"[{count} tokens in {seconds:.2f}s, {count / seconds:.1f} tokens/s, finish: {finish}, "
-               f"seed: {params.seed}]", err=True)
-    if tandem_only:
-        click.echo(f"[tandem {draft} alone, gamma {gamma}: {stats.calls_per_token:.3f} model calls per token]",
-                   err=True)
-    elif draft is not None:
-        click.echo(f"[draft {draft}, gamma {gamma}: acceptance rate {stats.acceptance_rate:.3f}, "
-                   f"{stats.mean_accepted:.2f} drafts accepted per block, "
-                   f"{stats.calls_per_token:.3f} model calls per token]", err=True)
-    if logprobs:
-        click.echo(json.dumps({"tokens_logprobs": record}), err=True)
+    generate_text(model, prompt, params, as_chat, dtype, quantize, loras, adapter,
+                  hire_overrides(softmax, ffn, hire_settings), draft, gamma, tandem_only, weights_on_disk,
+                  memory_budget, window)
 
 
 @main.command()
@@ -278,52 +201,12 @@ def chat(model, system, max_tokens, temperature, top_k, top_p, seed, stop, dtype
     on a terminal, Ctrl-C stops an answer. Reads a pipe too: one message per line, each answer printed on its
     own line(s).
     """
-    from hire.chat import ChatTemplate, chat_prompt
-    from hire.engine import Engine
-    from hire.generate import stream
+    from hire.generate import chat_session
     from hire.sampling import SamplingParams
 
-    loaded = load(model, dtype, hire_overrides(softmax, ffn, hire_settings), quantize)
-    engine, template = Engine(loaded, slots=1), ChatTemplate.of(loaded.tokenizer)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed,
                             stop_strings=stop)
-    start = [{"role": "system", "content": system}] if system else []
-    history, interactive = list(start), sys.stdin.isatty()
-    if interactive:
-        import readline  # noqa: F401 - line editing and history for input()
-
-        click.echo(f"[{loaded.cfg.name}: {'its chat template' if template else 'no chat template, plain format'}; "
-                   "/reset, /exit, Ctrl-C stops an answer]", err=True)
-    while (line := _read_message(interactive)) is not None and line.strip() != "/exit":
-        if line.strip() == "/reset":
-            history = list(start)
-            click.echo("[conversation reset]", err=True)
-        if line.strip() in ("", "/reset"):
-            continue
-        turn = [*history, {"role": "user", "content": line}]
-        try:
-            events = stream(engine, chat_prompt(template, turn), params)
-        except ValueError as e:  # the template refuses the conversation, or it outgrew the context
-            click.echo(f"error: {e} (/reset starts over)", err=True)
-            continue
-        seen, seconds = _print_stream(events, interruptible=interactive)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        count, finish = sum(not e.stop_token for e in seen), seen[-1].finish_reason if seen else None
-        click.echo(f"[{count} tokens, {count / seconds:.1f} tokens/s, finish: {finish or 'interrupted'}]", err=True)
-        history = [*turn, {"role": "assistant", "content": "".join(e.text for e in seen)}]
-
-
-def _read_message(interactive: bool) -> str | None:
-    """The next line of input without its line end (with line editing on a terminal); None at its end."""
-    if interactive:
-        try:
-            return input(">>> ")
-        except (EOFError, KeyboardInterrupt):
-            click.echo(err=True)
-            return None
-    line = sys.stdin.readline()
-    return line.rstrip("\r\n") if line else None
+    chat_session(model, params, system, dtype, quantize, hire_overrides(softmax, ffn, hire_settings))
 
 
 @main.command()
@@ -413,85 +296,12 @@ def bench_decode(model, shape, batch, steps, prompt_len, chunk, repeats, dtype, 
     whether both outputs are identical. See docs/speculative.md. With --tandem-only, the tandem drafter
     generating alone against the model alone ("speculator": "TandemAlone").
     """
-    from hire.bench import bench_decode as run
-    from hire.config import SHAPES
-    from hire.loaded import LoadedModel
-    from hire.model import init_params
-    from hire.quant import EMBED_BESIDE
+    from hire.bench import bench_decode_runs
 
-    if (model is None) == (shape is None):
-        raise click.UsageError("give exactly one of --model and --shape")
-    hire, dense = hire_overrides(softmax, ffn, hire_settings), None
-    if shape is not None:
-        from hire.calibrate import random_predictors
-        from hire.predictor_files import sparsify
-
-        if shape not in SHAPES:
-            raise click.BadParameter(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}", param_hint="--shape")
-        try:
-            cfg = SHAPES[shape].replace(dtype=dtype or "float32", quantize=quantize or "none",
-                                        quantize_embed=EMBED_BESIDE.get(quantize, ""))
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--quantize") from None
-        loaded = LoadedModel(cfg, init_params(cfg), None)
-        try:
-            want = cfg.replace(**hire)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--softmax/--ffn/--hire") from None
-        if want.sparse:
-            dense, loaded = loaded, sparsify(loaded, want, random_predictors(want))
-    else:
-        loaded = load(model, dtype, hire, quantize)
-        if loaded.cfg.sparse:
-            dense = load(model, dtype, {"softmax": "dense", "ffn": "dense"}, quantize)  # at the same precision
-    if loaded.cfg.n_experts and loaded.cfg.moe_dispatch != "all":  # against the all-experts path (hire.moe)
-        base = dense or loaded
-        dense = LoadedModel(base.cfg.replace(moe_dispatch="all"), base.variables, base.tokenizer)
-    if draft is not None:
-        _bench_speculative(loaded, draft, dtype, batch, gamma, steps, prompt_len, chunk, repeats, temperature,
-                           text_file, tandem_only, n_prompts)
-        return
-    if tandem_only:
-        raise click.UsageError("--tandem-only needs --draft (a tandem model, e.g. stdlib-9m-tandem)")
-    for b in batch:
-        click.echo(json.dumps(run(loaded, b, steps, prompt_len, chunk, repeats, dense)))
-
-
-def _prompt_count(n_prompts: int | None, batch: int) -> int:
-    """Prompts timed with --prompts (default: one batch), which must split into batches of `batch`."""
-    if n_prompts is not None and n_prompts % batch:
-        raise click.BadParameter(f"{n_prompts} prompts do not split into batches of {batch}", param_hint="--prompts")
-    return n_prompts or batch
-
-
-def _bench_speculative(loaded, draft, dtype, batch, gamma, steps, prompt_len, chunk, repeats, temperature,
-                       text_file, tandem_only=False, n_prompts=None) -> None:
-    """`hire bench decode --draft`: prompts from --text or random ids, one JSON line per batch and gamma."""
-    from functools import partial
-
-    import numpy as np
-
-    from hire.bench import bench_speculative, text_prompts
-
-    if loaded.tokenizer is None:  # requests decode their text as they go, as in `hire generate`
-        raise click.BadParameter("a --shape model has no tokenizer; speculative decoding needs a --model",
-                                 param_hint="--draft")
-    drafter = _drafter(draft, loaded, dtype)
-    if text_file is not None:
-        tokens = loaded.tokenizer.encode(Path(text_file).read_text(encoding="utf-8"))
-    else:
-        tokens = np.random.default_rng(0).integers(0, loaded.cfg.vocab_size,
-                                                   prompt_len * max(*batch, n_prompts or 1)).tolist()
-    counts = {b: _prompt_count(n_prompts, b) for b in batch}  # every --batch checked before the first run
-    for b in batch:
-        try:
-            prompts = text_prompts(tokens, counts[b], prompt_len)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--text") from None
-        for g in gamma:
-            spec = partial(_speculator, tandem_only=tandem_only)
-            click.echo(json.dumps(bench_speculative(loaded, drafter, prompts, g, steps, temperature, chunk, repeats,
-                                                    spec, b)))
+    for result in bench_decode_runs(model, shape, batch, steps, prompt_len, chunk, repeats, dtype, quantize,
+                                    hire_overrides(softmax, ffn, hire_settings), draft, gamma, temperature, text_file,
+                                    n_prompts, tandem_only):
+        click.echo(json.dumps(result))
 
 
 @bench.command("router")
@@ -526,7 +336,7 @@ def bench_router(model, draft, train_file, text_file, batch, n_prompts, train_pr
     """
     from hire.router import bench_router_text
 
-    for result in bench_router_text(model, draft, train_file, text_file, batch, _prompt_count(n_prompts, batch),
+    for result in bench_router_text(model, draft, train_file, text_file, batch, n_prompts,
                                     train_prompts, score_prompts, gamma, steps, prompt_len, thresholds, repeats):
         click.echo(json.dumps(result))
 
@@ -914,29 +724,6 @@ def _serve_config(flags: dict, **fields):
         raise click.BadParameter(str(e), param_hint=SERVE_FLAGS.get(name, f"--{name.replace('_', '-')}")) from None
 
 
-def _serving_hire(model: str, flags: dict) -> dict:
-    """The HiRE overrides MODEL is served with: its folder's recommended setting under the flags
-    (hire.predictor_files.serving_settings)."""
-    from hire.checkpoint import model_folder
-    from hire.predictor_files import serving_settings
-
-    try:
-        return serving_settings(model_folder(model), flags)
-    except CheckpointError as e:
-        raise click.ClickException(str(e)) from None
-
-
-def _log_hire(cfg) -> None:
-    """Say in the server's log which HiRE setting it runs, if any."""
-    import logging
-
-    from hire.config import HIRE_FIELDS
-
-    if cfg.sparse:
-        logging.getLogger("hire").info("HiRE on: softmax %s, ffn %s (%s)", cfg.softmax, cfg.ffn, ", ".join(
-            f"{k}={getattr(cfg, k)}" for k in HIRE_FIELDS if k not in ("softmax", "ffn")))
-
-
 @main.command("serve-grpc")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on ('0.0.0.0': all).")
@@ -956,31 +743,21 @@ def serve_grpc(**flags) -> None:
     (docs/hire.md: a model whose predictors keep quality serves with HiRE on by default).
     Needs the grpc extra (pip install -e '.[grpc]'). See docs/serving.md.
     """
-    import asyncio
     import logging
 
-    from hire.engine import Engine
-
     try:
-        from cluster.grpc_server import serve
-        from cluster.requests import Served
+        from cluster.grpc_server import serve_model
     except ModuleNotFoundError as e:
         raise click.ClickException(f"hire serve-grpc needs {e.name}: pip install -e '.[grpc]'") from None
     if bool(flags["tls_cert"]) != bool(flags["tls_key"]):
         raise click.UsageError("--tls-cert and --tls-key go together")
     if flags["tls_client_ca"] and not flags["tls_cert"]:
         raise click.UsageError("--tls-client-ca needs --tls-cert and --tls-key")
-    loras = flags["loras"]
     config = _serve_config(flags, grpc_port=flags.pop("port"))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("cluster", "hire"):
         logging.getLogger(name).setLevel(logging.INFO)
-    loaded, names = load_with_adapters(config.model, config.dtype, loras, _serving_hire(config.model, config.hire),
-                                        config.quantize)
-    _log_hire(loaded.cfg)
-    drafter = _drafter(config.draft, loaded, config.dtype) if config.draft else None
-    engine = Engine(loaded, slots=config.slots, max_len=config.max_len)
-    asyncio.run(serve(Served(engine, loaded.cfg.name, names, limits=config.limits), config, drafter))
+    serve_model(config)
 
 
 @main.command("serve")
@@ -1025,34 +802,8 @@ def serve_command(**flags) -> None:
         from cluster.launch import serve_until_signal
     except ModuleNotFoundError as e:
         raise click.ClickException(f"hire serve needs {e.name}: pip install -e '.[serve]'") from None
-    from hire.checkpoint import detect_format, resolve_model
-
     config = _serve_config(flags, pipelined=not flags.pop("unpipelined"))
-    try:  # fail here, not inside a replica, on a model that is not there or a bad GGUF; pass replicas a path
-        model = str(resolve_model(config.model))
-        if detect_format(Path(model)) == "gguf":
-            from hire.formats.gguf import check_gguf
-
-            check_gguf(model)
-    except CheckpointError as e:
-        raise click.ClickException(str(e)) from None
-    try:
-        draft = config.draft if config.draft in (None, "ngram") else str(resolve_model(config.draft))
-    except CheckpointError as e:
-        raise click.BadParameter(str(e), param_hint="--draft") from None
-    config = config.replace(model=model, draft=draft, lora={name: str(Path(path).resolve())
-                                                            for name, path in config.lora.items()})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings := _serving_hire(model, config.hire):  # fail here on a bad setting
-        _log_hire(load(model, config.dtype, settings, config.quantize).cfg)
-    if config.hosts > 1:
-        from workers.shards import check_servable
-
-        try:
-            check_servable(model, config.lora or None, config.hire)
-        except ValueError as e:
-            option = {"lora": "--lora", "model": "--model"}.get(str(e).split(":")[0], "--softmax / --ffn / --hire")
-            raise click.BadParameter(str(e), param_hint=option) from None
     serve_until_signal(config)
 
 

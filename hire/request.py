@@ -5,6 +5,7 @@ tokens through `Request.push`, so stopping is decided in one place.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hire.engine_api import Engine
@@ -70,3 +71,26 @@ class Request:
             out.finish_reason = "length"
         delta, out.text = text[len(out.text):], text
         return Event(self.index, token, delta, logprob, out.finish_reason)
+
+
+def encode_prompt(engine: Engine, prompt: str | Sequence[int]) -> list[int]:
+    """A prompt's token ids: text is tokenized (with BOS, unless the text starts with BOS itself, as a chat
+    template may write it), ids are taken as they are."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt: empty prompt")
+        ids, bos = engine.tokenizer.encode(prompt, bos=False), engine.tokenizer.bos_id
+        return ids if bos is not None and ids[:1] == [bos] else engine.tokenizer.encode(prompt)
+    return list(prompt)
+
+
+def make_requests(engine: Engine, prompts: Sequence[str | Sequence[int]],
+                  params: SamplingParams | Sequence[SamplingParams], adapters: Sequence[int] | None) -> list[Request]:
+    """A Request per prompt (text or token ids), with one params or one per prompt, and one adapter per prompt
+    (None: the base model's)."""
+    params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    adapters = list(adapters) if adapters is not None else [-1] * len(prompts)
+    if not len(prompts) == len(params) == len(adapters):
+        raise ValueError("prompts, params and adapters differ in length")
+    encoded = [encode_prompt(engine, p) for p in prompts]
+    return [Request(i, *args, engine) for i, args in enumerate(zip(encoded, params, adapters))]

@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hire import generate
 from hire.engine import Engine
 from hire.loaded import LoadedModel
 from hire.request import Request
 from hire.sampling import SamplingParams
+from hire.scheduler import run
 from hire.speculative import BlockOutput, Drafter, SpeculativeBatch, Speculator
 
 
@@ -79,7 +79,7 @@ def collect(engine: Engine, drafter: Drafter, gamma: int, prompts: list[list[int
             labels.append(np.arange(judged) < accepted)
 
     requests = [Request(i, prompt, greedy, -1, engine) for i, prompt in enumerate(prompts)]
-    for _ in generate.run(engine, requests, lambda: SpeculativeBatch(spec, log=log)):
+    for _ in run(engine, requests, lambda: SpeculativeBatch(spec, log=log)):
         pass
     return np.concatenate(inputs), np.concatenate(labels).astype(np.float32)
 
@@ -145,17 +145,18 @@ def bench_router(model: LoadedModel, drafter: Drafter, train_prompts: list[list[
     return results
 
 
-def bench_router_text(model: str, draft: str, train_file: str | Path, text_file: str | Path, batch: int, prompts: int,
-                      train_prompts: int = 64, score_prompts: int = 16, gamma: int = 8, steps: int = 128,
-                      prompt_len: int = 64, thresholds: tuple[float, ...] = (0.3, 0.5, 0.7), repeats: int = 5
-                      ) -> list[dict[str, Any]]:
+def bench_router_text(model: str, draft: str, train_file: str | Path, text_file: str | Path, batch: int,
+                      prompts: int | None, train_prompts: int = 64, score_prompts: int = 16, gamma: int = 8,
+                      steps: int = 128, prompt_len: int = 64, thresholds: tuple[float, ...] = (0.3, 0.5, 0.7),
+                      repeats: int = 5) -> list[dict[str, Any]]:
     """`hire bench router`: bench_router of `model` (a name or path) with the drafter `draft` (hire.tandem.drafter),
     on prompts of `prompt_len` tokens cut from the UTF-8 texts: `train_prompts` from `train_file`, `score_prompts`
-    and `prompts` (timed `batch` at a time) from `text_file`."""
-    from hire.bench import text_prompts
+    and `prompts` (timed `batch` at a time; hire.bench.prompt_count) from `text_file`."""
+    from hire.bench import prompt_count, text_prompts
     from hire.checkpoint import load
     from hire.tandem import drafter
 
+    prompts = prompt_count(prompts, batch)
     loaded = load(model)
     cut = lambda file, n: text_prompts(loaded.tokenizer.encode(Path(file).read_text(encoding="utf-8")), n,  # noqa: E731
                                        prompt_len)

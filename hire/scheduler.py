@@ -368,3 +368,9 @@ class Stream:
         async for batch in self.batches():
             for event in batch:
                 yield event
+
+
+def run(engine: Engine, requests: Sequence[Request], batch: Callable[[], Batch]) -> Iterator[Event]:
+    """Decode every request on this thread through a Scheduler of `batch()`es, each request entering as soon as a
+    slot is free; yields the events as tokens arrive."""
+    return Scheduler(engine, queue_size=max(len(requests), 1), prefills=engine.slots, batch=batch).drain(requests)

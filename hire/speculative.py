@@ -37,14 +37,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hire import generate
 from hire.batch import SlotBatch
 from hire.config import ModelConfig
 from hire.engine import DecodeState, Engine
 from hire.loaded import LoadedModel
 from hire.model import KVCache, Transformer
-from hire.request import Completion, Event, Request
+from hire.request import Completion, Event, Request, make_requests
 from hire.sampling import RowSampling, SamplingParams, argmax, filter_logits, sample, scale
+from hire.scheduler import run as run_scheduler
 
 # ---------------------------------------------------------------------------------------------------------------
 # The drafter interface
@@ -535,7 +535,7 @@ def run(spec: Speculator, requests: Sequence[Request], stats: SpecStats | None =
     """Decode every request speculatively through a hire.scheduler.Scheduler of SpeculativeBatches on this thread,
     yielding events as tokens are decided (a block's at once); `stats`, when given, is updated as blocks finish."""
     stats = stats if stats is not None else SpecStats()
-    return generate.run(spec.engine, requests, lambda: SpeculativeBatch(spec, stats))
+    return run_scheduler(spec.engine, requests, lambda: SpeculativeBatch(spec, stats))
 
 
 def speculative_generate(engine: Engine, drafter: Drafter, prompts: Sequence[str | Sequence[int]],
@@ -545,7 +545,7 @@ def speculative_generate(engine: Engine, drafter: Drafter, prompts: Sequence[str
     """Complete every prompt (text or token ids) with the engine's model, drafting with `drafter` up to `gamma`
     tokens per block (fewer where `router` stops them); the completions (in order, as
     hire.generate.generate returns them) and statistics."""
-    requests = generate._requests(engine, prompts, params, adapters)
+    requests = make_requests(engine, prompts, params, adapters)
     stats = SpecStats()
     for _ in run(Speculator(engine, drafter, gamma, router), requests, stats):
         pass

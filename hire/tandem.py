@@ -400,6 +400,16 @@ def drafter(name: str, target: LoadedModel, dtype: str | None = None):
         raise OptionError(str(e), "--draft") from None
 
 
+def speculator(engine, drafter, gamma: int, tandem_only: bool = False) -> Speculator:
+    """hire.speculative.Speculator of `engine` and `drafter`, or with `tandem_only` (`--tandem-only`) a TandemAlone;
+    that takes a TandemDrafter, else an OptionError."""
+    if not tandem_only:
+        return Speculator(engine, drafter, gamma)
+    if not isinstance(drafter, TandemDrafter):
+        raise OptionError("needs --draft to name a tandem model (e.g. stdlib-9m-tandem)", "--tandem-only")
+    return TandemAlone(engine, drafter, gamma)
+
+
 def _alone_block(cfg: ModelConfig, drafter: TandemDrafter, gamma: int, kv_len: int, tvars: dict, dvars: dict,
                  state: SpecState) -> tuple[SpecState, BlockOutput]:
     """Tandem alone, one block for every row: the small model samples γ tokens from the pending one, then the

@@ -27,9 +27,9 @@ from hire.checkpoint import convert, load_model, resolve_model
 from hire.cli import main
 from hire.engine import Engine
 from hire.formats import CheckpointError
-from hire.generate import encode_prompt, generate
+from hire.generate import generate
 from hire.registry import REPO
-from hire.request import Completion
+from hire.request import Completion, encode_prompt
 from hire.sampling import SamplingParams
 
 # ChatML, as SmolLM2 and Qwen write it: a default system message when the conversation has none.

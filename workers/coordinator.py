@@ -55,10 +55,9 @@ from hire.batch import SlotBatch
 from hire.checkpoint import resolve_model
 from hire.engine import Engine, buckets
 from hire.engine_api import EngineUnavailable
-from hire.generate import _requests, run
-from hire.request import Completion, Event, Request
+from hire.request import Completion, Event, Request, make_requests
 from hire.sampling import SamplingParams
-from hire.scheduler import Scheduler
+from hire.scheduler import Scheduler, run
 from hire.speculative import SpecStats
 from hire.tokenizer import load_tokenizer
 from protos import internal_pb2 as pb
@@ -273,7 +272,7 @@ class CoordinatorEngine:
         prompts = [[0] * min(b, self.max_len - 1) for b in self.buckets] + [[0]]
         params = [SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)] * len(self.buckets)
         params.append(SamplingParams(temperature=0.0, max_tokens=self.max_len, ignore_eos=True))
-        for _ in run(self, _requests(self, prompts, params, None), self.batch):
+        for _ in run(self, make_requests(self, prompts, params, None), self.batch):
             pass
         self.stats = CoordinatorStats()
 
@@ -558,7 +557,7 @@ class Coordinator:
             return put
 
         ends, jobs = [], []
-        for r in _requests(self.engine, prompts, params, adapters):  # checked and numbered here, again by submit
+        for r in make_requests(self.engine, prompts, params, adapters):  # checked and numbered here, again by submit
             ends.append(end := Future())
             jobs.append(self.scheduler.submit(r.out.prompt_tokens, r.params, r.adapter, sink(end)))
         for end in ends:

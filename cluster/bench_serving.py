@@ -55,7 +55,7 @@ async def run(model: str, concurrency: list[int], prompt_len: int, max_tokens: i
     engine = Engine(loaded, slots=slots, max_len=max_len)
     config = ServeConfig(model=model, slots=slots, max_len=max_len, queue_size=1024, grpc_port=0)
     server = GrpcServer(Served(engine, loaded.cfg.name), config)
-    await asyncio.to_thread(engine.warm_up, server.scheduler.chunk)
+    await asyncio.to_thread(server.warm_up)
     await server.start()
     http_port, serve_grpc_port = free_port(), free_port()
     await asyncio.to_thread(launch.start, config.replace(http_port=http_port, grpc_port=serve_grpc_port))

@@ -24,7 +24,7 @@ from cluster.config import ServeConfig
 from cluster.metrics import Metrics, Prometheus
 from cluster.requests import Served
 from cluster.servicers import Local, Services
-from hire.scheduler import Scheduler
+from hire.scheduler import Scheduler, warm_up
 from hire.speculative import Drafter, SpecStats, SpeculativeBatch, Speculator
 from hire.tandem import TandemDrafter
 from protos import inference_pb2 as pb
@@ -44,18 +44,27 @@ class GrpcServer:
 
     def __init__(self, served: Served, config: ServeConfig | None = None, drafter: Drafter | None = None):
         self.config = c = config or ServeConfig()
-        batch, stats = None, None  # the scheduler's default batch: hire.batch.PlainBatch
+        batch, stats, spec = None, None, None  # the scheduler's default batch: hire.batch.PlainBatch
         if drafter is not None:
             spec, stats = Speculator(served.engine, drafter, c.gamma), SpecStats()
             batch = lambda: SpeculativeBatch(spec, stats)  # noqa: E731
             mode = pb.DECODING_MODE_TANDEM if isinstance(drafter, TandemDrafter) else pb.DECODING_MODE_SPECULATIVE
             served = dataclasses.replace(served, drafters=[Path(c.draft or "draft").name], mode=mode, gamma=c.gamma)
-        self.served, self.stats = served, stats  # stats: the drafts' (hire.speculative.SpecStats), or None
+        self.served, self.stats, self.spec = served, stats, spec  # stats: the drafts' (SpecStats), or None
         self.scheduler = Scheduler(served.engine, **c.scheduling, batch=batch)
         self.metrics = Metrics(Prometheus(), self.scheduler, stats)
         self.services = Services(Local(served, self.scheduler, self.metrics), self.metrics)
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
+
+    def warm_up(self) -> None:
+        """Compile what serving runs, so that no request waits for a compilation: the engine's programs
+        (Engine.warm_up), or decoding speculatively the Speculator's (hire.scheduler.warm_up, its drafts not counted
+        in `stats`)."""
+        if self.spec is None:
+            self.served.engine.warm_up(self.scheduler.chunk)
+        else:
+            warm_up(self.served.engine, lambda: SpeculativeBatch(self.spec))
 
     async def start(self) -> int:
         """Start the scheduler and listen; returns the port."""
@@ -123,7 +132,7 @@ async def serve(served: Served, config: ServeConfig, drafter: Drafter | None = N
     signals = asyncio.Queue()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, signals.put_nowait, sig)
-    warm = asyncio.create_task(asyncio.to_thread(served.engine.warm_up, server.scheduler.chunk))
+    warm = asyncio.create_task(asyncio.to_thread(server.warm_up))
     first = asyncio.create_task(signals.get())
     await asyncio.wait([warm, first], return_when=asyncio.FIRST_COMPLETED)
     if first.done():  # stopped while compiling: nothing to drain

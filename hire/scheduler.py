@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from hire.batch import Batch, PlainBatch
 from hire.engine_api import Engine, EngineUnavailable
-from hire.request import Completion, Event, Request
+from hire.request import Completion, Event, Request, make_requests
 from hire.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -374,3 +374,14 @@ def run(engine: Engine, requests: Sequence[Request], batch: Callable[[], Batch])
     """Decode every request on this thread through a Scheduler of `batch()`es, each request entering as soon as a
     slot is free; yields the events as tokens arrive."""
     return Scheduler(engine, queue_size=max(len(requests), 1), prefills=engine.slots, batch=batch).drain(requests)
+
+
+def warm_up(engine: Engine, batch: Callable[[], Batch]) -> None:
+    """Compile what `batch()`es run before a client's request: a prompt at every prompt bucket of the engine, and one
+    greedy request from a one-token prompt to the end of the context, through every attention span; on this
+    thread."""
+    prompts = [[0] * min(b, engine.max_len - 1) for b in engine.buckets] + [[0]]
+    params = [SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)] * len(engine.buckets)
+    params.append(SamplingParams(temperature=0.0, max_tokens=engine.max_len, ignore_eos=True))
+    for _ in run(engine, make_requests(engine, prompts, params, None), batch):
+        pass

@@ -37,7 +37,10 @@ from hire.drafters import load_drafter
 from hire.engine import Engine
 from hire.generate import generate
 from hire.lora import load_adapters
+from hire.request import make_requests
 from hire.sampling import SamplingParams
+from hire.scheduler import run
+from hire.speculative import SpeculativeBatch, _block_jit, _prefill_jit
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc, jetstream_pb2_grpc
 from protos import jetstream_pb2 as js
@@ -355,6 +358,22 @@ def test_draft_ngram_gives_the_greedy_text_of_plain_decoding(engine, stub):
         assert e.value.code() == CODE.INVALID_ARGUMENT and "gamma: this server drafts 3" in e.value.details()
         accepted = server.server.metrics.registry.get_sample_value("hire_speculative_acceptance_rate")
         assert 0 < accepted <= 1  # the prompts repeat themselves: prompt lookup has drafts accepted
+
+
+def test_draft_warm_up_compiles_every_speculative_program(engine):
+    """hire serve-grpc --draft: the server's warm-up compiles the Speculator's programs (every prompt bucket, every
+    attention span), so that no request, whatever its length or sampling, waits for a compilation."""
+    drafter = load_drafter("ngram", load_model("stories260K"))  # a drafter of its own: programs of its own
+    server = GrpcServer(Served(engine, "stories260K"), ServeConfig(grpc_port=0, draft="ngram", gamma=3), drafter)
+    programs = lambda: (_prefill_jit._cache_size(), _block_jit._cache_size())  # noqa: E731
+    before = programs()
+    server.warm_up()
+    warm = programs()
+    assert warm[0] > before[0] and warm[1] > before[1]
+    prompts = ["Once", "Tom went to the park. " * 4, "Lily saw a cat. " * 6]
+    params = [SamplingParams(temperature=t, max_tokens=120, ignore_eos=True, seed=0) for t in (0.0, 1.0, 0.7)]
+    events = list(run(engine, make_requests(engine, prompts, params, None), lambda: SpeculativeBatch(server.spec)))
+    assert len(events) > 100 and programs() == warm and server.stats.tokens == 0
 
 
 def tiny_adapter(folder: Path) -> Path:

@@ -57,7 +57,7 @@ from hire.engine import Engine, buckets
 from hire.engine_api import EngineUnavailable
 from hire.request import Completion, Event, Request, make_requests
 from hire.sampling import SamplingParams
-from hire.scheduler import Scheduler, run
+from hire.scheduler import Scheduler, warm_up
 from hire.speculative import SpecStats
 from hire.tokenizer import load_tokenizer
 from protos import internal_pb2 as pb
@@ -268,12 +268,9 @@ class CoordinatorEngine:
     def warm_up(self, chunk: int = 0) -> None:
         """Compile the workers' programs before a client's request: a prompt at every prompt bucket, and one greedy
         request from a one-token prompt to the end of the context, through every attention span; on this thread,
-        through a scheduler of its own. (`chunk`, a plain engine's decode steps per call, means nothing here.)"""
-        prompts = [[0] * min(b, self.max_len - 1) for b in self.buckets] + [[0]]
-        params = [SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)] * len(self.buckets)
-        params.append(SamplingParams(temperature=0.0, max_tokens=self.max_len, ignore_eos=True))
-        for _ in run(self, make_requests(self, prompts, params, None), self.batch):
-            pass
+        through a scheduler of its own (hire.scheduler.warm_up). (`chunk`, a plain engine's decode steps per call,
+        means nothing here.)"""
+        warm_up(self, self.batch)
         self.stats = CoordinatorStats()
 
     def recover(self, grow: bool = False) -> bool:

@@ -393,11 +393,12 @@ def tiny_adapter(folder: Path) -> Path:
     return folder
 
 
-def check_lora(stub: inference_pb2_grpc.InferenceStub, adapter: Path, max_len: int) -> None:
-    """A server of stories260K with `adapter` loaded as "tiny" answers a request naming it as the library does with
-    the adapter, and one naming none as the base model."""
+def check_lora(stub: inference_pb2_grpc.InferenceStub, adapter: Path, slots: int, max_len: int) -> None:
+    """A server of stories260K with `adapter` loaded as "tiny" (`slots` and `max_len` its engine's) answers a
+    request naming it as the library does with the adapter, and one naming none as the base model. The library's
+    engine has the server's shapes: its programs are the ones the server compiled, read from the compilation cache."""
     loaded, names = load_adapters(load_model("stories260K"), {"tiny": adapter})
-    want = generate(Engine(loaded, slots=2, max_len=max_len), [PROMPT, PROMPT],
+    want = generate(Engine(loaded, slots=slots, max_len=max_len), [PROMPT, PROMPT],
                     SamplingParams(temperature=0, max_tokens=24), adapters=[names["tiny"], -1], chunk=4)
     assert want[0].tokens != want[1].tokens
     assert list(stub.GetModelInfo(pb.GetModelInfoRequest()).adapters) == ["tiny"]
@@ -414,7 +415,7 @@ def test_lora_adapter_by_name(tmp_path):
     server = Running(served, ServeConfig(grpc_port=0))
     try:
         with server.channel() as channel:
-            check_lora(inference_pb2_grpc.InferenceStub(channel), adapter, 128)
+            check_lora(inference_pb2_grpc.InferenceStub(channel), adapter, 4, 128)
     finally:
         server.close()
 

@@ -175,7 +175,7 @@ def test_bad_chat_request_through_the_openai_client(client):
 
 
 def test_lora_adapter_by_name_through_the_serve_proxy(adapter, channel):
-    check_lora(inference_pb2_grpc.InferenceStub(channel), adapter, 512)  # as test_grpc_server's, through Serve
+    check_lora(inference_pb2_grpc.InferenceStub(channel), adapter, 8, 512)  # as test_grpc_server's, through Serve
 
 
 def test_grpc_through_the_serve_proxy(engine, channel):

@@ -121,7 +121,8 @@ def test_prefill_logits(case):
     changes = [dict(sliding_window=0)] * bool(cfg.sliding_window) + [dict(rope_scaling=None)] * bool(cfg.rope_scaling)
     changes += [dict(global_every=0), dict(rope_local_theta=0.0), dict(query_scale=0.0)] * bool(cfg.global_every)
     for change in changes:
-        other, _ = Transformer(cfg.replace(**change)).apply(case.loaded.variables, case.prompt[None], positions)
+        other, _ = jax.jit(Transformer(cfg.replace(**change)).apply)(case.loaded.variables, case.prompt[None],
+                                                                     positions)
         assert np.abs(np.asarray(other[0]) - case.logits).max() > 100 * TOL, change
 
 
@@ -167,11 +168,11 @@ def test_hire_on_gemma3(tmp_path):
     found = build_predictors(model, ["lr", "int8"], rank=8)
     prompt = np.random.default_rng(0).integers(0, COMMON["vocab_size"], (1, PROMPT_LEN))
     positions = np.arange(PROMPT_LEN)[None]
-    dense, _ = Transformer(model.cfg).apply(model.variables, prompt, positions)
+    dense, _ = jax.jit(Transformer(model.cfg).apply)(model.variables, prompt, positions)
 
     def hired(**settings):
         sparse_model = sparsify(model, model.cfg.replace(**settings), found)
-        return Transformer(sparse_model.cfg).apply(sparse_model.variables, prompt, positions)[0]
+        return jax.jit(Transformer(sparse_model.cfg).apply)(sparse_model.variables, prompt, positions)[0]
 
     every_row = dict(softmax="hire-q", softmax_k=160, softmax_oversample=1, ffn="group-sparse", ffn_predictor="lr",
                      ffn_k=6, ffn_oversample=1)

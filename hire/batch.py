@@ -96,7 +96,8 @@ class PlainBatch(SlotBatch):
     def admit(self, req: Request, slot: int) -> Event:
         """Prefill `req`'s `context` into the free `slot`; its next event (it stays only if that is not its last)."""
         prefix = self.engine.prefill(self.context(req), req.params, req.adapter)
-        event = req.push(int(prefix.token[0]), float(prefix.logprob[0]))
+        # read as NumPy: indexing the device arrays would dispatch two more JAX operations (0.8 ms a request)
+        event = req.push(int(np.asarray(prefix.token)[0]), float(np.asarray(prefix.logprob)[0]))
         if event.finish_reason is None:
             self.state = self.engine.insert(prefix, self.state, slot)
             self.live[slot] = req

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from hire.checkpoint import DEFAULT_MODEL
-from hire.config import QUANTIZE, OptionError, hire_overrides
+from hire.config import FFN_MODES, QUANTIZE, SOFTMAX_MODES, OptionError, hire_overrides
 from hire.formats import DTYPES, CheckpointError
 from hire.topk import METHODS
 
@@ -44,32 +44,33 @@ class Group(click.Group):
     group_class = type
 
 
-def quantize_option(command):
-    """--quantize int8|int4|none: the weights kept quantized in memory (hire.quant)."""
-    return click.option("--quantize", type=click.Choice(QUANTIZE),
-                        help="Keep the weights quantized in memory: int8 or int4 in blocks of 32 (as llama.cpp's Q8_0 "
-                             "and Q4_1; beside int4, the embedding and LM head in int8, as llama.cpp's 4-bit files "
-                             "keep them), multiplied as such; none dequantizes a quantized model (default: as "
-                             "stored).")(command)
+def options(*decorators):
+    """One decorator of click option decorators: their options listed in this order."""
+    def decorate(command):
+        for option in reversed(decorators):
+            command = option(command)
+        return command
+
+    return decorate
 
 
-def hire_options(command):
-    """--softmax, --ffn and --hire KEY=VALUE: HiRE on the softmax and the FFN (docs/hire.md)."""
-    from hire.config import FFN_MODES, SOFTMAX_MODES
+# --quantize int8|int4|none: the weights kept quantized in memory (hire.quant)
+quantize_option = click.option(
+    "--quantize", type=click.Choice(QUANTIZE),
+    help="Keep the weights quantized in memory: int8 or int4 in blocks of 32 (as llama.cpp's Q8_0 and Q4_1; beside "
+         "int4, the embedding and LM head in int8, as llama.cpp's 4-bit files keep them), multiplied as such; none "
+         "dequantizes a quantized model (default: as stored).")
 
-    options = [
-        click.option("--softmax", type=click.Choice(SOFTMAX_MODES),
-                     help="Vocabulary softmax: dense, or exact only on candidates a low-rank (hire-lr) or quantized "
-                          "(hire-q) predictor ranks highest (needs `hire calibrate`; default: as the config says)."),
-        click.option("--ffn", type=click.Choice(FFN_MODES),
-                     help="FFN: dense, or group-sparse (only the predicted top neuron groups are computed)."),
-        click.option("--hire", "hire_settings", multiple=True, metavar="KEY=VALUE",
-                     help="Set a HiRE config field (repeatable): softmax_k, softmax_oversample, ffn_predictor (lr, q), "
-                          "ffn_group, ffn_k, ffn_oversample, ffn_union, ffn_keep_k, hire_quant (int8, int4)."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+# --softmax, --ffn and --hire KEY=VALUE: HiRE on the softmax and the FFN (docs/hire.md)
+hire_options = options(
+    click.option("--softmax", type=click.Choice(SOFTMAX_MODES),
+                 help="Vocabulary softmax: dense, or exact only on candidates a low-rank (hire-lr) or quantized "
+                      "(hire-q) predictor ranks highest (needs `hire calibrate`; default: as the config says)."),
+    click.option("--ffn", type=click.Choice(FFN_MODES),
+                 help="FFN: dense, or group-sparse (only the predicted top neuron groups are computed)."),
+    click.option("--hire", "hire_settings", multiple=True, metavar="KEY=VALUE",
+                 help="Set a HiRE config field (repeatable): softmax_k, softmax_oversample, ffn_predictor (lr, q), "
+                      "ffn_group, ffn_k, ffn_oversample, ffn_union, ffn_keep_k, hire_quant (int8, int4)."))
 
 
 def _bytes(ctx, param, value):
@@ -82,27 +83,22 @@ def _bytes(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
-def memory_options(command):
-    """--memory-budget and --window: weights on disk (hire.flash)."""
-    options = [
-        click.option("--memory-budget", callback=_bytes, metavar="BYTES",
-                     help="Memory the model may use: the resident part (embeddings, attention, norms, predictors, KV "
-                          "cache), FFN buffers and the window's groups; e.g. 2600000000, 2.6GB or 64MiB."),
-        click.option("--window", type=click.IntRange(min=0),
-                     help="Keep the groups the last W decode steps used (at most what the budget holds); default: "
-                          "as many recently used groups as the budget holds."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+# --memory-budget and --window: weights on disk (hire.flash)
+memory_options = options(
+    click.option("--memory-budget", callback=_bytes, metavar="BYTES",
+                 help="Memory the model may use: the resident part (embeddings, attention, norms, predictors, KV "
+                      "cache), FFN buffers and the window's groups; e.g. 2600000000, 2.6GB or 64MiB."),
+    click.option("--window", type=click.IntRange(min=0),
+                 help="Keep the groups the last W decode steps used (at most what the budget holds); default: "
+                      "as many recently used groups as the budget holds."))
 
-
-def on_disk_options(command):
-    """--weights-on-disk with memory_options."""
-    return click.option("--weights-on-disk", is_flag=True,
-                        help="Keep the FFN on disk (ffn_groups.bin, from `hire convert --weights-on-disk`) and read "
-                             "each token's predicted groups the window does not hold; needs --memory-budget "
-                             "(docs/hire.md, Weights on disk).")(memory_options(command))
+# --weights-on-disk with memory_options
+on_disk_options = options(
+    click.option("--weights-on-disk", is_flag=True,
+                 help="Keep the FFN on disk (ffn_groups.bin, from `hire convert --weights-on-disk`) and read each "
+                      "token's predicted groups the window does not hold; needs --memory-budget (docs/hire.md, "
+                      "Weights on disk)."),
+    memory_options)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -119,7 +115,7 @@ def main() -> None:
 
 def sampling_options(max_tokens: int):
     """--max-tokens (default `max_tokens`), --temperature, --top-k, --top-p, --seed and --stop."""
-    options = [
+    return options(
         click.option("--max-tokens", default=max_tokens, show_default=True, type=click.IntRange(min=1),
                      help="Tokens to generate at most."),
         click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0),
@@ -130,15 +126,7 @@ def sampling_options(max_tokens: int):
                      help="Nucleus mass to keep."),
         click.option("--seed", type=int,
                      help="Sampling seed: the same seed gives the same text (random when left out)."),
-        click.option("--stop", multiple=True, help="Stop when this text appears (repeatable); it is not printed."),
-    ]
-
-    def decorate(command):
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return decorate
+        click.option("--stop", multiple=True, help="Stop when this text appears (repeatable); it is not printed."))
 
 
 @main.command()
@@ -631,36 +619,32 @@ def calibrate_command(model, text_file, rank, quants, context, batch, max_tokens
                                          hire_overrides(None, None, hire_settings))))
 
 
-def serving_options(command):
-    """The engine, scheduling, drafting and HiRE flags `hire serve-grpc` and `hire serve` share. Left out, the HiRE
-    flags default to the setting the model's folder recommends (`hire eval --recommend`), if any."""
-    options = [
-        click.option("--slots", default=8, show_default=True, type=click.IntRange(min=1),
-                     help="Requests decoding together."),
-        click.option("--max-len", default=2048, show_default=True, type=click.IntRange(min=2),
-                     help="Context length per slot (at most the model's): the KV cache holds slots x max-len "
-                          "positions, and every prompt bucket up to it is compiled at start."),
-        click.option("--queue-size", default=128, show_default=True, type=click.IntRange(min=1),
-                     help="Requests that may wait while every slot is busy; more get RESOURCE_EXHAUSTED (HTTP 429)."),
-        click.option("--chunk", default=4, show_default=True, type=click.IntRange(min=1),
-                     help="Decode steps between admissions (requests join and leave at these boundaries)."),
-        click.option("--prefills", default=4, show_default=True, type=click.IntRange(min=1),
-                     help="Prompts prefilled at most between two decode chunks."),
-        click.option("--dtype", type=click.Choice(DTYPES), help="Cast weights to this dtype."),
-        quantize_option,
-        click.option("--lora", "loras", multiple=True, metavar="NAME=PATH",
-                     help="Serve the Hugging Face PEFT LoRA adapter in folder PATH as NAME (repeatable)."),
-        click.option("--draft", metavar="NAME", help="Decode speculatively with this drafter (stdlib-9m-draft, "
-                     "stdlib-9m-tandem, ngram, or a model path); output is exactly the model's. hire serve-grpc "
-                     "runs both models in its process (hire.speculative); in hire serve each replica becomes a "
-                     "tandem coordinator driving them in two worker actors over gRPC (one CPU each; with --hosts N "
-                     "the model's worker drives N host actors; docs/coordinator.md)."),
-        click.option("--gamma", default=4, show_default=True, type=click.IntRange(1, 16),
-                     help="Tokens drafted per block (with --draft)."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return hire_options(command)
+# The engine, scheduling, drafting and HiRE flags `hire serve-grpc` and `hire serve` share. Left out, the HiRE flags
+# default to the setting the model's folder recommends (`hire eval --recommend`), if any.
+serving_options = options(
+    hire_options,
+    click.option("--slots", default=8, show_default=True, type=click.IntRange(min=1),
+                 help="Requests decoding together."),
+    click.option("--max-len", default=2048, show_default=True, type=click.IntRange(min=2),
+                 help="Context length per slot (at most the model's): the KV cache holds slots x max-len "
+                      "positions, and every prompt bucket up to it is compiled at start."),
+    click.option("--queue-size", default=128, show_default=True, type=click.IntRange(min=1),
+                 help="Requests that may wait while every slot is busy; more get RESOURCE_EXHAUSTED (HTTP 429)."),
+    click.option("--chunk", default=4, show_default=True, type=click.IntRange(min=1),
+                 help="Decode steps between admissions (requests join and leave at these boundaries)."),
+    click.option("--prefills", default=4, show_default=True, type=click.IntRange(min=1),
+                 help="Prompts prefilled at most between two decode chunks."),
+    click.option("--dtype", type=click.Choice(DTYPES), help="Cast weights to this dtype."),
+    quantize_option,
+    click.option("--lora", "loras", multiple=True, metavar="NAME=PATH",
+                 help="Serve the Hugging Face PEFT LoRA adapter in folder PATH as NAME (repeatable)."),
+    click.option("--draft", metavar="NAME", help="Decode speculatively with this drafter (stdlib-9m-draft, "
+                 "stdlib-9m-tandem, ngram, or a model path); output is exactly the model's. hire serve-grpc "
+                 "runs both models in its process (hire.speculative); in hire serve each replica becomes a "
+                 "tandem coordinator driving them in two worker actors over gRPC (one CPU each; with --hosts N "
+                 "the model's worker drives N host actors; docs/coordinator.md)."),
+    click.option("--gamma", default=4, show_default=True, type=click.IntRange(1, 16),
+                 help="Tokens drafted per block (with --draft)."))
 
 
 LIMIT_HELP = ("Set a request limit (repeatable), checked before any work: prompt_bytes (default 32 per token of "
@@ -668,23 +652,18 @@ LIMIT_HELP = ("Set a request limit (repeatable), checked before any work: prompt
               "stop_strings (16), stop_bytes (256 per stop string), stop_token_ids (64). docs/serving.md, 'Limits'.")
 
 
-def access_options(command):
-    """Who may call `hire serve` and `hire serve-grpc`, what a request may carry and how they stop: --api-key,
-    --insecure, --limit and --grace."""
-    options = [
-        click.option("--api-key", "api_keys", multiple=True, envvar="HIRE_API_KEY", metavar="KEY",
-                     help="Require 'Authorization: Bearer KEY' on every HTTP route but /health and every gRPC call "
-                          "but grpc.health.v1.Health (repeatable, or $HIRE_API_KEY: keys separated by commas)."),
-        click.option("--insecure", is_flag=True,
-                     help="Allow a --host beyond loopback with no API key (anyone who reaches it may use it)."),
-        click.option("--limit", "limits", multiple=True, metavar="NAME=VALUE", help=LIMIT_HELP),
-        click.option("--grace", default=20.0, show_default=True, type=click.FloatRange(min=0),
-                     help="On SIGTERM or Ctrl-C: seconds requests in flight have to finish (new ones are refused "
-                          "and health turns NOT_SERVING); a second signal stops at once."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+# Who may call `hire serve` and `hire serve-grpc`, what a request may carry and how they stop: --api-key, --insecure,
+# --limit and --grace.
+access_options = options(
+    click.option("--api-key", "api_keys", multiple=True, envvar="HIRE_API_KEY", metavar="KEY",
+                 help="Require 'Authorization: Bearer KEY' on every HTTP route but /health and every gRPC call "
+                      "but grpc.health.v1.Health (repeatable, or $HIRE_API_KEY: keys separated by commas)."),
+    click.option("--insecure", is_flag=True,
+                 help="Allow a --host beyond loopback with no API key (anyone who reaches it may use it)."),
+    click.option("--limit", "limits", multiple=True, metavar="NAME=VALUE", help=LIMIT_HELP),
+    click.option("--grace", default=20.0, show_default=True, type=click.FloatRange(min=0),
+                 help="On SIGTERM or Ctrl-C: seconds requests in flight have to finish (new ones are refused "
+                      "and health turns NOT_SERVING); a second signal stops at once."))
 
 
 def _access(host: str, api_keys: tuple[str, ...], insecure: bool, limits: tuple[str, ...]):

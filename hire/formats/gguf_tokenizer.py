@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
@@ -26,8 +26,15 @@ from hire.chat import check_template
 from hire.formats import CheckpointError
 from hire.tokenizer import HFTokenizer
 
-if TYPE_CHECKING:
-    from hire.formats.gguf import GGUFFile
+
+class GGUFFile(Protocol):
+    """What the tokenizer reads of a hire.formats.gguf.GGUFFile: its path, architecture and metadata fields."""
+
+    path: Path
+    arch: str
+
+    def get(self, key: str, kind: type, default: Any = ...) -> Any: ...
+
 
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4  # tokenizer.ggml.token_type values
 GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"

@@ -202,10 +202,6 @@ class ModelConfig:
         return self.quantize_embed or self.quantize
 
     @property
-    def q_per_kv(self) -> int:
-        return self.n_heads // self.n_kv_heads
-
-    @property
     def sparse(self) -> bool:
         """Whether HiRE replaces the dense softmax or FFN (with predictors)."""
         return self.softmax != "dense" or self.ffn == "group-sparse"

@@ -17,12 +17,11 @@ from typing import Any
 
 import jax
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from hire import predictors, quant, sparse
 from hire.config import HIRE_FIELDS, ModelConfig
-from hire.formats import CheckpointError, prepare_variables, read_json, unflatten
+from hire.formats import CheckpointError, prepare_variables, read_json, read_tensors, unflatten
 from hire.loaded import LoadedModel
 
 PREDICTORS = "hire_predictors.safetensors"
@@ -83,11 +82,7 @@ def load_predictors(folder: str | Path) -> dict[str, np.ndarray]:
     if not (folder / PREDICTORS).is_file():
         raise CheckpointError(f"no HiRE predictors in {folder} ({PREDICTORS}); build them with "
                               f"`hire calibrate --model {folder} --text FILE`")
-    try:
-        found = load_file(folder / PREDICTORS)
-    except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"cannot read {folder / PREDICTORS}: {e}") from None
-    return found
+    return read_tensors(folder / PREDICTORS)
 
 
 def with_predictors(model: LoadedModel, folder: str | Path, cfg: ModelConfig) -> LoadedModel:

@@ -34,12 +34,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from hire.checkpoint import detect_format, load_model, resolve_model
 from hire.config import ModelConfig, OptionError
-from hire.formats import CheckpointError, _check, build_config, flatten, read_json, unflatten, with_dtype
+from hire.formats import CheckpointError, _check, build_config, flatten, read_json, read_tensors, unflatten, with_dtype
 from hire.loaded import LoadedModel
 from hire.model import FFN, KVCache, Linear, RMSNorm, apply_rope, init_cache, rope_frequencies
 from hire.sampling import sample
@@ -322,10 +321,7 @@ def load_tandem(path: str | Path, dtype: str | None = None) -> TandemModel:
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{config}: bad or missing \"tandem\" table: {e}") from None
     cfg = with_dtype(build_config(config, raw), dtype)
-    try:
-        tensors = load_file(folder / WEIGHTS)
-    except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"cannot read {folder / WEIGHTS}: {e}") from None
+    tensors = read_tensors(folder / WEIGHTS)
     want = _expected(cfg, tandem)
     _check(cfg, want, tensors)
     variables = unflatten({k: jnp.asarray(tensors[k], dtype=want[k].dtype) for k in want})

@@ -9,6 +9,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
 
 from hire.config import ModelConfig
 from hire.model import init_params
@@ -18,6 +20,14 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be found, read, or matched to its config; the message is one line."""
+
+
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file; a CheckpointError when it cannot be read."""
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -11,8 +11,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from hire.config import ModelConfig
 from hire.formats import (
@@ -22,6 +21,7 @@ from hire.formats import (
     flatten,
     prepare_variables,
     read_json,
+    read_tensors,
     unflatten,
     with_dtype,
 )
@@ -87,9 +87,6 @@ def load_native(folder: str | Path, dtype: str | None = None) -> LoadedModel:
     """Load a folder written by save_native; `dtype` overrides the saved one."""
     folder = Path(folder)
     cfg = read_config(folder, dtype)
-    try:
-        tensors = load_file(folder / WEIGHTS)
-    except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"cannot read {folder / WEIGHTS}: {e}") from None
+    tensors = read_tensors(folder / WEIGHTS)
     # the weights are dense even when the config asks for HiRE: hire.checkpoint.load_model adds that
     return LoadedModel(cfg, prepare_variables(cfg.dense(), unflatten(tensors)), load_tokenizer(folder))

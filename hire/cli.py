@@ -666,41 +666,27 @@ access_options = options(
                       "and health turns NOT_SERVING); a second signal stops at once."))
 
 
-def _access(host: str, api_keys: tuple[str, ...], insecure: bool, limits: tuple[str, ...]):
-    """The API keys and request limits of the flags; a usage error naming the flag when they do not hold."""
-    from cluster.auth import check_exposure, parse_keys
-    from cluster.requests import Limits
-
-    try:
-        keys = parse_keys(api_keys)
-        check_exposure(host, keys, insecure)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--api-key / --insecure") from None
-    try:
-        return keys, Limits.parse(limits)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--limit") from None
-
-
-SERVE_FLAGS = {"hire": "--softmax / --ffn / --hire", "lora": "--lora", "limits": "--limit", "api_keys": "--api-key",
-               "pipelined": "--unpipelined"}  # a cluster.config.ServeConfig field's flag, where not --FIELD
+SERVE_FLAGS = {"hire": "--softmax / --ffn / --hire", "lora": "--lora", "api key": "--api-key / --insecure",
+               "host": "--api-key / --insecure", "pipelined": "--unpipelined"}  # the flag of what a ValueError names
 
 
 def _serve_config(flags: dict, **fields):
-    """The cluster.config.ServeConfig of a serve command's flags (and `fields`); a usage error naming the flag of a
-    bad value."""
+    """The cluster.config.ServeConfig of a serve command's flags (and `fields`), its host beyond loopback only with an
+    API key or --insecure (cluster.auth.check_exposure); a usage error naming the flag of a bad value."""
+    from cluster.auth import check_exposure
     from cluster.config import ServeConfig
 
     pairs = [spec.split("=", 1) for spec in flags.pop("loras")]
     if any(len(p) != 2 or not all(p) for p in pairs):
         raise click.BadParameter("expected NAME=PATH", param_hint="--lora")
-    keys, limits = _access(flags["host"], flags.pop("api_keys"), flags["insecure"], flags.pop("limits"))
     hire = hire_overrides(flags.pop("softmax"), flags.pop("ffn"), flags.pop("hire_settings"))
     try:
-        return ServeConfig(**flags, **fields, hire=hire, lora=dict(pairs), api_keys=tuple(keys), limits=limits)
+        config = ServeConfig(**flags, **fields, hire=hire, lora=dict(pairs))
+        check_exposure(config.host, config.api_keys, config.insecure)
     except ValueError as e:
         name = str(e).split(":")[0]
         raise click.BadParameter(str(e), param_hint=SERVE_FLAGS.get(name, f"--{name.replace('_', '-')}")) from None
+    return config
 
 
 @main.command("serve-grpc")

@@ -113,10 +113,11 @@ class Linear(nn.Module):
     lora_target: str = ""
 
     @nn.compact
-    def __call__(self, x: jax.Array, lora: Lora | None) -> jax.Array:
+    def __call__(self, x: jax.Array, lora: Lora | None, product: jax.Array | None = None) -> jax.Array:
+        """`product`: x W already computed (by `linears`)."""
         dt = jnp.dtype(self.cfg.dtype)
         kernel = self.param("kernel", weight_init(self.cfg.quantize), (x.shape[-1], self.features), dt)
-        y = quant.matmul(x, kernel).astype(dt)
+        y = (quant.matmul(x, kernel) if product is None else product).astype(dt)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), dt)
         if self.cfg.lora_adapters and self.lora_target in self.cfg.lora_targets:
@@ -128,6 +129,16 @@ class Linear(nn.Module):
                 delta = jnp.einsum("bti,bir->btr", x, a.value[lora.ids]) @ b.value[lora.ids]
                 y = y + lora.scale[:, None, None].astype(dt) * delta
         return y
+
+
+def linears(parent: nn.Module, layers: list[Linear], x: jax.Array, lora: Lora | None) -> list[jax.Array]:
+    """Each of `layers` (children of `parent`) applied to x, their quantized weights multiplied in one kernel call
+    (hire.quant.matmuls: x quantized once, one meeting of the threads)."""
+    if not parent.is_initializing():
+        kernels = [parent.variables["params"][layer.name]["kernel"] for layer in layers]
+        if quant.fusable(kernels):
+            return [layer(x, lora, y) for layer, y in zip(layers, quant.matmuls(x, kernels))]
+    return [layer(x, lora) for layer in layers]
 
 
 class Attention(nn.Module):
@@ -142,9 +153,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         bias = cfg.attention_bias
-        q = Linear(H * D, cfg, bias, "q", name="q")(x, lora).reshape(B, T, H, D)
-        k = Linear(K * D, cfg, bias, "k", name="k")(x, lora).reshape(B, T, K, D)
-        v = Linear(K * D, cfg, bias, "v", name="v")(x, lora).reshape(B, T, K, D)
+        q, k, v = linears(self, [Linear(H * D, cfg, bias, "q", name="q"), Linear(K * D, cfg, bias, "k", name="k"),
+                                 Linear(K * D, cfg, bias, "v", name="v")], x, lora)
+        q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, K, D), v.reshape(B, T, K, D)
         if cfg.qk_norm:
             q, k = norm(cfg, "q_norm")(q), norm(cfg, "k_norm")(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
@@ -190,11 +201,12 @@ class FFN(nn.Module):
     @nn.compact
     def __call__(self, x, lora):
         cfg = self.cfg
-        h = Linear(cfg.ffn_dim, cfg, False, "up", name="up")(x, lora)
         if cfg.gated:
-            h = activation(cfg, Linear(cfg.ffn_dim, cfg, False, "gate", name="gate")(x, lora)) * h
+            h, gate = linears(self, [Linear(cfg.ffn_dim, cfg, False, "up", name="up"),
+                                     Linear(cfg.ffn_dim, cfg, False, "gate", name="gate")], x, lora)
+            h = activation(cfg, gate) * h
         else:
-            h = activation(cfg, h)
+            h = activation(cfg, Linear(cfg.ffn_dim, cfg, False, "up", name="up")(x, lora))
         if cfg.ffn == "group-topk":  # the group-sparse training mask (docs/hire.md)
             h = sparse.keep_top_groups(h, cfg.ffn_groups, cfg.ffn_k)
         return Linear(cfg.dim, cfg, False, "down", name="down")(h, lora)

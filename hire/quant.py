@@ -109,29 +109,44 @@ def matmul(x: jax.Array, kernel: Any) -> jax.Array:
     return x @ kernel if not is_quantized(kernel) else matmul_rows(x, kernel)
 
 
+def fusable(kernels: list) -> bool:
+    """Whether `matmuls` multiplies these kernels in one kernel call: two to four quantized ones of one kind."""
+    return 2 <= len(kernels) <= 4 and all(map(is_quantized, kernels)) and len({kind_of(k) for k in kernels}) == 1
+
+
+def matmuls(x: jax.Array, kernels: list) -> list[jax.Array]:
+    """[matmul(x, k) for k in kernels]; `fusable` kernels in one call of the CPU kernel, which quantizes x once and
+    shares all their rows among its threads (fewer, larger calls: a decode step makes ~7 per layer otherwise)."""
+    return _quantized(x, kernels) if fusable(kernels) else [matmul(x, k) for k in kernels]
+
+
 def matmul_rows(x: jax.Array, rows: Any) -> jax.Array:
     """x @ rows.T for float rows [N, K] (the tied LM head) or a quantized dict."""
-    if not is_quantized(rows):
-        return x @ rows.T
+    return _quantized(x, [rows])[0] if is_quantized(rows) else x @ rows.T
+
+
+def _quantized(x: jax.Array, ws: list[dict]) -> list[jax.Array]:
+    """x @ w.T for quantized dicts of one kind."""
     flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     if not KERNELS and jax.default_backend() == "cpu":
         warnings.warn("hire._qmatmul is not built: quantized weights are dequantized for every product (slow); "
-                      "pip install -e . builds it", stacklevel=2)
+                      "pip install -e . builds it", stacklevel=3)
     if KERNELS and flat.shape[0] <= KERNEL_ROWS:
-        y = jax.lax.platform_dependent(flat, rows, cpu=_cpu_kernel, default=_dequantized)
+        ys = jax.lax.platform_dependent(flat, ws, cpu=_cpu_kernel, default=_dequantized)
     else:
-        y = _dequantized(flat, rows)
-    return y.reshape(*x.shape[:-1], -1)
+        ys = _dequantized(flat, ws)
+    return [y.reshape(*x.shape[:-1], -1) for y in ys]
 
 
-def _dequantized(x: jax.Array, w: dict) -> jax.Array:
-    return x @ dequantize_rows(w).T
+def _dequantized(x: jax.Array, ws: list[dict]) -> list[jax.Array]:
+    return [x @ dequantize_rows(w).T for w in ws]
 
 
-def _cpu_kernel(x: jax.Array, w: dict) -> jax.Array:
-    out = jax.ShapeDtypeStruct((x.shape[0], w["q"].shape[0]), jnp.float32)
-    args = (w["q"], w["scale"], w["min"]) if kind_of(w) == "int4" else (w["q"], w["scale"])
-    return jax.ffi.ffi_call(f"hire_matmul_{kind_of(w)}", out)(x, *args)
+def _cpu_kernel(x: jax.Array, ws: list[dict]) -> list[jax.Array]:
+    kind = kind_of(ws[0])
+    outs = [jax.ShapeDtypeStruct((x.shape[0], w["q"].shape[0]), jnp.float32) for w in ws]
+    args = [w[name] for w in ws for name in (("q", "scale", "min") if kind == "int4" else ("q", "scale"))]
+    return list(jax.ffi.ffi_call(f"hire_matmul_{kind}", outs)(x, *args))
 
 
 def initializer(kind: str, init: Callable, transpose: bool = True) -> Callable:

@@ -71,6 +71,21 @@ def test_matmul_within_the_activation_rounding(kind, m):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("m", [1, 2, 5, 9])
+def test_matmuls_in_one_call_equal_each_alone(kind, m):
+    """Weights sharing an input multiplied in one kernel call (q, k, v): each output bitwise what its own call gives,
+    for row counts that are not whole chunks (32) nor whole groups of rows taken together (4 at batch 1)."""
+    ws = [quant.quantize_rows(weights(n, 96, seed=n), kind) for n in (70, 33, 7)]
+    x = jnp.asarray(np.random.default_rng(2).normal(0, 1, (m, 96)).astype(np.float32))
+    assert quant.fusable(ws) and not quant.fusable(ws[:1]) and not quant.fusable([ws[0], weights(96, 8)])
+    together = jax.jit(quant.matmuls)(x, ws)
+    for w, y in zip(ws, together):
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(jax.jit(quant.matmul)(x, w)))
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x) @ np.asarray(quant.dequantize_rows(w)).T,
+                                   rtol=0.05, atol=0.05)
+
+
 def test_take_dequantizes_the_gathered_rows():
     table = quant.quantize_rows(weights(64, 64), "int4")
     ids = jnp.array([[3, 0], [63, 3]])

@@ -7,7 +7,9 @@
 //
 // Each call quantizes the activation rows x f32 [M, K] to int8 per block of 32 (scale max|x| / 127, as Q8_0), then
 // takes per-block int8 dot products (AVX2: maddubs + madd) scaled in float: y[m, n] = sum_b dx dw idot (+ mw sum x).
-// Output rows are shared among XLA's intra-op threads; every weight row is read once per 8 activation rows.
+// One call multiplies x by up to 4 weight matrices of one kind (q, k and v; gate and up), each into its own output, so
+// x is quantized once and the threads meet once. Output rows are shared among XLA's intra-op threads; every weight row
+// is read once per 8 activation rows.
 #include <Python.h>
 #include <immintrin.h>
 
@@ -16,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -71,40 +74,49 @@ inline __m256i dot_u8_s8(__m256i w, __m256i x) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
 }
 
-struct Problem {
-  const QuantizedRows* x;
-  int64_t m, k, n;
+// The weight matrices of one call, each multiplied by the same activation rows into its own output.
+constexpr int kMaxMatrices = 4;
+struct Matrix {
   const uint8_t* q;  // int8 or packed int4 weights
   const uint16_t* d;
   const uint16_t* min;  // int4 only
   float* y;
+  int64_t n;
 };
 
-// Rows [n0, n1) of y for the `T` activation rows from `r0`.
+struct Problem {
+  const QuantizedRows* x;
+  int64_t m, k;
+  int count = 0;
+  Matrix w[kMaxMatrices];
+  int64_t first_chunk[kMaxMatrices + 1] = {0};  // matrix i's output rows are chunks [first_chunk[i], first_chunk[i+1])
+};
+
+// Rows [n0, n1) of w's y for the `T` activation rows from `r0`.
 template <bool kInt4, int T>
-void tile(const Problem& p, int64_t r0, int64_t n0, int64_t n1) {
+void tile(const Problem& p, const Matrix& w, int64_t r0, int64_t n0, int64_t n1) {
   const int64_t nb = p.k / kBlock, row_bytes = kInt4 ? p.k / 2 : p.k;
   const int8_t* xq = p.x->q.data() + r0 * p.k;
   const float* xs = p.x->scale.data() + r0 * nb;
   const float* xsum = p.x->sum.data() + r0 * nb;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* w = p.q + n * row_bytes;
-    const uint16_t* d = p.d + n * nb;
+    const uint8_t* row = w.q + n * row_bytes;
+    const uint16_t* d = w.d + n * nb;
     __m256 acc[T];
     float offset[T];
     for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps(), offset[t] = 0.f;
     for (int64_t b = 0; b < nb; ++b) {
       __m256i wu, sign;
       if constexpr (kInt4) {
-        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * kBlock / 2));
+        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * kBlock / 2));
         const __m128i low = _mm_set1_epi8(0x0f);
         wu = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low), _mm_and_si128(packed, low));
       } else {  // |w| times x's sign flipped where w < 0: maddubs takes an unsigned left operand
-        sign = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kBlock));
+        sign = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
         wu = _mm256_sign_epi8(sign, sign);
       }
       const float dw = half(d[b]);
-      const float mw = kInt4 ? half(p.min[n * nb + b]) : 0.f;
+      const float mw = kInt4 ? half(w.min[n * nb + b]) : 0.f;
       for (int t = 0; t < T; ++t) {
         __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + t * p.k + b * kBlock));
         if constexpr (!kInt4) xv = _mm256_sign_epi8(xv, sign);
@@ -113,89 +125,93 @@ void tile(const Problem& p, int64_t r0, int64_t n0, int64_t n1) {
         if constexpr (kInt4) offset[t] += mw * xsum[t * nb + b];
       }
     }
-    for (int t = 0; t < T; ++t) p.y[(r0 + t) * p.n + n] = hsum(acc[t]) + offset[t];
+    for (int t = 0; t < T; ++t) w.y[(r0 + t) * w.n + n] = hsum(acc[t]) + offset[t];
   }
 }
 
 template <bool kInt4>
-void rows(const Problem& p, int64_t n0, int64_t n1) {
+void rows(const Problem& p, const Matrix& w, int64_t n0, int64_t n1) {
   for (int64_t r = 0; r < p.m; r += kTile) {
     switch (std::min<int64_t>(kTile, p.m - r)) {
-      case 1: tile<kInt4, 1>(p, r, n0, n1); break;
-      case 2: tile<kInt4, 2>(p, r, n0, n1); break;
-      case 3: tile<kInt4, 3>(p, r, n0, n1); break;
-      case 4: tile<kInt4, 4>(p, r, n0, n1); break;
-      case 5: tile<kInt4, 5>(p, r, n0, n1); break;
-      case 6: tile<kInt4, 6>(p, r, n0, n1); break;
-      case 7: tile<kInt4, 7>(p, r, n0, n1); break;
-      default: tile<kInt4, 8>(p, r, n0, n1); break;
+      case 1: tile<kInt4, 1>(p, w, r, n0, n1); break;
+      case 2: tile<kInt4, 2>(p, w, r, n0, n1); break;
+      case 3: tile<kInt4, 3>(p, w, r, n0, n1); break;
+      case 4: tile<kInt4, 4>(p, w, r, n0, n1); break;
+      case 5: tile<kInt4, 5>(p, w, r, n0, n1); break;
+      case 6: tile<kInt4, 6>(p, w, r, n0, n1); break;
+      case 7: tile<kInt4, 7>(p, w, r, n0, n1); break;
+      default: tile<kInt4, 8>(p, w, r, n0, n1); break;
     }
   }
 }
 
-// Chunks of output rows taken from a shared counter by the calling thread and by helpers scheduled on XLA's pool;
-// the caller waits only for chunks in progress, so a helper that starts late (its pool busy) finds none left.
+// Chunks of output rows (of every matrix) taken from a shared counter by the calling thread and by helpers scheduled
+// on XLA's pool; the caller waits only for chunks in progress, so a helper that starts late (its pool busy) finds none.
 struct Work {
+  Problem p;
   std::atomic<int64_t> next{0}, done{0};
-  int64_t chunks = 0;
 };
 
 template <bool kInt4>
-void run_chunks(const Problem& p, Work& work) {
-  for (int64_t c; (c = work.next.fetch_add(1)) < work.chunks;) {
-    rows<kInt4>(p, c * kChunk, std::min(p.n, (c + 1) * kChunk));
+void run_chunks(Work& work) {
+  const Problem& p = work.p;
+  const int64_t chunks = p.first_chunk[p.count];
+  int i = 0;
+  for (int64_t c; (c = work.next.fetch_add(1)) < chunks;) {
+    while (c >= p.first_chunk[i + 1]) ++i;  // chunks are taken in increasing order
+    const int64_t n0 = (c - p.first_chunk[i]) * kChunk;
+    rows<kInt4>(p, p.w[i], n0, std::min(p.w[i].n, n0 + kChunk));
     work.done.fetch_add(1, std::memory_order_release);
   }
 }
 
+// y_i = x @ W_i for each weight matrix W_i in `weights` (int8: q, d; int4: q, d, min), x quantized once.
 template <bool kInt4>
-ffi::Error matmul(ffi::ThreadPool pool, F32Matrix x, const void* q, F16Matrix d,
-                  const void* min, ffi::Result<F32Matrix> y) {
-  const int64_t m = x.dimensions()[0], k = x.dimensions()[1], n = y->dimensions()[1];
-  if (k % kBlock || d.dimensions()[0] != n || d.dimensions()[1] != k / kBlock)
-    return ffi::Error::InvalidArgument("quantized matmul: scales must be [N, K/32] and K a multiple of 32");
-  static thread_local QuantizedRows xq;
-  quantize_rows(x.typed_data(), m, k, xq);
-  const Problem p{&xq, m, k, n, static_cast<const uint8_t*>(q), reinterpret_cast<const uint16_t*>(d.typed_data()),
-                  static_cast<const uint16_t*>(min), y->typed_data()};
+ffi::Error matmul(ffi::ThreadPool pool, F32Matrix x, ffi::RemainingArgs weights, ffi::RemainingRets ys) {
+  constexpr size_t kArgs = kInt4 ? 3 : 2;
+  const int64_t m = x.dimensions()[0], k = x.dimensions()[1];
+  if (k % kBlock) return ffi::Error::InvalidArgument("quantized matmul: K must be a multiple of 32");
+  if (ys.size() < 1 || ys.size() > kMaxMatrices || weights.size() != kArgs * ys.size())
+    return ffi::Error::InvalidArgument("quantized matmul: 1 to 4 weight matrices, each with one output");
   auto work = std::make_shared<Work>();
-  work->chunks = (n + kChunk - 1) / kChunk;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks) - 1;
-  // helpers read `p` (and the caller's thread_local rows) only while holding a chunk, which the caller waits for
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work, p] { run_chunks<kInt4>(p, *work); });
-  run_chunks<kInt4>(p, *work);
-  while (work->done.load(std::memory_order_acquire) < work->chunks) _mm_pause();
+  Problem& p = work->p;
+  static thread_local QuantizedRows xq;
+  p.x = &xq, p.m = m, p.k = k, p.count = static_cast<int>(ys.size());
+  for (int i = 0; i < p.count; ++i) {
+    auto q = weights.get<std::conditional_t<kInt4, U8Matrix, S8Matrix>>(kArgs * i);
+    auto d = weights.get<F16Matrix>(kArgs * i + 1);
+    auto y = ys.get<F32Matrix>(i);
+    if (!q || !d || !y) return ffi::Error::InvalidArgument("quantized matmul: bad weight or output buffer");
+    const int64_t n = (*y)->dimensions()[1];
+    if (d->dimensions()[0] != n || d->dimensions()[1] != k / kBlock || (*y)->dimensions()[0] != m)
+      return ffi::Error::InvalidArgument("quantized matmul: scales must be [N, K/32] and outputs [M, N]");
+    const uint16_t* min = nullptr;
+    if constexpr (kInt4) {
+      auto mins = weights.get<F16Matrix>(kArgs * i + 2);
+      if (!mins) return ffi::Error::InvalidArgument("quantized matmul: bad int4 mins");
+      min = reinterpret_cast<const uint16_t*>(mins->typed_data());
+    }
+    p.w[i] = {reinterpret_cast<const uint8_t*>(q->typed_data()), reinterpret_cast<const uint16_t*>(d->typed_data()), min,
+              (*y)->typed_data(), n};
+    p.first_chunk[i + 1] = p.first_chunk[i] + (n + kChunk - 1) / kChunk;
+  }
+  quantize_rows(x.typed_data(), m, k, xq);
+  const int64_t chunks = p.first_chunk[p.count];
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
+  // helpers read the caller's thread_local rows only while holding a chunk, which the caller waits for
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { run_chunks<kInt4>(*work); });
+  run_chunks<kInt4>(*work);
+  while (work->done.load(std::memory_order_acquire) < chunks) _mm_pause();
   return ffi::Error::Success();
-}
-
-ffi::Error matmul_int8(ffi::ThreadPool pool, F32Matrix x, S8Matrix q,
-                       F16Matrix d, ffi::Result<F32Matrix> y) {
-  return matmul<false>(pool, x, q.typed_data(), d, nullptr, y);
-}
-
-ffi::Error matmul_int4(ffi::ThreadPool pool, F32Matrix x, U8Matrix q,
-                       F16Matrix d, F16Matrix min, ffi::Result<F32Matrix> y) {
-  return matmul<true>(pool, x, q.typed_data(), d, min.typed_data(), y);
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(HireMatmulInt8, matmul_int8,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32Matrix>()
-                                  .Arg<S8Matrix>()
-                                  .Arg<F16Matrix>()
-                                  .Ret<F32Matrix>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HireMatmulInt8, matmul<false>,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32Matrix>().RemainingArgs().RemainingRets());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(HireMatmulInt4, matmul_int4,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32Matrix>()
-                                  .Arg<U8Matrix>()
-                                  .Arg<F16Matrix>()
-                                  .Arg<F16Matrix>()
-                                  .Ret<F32Matrix>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HireMatmulInt4, matmul<true>,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32Matrix>().RemainingArgs().RemainingRets());
 
 // The Python module hire._qmatmul: the two handlers as capsules for jax.ffi.register_ffi_target, and `supported`,
 // whether this CPU has the instructions the kernels were compiled for.

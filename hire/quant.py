@@ -28,6 +28,7 @@ QUANTIZE = ("none", "int8", "int4")
 EMBED_BESIDE = {"int4": "int8"}
 BLOCK = 32
 KERNEL_ROWS = 64  # activation rows up to which the CPU kernel beats dequantizing into a float32 product
+KERNEL_ABI = 2  # the calling convention hire/csrc/qmatmul.cc's handlers have (its `abi`)
 
 
 def _load_kernels() -> bool:
@@ -35,6 +36,10 @@ def _load_kernels() -> bool:
     try:
         from hire import _qmatmul
     except ImportError:
+        return False
+    if getattr(_qmatmul, "abi", 1) != KERNEL_ABI:
+        warnings.warn("hire._qmatmul is out of date (built from older sources): quantized weights are dequantized "
+                      "for every product; python setup.py build_ext --inplace rebuilds it", stacklevel=2)
         return False
     if not _qmatmul.supported:
         return False

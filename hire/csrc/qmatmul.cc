@@ -213,8 +213,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HireMatmulInt8, matmul<false>,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HireMatmulInt4, matmul<true>,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32Matrix>().RemainingArgs().RemainingRets());
 
-// The Python module hire._qmatmul: the two handlers as capsules for jax.ffi.register_ffi_target, and `supported`,
-// whether this CPU has the instructions the kernels were compiled for.
+// The Python module hire._qmatmul: the two handlers as capsules for jax.ffi.register_ffi_target, `supported`,
+// whether this CPU has the instructions the kernels were compiled for, and `abi`, the handlers' calling convention
+// (2: any number of weight matrices per call), which hire.quant checks against a stale build.
 static PyModuleDef qmatmul_module = {PyModuleDef_HEAD_INIT, "_qmatmul", "hire's quantized matmul kernels", -1};
 
 PyMODINIT_FUNC PyInit__qmatmul() {
@@ -224,7 +225,8 @@ PyMODINIT_FUNC PyInit__qmatmul() {
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   if (PyModule_AddObject(module, "int8", PyCapsule_New(reinterpret_cast<void*>(HireMatmulInt8), nullptr, nullptr)) ||
       PyModule_AddObject(module, "int4", PyCapsule_New(reinterpret_cast<void*>(HireMatmulInt4), nullptr, nullptr)) ||
-      PyModule_AddObject(module, "supported", PyBool_FromLong(supported))) {
+      PyModule_AddObject(module, "supported", PyBool_FromLong(supported)) ||
+      PyModule_AddIntConstant(module, "abi", 2)) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -360,9 +360,11 @@ def test_draft_ngram_gives_the_greedy_text_of_plain_decoding(engine, stub):
         assert 0 < accepted <= 1  # the prompts repeat themselves: prompt lookup has drafts accepted
 
 
-def test_draft_warm_up_compiles_every_speculative_program(engine):
+def test_draft_warm_up_compiles_every_speculative_program():
     """hire serve-grpc --draft: the server's warm-up compiles the Speculator's programs (every prompt bucket, every
-    attention span), so that no request, whatever its length or sampling, waits for a compilation."""
+    attention span), so that no request, whatever its length or sampling, waits for a compilation. A context of 64
+    (buckets 16, 32, 64; the prompts below take one each) keeps the warm-up short."""
+    engine = Engine(load_model("stories260K"), slots=4, max_len=64)
     drafter = load_drafter("ngram", load_model("stories260K"))  # a drafter of its own: programs of its own
     server = GrpcServer(Served(engine, "stories260K"), ServeConfig(grpc_port=0, draft="ngram", gamma=3), drafter)
     programs = lambda: (_prefill_jit._cache_size(), _block_jit._cache_size())  # noqa: E731
@@ -370,8 +372,8 @@ def test_draft_warm_up_compiles_every_speculative_program(engine):
     server.warm_up()
     warm = programs()
     assert warm[0] > before[0] and warm[1] > before[1]
-    prompts = ["Once", "Tom went to the park. " * 4, "Lily saw a cat. " * 6]
-    params = [SamplingParams(temperature=t, max_tokens=120, ignore_eos=True, seed=0) for t in (0.0, 1.0, 0.7)]
+    prompts = ["Once", "Tom went to the park. " * 2, "Lily saw a cat. " * 6]  # 2, 22 and 38 tokens
+    params = [SamplingParams(temperature=t, max_tokens=64, ignore_eos=True, seed=0) for t in (0.0, 1.0, 0.7)]
     events = list(run(engine, make_requests(engine, prompts, params, None), lambda: SpeculativeBatch(server.spec)))
     assert len(events) > 100 and programs() == warm and server.stats.tokens == 0
 

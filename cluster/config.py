@@ -21,8 +21,9 @@ from hire.loaded import LoadedModel
 from hire.predictor_files import serving_settings
 
 PLACEMENTS = ("STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK")
-AT_LEAST = {"slots": 1, "queue_size": 1, "chunk": 1, "prefills": 1, "gamma": 1, "hosts": 1, "devices_per_host": 1,
-            "replicas": 1, "max_len": 2, "http_port": 0, "grpc_port": 0, "metrics_port": 0, "grace": 0, "num_cpus": 1}
+AT_LEAST = {"slots": 1, "queue_size": 1, "chunk": 1, "prefills": 1, "gamma": 1, "plain_from": 1, "hosts": 1,
+            "devices_per_host": 1, "replicas": 1, "max_len": 2, "http_port": 0, "grpc_port": 0, "metrics_port": 0,
+            "grace": 0, "num_cpus": 1}
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class ServeConfig:
     draft: str | None = None  # a drafter's name or path, or "ngram"
     gamma: int = 4  # tokens drafted per block
     pipelined: bool = True  # draft block b+1 while b is verified (hire serve)
+    # hire serve-grpc: with this many requests live or more, decode plainly (drafting nothing: docs/speculative.md
+    # measured speculation paying at 1-2 live rows on SmolLM2, not at 4); None: always draft
+    plain_from: int | None = 3
     # where the model runs (hire serve)
     hosts: int = 1  # host actors the model is sharded over
     devices_per_host: int = 1

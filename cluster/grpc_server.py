@@ -47,7 +47,7 @@ class GrpcServer:
         batch, stats, spec = None, None, None  # the scheduler's default batch: hire.batch.PlainBatch
         if drafter is not None:
             spec, stats = Speculator(served.engine, drafter, c.gamma), SpecStats()
-            batch = lambda: SpeculativeBatch(spec, stats)  # noqa: E731
+            batch = lambda: SpeculativeBatch(spec, stats, plain_from=c.plain_from)  # noqa: E731
             mode = pb.DECODING_MODE_TANDEM if isinstance(drafter, TandemDrafter) else pb.DECODING_MODE_SPECULATIVE
             served = dataclasses.replace(served, drafters=[Path(c.draft or "draft").name], mode=mode, gamma=c.gamma)
         self.served, self.stats, self.spec = served, stats, spec  # stats: the drafts' (SpecStats), or None

@@ -59,6 +59,15 @@ class SlotBatch:
         """Free `req`'s slot, if it holds one; its remaining tokens are never decoded."""
         self.live = {slot: r for slot, r in self.live.items() if r is not req}
 
+    def reach(self, n: int, whole: bool = False) -> int:
+        """A bound on every live request's position `n` tokens on (the attention span to run); with `whole`, at least
+        the span of each one's last position too, up to WHOLE_SPAN (see PlainBatch)."""
+        reach = max(len(r.out.prompt_tokens) + len(r.out.tokens) + n for r in self.live.values())
+        if whole:
+            last = max(len(r.out.prompt_tokens) + min(r.params.max_tokens, r.room) for r in self.live.values())
+            reach = max(reach, min(last, WHOLE_SPAN))
+        return reach
+
     @staticmethod
     def context(req: Request) -> list[int]:
         """What to prefill for `req`: its prompt, and the tokens it already has when retried after the engine was
@@ -106,9 +115,5 @@ class PlainBatch(SlotBatch):
     def step(self) -> list[Event]:
         """Decode `chunk` tokens in every slot; the live requests' events, each request's in order."""
         n = self.chunk
-        reach = max(len(r.out.prompt_tokens) + len(r.out.tokens) + n for r in self.live.values())
-        if self.whole:  # at least the span of every request's last position, up to WHOLE_SPAN
-            last = max(len(r.out.prompt_tokens) + min(r.params.max_tokens, r.room) for r in self.live.values())
-            reach = max(reach, min(last, WHOLE_SPAN))
-        self.state, out = self.engine.generate_steps(self.state, n, reach)
+        self.state, out = self.engine.generate_steps(self.state, n, self.reach(n, self.whole))
         return self._emit(np.asarray(out.tokens).T, np.asarray(out.logprobs).T, np.full(self.engine.slots, n))

@@ -644,7 +644,11 @@ serving_options = options(
                  "tandem coordinator driving them in two worker actors over gRPC (one CPU each; with --hosts N "
                  "the model's worker drives N host actors; docs/coordinator.md)."),
     click.option("--gamma", default=4, show_default=True, type=click.IntRange(1, 16),
-                 help="Tokens drafted per block (with --draft)."))
+                 help="Tokens drafted per block (with --draft)."),
+    click.option("--plain-from", default=3, show_default=True, type=click.IntRange(min=1),
+                 help="With --draft in hire serve-grpc: while this many requests or more are decoding, decode "
+                 "plainly (one token per step, the drafter kept up to date); speculation stopped paying between 2 "
+                 "and 4 live requests on SmolLM2 here (docs/speculative.md). hire serve's coordinator always drafts."))
 
 
 LIMIT_HELP = ("Set a request limit (repeatable), checked before any work: prompt_bytes (default 32 per token of "

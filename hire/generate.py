@@ -94,7 +94,8 @@ def generate_text(model: str, prompt: str, params: SamplingParams, as_chat: bool
             events = stream(engine, text, params, names.get(adapter, -1))
         else:
             spec = speculator(engine, drafter(draft, loaded, dtype), gamma, tandem_only)
-            events = speculate(spec, make_requests(engine, [text], params, [names.get(adapter, -1)]), stats)
+            events = speculate(spec, make_requests(engine, [text], params, [names.get(adapter, -1)]), stats,
+                               whole=True)
     except ValueError as e:
         raise OptionError(str(e), "--prompt") from None
     sys.stdout.write("" if as_chat else prompt)

@@ -325,16 +325,16 @@ def draft_block(drafter: Drafter, router: BlockRouter | None, log: bool, gamma: 
     return dstate, drafts, q, proposed, inputs
 
 
-def _block(cfg: ModelConfig, drafter: Drafter, router: BlockRouter | None, log: bool, gamma: int, kv_len: int,
-           tvars: dict, dvars: Any, rparams: Any, state: SpecState) -> tuple[SpecState, BlockOutput]:
-    """Draft up to γ tokens, verify them in one large-model pass, accept, roll back: one block, every row
-    (`draft_block`, then `verify_block`, then the drafter's update)."""
+def _block(cfg: ModelConfig, drafter: Drafter, router: BlockRouter | None, log: bool, gamma: int, trim: bool,
+           kv_len: int, tvars: dict, dvars: Any, rparams: Any, state: SpecState) -> tuple[SpecState, BlockOutput]:
+    """Draft up to γ tokens, verify them in one large-model pass (`trim`: the shortest of verify_lengths(γ) that
+    covers the proposals, else γ + 1), accept, roll back: one block, every row (`draft_block`, then `verify_block`,
+    then the drafter's update)."""
     t = state.target
     active = jnp.ones(t.tokens.shape, bool) if state.active is None else state.active
     dstate, drafts, q, proposed, inputs = draft_block(drafter, router, log, gamma, kv_len, dvars, rparams,
                                                       state.draft, t.tokens, t.positions, t.sampling, active)
-    trims = router is not None or getattr(drafter, "stops_early", False)
-    lengths = verify_lengths(gamma) if trims else (gamma + 1,)
+    lengths = verify_lengths(gamma) if trim else (gamma + 1,)
     target, v = verify_block(cfg, drafter.wants_hidden, lengths, kv_len, False, tvars, t, drafts, q, proposed)
     dstate = drafter.update(dvars, dstate, *block_inputs(t, drafts), v.accepted, v.hidden)
     output = BlockOutput(v.tokens, v.logprobs, v.accepted + 1, jnp.sum(proposed, axis=1), inputs, v.verified)
@@ -408,21 +408,45 @@ def verify_block(cfg: ModelConfig, wants_hidden: tuple[int, ...], lengths: tuple
     return target, Verdict(out, logprobs, accepted, hidden, jnp.array(lengths)[choice])
 
 
+def _plain_block(cfg: ModelConfig, drafter: Drafter, kv_len: int, tvars: dict, dvars: Any, state: SpecState
+                 ) -> tuple[SpecState, BlockOutput]:
+    """A block that proposes nothing: one large-model step for every row, as `_block` decides a token after no
+    accepted draft (so greedy rows decode exactly as in a block). The drafter still steps once over each row's
+    pending token and is updated with the large model's verdict, so its state is what a block would have left: it
+    drafts from the right context when blocks resume."""
+    t = state.target
+    active = jnp.ones(t.tokens.shape, bool) if state.active is None else state.active
+    dstate, drafts, q, proposed, inputs = draft_block(drafter, None, False, 1, kv_len, dvars, None, state.draft,
+                                                      t.tokens, t.positions, t.sampling, active)
+    proposed = jnp.zeros_like(proposed)
+    target, v = verify_block(cfg, drafter.wants_hidden, (1,), kv_len, False, tvars, t, drafts, q, proposed)
+    dstate = drafter.update(dvars, dstate, *block_inputs(t, drafts), v.accepted, v.hidden)
+    output = BlockOutput(v.tokens, v.logprobs, v.accepted + 1, jnp.sum(proposed, axis=1), inputs, v.verified)
+    return SpecState(target, dstate, state.active), output
+
+
 _prefill_jit = jax.jit(_prefill, static_argnums=(0, 1), donate_argnums=(4,))
-_block_jit = jax.jit(_block, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(9,))
+_block_jit = jax.jit(_block, static_argnums=(0, 1, 2, 3, 4, 5, 6), donate_argnums=(10,))
+_plain_block_jit = jax.jit(_plain_block, static_argnums=(0, 1, 2), donate_argnums=(5,))
 
 
 class Speculator:
     """A large model (an Engine's weights, slots and context) paired with a drafter, drafting up to γ per
     block; a `router` (hire.router) stops each row's block early where its next draft looks unlikely.
-    `log_inputs` fills BlockOutput.inputs (what a router would see) without a router, to train one."""
+    `log_inputs` fills BlockOutput.inputs (what a router would see) without a router, to train one.
+
+    `trim`: verify over the shortest of verify_lengths(γ) that covers the longest proposal (a lax.switch: one model
+    trace per length, and the attended cache window copied in and out of it every block) rather than always γ + 1;
+    by default for a router or a drafter that `stops_early`. `hire generate` turns it off: in a fresh process the
+    extra traces cost more than the short passes save over 128 tokens (docs/speculative.md)."""
 
     def __init__(self, engine: Engine, drafter: Drafter, gamma: int = 4, router: BlockRouter | None = None,
-                 log_inputs: bool = False):
+                 log_inputs: bool = False, trim: bool | None = None):
         if gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
         self.engine, self.drafter, self.gamma, self.router = engine, drafter, gamma, router
         self.log_inputs = log_inputs
+        self.trim = router is not None or getattr(drafter, "stops_early", False) if trim is None else trim
 
     def init_state(self) -> SpecState:
         return SpecState(self.engine.init_state(), self.drafter.init(self.engine.slots, self.engine.max_len),
@@ -445,9 +469,18 @@ class Speculator:
     def block(self, state: SpecState, reach: int) -> tuple[SpecState, BlockOutput]:
         """One block for every slot; `reach` bounds every active slot's pending position + γ + 1."""
         engine = self.engine
-        kv_len = next(b for b in engine.buckets if b >= min(reach, engine.max_len))
-        return _block_jit(engine.cfg, self.drafter, self.router, self.log_inputs, self.gamma, kv_len, engine.variables,
-                          self.drafter.variables, None if self.router is None else self.router.params, state)
+        return _block_jit(engine.cfg, self.drafter, self.router, self.log_inputs, self.gamma, self.trim,
+                          self._kv_len(reach), engine.variables, self.drafter.variables,
+                          None if self.router is None else self.router.params, state)
+
+    def plain_block(self, state: SpecState, reach: int) -> tuple[SpecState, BlockOutput]:
+        """One large-model step for every slot, drafting nothing (`_plain_block`); outputs [B, 2], counts 1."""
+        engine = self.engine
+        return _plain_block_jit(engine.cfg, self.drafter, self._kv_len(reach), engine.variables,
+                                self.drafter.variables, state)
+
+    def _kv_len(self, reach: int) -> int:
+        return next(b for b in self.engine.buckets if b >= min(reach, self.engine.max_len))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -467,6 +500,7 @@ class SpecStats:
     seconds: float = 0.0
     passes: int = 0  # block calls (one large-model pass over every row)
     verified: int = 0  # tokens the large model ran over per row, summed over passes (γ + 1 unless blocks end early)
+    plain_steps: int = 0  # passes among them that drafted nothing (SpeculativeBatch's plain_from)
 
     @property
     def acceptance_rate(self) -> float:
@@ -492,11 +526,20 @@ class SpecStats:
 class SpeculativeBatch(SlotBatch):
     """The hire.batch.Batch over a Speculator's slots (any Drafter; TandemAlone too): each step is one block for
     every live request, its tokens handed out as they were decided; `stats` is updated as blocks finish (seconds
-    from the batch's start), and `log`, when given, is called with the slots a block decoded and its output."""
+    from the batch's start), and `log`, when given, is called with the slots a block decoded and its output.
+
+    `plain_from`: while at least this many requests are live, a step is a plain one (`Speculator.plain_block`: one
+    token per row, the drafter kept up to date), since a pass over several tokens per row costs the batch more than
+    its accepted drafts save (docs/speculative.md; None: always draft). `whole`: attention spans the bucket of the
+    live requests' last position from the first block (hire.batch.PlainBatch's `whole`: one block program to trace
+    and compile instead of one per span reached)."""
 
     def __init__(self, spec: Speculator, stats: SpecStats | None = None,
-                 log: Callable[[list[int], BlockOutput], None] | None = None):
-        self.spec, self.engine, self.log = spec, spec.engine, log
+                 log: Callable[[list[int], BlockOutput], None] | None = None, plain_from: int | None = None,
+                 whole: bool = False):
+        if plain_from is not None and plain_from < 1:
+            raise ValueError(f"plain_from must be >= 1 or None, got {plain_from}")
+        self.spec, self.engine, self.log, self.plain_from, self.whole = spec, spec.engine, log, plain_from, whole
         self.stats = stats if stats is not None else SpecStats()
         self.state = spec.init_state()
         self.live: dict[int, Request] = {}
@@ -515,9 +558,12 @@ class SpeculativeBatch(SlotBatch):
         """One block: up to γ drafts per live row, verified in one large-model pass; the accepted drafts and the
         decided token of each row, each request's in order."""
         stats, slots = self.stats, list(self.live)
-        reach = max(len(r.out.prompt_tokens) + len(r.out.tokens) for r in self.live.values()) + self.spec.gamma
         state = self.state._replace(active=jnp.array([slot in self.live for slot in range(self.engine.slots)]))
-        self.state, out = self.spec.block(state, reach)
+        if self.plain_from is not None and len(slots) >= self.plain_from:
+            self.state, out = self.spec.plain_block(state, self.reach(1, self.whole))
+            stats.plain_steps += 1
+        else:
+            self.state, out = self.spec.block(state, self.reach(self.spec.gamma, self.whole))
         if self.log:
             self.log(slots, out)
         tokens, logprobs, count, proposed = (np.asarray(a) for a in out[:4])
@@ -531,11 +577,13 @@ class SpeculativeBatch(SlotBatch):
         return events
 
 
-def run(spec: Speculator, requests: Sequence[Request], stats: SpecStats | None = None) -> Iterator[Event]:
+def run(spec: Speculator, requests: Sequence[Request], stats: SpecStats | None = None,
+        whole: bool = False) -> Iterator[Event]:
     """Decode every request speculatively through a hire.scheduler.Scheduler of SpeculativeBatches on this thread,
-    yielding events as tokens are decided (a block's at once); `stats`, when given, is updated as blocks finish."""
+    yielding events as tokens are decided (a block's at once); `stats`, when given, is updated as blocks finish;
+    `whole` as SpeculativeBatch's (`hire generate`)."""
     stats = stats if stats is not None else SpecStats()
-    return run_scheduler(spec.engine, requests, lambda: SpeculativeBatch(spec, stats))
+    return run_scheduler(spec.engine, requests, lambda: SpeculativeBatch(spec, stats, whole=whole))
 
 
 def speculative_generate(engine: Engine, drafter: Drafter, prompts: Sequence[str | Sequence[int]],

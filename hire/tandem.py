@@ -397,10 +397,11 @@ def drafter(name: str, target: LoadedModel, dtype: str | None = None):
 
 
 def speculator(engine, drafter, gamma: int, tandem_only: bool = False) -> Speculator:
-    """hire.speculative.Speculator of `engine` and `drafter`, or with `tandem_only` (`--tandem-only`) a TandemAlone;
-    that takes a TandemDrafter, else an OptionError."""
+    """hire.speculative.Speculator of `engine` and `drafter` verifying γ + 1 tokens every block (no `trim`: one model
+    trace, and no cache window copied per block; hire generate and hire bench decode), or with `tandem_only`
+    (`--tandem-only`) a TandemAlone; that takes a TandemDrafter, else an OptionError."""
     if not tandem_only:
-        return Speculator(engine, drafter, gamma)
+        return Speculator(engine, drafter, gamma, trim=False)
     if not isinstance(drafter, TandemDrafter):
         raise OptionError("needs --draft to name a tandem model (e.g. stdlib-9m-tandem)", "--tandem-only")
     return TandemAlone(engine, drafter, gamma)
@@ -443,8 +444,7 @@ class TandemAlone(Speculator):
 
     def block(self, state: SpecState, reach: int) -> tuple[SpecState, BlockOutput]:
         engine = self.engine
-        kv_len = next(b for b in engine.buckets if b >= min(reach, engine.max_len))
-        return _alone_block_jit(engine.cfg, self.drafter, self.gamma, kv_len, engine.variables,
+        return _alone_block_jit(engine.cfg, self.drafter, self.gamma, self._kv_len(reach), engine.variables,
                                 self.drafter.variables, state)
 
 

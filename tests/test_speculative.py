@@ -16,12 +16,21 @@ from hire.checkpoint import load_model, resolve_model
 from hire.config import ModelConfig
 from hire.drafters import ModelDrafter, NGramDrafter
 from hire.engine import Engine
-from hire.generate import generate
+from hire.generate import generate, make_requests
 from hire.loaded import LoadedModel
 from hire.model import init_cache, init_params
 from hire.router import ConfidenceRouter, collect, fit, scores
 from hire.sampling import RowSampling, SamplingParams
-from hire.speculative import Speculator, filtered, run_model, speculative_generate, verify_lengths
+from hire.scheduler import run
+from hire.speculative import (
+    SpecStats,
+    SpeculativeBatch,
+    Speculator,
+    filtered,
+    run_model,
+    speculative_generate,
+    verify_lengths,
+)
 from hire.tandem import TandemConfig, TandemDrafter, TandemModel, init_tandem
 
 # 15-16 tokens each: one prefill bucket (16) and, with max_len 32, one attention span (32) for every block
@@ -175,6 +184,22 @@ def test_blocks_end_where_proposals_end(stories, engine, drafters):
     [alone] = generate(engine, [list(range(100, 116))], SamplingParams(temperature=0, max_tokens=2))
     assert alone.tokens == [first, int(out.tokens[0, 0])]
     assert verify_lengths(1) == (1, 2) and verify_lengths(4) == (1, 2, 4, 5) and verify_lengths(7) == (1, 2, 4, 8)
+
+
+@pytest.mark.parametrize("plain_from,plain_steps", [(2, 5), (3, 0)])
+def test_plain_steps_from_a_number_of_live_rows(engine, drafters, plain_from, plain_steps):
+    """SpeculativeBatch(plain_from=2): while both requests are live each step decodes one token per row, drafting
+    nothing (5 steps, until the first request has its 6 tokens); then the other drafts again, from a drafter that
+    saw those tokens: the large model drafting for itself has every draft accepted. Greedy output is the model's
+    alone either way; with plain_from above the live rows no step falls back."""
+    params = [SamplingParams(temperature=0, max_tokens=6), SamplingParams(temperature=0, max_tokens=MAX_LEN)]
+    alone = generate(engine, PROMPTS[:2], params)
+    spec, stats = Speculator(engine, drafters["self"], gamma=3), SpecStats()
+    requests = make_requests(engine, PROMPTS[:2], params, None)
+    for _ in run(engine, requests, lambda: SpeculativeBatch(spec, stats, plain_from=plain_from)):
+        pass
+    assert [r.out.tokens for r in requests] == [o.tokens for o in alone] and len(alone[0].tokens) == 6
+    assert stats.plain_steps == plain_steps and stats.proposed > 0 and stats.acceptance_rate == 1.0
 
 
 def test_collect_and_fit_router(engine, drafters):

@@ -60,11 +60,13 @@ class GrpcServer:
     def warm_up(self) -> None:
         """Compile what serving runs, so that no request waits for a compilation: the engine's programs
         (Engine.warm_up), or decoding speculatively the Speculator's (hire.scheduler.warm_up, its drafts not counted
-        in `stats`)."""
+        in `stats`): its blocks, and with `plain_from` its plain steps, through every attention span."""
         if self.spec is None:
             self.served.engine.warm_up(self.scheduler.chunk)
         else:
             warm_up(self.served.engine, lambda: SpeculativeBatch(self.spec))
+            if self.config.plain_from is not None:
+                warm_up(self.served.engine, lambda: SpeculativeBatch(self.spec, plain_from=1))
 
     async def start(self) -> int:
         """Start the scheduler and listen; returns the port."""

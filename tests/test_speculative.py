@@ -16,9 +16,10 @@ from hire.checkpoint import load_model, resolve_model
 from hire.config import ModelConfig
 from hire.drafters import ModelDrafter, NGramDrafter
 from hire.engine import Engine
-from hire.generate import generate, make_requests
+from hire.generate import generate
 from hire.loaded import LoadedModel
 from hire.model import init_cache, init_params
+from hire.request import make_requests
 from hire.router import ConfidenceRouter, collect, fit, scores
 from hire.sampling import RowSampling, SamplingParams
 from hire.scheduler import run

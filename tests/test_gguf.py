@@ -150,22 +150,22 @@ def test_real_tokenizer_matches_transformers(real):
         assert tok.chat_template is None and tok.end_ids == (1,) and tok.bos_id == 2 and tok.add_bos
 
 
-def greedy_matches_transformers(loaded, ref, prompts: list[str], n: int, max_len: int = 64) -> None:
+def greedy_matches_transformers(engine: Engine, ref, prompts: list[str], n: int) -> None:
     """hire's n greedy tokens for each prompt are transformers' greedy ones (`generate(do_sample=False)`, which stops
     at an EOS of its generation config): each is the argmax of transformers' logits after the prompt and hire's
     tokens before it. One forward pass over them gives every step's logits (greedy decoding is a function of them),
-    where `generate` would take n passes (in eager attention, most of this module's time)."""
-    engine = Engine(loaded, slots=1, max_len=max_len)
+    where `generate` would take n passes (in eager attention, most of this module's time). hire decodes the n tokens
+    in one chunk: one decode program to compile per attention span, not one per 16 tokens' span."""
     eos = ref.generation_config.eos_token_id
     eos = {eos} if isinstance(eos, int) else set(eos or ())
     for prompt in prompts:
-        ids = loaded.tokenizer.encode(prompt)
-        [out] = generate(engine, [ids], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        ids = engine.tokenizer.encode(prompt)
+        [out] = generate(engine, [ids], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), chunk=n)
         with torch.no_grad():
             want = ref(torch.tensor([ids + out.tokens[:-1]])).logits[0, len(ids) - 1:].argmax(-1).tolist()
         end = next((i + 1 for i, t in enumerate(want) if t in eos), n)  # where transformers' greedy run stops
         assert out.tokens[:end] == want[:end], prompt
-        assert end == n or want[end - 1] in loaded.tokenizer.end_ids
+        assert end == n or want[end - 1] in engine.tokenizer.end_ids
 
 
 def test_smollm2_greedy_matches_transformers():
@@ -175,21 +175,23 @@ def test_smollm2_greedy_matches_transformers():
     assert loaded.cfg.tie_embeddings and loaded.cfg.vocab_size == 49152
     prompts = ["The capital of France is", "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n",
                "def fibonacci(n):"]
-    greedy_matches_transformers(loaded, hf_gguf(path), prompts, 30)
+    greedy_matches_transformers(Engine(loaded, slots=1, max_len=64), hf_gguf(path), prompts, 30)
 
 
 @pytest.fixture(scope="module")
 def gemma3():
-    """Gemma 3 270M in hire and in transformers, both from the GGUF file hire pulled."""
+    """Gemma 3 270M in hire and in transformers, both from the GGUF file hire pulled, and one hire engine for both
+    tests (a context of 1024, which the longer test needs): its programs compile once."""
     path = next(resolve_model("gemma3-270m").glob("*.gguf"))
-    return load_model(path, dtype="float32"), hf_gguf(path)
+    loaded = load_model(path, dtype="float32")
+    return loaded, hf_gguf(path), Engine(loaded, slots=1, max_len=1024)
 
 
 def test_gemma3_matches_transformers(gemma3):
     """Gemma 3 270M (Q5_0, Q4_K, Q6_K, Q8_0 and F32 tensors): logits and greedy tokens as transformers', and
     a low loss on plain English, which taking llama.cpp's +1 off every norm (q/k norms included) gives: left on
     the q/k norms, the loss below goes from 1.56 to 2.90 nats."""
-    loaded, ref = gemma3
+    loaded, ref, engine = gemma3
     cfg = loaded.cfg
     assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size) == (
         18, 640, 4, 1, 256, 262144)
@@ -205,13 +207,13 @@ def test_gemma3_matches_transformers(gemma3):
     assert -logp[np.arange(len(ids) - 1), ids[1:]].mean() < 2.0
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
                "The three laws of thermodynamics are", "Translate to French: I would like a cup of coffee."]
-    greedy_matches_transformers(loaded, ref, prompts, 30)
+    greedy_matches_transformers(engine, ref, prompts, 30)
 
 
 def test_gemma3_past_the_sliding_window(gemma3):
     """A prompt longer than the 512-token window, where the 15 local layers (RoPE base 1e4) see only its last 512
     positions and the 3 global ones (1e6) all of it: logits and greedy tokens as transformers'."""
-    loaded, ref = gemma3
+    loaded, ref, engine = gemma3
     text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()[:2600]
     ids = np.array(loaded.tokenizer.encode(text))
     assert 600 < len(ids) < 900
@@ -222,7 +224,7 @@ def test_gemma3_past_the_sliding_window(gemma3):
     everywhere, _ = Transformer(loaded.cfg.replace(sliding_window=0)).apply(loaded.variables, ids[None],
                                                                            np.arange(len(ids))[None])
     assert np.abs(np.asarray(everywhere[0, 520:]) - want[520:]).max() > 1e-2 * np.abs(want).max()  # the window matters
-    greedy_matches_transformers(loaded, ref, [text], 30, max_len=1024)
+    greedy_matches_transformers(engine, ref, [text], 30)
 
 
 # --- broken files: one-line errors that name the field or tensor ------------------------------------------

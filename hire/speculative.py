@@ -329,12 +329,19 @@ def _block(cfg: ModelConfig, drafter: Drafter, router: BlockRouter | None, log: 
            kv_len: int, tvars: dict, dvars: Any, rparams: Any, state: SpecState) -> tuple[SpecState, BlockOutput]:
     """Draft up to γ tokens, verify them in one large-model pass (`trim`: the shortest of verify_lengths(γ) that
     covers the proposals, else γ + 1), accept, roll back: one block, every row (`draft_block`, then `verify_block`,
-    then the drafter's update)."""
+    then the drafter's update).
+
+    γ = 0 is a plain block: one large-model step for every row, deciding a token as a block does after no accepted
+    draft (so greedy rows decode exactly as in a block). The drafter still steps once over each row's pending token
+    and is updated with the verdict, so it drafts from the right context when blocks resume."""
     t = state.target
     active = jnp.ones(t.tokens.shape, bool) if state.active is None else state.active
-    dstate, drafts, q, proposed, inputs = draft_block(drafter, router, log, gamma, kv_len, dvars, rparams,
+    dstate, drafts, q, proposed, inputs = draft_block(drafter, router, log, max(gamma, 1), kv_len, dvars, rparams,
                                                       state.draft, t.tokens, t.positions, t.sampling, active)
-    lengths = verify_lengths(gamma) if trim else (gamma + 1,)
+    if gamma == 0:
+        proposed, lengths = jnp.zeros_like(proposed), (1,)
+    else:
+        lengths = verify_lengths(gamma) if trim else (gamma + 1,)
     target, v = verify_block(cfg, drafter.wants_hidden, lengths, kv_len, False, tvars, t, drafts, q, proposed)
     dstate = drafter.update(dvars, dstate, *block_inputs(t, drafts), v.accepted, v.hidden)
     output = BlockOutput(v.tokens, v.logprobs, v.accepted + 1, jnp.sum(proposed, axis=1), inputs, v.verified)
@@ -408,26 +415,8 @@ def verify_block(cfg: ModelConfig, wants_hidden: tuple[int, ...], lengths: tuple
     return target, Verdict(out, logprobs, accepted, hidden, jnp.array(lengths)[choice])
 
 
-def _plain_block(cfg: ModelConfig, drafter: Drafter, kv_len: int, tvars: dict, dvars: Any, state: SpecState
-                 ) -> tuple[SpecState, BlockOutput]:
-    """A block that proposes nothing: one large-model step for every row, as `_block` decides a token after no
-    accepted draft (so greedy rows decode exactly as in a block). The drafter still steps once over each row's
-    pending token and is updated with the large model's verdict, so its state is what a block would have left: it
-    drafts from the right context when blocks resume."""
-    t = state.target
-    active = jnp.ones(t.tokens.shape, bool) if state.active is None else state.active
-    dstate, drafts, q, proposed, inputs = draft_block(drafter, None, False, 1, kv_len, dvars, None, state.draft,
-                                                      t.tokens, t.positions, t.sampling, active)
-    proposed = jnp.zeros_like(proposed)
-    target, v = verify_block(cfg, drafter.wants_hidden, (1,), kv_len, False, tvars, t, drafts, q, proposed)
-    dstate = drafter.update(dvars, dstate, *block_inputs(t, drafts), v.accepted, v.hidden)
-    output = BlockOutput(v.tokens, v.logprobs, v.accepted + 1, jnp.sum(proposed, axis=1), inputs, v.verified)
-    return SpecState(target, dstate, state.active), output
-
-
 _prefill_jit = jax.jit(_prefill, static_argnums=(0, 1), donate_argnums=(4,))
 _block_jit = jax.jit(_block, static_argnums=(0, 1, 2, 3, 4, 5, 6), donate_argnums=(10,))
-_plain_block_jit = jax.jit(_plain_block, static_argnums=(0, 1, 2), donate_argnums=(5,))
 
 
 class Speculator:
@@ -474,10 +463,10 @@ class Speculator:
                           None if self.router is None else self.router.params, state)
 
     def plain_block(self, state: SpecState, reach: int) -> tuple[SpecState, BlockOutput]:
-        """One large-model step for every slot, drafting nothing (`_plain_block`); outputs [B, 2], counts 1."""
+        """One large-model step for every slot, drafting nothing (`_block` with γ = 0); outputs [B, 2], counts 1."""
         engine = self.engine
-        return _plain_block_jit(engine.cfg, self.drafter, self._kv_len(reach), engine.variables,
-                                self.drafter.variables, state)
+        return _block_jit(engine.cfg, self.drafter, None, False, 0, False, self._kv_len(reach), engine.variables,
+                          self.drafter.variables, None, state)
 
     def _kv_len(self, reach: int) -> int:
         return next(b for b in self.engine.buckets if b >= min(reach, self.engine.max_len))

@@ -1,8 +1,10 @@
 """A gRPC client of hire.v1.Inference (the `hire client` command): waits for the server, streams a completion."""
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import grpc
 
@@ -51,3 +53,40 @@ class Client:
 
     def close(self) -> None:
         self.channel.close()
+
+
+class CallFailed(Exception):
+    """A call the server answered with an error status: "CODE: details"."""
+
+
+def complete(target: str, prompt: str, max_tokens: int | None = None, temperature: float = 1.0, top_k: int = 0,
+             top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (), adapter: str | None = None,
+             stream: bool = True, wait: float = 0.0, timeout: float | None = None, api_key: str | None = None,
+             tls_ca: str | None = None) -> pb.GenerateResponse:
+    """`hire client`: send `prompt` to the server at `target` (waiting up to `wait` seconds for one that is starting),
+    its text to stdout as it streams (or, without `stream`, from one Generate call), its usage to stderr; the last
+    message. `api_key` sends the first of its comma-separated keys, `tls_ca` (a PEM file) connects with TLS. A failed
+    call raises CallFailed."""
+    request = pb.GenerateRequest(text=prompt, temperature=temperature, top_k=top_k, stop=stop, adapter=adapter or "")
+    for name, value in (("max_tokens", max_tokens), ("top_p", top_p), ("seed", seed)):
+        if value is not None:
+            setattr(request, name, value)
+    key = next(iter(api_key.split(",")), "").strip() if api_key else None
+    client = Client(target, key, Path(tls_ca).read_bytes() if tls_ca else None, timeout)
+    try:
+        if wait:
+            client.wait(wait)
+        last = None if stream else client.generate(request)
+        for msg in [last] if last else client.stream(request):
+            sys.stdout.write(msg.text)
+            sys.stdout.flush()
+            last = msg
+        print()
+        u = last.usage
+        print(f"[{u.prompt_tokens} prompt + {u.completion_tokens} completion tokens, first token after "
+              f"{u.time_to_first_token * 1000:.0f} ms, seed {u.seed}]", file=sys.stderr)
+        return last
+    except grpc.RpcError as e:
+        raise CallFailed(f"{e.code().name}: {e.details()}") from None
+    finally:
+        client.close()

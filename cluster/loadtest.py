@@ -18,7 +18,7 @@ import json
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cluster.auth import env_keys
+from hire.config import OptionError
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc, jetstream_pb2_grpc
 from protos import jetstream_pb2 as js
@@ -439,3 +440,35 @@ async def loadtest(url: str, loads: list[Load], workload: Workload, requests: in
                              "window_s": window}}
     finally:
         await target.close()
+
+
+def run_loadtest(target: str | None, rates: Sequence[float], concurrencies: Sequence[int], requests: int | None,
+                 duration: float | None, input_len: str, output_len: str, prompts: str | None, seed: int, slo: Slo,
+                 model: str | None = None, timeout: float | None = None, window: float | None = None,
+                 out: str | None = None, plot_to: str | None = None, compare_files: Sequence[str] = (),
+                 progress: bool = True) -> None:
+    """`hire loadtest`: run each load (`rates`: open loop; else `concurrencies`, closed loop; neither: one client) of
+    `requests` (100 without a `duration`) or for `duration` seconds against `target`, and print the JSON report
+    (written to `out` too, and plotted to `plot_to`); with two `compare_files`, print their comparison instead
+    (`compare`). A bad value is an OptionError."""
+    if compare_files:
+        a, b = (json.loads(Path(p).read_text()) for p in compare_files)
+        print(json.dumps(compare(a, b), indent=1))
+        return
+    if not target:
+        raise OptionError("--target is needed (or --compare A B)")
+    if rates and concurrencies:
+        raise OptionError("--rate (open loop) and --concurrency (closed loop) do not mix in one run")
+    loads = [Load(rate=r) for r in rates] or [Load(concurrency=c) for c in concurrencies or (1,)]
+    try:
+        workload = Workload(Dist(input_len), Dist(output_len), prompts and Path(prompts), seed=seed)
+        report = asyncio.run(loadtest(target, loads, workload, requests or (None if duration else 100), duration, slo,
+                                      model, timeout, progress, window))
+    except ValueError as e:
+        raise OptionError(str(e)) from None
+    text = json.dumps(report, indent=1)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+    if plot_to:
+        plot(report, Path(plot_to))

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
 import click
 
@@ -800,33 +799,14 @@ def client_command(prompt, target, max_tokens, temperature, top_k, top_p, seed, 
     The text streams to stdout; usage (tokens, time to first token, seed) goes to stderr.
     """
     try:
-        import grpc
-
-        from cluster.client import Client
-        from protos import inference_pb2 as pb
+        from cluster.client import CallFailed, complete
     except ModuleNotFoundError as e:
         raise click.ClickException(f"hire client needs {e.name}: pip install -e '.[grpc]'") from None
-    request = pb.GenerateRequest(text=prompt, temperature=temperature, top_k=top_k, stop=stop, adapter=adapter or "")
-    for name, value in (("max_tokens", max_tokens), ("top_p", top_p), ("seed", seed)):
-        if value is not None:
-            setattr(request, name, value)
-    key = next(iter(api_key.split(",")), "").strip() if api_key else None
-    client = Client(target, key, Path(tls_ca).read_bytes() if tls_ca else None, timeout)
     try:
-        if wait:
-            client.wait(wait)
-        last = client.generate(request) if no_stream else None
-        for msg in [last] if last else client.stream(request):
-            click.echo(msg.text, nl=False)
-            last = msg
-        click.echo()
-        u = last.usage
-        click.echo(f"[{u.prompt_tokens} prompt + {u.completion_tokens} completion tokens, first token after "
-                   f"{u.time_to_first_token * 1000:.0f} ms, seed {u.seed}]", err=True)
-    except grpc.RpcError as e:
-        raise click.ClickException(f"{e.code().name}: {e.details()}") from None
-    finally:
-        client.close()
+        complete(target, prompt, max_tokens, temperature, top_k, top_p, seed, stop, adapter, not no_stream, wait,
+                 timeout, api_key, tls_ca)
+    except CallFailed as e:
+        raise click.ClickException(str(e)) from None
 
 
 @main.command("loadtest")
@@ -867,32 +847,12 @@ def loadtest_command(target, rates, concurrencies, requests, duration, input_len
     hire loadtest --target http://127.0.0.1:8000 --rate 2 --rate 4 --duration 60 --plot load.png --out a.json
     hire loadtest --compare a.json b.json
     """
-    import asyncio
+    from cluster.loadtest import Slo, run_loadtest
 
-    from cluster import loadtest as lt
+    run_loadtest(target, rates, concurrencies, requests, duration, input_len, output_len, prompts, seed,
+                 Slo(slo_ttft_ms, slo_tpot_ms, slo_e2e_ms), model, timeout, window, out, plot, compare,
+                 not no_progress)
 
-    if compare:
-        a, b = (json.loads(Path(p).read_text()) for p in compare)
-        click.echo(json.dumps(lt.compare(a, b), indent=1))
-        return
-    if not target:
-        raise click.UsageError("--target is needed (or --compare A B)")
-    if rates and concurrencies:
-        raise click.UsageError("--rate (open loop) and --concurrency (closed loop) do not mix in one run")
-    loads = [lt.Load(rate=r) for r in rates] or [lt.Load(concurrency=c) for c in concurrencies or (1,)]
-    try:
-        workload = lt.Workload(lt.Dist(input_len), lt.Dist(output_len), prompts and Path(prompts), seed=seed)
-        report = asyncio.run(lt.loadtest(target, loads, workload, requests or (None if duration else 100), duration,
-                                         lt.Slo(slo_ttft_ms, slo_tpot_ms, slo_e2e_ms), model, timeout,
-                                         not no_progress, window))
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
-    text = json.dumps(report, indent=1)
-    click.echo(text)
-    if out:
-        Path(out).write_text(text + "\n")
-    if plot:
-        lt.plot(report, Path(plot))
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,5 @@
-"""cluster.client.Client.wait against a real gRPC server on a socket that is slow to answer while it starts."""
+"""cluster.client against real gRPC servers: Client.wait on a socket that is slow to answer while it starts, and
+`hire client` (cluster.client.complete) streaming, in one call, and refused."""
 from __future__ import annotations
 
 import threading
@@ -7,9 +8,11 @@ from concurrent import futures
 
 import grpc
 import pytest
+from click.testing import CliRunner
 
 from cluster.bench_serving import free_port
 from cluster.client import Client
+from hire.cli import main
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc
 
@@ -28,6 +31,28 @@ class Starting(inference_pb2_grpc.InferenceServicer):
         if not self.ready.is_set():
             time.sleep(self.hold)
         return pb.ModelInfo(name="m")
+
+
+class Completing(inference_pb2_grpc.InferenceServicer):
+    """Answers "Once upon" in two streamed messages (or one Generate), keeping each request and its metadata; a prompt
+    "bad" is refused with INVALID_ARGUMENT."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, pb.GenerateRequest, dict]] = []
+
+    def _answer(self, method: str, request, context) -> list[pb.GenerateResponse]:
+        self.calls.append((method, request, dict(context.invocation_metadata())))
+        if request.text == "bad":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "text: bad prompt")
+        usage = pb.Usage(prompt_tokens=3, completion_tokens=2, time_to_first_token=0.25, seed=request.seed)
+        return [pb.GenerateResponse(text="Once"), pb.GenerateResponse(text=" upon", usage=usage)]
+
+    def GenerateStream(self, request, context):
+        yield from self._answer("GenerateStream", request, context)
+
+    def Generate(self, request, context):
+        first, last = self._answer("Generate", request, context)
+        return pb.GenerateResponse(text=first.text + last.text, usage=last.usage)
 
 
 @pytest.fixture
@@ -64,3 +89,25 @@ def test_other_errors_are_not_retried(serve):
     with pytest.raises(grpc.RpcError) as e:
         Client(serve(servicer)).wait(30, probe=0.3)
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and servicer.calls == 1
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_command_prints_the_completion_and_its_usage(serve, stream):
+    servicer = Completing()
+    target = serve(servicer)
+    args = ["client", "Hello", "--target", target, "--max-tokens", "5", "--temperature", "0", "--seed", "7",
+            "--stop", ".", "--api-key", "k1, k2"] + ([] if stream else ["--no-stream"])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "Once upon\n"
+    assert result.stderr == "[3 prompt + 2 completion tokens, first token after 250 ms, seed 7]\n"
+    ((method, request, metadata),) = servicer.calls
+    assert method == ("GenerateStream" if stream else "Generate")
+    assert (request.text, request.max_tokens, request.temperature, request.seed, list(request.stop)) == \
+        ("Hello", 5, 0.0, 7, ["."])
+    assert not request.HasField("top_p") and metadata["authorization"] == "Bearer k1"  # the first key only
+
+
+def test_client_command_reports_a_refused_call(serve):
+    result = CliRunner().invoke(main, ["client", "bad", "--target", serve(Completing())])
+    assert result.exit_code == 1 and "Error: INVALID_ARGUMENT: text: bad prompt" in result.output

@@ -130,7 +130,8 @@ def measure_restart(model: str, hosts: int, devices_per_host: int, slots: int, c
     first start (compiling into an empty compilation cache), then a rebuild with that cache and one without any.
 
     Each row: `detect_s` from the kill to the failed call, `restart_s` (placement, jax.distributed, loading the
-    slices), `warm_up_s` (Engine.warm_up(chunk) on every host: compiling or reading the cache), and
+    slices), `warm_up_s` (Engine.warm_up(chunk) on every host, of every bucket at the first start and of the smallest
+    after a rebuild, as ShardedEngine.recover does: compiling or reading the cache), and
     `first_token_s`, a one-token prefill right after.
     """
     params, rows = SamplingParams(temperature=0.0, seed=0), []

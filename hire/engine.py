@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -179,11 +180,12 @@ class Engine:
         kv_len = next(b for b in self.buckets if b >= min(reach or self.max_len, self.max_len))
         return self._generate_steps(self.variables, state, n, kv_len)
 
-    def warm_up(self, chunk: int) -> None:
-        """Compile prefill and insert for every prompt bucket, and `chunk`-step decoding for every attention
-        span, so that no request waits for a compilation (a server calls this before it takes requests)."""
+    def warm_up(self, chunk: int, buckets: Sequence[int] | None = None) -> None:
+        """Compile prefill and insert for every prompt bucket (or those of `buckets`), and `chunk`-step decoding
+        for every attention span (or those), so that no request waits for a compilation (a server calls this
+        before it takes requests); a bucket left out is compiled by the first call that needs it."""
         state, params = self.init_state(), SamplingParams(temperature=0.0)
-        for b in self.buckets:
+        for b in self.buckets if buckets is None else buckets:
             state = self.insert(self.prefill([0] * min(b, self.max_len - 1), params), state, 0)
             state, _ = self.generate_steps(state, chunk, b)
         jax.block_until_ready(state)

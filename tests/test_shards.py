@@ -31,7 +31,8 @@ from workers.shards import RETRY_S, ShardedEngine, check_servable
 
 HOSTS, DEVICES = 2, 2
 PROMPTS = ["Once upon a time", "The cat sat", "Lily was", "One day, a big"]
-GREEDY = SamplingParams(temperature=0.0, max_tokens=10, logprobs=True)  # prompts and outputs fit one bucket
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, logprobs=True)  # prompts and outputs fit the first bucket
+LONG = "Once upon a time, there was a little girl named Lily. She"  # 17 tokens: the second bucket (max_len 32)
 CHUNK = 4  # decode steps per call everywhere here, so one decode program is compiled (and rebuilt) for all tests
 # default's serving setting (int8 predictors; each token keeps its exact top ffn_k of the candidates) at
 # stories260K's size: its 512 tokens and 172 groups of 1 neuron split over the 4 devices
@@ -47,7 +48,7 @@ def local_cluster():
 
 @pytest.fixture(scope="module")
 def sharded(local_cluster):
-    engine = ShardedEngine("stories260K", HOSTS, DEVICES, slots=4, max_len=16, call_timeout=120, start_timeout=120,
+    engine = ShardedEngine("stories260K", HOSTS, DEVICES, slots=4, max_len=32, call_timeout=120, start_timeout=120,
                            compilation_cache=compilation_cache_folder())
     try:
         yield engine
@@ -57,7 +58,7 @@ def sharded(local_cluster):
 
 @pytest.fixture(scope="module")
 def one_process():
-    return Engine(load_model("stories260K"), slots=4, max_len=16)
+    return Engine(load_model("stories260K"), slots=4, max_len=32)
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +169,17 @@ def test_killed_host_mid_generation(sharded, expected):
                "1 of 2 hosts left; rebuilding")
     assert len(sharded.recoveries) == before + 1 and sharded.ping() and sharded.group.hosts == HOSTS
     assert sharded.group.info[1]["pid"] != pid and sharded.unavailable is None
+
+
+def test_rebuild_serves_before_the_larger_buckets_load(sharded, one_process):
+    """A rebuilt group warms up the smallest prompt bucket only, so it serves sooner: each host holds one program of
+    each kind; a prompt of the larger bucket loads that bucket's programs then, and is answered as on one process."""
+    sharded.warm_up(CHUNK)
+    os.kill(sharded.group.info[1]["pid"], signal.SIGKILL)
+    assert sharded.recover()
+    assert sharded.programs() == [{"prefill": 1, "insert": 1, "generate_steps": 1}] * HOSTS
+    assert_same(generate(sharded, [LONG], GREEDY, chunk=CHUNK), generate(one_process, [LONG], GREEDY))
+    assert [p["prefill"] for p in sharded.programs()] == [2] * HOSTS
 
 
 def test_hung_host_mid_generation(sharded, expected):

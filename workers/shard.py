@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -48,7 +49,8 @@ class ShardWorker:
               timeout: int, compilation_cache: str | None, hire: dict[str, Any]) -> dict[str, Any]:
         """Join the JAX program, load this host's slice of `model` (with the HiRE overrides `hire`) and build the
         engine over the global mesh; compiled programs are kept in `compilation_cache`, when given, for the next
-        start."""
+        start. `seconds`: how long each step took (importing jax, joining the program, loading the slice)."""
+        began = time.perf_counter()
         import jax
 
         from hire import sharding
@@ -57,18 +59,21 @@ class ShardWorker:
         if compilation_cache:
             use_compilation_cache(compilation_cache)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        imported = time.perf_counter()
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=self.hosts, process_id=self.rank,
                                    initialization_timeout=timeout)
         if jax.local_device_count() != self.devices_per_host:
             raise RuntimeError(f"host {self.rank} sees {jax.local_device_count()} devices, not the "
                                f"{self.devices_per_host} asked for: jax was imported before XLA_FLAGS was set")
-        self.mesh = sharding.make_mesh()
+        self.mesh, joined = sharding.make_mesh(), time.perf_counter()
         loaded = sharding.load_sharded(model, self.mesh, dtype, **hire)
         self.engine = Engine(loaded, slots, max_len, mesh=self.mesh)
+        seconds = {"import": imported - began, "join": joined - imported, "load": time.perf_counter() - joined}
         return {"rank": self.rank, "node": ray.get_runtime_context().get_node_id(),
                 "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
                 "devices": jax.device_count(),
-                "held_bytes": sharding.held_bytes(loaded.variables), "cfg": loaded.cfg, "max_len": self.engine.max_len}
+                "held_bytes": sharding.held_bytes(loaded.variables), "cfg": loaded.cfg, "max_len": self.engine.max_len,
+                "seconds": seconds}
 
     @ray.method(concurrency_group="health")
     def ping(self) -> int:
@@ -100,8 +105,13 @@ class ShardWorker:
             self.verifier_programs = VerifierPrograms(self.engine, self.mesh)
         return self._result(*getattr(self.verifier_programs, method)(*args))
 
-    def warm_up(self, chunk: int) -> None:
-        self.engine.warm_up(chunk)
+    def warm_up(self, chunk: int, buckets: list[int] | None = None) -> None:
+        self.engine.warm_up(chunk, buckets)
+
+    def programs(self) -> dict[str, int]:
+        """How many programs this host has compiled (or read from the cache) of each kind: one per bucket used."""
+        return {kind: getattr(self.engine, f"_{kind}")._cache_size() for kind in ("prefill", "insert",
+                                                                                "generate_steps")}
 
     def drop(self, table: str, key: int) -> None:
         """Forget a decode state ("states") or prefix ("prefixes") the driver no longer holds."""

@@ -14,7 +14,9 @@ marks the group broken. `ShardedEngine.recover()` rebuilds the whole group (a JA
 the hosts that can be placed now, leaving out a node that died or does not answer, so the model is re-sharded onto
 the hosts left (two to one, four to three) when they hold it, and fails at once when they do not; between requests
 `recover(grow=True)` grows it back to the configured count once a node returns. hire.scheduler calls it, retries
-the requests that had no token yet and ends the streams cut mid-way.
+the requests that had no token yet and ends the streams cut mid-way. A rebuilt group warms up its smallest prompt
+bucket only, so that it serves sooner; a larger bucket's programs are loaded (from the compilation cache) by the first
+call that needs them. `ShardGroup.start` logs the seconds each step of a (re)start took.
 `python -m cluster.bench_shards bench` measures decode over the hosts against one process,
 `python -m cluster.bench_shards restart` the time a rebuild takes (docs/cluster.md).
 """
@@ -77,7 +79,7 @@ RETRY_S = 5.0  # a failed rebuild is tried again after this long (a request or a
 PLACE_TIMEOUT = 15.0  # seconds a rebuild waits for its placement group on nodes that have room
 
 
-def reachable(node: dict[str, Any], timeout: float = 1.0) -> bool:
+def reachable(node: dict[str, Any], timeout: float = 0.5) -> bool:
     """Whether a Ray node's raylet takes a TCP connection within `timeout` s (one cut off the network does not)."""
     try:
         socket.create_connection((node["NodeManagerAddress"], node["NodeManagerPort"]), timeout).close()
@@ -105,8 +107,8 @@ class ShardGroup:
     def __init__(self, model: str, hosts: int, devices_per_host: int = 1, slots: int = 8, max_len: int | None = None,
                  dtype: str | None = None, strategy: str | None = None, resource: str = "hire_host",
                  call_timeout: float = 120.0, start_timeout: float = 120.0, compilation_cache: str | None = None,
-                 hire: dict[str, Any] | None = None, name: str = "", min_hosts: int = 1, heartbeat: float = 1.0,
-                 heartbeat_timeout: float = 3.0):
+                 hire: dict[str, Any] | None = None, name: str = "", min_hosts: int = 1, heartbeat: float = 0.5,
+                 heartbeat_timeout: float = 2.0):
         if strategy is not None and strategy not in STRATEGIES:
             raise ValueError(f"strategy: {strategy!r} is not one of {STRATEGIES}")
         if hosts < 1 or devices_per_host < 1 or not 1 <= min_hosts <= hosts:
@@ -171,7 +173,9 @@ class ShardGroup:
         return max(self.min_hosts, -(-self._held // int(memory)) if memory and self._held else 1)
 
     def start(self) -> None:
-        """Place and start the hosts, join them into one JAX program and load the model's slices."""
+        """Place and start the hosts, join them into one JAX program and load the model's slices; the seconds
+        each step took are logged."""
+        began = time.perf_counter()
         strategy, bundle, nodes = self.placement()
         hosts = self.want if self.strategy else len(nodes)
         if hosts < (least := self._least(nodes)):
@@ -183,6 +187,7 @@ class ShardGroup:
         selectors = [{"ray.io/node-id": n["NodeID"]} for n in nodes] or None
         self._pg = placement_group([bundle] * hosts, strategy=strategy, name=self.name,
                                    bundle_label_selector=selectors)
+        steps = {"place": time.perf_counter() - began}
         try:
             wait = min(self.start_timeout, PLACE_TIMEOUT) if selectors and self.generation > 1 else self.start_timeout
             if not self._pg.wait(int(wait)):
@@ -190,6 +195,7 @@ class ShardGroup:
                             strategy, wait, ray.cluster_resources())
                 raise ShardGroupError(f"{self._lost_line()}no room for {hosts} shard hosts within {wait:.0f} s; "
                                       f"rebuilding; retry in {RETRY_S:.0f} s", RETRY_S)
+            steps["placement group"] = time.perf_counter() - began - sum(steps.values())
             env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={self.devices_per_host}",
                    "JAX_PLATFORMS": "cpu"}
             self.workers = [ShardWorker.options(
@@ -198,10 +204,15 @@ class ShardGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank),
             ).remote(rank, hosts, self.devices_per_host) for rank in range(hosts)]
             coordinator = self._get([self.workers[0].address.remote()], self.start_timeout)[0]
+            steps["processes"] = time.perf_counter() - began - sum(steps.values())
             self.info = self._get([w.start.remote(coordinator, self.model, self.slots, self.max_len, self.dtype,
                                                   int(self.start_timeout), self.compilation_cache, self.hire)
                                   for w in self.workers], self.start_timeout)
             self._held = sum(i["held_bytes"] for i in self.info)
+            steps["start"] = time.perf_counter() - began - sum(steps.values())
+            log.warning("the shard group started on %d hosts in %.1f s: %s; slowest host: %s", hosts,
+                        time.perf_counter() - began, _seconds(steps),
+                        _seconds(max((i["seconds"] for i in self.info), key=lambda t: sum(t.values()))))
             self.broken, self.reason, self.last_loss = False, None, None
         except BaseException:
             self.shutdown()
@@ -336,6 +347,10 @@ class ShardGroup:
             remove_placement_group(pg)
 
 
+def _seconds(steps: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f} s" for k, v in steps.items())
+
+
 def remove_named_group(name: str) -> None:
     """Free the placement group of the ShardGroup called `name`, if it is still there, and with it its hosts."""
     with contextlib.suppress(ValueError):  # not there: shut down already
@@ -393,10 +408,16 @@ class ShardedEngine:
         tokens, logprobs = self.group.call("generate_steps", self._current(state), n, reach)[0]
         return state, StepOutput(tokens, logprobs)
 
-    def warm_up(self, chunk: int) -> None:
-        """Engine.warm_up on every host (within the group's start_timeout: compiling takes long)."""
-        self.group.call("warm_up", chunk, timeout=max(self.group.start_timeout, self.group.call_timeout))
+    def warm_up(self, chunk: int, buckets: list[int] | None = None) -> None:
+        """Engine.warm_up on every host (within the group's start_timeout: compiling takes long). A rebuild warms
+        up the smallest bucket only, so as to serve at once: the first request that needs a larger one waits for
+        its programs alone (read from the compilation cache on every host)."""
+        self.group.call("warm_up", chunk, buckets, timeout=max(self.group.start_timeout, self.group.call_timeout))
         self._warm = chunk
+
+    def programs(self) -> list[dict[str, int]]:
+        """How many programs each host (by rank) has compiled or loaded, by kind (ShardWorker.programs)."""
+        return self.group.call("programs")
 
     def ping(self, timeout: float = 10.0) -> bool:
         return self.group.ping(timeout)
@@ -413,7 +434,8 @@ class ShardedEngine:
 
     def recover(self, grow: bool = False) -> bool:
         """Rebuild the group if a call failed or a host misses a heartbeat, or, with `grow` (between requests), if it
-        has fewer hosts than configured and more can be placed now; warm it up as before. Whether it was rebuilt.
+        has fewer hosts than configured and more can be placed now; warm up its smallest bucket (`warm_up`) if it was
+        warmed up before. Whether it was rebuilt.
         Raises ShardGroupError (at once within RETRY_S of a failed rebuild) if it cannot be."""
         group = self.group
         growing = grow and not group.broken and group.hosts < group.want and len(group.placement()[2]) > group.hosts
@@ -426,7 +448,7 @@ class ShardedEngine:
             group.restart()
             restarted = time.perf_counter()
             if self._warm is not None:
-                self.warm_up(self._warm)
+                self.warm_up(self._warm, self.buckets[:1])
         except ShardGroupError:
             self._retry_at = time.monotonic() + RETRY_S
             raise

@@ -1,5 +1,6 @@
-"""hire's one compiled part, hire._qmatmul: the quantized matmul kernels for XLA's CPU backend (hire/csrc/qmatmul.cc,
-used by hire.quant). Everything else is declared in pyproject.toml.
+"""hire's compiled parts, kernels for XLA's CPU backend: hire._qmatmul, the quantized matmul (hire/csrc/qmatmul.cc, used
+by hire.quant), and hire._scores, HiRE-Q's int8 score product (hire/csrc/scores.cc, used by hire.predictors).
+Everything else is declared in pyproject.toml.
 
 The kernels use AVX2, FMA and F16C, so they are built on x86-64 only, against the XLA FFI headers jaxlib ships. The
 build is optional: where it fails (no C++ compiler), hire multiplies dequantized weights instead, more slowly.
@@ -16,8 +17,9 @@ def kernels() -> list[Extension]:
     import jaxlib
 
     headers = str(Path(jaxlib.__file__).parent / "include")
-    return [Extension("hire._qmatmul", ["hire/csrc/qmatmul.cc"], include_dirs=[headers], language="c++",
-                      extra_compile_args=["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c"], optional=True)]
+    return [Extension(f"hire._{name}", [f"hire/csrc/{name}.cc"], include_dirs=[headers], language="c++",
+                      extra_compile_args=["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c"], optional=True)
+            for name in ("qmatmul", "scores")]
 
 
 setup(ext_modules=kernels())

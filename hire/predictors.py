@@ -11,10 +11,11 @@ Two kinds, each a dict of arrays (a plain pytree, stored in the model's "hire" c
   quantizes x too, in two int8 parts: x ~ x_hi * s_hi + x_lo * s_lo, x_hi the int8 rounding of x (one symmetric
   scale per row, s_hi = max|x| / 127) and x_lo that of what it lost (s_lo = max|x - x_hi s_hi| / 127 <= s_hi / 254),
   so a real model's outlier dimensions (SmolLM2's final hidden state: max|x| ~36 where its RMS is ~2) cost no
-  precision; both go through one int8 x int8 -> int32 product: XLA's CPU backend runs that on the int8 bytes
-  (faster than the f32 product from 2 rows on), where converting q to float first costs more than the f32 product
-  (docs/hire.md, Predictors). Each score is off by at most |x|_1 * scale_i / 2 (the weight's rounding) +
-  s_lo * |q_i|_1 * scale_i / 2 (the hidden state's).
+  precision; both go through one int8 x int8 -> int32 product: on the CPU for up to KERNEL_ROWS rows hire's own
+  kernel (hire/csrc/scores.cc: XLA's s8 product reads an int8 copy at half the float GEMV's bandwidth there), else
+  XLA's (faster than the f32 product from 2 rows on; converting q to float first costs more than the f32 product:
+  docs/hire.md, Predictors). Both are exact in int32. Each score is off by at most |x|_1 * scale_i / 2 (the
+  weight's rounding) + s_lo * |q_i|_1 * scale_i / 2 (the hidden state's).
 """
 from __future__ import annotations
 
@@ -27,6 +28,21 @@ import numpy as np
 
 QUANTS = ("int8", "int4")
 QMAX = {"int8": 127, "int4": 7}
+KERNEL_ROWS = 64  # int8 rows (hidden states x 2 parts) up to which hire's kernel runs the product, not XLA's
+
+
+def _load_kernel() -> bool:
+    """Register hire/csrc/scores.cc's product with XLA; False when it was not built or this CPU lacks AVX2."""
+    try:
+        from hire import _scores
+    except ImportError:
+        return False
+    if _scores.supported:
+        jax.ffi.register_ffi_target("hire_scores_int8", _scores.int8, platform="cpu")
+    return _scores.supported
+
+
+KERNEL = _load_kernel()
 
 
 def low_rank(kernel: np.ndarray, rank: int, second_moment: np.ndarray | None = None,
@@ -89,10 +105,26 @@ def scores(pred: dict[str, Any], x: jax.Array) -> jax.Array:
     x = x.astype(jnp.float32).reshape(-1, x.shape[-1])
     high, high_scale = _int8_rows(x)
     low, low_scale = _int8_rows(x - high.astype(jnp.float32) * high_scale)  # what the first int8 rounding lost
-    # both parts in one int8 product (a lone token: two rows, which XLA's CPU backend runs ~25x faster than one)
-    dots = jnp.einsum("td,nd->tn", jnp.concatenate([high, low]), q, preferred_element_type=jnp.int32)
-    dots = dots.astype(jnp.float32).reshape(2, x.shape[0], -1)
+    # int4: XLA's product, which unpacks q as it reads it (hire's kernel would read a whole unpacked copy)
+    product = _int8_product if kind == "int8" else _xla_product
+    dots = product(jnp.concatenate([high, low]), q).astype(jnp.float32).reshape(2, x.shape[0], -1)
     return ((dots[0] * high_scale + dots[1] * low_scale) * pred["scale"]).reshape(*lead, -1)
+
+
+def _int8_product(x: jax.Array, q: jax.Array) -> jax.Array:
+    """x @ q.T in int32 for int8 x [M, dim] and q [n, dim]: hire's kernel where it runs (the CPU, M <= KERNEL_ROWS,
+    dim a multiple of 32), else XLA's product (for a lone token's two rows ~25x faster than for one row)."""
+    if KERNEL and x.shape[0] <= KERNEL_ROWS and x.shape[1] % 32 == 0:
+        return jax.lax.platform_dependent(x, q, cpu=_kernel_product, default=_xla_product)
+    return _xla_product(x, q)
+
+
+def _xla_product(x: jax.Array, q: jax.Array) -> jax.Array:
+    return jnp.einsum("td,nd->tn", x, q, preferred_element_type=jnp.int32)
+
+
+def _kernel_product(x: jax.Array, q: jax.Array) -> jax.Array:
+    return jax.ffi.ffi_call("hire_scores_int8", jax.ShapeDtypeStruct((x.shape[0], q.shape[0]), jnp.int32))(x, q)
 
 
 def _int8_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:

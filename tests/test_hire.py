@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import platform
 import shutil
 import sysconfig
 from pathlib import Path
@@ -79,6 +80,22 @@ def test_quantized_scores_error_is_bounded(quant):
         alone = np.asarray(predictors.scores(jax.tree.map(jnp.asarray, pred), jnp.asarray(one)))
         assert alone.shape == one.shape[:-1] + (200,)
         np.testing.assert_allclose(alone.reshape(-1), batched[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 17, predictors.KERNEL_ROWS + 2])
+def test_int8_score_product_is_exact_in_hire_kernel(rows):
+    """HiRE-Q's int8 product x @ q.T runs in hire's kernel (hire/csrc/scores.cc) up to KERNEL_ROWS rows, XLA's past
+    them: both exact in int32, at the extremes (127 x -127 pairs) and over rows that are not whole tiles of 8 or
+    chunks of 64 weight rows."""
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert predictors.KERNEL, "hire._scores is missing: pip install -e . (or python setup.py build_ext --inplace)"
+    rng = np.random.default_rng(rows)
+    x = rng.integers(-127, 128, (rows, 96), dtype=np.int8)
+    q = rng.integers(-127, 128, (200, 96), dtype=np.int8)
+    x[0], q[0], q[1] = 127, -127, 127
+    product = jax.jit(predictors._int8_product)
+    np.testing.assert_array_equal(np.asarray(product(x, q)), x.astype(np.int64) @ q.T.astype(np.int64))
+    assert ("hire_scores_int8" in product.lower(x, q).as_text()) == (rows <= predictors.KERNEL_ROWS)
 
 
 def test_low_rank_full_rank_is_exact_and_calibration_fits_the_hidden_states():

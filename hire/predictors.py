@@ -124,7 +124,8 @@ def _xla_product(x: jax.Array, q: jax.Array) -> jax.Array:
 
 
 def _kernel_product(x: jax.Array, q: jax.Array) -> jax.Array:
-    return jax.ffi.ffi_call("hire_scores_int8", jax.ShapeDtypeStruct((x.shape[0], q.shape[0]), jnp.int32))(x, q)
+    # typed as XLA's product would be (under shard_map: varying along the axes its inputs vary along)
+    return jax.ffi.ffi_call("hire_scores_int8", jax.eval_shape(_xla_product, x, q))(x, q)
 
 
 def _int8_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:

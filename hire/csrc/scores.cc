@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <thread>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -94,7 +95,11 @@ ffi::Error scores(ffi::ThreadPool pool, S8Matrix x, S8Matrix q, ffi::Result<S32M
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { run_chunks(*work); });
   run_chunks(*work);
-  while (work->done.load(std::memory_order_acquire) < chunks) _mm_pause();
+  // spin briefly, then yield: on a busy machine the helper holding the last chunk may be waiting for this core
+  for (int spins = 0; work->done.load(std::memory_order_acquire) < chunks; ++spins) {
+    if (spins < 4096) _mm_pause();
+    else std::this_thread::yield();
+  }
   return ffi::Error::Success();
 }
 

@@ -113,8 +113,11 @@ def scores(pred: dict[str, Any], x: jax.Array) -> jax.Array:
 
 def _int8_product(x: jax.Array, q: jax.Array) -> jax.Array:
     """x @ q.T in int32 for int8 x [M, dim] and q [n, dim]: hire's kernel where it runs (the CPU, M <= KERNEL_ROWS,
-    dim a multiple of 32), else XLA's product (for a lone token's two rows ~25x faster than for one row)."""
-    if KERNEL and x.shape[0] <= KERNEL_ROWS and x.shape[1] % 32 == 0:
+    dim a multiple of 32, on one device or each device's own shard), else XLA's product (for a lone token's two
+    rows ~25x faster than for one row). Over a mesh GSPMD partitions (hire.sharding.on_mesh), XLA's product: GSPMD
+    would gather a kernel's sharded operands onto every device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if KERNEL and x.shape[0] <= KERNEL_ROWS and x.shape[1] % 32 == 0 and (mesh.empty or mesh.are_all_axes_manual):
         return jax.lax.platform_dependent(x, q, cpu=_kernel_product, default=_xla_product)
     return _xla_product(x, q)
 

@@ -68,7 +68,9 @@ def test_killed_replica_under_load(target):
         faults.wait_for(lambda: engine.load.remote().result()["busy_slots"] >= 2, 30, "requests decoding")
         faults.kill(replica.pid)
 
-    report, records = asyncio.run(faults.under_load(target, kill_mid_stream, at=3.0, duration=15.0,
+    # The load runs well past the new replica's start (10-14 s after the kill on a busy 2-core machine), so requests
+    # are sent once the service is back.
+    report, records = asyncio.run(faults.under_load(target, kill_mid_stream, at=3.0, duration=30.0,
                                                     load=lt.Load(concurrency=8), workload=WORKLOAD, timeout=120.0))
     print(json.dumps({"recovery": report["recovery"], "errors": report["errors"], "requests": report["requests"]}))
 
@@ -80,8 +82,9 @@ def test_killed_replica_under_load(target):
     assert 1 <= statuses["UNAVAILABLE"] <= 8 and report["errors"] == {"UNAVAILABLE": statuses["UNAVAILABLE"]}
     recovery = report["recovery"]
     assert recovery["back_s"] is not None and recovery["back_s"] < 90
-    after = [r for r in records if r.start > recovery["fault_at_s"] + recovery["last_error_s"]]
-    assert after and all(r.status == "OK" for r in after)
+    # Once a request succeeded after the last error, every request sent from then on is answered in full.
+    after = [r for r in records if r.start > recovery["fault_at_s"] + recovery["back_s"]]
+    assert after and all(r.status == "OK" for r in after), (recovery, len(records))
     (new,) = faults.wait_for(faults.replicas, 30, "a new engine replica")
     assert new.pid != replica.pid
 

@@ -156,7 +156,8 @@ def test_killed_coordinator_under_load(grpc_port):
     recovery = report["recovery"]
     assert recovery["back_s"] is not None
     failed = [r for r in records if r.status != "OK"]
-    assert all(r.start < recovery["fault_at_s"] for r in failed)  # only requests in flight at the kill fail
+    killed_at = recovery["fault_at_s"] + recovery["fault_took_s"]  # the kill waits for a decoding request first
+    assert all(r.start < killed_at for r in failed)  # only requests in flight at the kill fail
     after = [r for r in records if r.start > recovery["fault_at_s"]]
     assert after and all(r.status == "OK" for r in after)  # the others wait for the new replica
     (new,) = faults.wait_for(faults.replicas, 60, "a new coordinator replica")

@@ -26,6 +26,22 @@ if TYPE_CHECKING:
     from workers.verify_programs import VerifierPrograms
 
 
+class Laps(dict):
+    """Seconds each named step took, each from the end of the step before (the first from creation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = time.perf_counter()
+
+    def done(self, step: str) -> None:
+        now = time.perf_counter()
+        self[step], self._last = now - self._last, now
+
+    @staticmethod
+    def line(steps: dict[str, float]) -> str:
+        return ", ".join(f"{k} {v:.1f} s" for k, v in steps.items())
+
+
 @ray.remote(concurrency_groups={"health": 1})
 class ShardWorker:
     """Rank `rank` of `hosts` processes, each with `devices_per_host` CPU devices."""
@@ -50,7 +66,7 @@ class ShardWorker:
         """Join the JAX program, load this host's slice of `model` (with the HiRE overrides `hire`) and build the
         engine over the global mesh; compiled programs are kept in `compilation_cache`, when given, for the next
         start. `seconds`: how long each step took (importing jax, joining the program, loading the slice)."""
-        began = time.perf_counter()
+        laps = Laps()
         import jax
 
         from hire import sharding
@@ -59,21 +75,22 @@ class ShardWorker:
         if compilation_cache:
             use_compilation_cache(compilation_cache)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        imported = time.perf_counter()
+        laps.done("import")
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=self.hosts, process_id=self.rank,
                                    initialization_timeout=timeout)
         if jax.local_device_count() != self.devices_per_host:
             raise RuntimeError(f"host {self.rank} sees {jax.local_device_count()} devices, not the "
                                f"{self.devices_per_host} asked for: jax was imported before XLA_FLAGS was set")
-        self.mesh, joined = sharding.make_mesh(), time.perf_counter()
+        self.mesh = sharding.make_mesh()
+        laps.done("join")
         loaded = sharding.load_sharded(model, self.mesh, dtype, **hire)
         self.engine = Engine(loaded, slots, max_len, mesh=self.mesh)
-        seconds = {"import": imported - began, "join": joined - imported, "load": time.perf_counter() - joined}
+        laps.done("load")
         return {"rank": self.rank, "node": ray.get_runtime_context().get_node_id(),
                 "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
                 "devices": jax.device_count(),
                 "held_bytes": sharding.held_bytes(loaded.variables), "cfg": loaded.cfg, "max_len": self.engine.max_len,
-                "seconds": seconds}
+                "seconds": dict(laps)}
 
     @ray.method(concurrency_group="health")
     def ping(self) -> int:

@@ -45,7 +45,7 @@ from hire.formats.native import read_config
 from hire.predictor_files import PREDICTORS, serving_settings
 from hire.sampling import SamplingParams
 from hire.tokenizer import load_tokenizer
-from workers.shard import ShardWorker
+from workers.shard import Laps, ShardWorker
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class ShardGroup:
     def start(self) -> None:
         """Place and start the hosts, join them into one JAX program and load the model's slices; the seconds
         each step took are logged."""
-        began = time.perf_counter()
+        laps = Laps()
         strategy, bundle, nodes = self.placement()
         hosts = self.want if self.strategy else len(nodes)
         if hosts < (least := self._least(nodes)):
@@ -187,7 +187,7 @@ class ShardGroup:
         selectors = [{"ray.io/node-id": n["NodeID"]} for n in nodes] or None
         self._pg = placement_group([bundle] * hosts, strategy=strategy, name=self.name,
                                    bundle_label_selector=selectors)
-        steps = {"place": time.perf_counter() - began}
+        laps.done("place")
         try:
             wait = min(self.start_timeout, PLACE_TIMEOUT) if selectors and self.generation > 1 else self.start_timeout
             if not self._pg.wait(int(wait)):
@@ -195,7 +195,7 @@ class ShardGroup:
                             strategy, wait, ray.cluster_resources())
                 raise ShardGroupError(f"{self._lost_line()}no room for {hosts} shard hosts within {wait:.0f} s; "
                                       f"rebuilding; retry in {RETRY_S:.0f} s", RETRY_S)
-            steps["placement group"] = time.perf_counter() - began - sum(steps.values())
+            laps.done("placement group")
             env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={self.devices_per_host}",
                    "JAX_PLATFORMS": "cpu"}
             self.workers = [ShardWorker.options(
@@ -204,15 +204,15 @@ class ShardGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank),
             ).remote(rank, hosts, self.devices_per_host) for rank in range(hosts)]
             coordinator = self._get([self.workers[0].address.remote()], self.start_timeout)[0]
-            steps["processes"] = time.perf_counter() - began - sum(steps.values())
+            laps.done("processes")
             self.info = self._get([w.start.remote(coordinator, self.model, self.slots, self.max_len, self.dtype,
                                                   int(self.start_timeout), self.compilation_cache, self.hire)
                                   for w in self.workers], self.start_timeout)
             self._held = sum(i["held_bytes"] for i in self.info)
-            steps["start"] = time.perf_counter() - began - sum(steps.values())
+            laps.done("start")
             log.warning("the shard group started on %d hosts in %.1f s: %s; slowest host: %s", hosts,
-                        time.perf_counter() - began, _seconds(steps),
-                        _seconds(max((i["seconds"] for i in self.info), key=lambda t: sum(t.values()))))
+                        sum(laps.values()), Laps.line(laps),
+                        Laps.line(max((i["seconds"] for i in self.info), key=lambda t: sum(t.values()))))
             self.broken, self.reason, self.last_loss = False, None, None
         except BaseException:
             self.shutdown()
@@ -345,10 +345,6 @@ class ShardGroup:
             ray.kill(w)
         if pg is not None:
             remove_placement_group(pg)
-
-
-def _seconds(steps: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.1f} s" for k, v in steps.items())
 
 
 def remove_named_group(name: str) -> None:

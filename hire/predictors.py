@@ -26,23 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hire import kernels
+
 QUANTS = ("int8", "int4")
 QMAX = {"int8": 127, "int4": 7}
 KERNEL_ROWS = 64  # int8 rows (hidden states x 2 parts) up to which hire's kernel runs the product, not XLA's
 
 
-def _load_kernel() -> bool:
-    """Register hire/csrc/scores.cc's product with XLA; False when it was not built or this CPU lacks AVX2."""
-    try:
-        from hire import _scores
-    except ImportError:
-        return False
-    if _scores.supported:
-        jax.ffi.register_ffi_target("hire_scores_int8", _scores.int8, platform="cpu")
-    return _scores.supported
-
-
-KERNEL = _load_kernel()
+KERNEL = kernels.load("_scores", 1, {"hire_scores_int8": "int8"})  # hire/csrc/scores.cc's handler where it runs
 
 
 def low_rank(kernel: np.ndarray, rank: int, second_moment: np.ndarray | None = None,

@@ -22,33 +22,16 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from hire import kernels
+
 QUANTIZE = ("none", "int8", "int4")
 # The embedding table's (and an untied LM head's) quantization beside kernels of a kind, where it differs: as llama.cpp
 # keeps the token table at 8 bits in its 4-bit files (an int4 table costs SmolLM2 4% perplexity: docs/models.md).
 EMBED_BESIDE = {"int4": "int8"}
 BLOCK = 32
 KERNEL_ROWS = 64  # activation rows up to which the CPU kernel beats dequantizing into a float32 product
-KERNEL_ABI = 2  # the calling convention hire/csrc/qmatmul.cc's handlers have (its `abi`)
-
-
-def _load_kernels() -> bool:
-    """Register the CPU kernels with XLA; False when they were not built or this CPU lacks AVX2, FMA and F16C."""
-    try:
-        from hire import _qmatmul
-    except ImportError:
-        return False
-    if getattr(_qmatmul, "abi", 1) != KERNEL_ABI:
-        warnings.warn("hire._qmatmul is out of date (built from older sources): quantized weights are dequantized "
-                      "for every product; python setup.py build_ext --inplace rebuilds it", stacklevel=2)
-        return False
-    if not _qmatmul.supported:
-        return False
-    for kind in ("int8", "int4"):
-        jax.ffi.register_ffi_target(f"hire_matmul_{kind}", getattr(_qmatmul, kind), platform="cpu")
-    return True
-
-
-KERNELS = _load_kernels()
+# hire/csrc/qmatmul.cc's handlers (hire._qmatmul; abi 2: any number of weight matrices per call) where they run
+KERNELS = kernels.load("_qmatmul", 2, {"hire_matmul_int8": "int8", "hire_matmul_int4": "int4"})
 
 
 def is_quantized(w: Any) -> bool:

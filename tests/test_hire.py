@@ -98,6 +98,21 @@ def test_int8_score_product_is_exact_in_hire_kernel(rows):
     assert ("hire_scores_int8" in product.lower(x, q).as_text()) == (rows <= predictors.KERNEL_ROWS)
 
 
+@pytest.mark.parametrize("rows, n, k", [(1, 1, 32), (2, 200, 96), (9, 130, 640), (16, 64, 640), (17, 70, 1536)])
+def test_int8_score_product_is_exact_on_avx2_and_vnni(avx2_then_vnni, rows, n, k):
+    """hire/csrc/scores.cc's AVX2 loops (|q| times x with q's sign) and AVX-512 VNNI ones (x + 128 times q, less 128
+    times q's row sums): both exactly x @ q.T, at the extremes and over ragged tiles of 8 rows and chunks of 64."""
+    rng = np.random.default_rng(rows * k)
+    x = rng.integers(-127, 128, (rows, k), dtype=np.int8)
+    q = rng.integers(-127, 128, (n, k), dtype=np.int8)
+    x[0], q[0] = 127, -127
+    product = jax.jit(predictors._int8_product)
+    avx2, vnni = avx2_then_vnni(predictors.KERNEL, lambda: np.asarray(product(x, q)))
+    exact = x.astype(np.int64) @ q.T.astype(np.int64)
+    np.testing.assert_array_equal(avx2, exact)
+    np.testing.assert_array_equal(vnni, exact)
+
+
 def test_low_rank_full_rank_is_exact_and_calibration_fits_the_hidden_states():
     kernel = rng_normal(3, 32, 100)
     mixing = rng_normal(4, 32, 32) * np.linspace(0.05, 3, 32)  # hidden states with a skewed covariance

@@ -86,6 +86,27 @@ def test_matmuls_in_one_call_equal_each_alone(kind, m):
                                    rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("m, k", [(1, 32), (3, 96), (8, 640), (11, 96), (17, 1536)])
+def test_vnni_and_avx2_loops_give_the_same_floats(avx2_then_vnni, kind, m, k):
+    """The kernels' AVX-512 VNNI loops (vpdpbusd) fill the same int32 lanes as their AVX2 ones (maddubs + madd), scaled
+    and summed in the same order: bitwise the same outputs, alone and three matrices to a call, for rows past tiles of
+    8, outputs past whole chunks of 32, and extreme blocks (x's and w's int8 codes at +-127)."""
+    ws = [quant.quantize_rows(weights(n, k, seed=n), kind) for n in (70, 33, 7)]
+    x = np.random.default_rng(m).normal(0, 1, (m, k)).astype(np.float32)
+    x[:, :32] = np.where(np.arange(32) % 2, 5.0, -5.0)  # a block of x at +-127, against w's outlier block
+    x = jnp.asarray(x)
+
+    def products():
+        return [np.asarray(y) for y in [*jax.jit(quant.matmuls)(x, ws), jax.jit(quant.matmul)(x, ws[0])]]
+
+    avx2, vnni = avx2_then_vnni(quant.KERNELS, products)
+    for a, b in zip(avx2, vnni):
+        np.testing.assert_array_equal(a, b)
+    dense = np.asarray(x) @ np.asarray(quant.dequantize_rows(ws[0])).T
+    np.testing.assert_allclose(vnni[0], dense, rtol=0.05, atol=0.05)
+
+
 def test_take_dequantizes_the_gathered_rows():
     table = quant.quantize_rows(weights(64, 64), "int4")
     ids = jnp.array([[3, 0], [63, 3]])

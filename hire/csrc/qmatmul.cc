@@ -6,22 +6,17 @@
 //         byte j holding element j in its low nibble and element j + 16 in its high nibble (GGUF's Q4_1 layout)
 //
 // Each call quantizes the activation rows x f32 [M, K] to int8 per block of 32 (scale max|x| / 127, as Q8_0), then
-// takes per-block int8 dot products (AVX2: maddubs + madd) scaled in float: y[m, n] = sum_b dx dw idot (+ mw sum x).
+// takes per-block int8 dot products scaled in float: y[m, n] = sum_b dx dw idot (+ mw sum x). The products: AVX2,
+// maddubs + madd (int8 weights: |w| times x with w's sign); AVX-512 VNNI, vpdpbusd (int8 weights: x + 128 times w,
+// less 128 times w's sums), into the same int32 lanes, so both paths give the same floats.
 // One call multiplies x by up to 4 weight matrices of one kind (q, k and v; gate and up), each into its own output, so
 // x is quantized once and the threads meet once. Output rows are shared among XLA's intra-op threads; every weight row
 // is read once per 8 activation rows.
-#include <Python.h>
-#include <immintrin.h>
-
-#include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <cstdint>
-#include <memory>
 #include <type_traits>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "kernels.h"
 
 namespace ffi = xla::ffi;
 using F32Matrix = ffi::Buffer<ffi::F32, 2>;
@@ -35,7 +30,8 @@ constexpr int64_t kBlock = 32;
 constexpr int kTile = 8;          // activation rows computed per pass over a weight row
 constexpr int64_t kChunk = 32;    // output rows per unit of work handed to a thread
 
-// Activation rows quantized per block: q int8 [M, K], scale [M, K/32], sum of x [M, K/32].
+// Activation rows quantized per block: q int8 [M, K] (plus 128, as unsigned bytes, for int8 weights on the VNNI
+// path), scale [M, K/32], sum of x [M, K/32].
 struct QuantizedRows {
   std::vector<int8_t> q;
   std::vector<float> scale, sum;
@@ -86,6 +82,7 @@ struct Matrix {
 
 struct Problem {
   const QuantizedRows* x;
+  bool vnni;
   int64_t m, k;
   int count = 0;
   Matrix w[kMaxMatrices];
@@ -93,7 +90,7 @@ struct Problem {
 };
 
 // Rows [n0, n1) of w's y for the `T` activation rows from `r0`.
-template <bool kInt4, int T>
+template <bool kInt4, bool kVnni, int T>
 void tile(const Problem& p, const Matrix& w, int64_t r0, int64_t n0, int64_t n1) {
   const int64_t nb = p.k / kBlock, row_bytes = kInt4 ? p.k / 2 : p.k;
   const int8_t* xq = p.x->q.data() + r0 * p.k;
@@ -106,21 +103,27 @@ void tile(const Problem& p, const Matrix& w, int64_t r0, int64_t n0, int64_t n1)
     float offset[T];
     for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps(), offset[t] = 0.f;
     for (int64_t b = 0; b < nb; ++b) {
-      __m256i wu, sign;
+      __m256i wu, sign, start = _mm256_setzero_si256();
       if constexpr (kInt4) {
         const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * kBlock / 2));
         const __m128i low = _mm_set1_epi8(0x0f);
         wu = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low), _mm_and_si128(packed, low));
-      } else {  // |w| times x's sign flipped where w < 0: maddubs takes an unsigned left operand
+      } else {
         sign = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
-        wu = _mm256_sign_epi8(sign, sign);
+        if constexpr (kVnni)  // -128 times w's sums of 4, what x's offset of 128 adds
+          start = _mm256_sub_epi32(start, hire::dpbusd(start, _mm256_set1_epi8(-128), sign));
+        else  // |w| times x's sign flipped where w < 0: maddubs takes an unsigned left operand
+          wu = _mm256_sign_epi8(sign, sign);
       }
       const float dw = half(d[b]);
       const float mw = kInt4 ? half(w.min[n * nb + b]) : 0.f;
       for (int t = 0; t < T; ++t) {
-        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + t * p.k + b * kBlock));
-        if constexpr (!kInt4) xv = _mm256_sign_epi8(xv, sign);
-        const __m256 prod = _mm256_cvtepi32_ps(dot_u8_s8(wu, xv));
+        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + t * p.k + b * kBlock)), dot;
+        if constexpr (kVnni && kInt4) dot = hire::dpbusd(start, wu, xv);
+        else if constexpr (kVnni) dot = hire::dpbusd(start, xv, sign);
+        else if constexpr (kInt4) dot = dot_u8_s8(wu, xv);
+        else dot = dot_u8_s8(wu, _mm256_sign_epi8(xv, sign));
+        const __m256 prod = _mm256_cvtepi32_ps(dot);
         acc[t] = _mm256_fmadd_ps(prod, _mm256_set1_ps(dw * xs[t * nb + b]), acc[t]);
         if constexpr (kInt4) offset[t] += mw * xsum[t * nb + b];
       }
@@ -129,40 +132,29 @@ void tile(const Problem& p, const Matrix& w, int64_t r0, int64_t n0, int64_t n1)
   }
 }
 
-template <bool kInt4>
+template <bool kInt4, bool kVnni>
 void rows(const Problem& p, const Matrix& w, int64_t n0, int64_t n1) {
   for (int64_t r = 0; r < p.m; r += kTile) {
     switch (std::min<int64_t>(kTile, p.m - r)) {
-      case 1: tile<kInt4, 1>(p, w, r, n0, n1); break;
-      case 2: tile<kInt4, 2>(p, w, r, n0, n1); break;
-      case 3: tile<kInt4, 3>(p, w, r, n0, n1); break;
-      case 4: tile<kInt4, 4>(p, w, r, n0, n1); break;
-      case 5: tile<kInt4, 5>(p, w, r, n0, n1); break;
-      case 6: tile<kInt4, 6>(p, w, r, n0, n1); break;
-      case 7: tile<kInt4, 7>(p, w, r, n0, n1); break;
-      default: tile<kInt4, 8>(p, w, r, n0, n1); break;
+      case 1: tile<kInt4, kVnni, 1>(p, w, r, n0, n1); break;
+      case 2: tile<kInt4, kVnni, 2>(p, w, r, n0, n1); break;
+      case 3: tile<kInt4, kVnni, 3>(p, w, r, n0, n1); break;
+      case 4: tile<kInt4, kVnni, 4>(p, w, r, n0, n1); break;
+      case 5: tile<kInt4, kVnni, 5>(p, w, r, n0, n1); break;
+      case 6: tile<kInt4, kVnni, 6>(p, w, r, n0, n1); break;
+      case 7: tile<kInt4, kVnni, 7>(p, w, r, n0, n1); break;
+      default: tile<kInt4, kVnni, 8>(p, w, r, n0, n1); break;
     }
   }
 }
 
-// Chunks of output rows (of every matrix) taken from a shared counter by the calling thread and by helpers scheduled
-// on XLA's pool; the caller waits only for chunks in progress, so a helper that starts late (its pool busy) finds none.
-struct Work {
-  Problem p;
-  std::atomic<int64_t> next{0}, done{0};
-};
-
+// Chunk c of the output rows of all the matrices, on the path the call chose.
 template <bool kInt4>
-void run_chunks(Work& work) {
-  const Problem& p = work.p;
-  const int64_t chunks = p.first_chunk[p.count];
+void chunk(const Problem& p, int64_t c) {
   int i = 0;
-  for (int64_t c; (c = work.next.fetch_add(1)) < chunks;) {
-    while (c >= p.first_chunk[i + 1]) ++i;  // chunks are taken in increasing order
-    const int64_t n0 = (c - p.first_chunk[i]) * kChunk;
-    rows<kInt4>(p, p.w[i], n0, std::min(p.w[i].n, n0 + kChunk));
-    work.done.fetch_add(1, std::memory_order_release);
-  }
+  while (c >= p.first_chunk[i + 1]) ++i;
+  const int64_t n0 = (c - p.first_chunk[i]) * kChunk, n1 = std::min(p.w[i].n, n0 + kChunk);
+  p.vnni ? rows<kInt4, true>(p, p.w[i], n0, n1) : rows<kInt4, false>(p, p.w[i], n0, n1);
 }
 
 // y_i = x @ W_i for each weight matrix W_i in `weights` (int8: q, d; int4: q, d, min), x quantized once.
@@ -173,10 +165,9 @@ ffi::Error matmul(ffi::ThreadPool pool, F32Matrix x, ffi::RemainingArgs weights,
   if (k % kBlock) return ffi::Error::InvalidArgument("quantized matmul: K must be a multiple of 32");
   if (ys.size() < 1 || ys.size() > kMaxMatrices || weights.size() != kArgs * ys.size())
     return ffi::Error::InvalidArgument("quantized matmul: 1 to 4 weight matrices, each with one output");
-  auto work = std::make_shared<Work>();
-  Problem& p = work->p;
-  static thread_local QuantizedRows xq;
-  p.x = &xq, p.m = m, p.k = k, p.count = static_cast<int>(ys.size());
+  Problem p;
+  static thread_local QuantizedRows xq;  // read by helpers holding a chunk
+  p.x = &xq, p.vnni = hire::use_vnni, p.m = m, p.k = k, p.count = static_cast<int>(ys.size());
   for (int i = 0; i < p.count; ++i) {
     auto q = weights.get<std::conditional_t<kInt4, U8Matrix, S8Matrix>>(kArgs * i);
     auto d = weights.get<F16Matrix>(kArgs * i + 1);
@@ -196,12 +187,9 @@ ffi::Error matmul(ffi::ThreadPool pool, F32Matrix x, ffi::RemainingArgs weights,
     p.first_chunk[i + 1] = p.first_chunk[i] + (n + kChunk - 1) / kChunk;
   }
   quantize_rows(x.typed_data(), m, k, xq);
-  const int64_t chunks = p.first_chunk[p.count];
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
-  // helpers read the caller's thread_local rows only while holding a chunk, which the caller waits for
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { run_chunks<kInt4>(*work); });
-  run_chunks<kInt4>(*work);
-  while (work->done.load(std::memory_order_acquire) < chunks) _mm_pause();
+  if (p.vnni && !kInt4)
+    for (int8_t& v : xq.q) v = static_cast<int8_t>(v ^ 0x80);
+  hire::share_chunks(pool, p.first_chunk[p.count], [&p](int64_t c) { chunk<kInt4>(p, c); });
   return ffi::Error::Success();
 }
 
@@ -214,13 +202,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HireMatmulInt4, matmul<true>,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32Matrix>().RemainingArgs().RemainingRets());
 
 // The Python module hire._qmatmul: the two handlers as capsules for jax.ffi.register_ffi_target, `supported`,
-// whether this CPU has the instructions the kernels were compiled for, and `abi`, the handlers' calling convention
-// (2: any number of weight matrices per call), which hire.quant checks against a stale build.
-static PyModuleDef qmatmul_module = {PyModuleDef_HEAD_INIT, "_qmatmul", "hire's quantized matmul kernels", -1};
+// whether this CPU has the instructions the kernels were compiled for, `abi`, the handlers' calling convention
+// (2: any number of weight matrices per call), which hire.kernels checks against a stale build, and vnni()
+// (hire/csrc/kernels.h).
+static PyModuleDef qmatmul_module = {PyModuleDef_HEAD_INIT, "_qmatmul", "hire's quantized matmul kernels", -1,
+                                     hire::methods};
 
 PyMODINIT_FUNC PyInit__qmatmul() {
   PyObject* module = PyModule_Create(&qmatmul_module);
   if (module == nullptr) return nullptr;
+  hire::init_vnni();
   const bool supported =
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   if (PyModule_AddObject(module, "int8", PyCapsule_New(reinterpret_cast<void*>(HireMatmulInt8), nullptr, nullptr)) ||

@@ -110,7 +110,8 @@ class ServeConfig:
         index."""
         from hire.lora import load_adapters
 
-        loaded = load(self.model, self.dtype, serving_settings(model_folder(self.model), self.hire), self.quantize)
+        settings = serving_settings(model_folder(self.model), self.hire, self.dtype, self.quantize)
+        loaded = load(self.model, self.dtype, settings, self.quantize)
         log_hire(loaded.cfg)
         return load_adapters(loaded, self.lora) if self.lora else (loaded, {})
 
@@ -132,13 +133,13 @@ class ServeConfig:
             raise OptionError(str(e), "--draft") from None
         config = self.replace(model=model, draft=draft, lora={name: str(Path(path).resolve())
                                                               for name, path in self.lora.items()})
-        if settings := serving_settings(model_folder(model), config.hire):
+        if settings := serving_settings(model_folder(model), config.hire, config.dtype, config.quantize):
             log_hire(load(model, config.dtype, settings, config.quantize).cfg)
         if config.hosts > 1:
             from workers.shards import check_servable
 
             try:
-                check_servable(model, config.lora or None, config.hire)
+                check_servable(model, config.lora or None, config.hire, config.dtype)
             except ValueError as e:
                 option = {"lora": "--lora", "model": "--model"}.get(str(e).split(":")[0], "--softmax / --ffn / --hire")
                 raise OptionError(str(e), option) from None

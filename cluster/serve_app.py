@@ -96,7 +96,7 @@ class EngineServer:
             tandem = CoordinatorEngine(c.model, c.draft, c.slots, c.max_len, c.gamma, c.pipelined, c.dtype,
                                        compilation_cache=compilation_cache_folder(), verify_hosts=c.hosts,
                                        devices_per_host=c.devices_per_host,
-                                       hire=serving_settings(model_folder(c.model), c.hire or None),
+                                       hire=serving_settings(model_folder(c.model), c.hire or None, c.dtype),
                                        lora=c.lora or None)
             mode = pb.DECODING_MODE_TANDEM if tandem.hidden_layers else pb.DECODING_MODE_SPECULATIVE
             self.served = Served(tandem, tandem.cfg.name, tandem.adapters, drafters=[Path(c.draft).name], mode=mode,
@@ -108,7 +108,7 @@ class EngineServer:
             self.served = Served(sharded, sharded.cfg.name, limits=c.limits)
         else:
             loaded = load_model(c.model, dtype=c.dtype, quantize=c.quantize,
-                                **serving_settings(model_folder(c.model), c.hire or None))
+                                **serving_settings(model_folder(c.model), c.hire or None, c.dtype, c.quantize))
             names: dict[str, int] = {}
             if c.lora:
                 loaded, names = load_adapters(loaded, c.lora)

@@ -556,11 +556,18 @@ def train_command(config, out, until, init, quiet) -> None:
               help="Tokens drafted per block with --draft.")
 @click.option("--recommend", is_flag=True,
               help="With HiRE: if the result meets the quality targets (perplexity within 1% of the exact model's, "
-                   "top-1 agreement and recall at least 0.99), make these HiRE settings the model's serving default "
-                   "(`serving` in its hire_predictors.json, used by hire serve and serve-grpc); else exit 1 naming "
-                   "the targets missed.")
+                   "top-1 agreement and recall at least 0.99), time decoding with these settings against the exact "
+                   "model at this --dtype/--quantize, at batch 1 and 8 (hire serve's default --slots; 32 steps, "
+                   "median of 3 paired runs: about 10 x the time of 32 steps of the exact model at batch 8), and if "
+                   "they are at least --min-speedup x as fast at both, make them the model's serving default at this "
+                   "precision (`serving` in its hire_predictors.json, keyed by --dtype/--quantize as given, else "
+                   "'as stored'; used by hire generate, chat, serve and serve-grpc at that precision); else exit 1 "
+                   "naming the targets missed.")
+@click.option("--min-speedup", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="With --recommend: the decode speed ratio to the exact model HiRE must reach at each batch size "
+                   "(0 records the setting on quality alone).")
 def eval_command(model, text_file, context, batch, dtype, quantize, reference, softmax, ffn, hire_settings, draft,
-                 gamma, recommend) -> None:
+                 gamma, recommend, min_speedup) -> None:
     """Score a text file with a model: print one JSON object.
 
     The text is tokenized (with BOS) and cut into non-overlapping windows of the model's context;
@@ -578,12 +585,15 @@ def eval_command(model, text_file, context, batch, dtype, quantize, reference, s
     from hire.evaluate import evaluate_text
 
     result, misses = evaluate_text(model, text_file, context, batch, dtype, quantize, reference,
-                                   hire_overrides(softmax, ffn, hire_settings), draft, gamma, recommend)
+                                   hire_overrides(softmax, ffn, hire_settings), draft, gamma, recommend, min_speedup)
     click.echo(json.dumps(result))
     if misses:
         raise click.ClickException("not made the serving default: " + "; ".join(misses))
     if recommend:
-        click.echo(f"these HiRE settings are now the serving default of {model}", err=True)
+        from hire.predictor_files import precision_key
+
+        click.echo(f"these HiRE settings are now the serving default of {model} at {precision_key(dtype, quantize)}",
+                   err=True)
 
 
 @main.command("calibrate")

@@ -16,6 +16,10 @@ from hire.loaded import LoadedModel
 from hire.model import Transformer
 from hire.recall import layer_inputs, recalls, windows
 
+# `hire eval --recommend`'s speed check: decode timed at one request and at hire serve's default --slots, this many
+# steps (one compiled loop), the median of this many repeats, each paired with the exact model's
+SPEED_BATCHES, SPEED_STEPS, SPEED_REPEATS = (1, 8), 32, 3
+
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-token negative log-likelihood of `targets` and whether the argmax hit it."""
@@ -102,18 +106,33 @@ def evaluate(model: LoadedModel, tokens: np.ndarray, context: int, batch_size: i
     return result | means
 
 
+def decode_speeds(model: LoadedModel, exact: LoadedModel) -> list[dict[str, Any]]:
+    """`model`'s decode speed against `exact` (the same model without HiRE, at the same precision) at each of
+    SPEED_BATCHES, timed side by side (hire.bench.bench_decode): tokens_per_s, dense_tokens_per_s, speedup (the
+    median of the paired ratios) and the load average when it was measured."""
+    import os
+
+    from hire.bench import bench_decode
+
+    keys = ("batch", "tokens_per_s", "dense_tokens_per_s", "speedup")
+    return [{k: r[k] for k in keys} | {"load_average": round(os.getloadavg()[0], 2)}
+            for r in (bench_decode(model, b, SPEED_STEPS, chunk=SPEED_STEPS, repeats=SPEED_REPEATS, dense=exact)
+                      for b in SPEED_BATCHES)]
+
+
 def evaluate_text(model: str, text_file: str | Path, context: int | None = None, batch_size: int = 8,
                   dtype: str | None = None, quantize: str | None = None, reference: str | None = None,
                   hire: dict[str, Any] | None = None, draft: str | None = None, gamma: int = 4,
-                  recommend: bool = False) -> tuple[dict[str, Any], list[str]]:
+                  recommend: bool = False, min_speedup: float = 1.0) -> tuple[dict[str, Any], list[str]]:
     """`hire eval`: `evaluate` `model` (a name or path: hire.checkpoint.load with the HiRE overrides `hire`, the exact
     model beside it when they ask for HiRE; a tandem small model beside its large one) on the UTF-8 text in
     `text_file`, in windows of `context` (default and at most the models'), plus bits_per_byte; with `draft`, also
-    hire.speculative.drafter_accuracy of that drafter (hire.tandem.drafter). With `recommend`, these HiRE settings
-    become `model`'s serving default if the result meets the quality targets (predictor_files.recommend_serving).
-    Returns the result and the targets missed (none without `recommend`)."""
+    hire.speculative.drafter_accuracy of that drafter (hire.tandem.drafter). With `recommend`, if the result meets
+    the quality targets, also `speed` (decode_speeds), and these HiRE settings become `model`'s serving default at
+    this `dtype` and `quantize` (predictor_files.recommend_serving) if they decode at least `min_speedup` x as fast as
+    the exact model at every batch size. Returns the result and the targets missed (none without `recommend`)."""
     from hire.checkpoint import exact, load, model_folder
-    from hire.predictor_files import recommend_serving
+    from hire.predictor_files import precision_key, quality_misses, recommend_serving, speed_misses
     from hire.speculative import drafter_accuracy
     from hire.tandem import drafter, is_tandem, load_tandem, tandem_scorer
 
@@ -135,6 +154,13 @@ def evaluate_text(model: str, text_file: str | Path, context: int | None = None,
     if draft is not None:
         result |= drafter_accuracy(loaded, drafter(draft, loaded, dtype), tokens, context, gamma, batch_size)
     result["bits_per_byte"] = result["loss"] * result["tokens"] / math.log(2) / max(len(text.encode()), 1)
-    misses = recommend_serving(model_folder(model), loaded.cfg, {"text": str(text_file), **result}) \
-        if recommend else []
+    if not recommend:
+        return result, []
+    misses = quality_misses(result)
+    if not misses:  # speed is measured only for a setting that keeps quality
+        result["speed"] = decode_speeds(loaded, dense)
+        misses = speed_misses(result["speed"], min_speedup)
+    if not misses:
+        recommend_serving(model_folder(model), loaded.cfg, {"text": str(text_file), **result},
+                          precision_key(dtype, quantize), min_speedup)
     return result, misses

@@ -14,9 +14,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from hire.batch import PlainBatch
-from hire.checkpoint import load, load_with_adapters
+from hire.checkpoint import load, load_with_adapters, model_folder
 from hire.config import OptionError
 from hire.engine_api import Engine
+from hire.predictor_files import serving_settings
 from hire.request import Completion, Event, make_requests
 from hire.sampling import SamplingParams
 from hire.scheduler import run
@@ -54,6 +55,12 @@ def _print_stream(events: Iterable[Event], interruptible: bool = False) -> tuple
     return seen, time.perf_counter() - start
 
 
+def served(model: str, hire: dict[str, Any] | None, dtype: str | None, quantize: str | None) -> dict[str, Any]:
+    """The HiRE overrides `hire generate` and `hire chat` run `model` with: its folder's serving default at this
+    precision (hire.predictor_files.serving_settings), `hire` on top."""
+    return serving_settings(model_folder(model), hire, dtype, quantize)
+
+
 def _say(text: str = "") -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -82,7 +89,7 @@ def generate_text(model: str, prompt: str, params: SamplingParams, as_chat: bool
             raise OptionError("--weights-on-disk takes no --lora, --draft, --dtype or --quantize")
         engine, names = engine_on_disk(model, memory_budget, window, hire), {}
     else:
-        loaded, names = load_with_adapters(model, dtype, loras, hire, quantize)
+        loaded, names = load_with_adapters(model, dtype, loras, served(model, hire, dtype, quantize), quantize)
         engine = Engine(loaded, slots=1)
     if adapter is not None and adapter not in names:
         raise OptionError(f"no adapter {adapter!r} loaded; loaded: {sorted(names) or 'none'}", "--adapter")
@@ -104,6 +111,8 @@ def generate_text(model: str, prompt: str, params: SamplingParams, as_chat: bool
     sys.stdout.write("\n")
     sys.stdout.flush()
     _say(f"[{count} tokens in {seconds:.2f}s, {count / seconds:.1f} tokens/s, finish: {finish}, seed: {params.seed}]")
+    if engine.cfg.sparse:
+        _say(f"[HiRE: softmax {engine.cfg.softmax}, ffn {engine.cfg.ffn}]")
     if tandem_only:
         _say(f"[tandem {draft} alone, gamma {gamma}: {stats.calls_per_token:.3f} model calls per token]")
     elif draft is not None:
@@ -133,7 +142,7 @@ def chat_session(model: str, params: SamplingParams, system: str | None = None, 
     from hire.chat import ChatTemplate, chat_prompt
     from hire.engine import Engine
 
-    loaded = load(model, dtype, hire, quantize)
+    loaded = load(model, dtype, served(model, hire, dtype, quantize), quantize)
     engine, template = Engine(loaded, slots=1), ChatTemplate.of(loaded.tokenizer)
     start = [{"role": "system", "content": system}] if system else []
     history, interactive = list(start), sys.stdin.isatty()

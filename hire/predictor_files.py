@@ -7,7 +7,9 @@ A model folder's predictors live beside its checkpoint in `hire_predictors.safet
 "KIND/PATH/NAME": KIND "lr", "int8" or "int4", PATH/NAME the variable's place in the model's "hire"
 collection, e.g. "lr/softmax/a", "int4/layers_3/ffn/predictor/q") and `hire_predictors.json` (how they
 were built and the recall measured on held-out text; and "serving", the HiRE setting the model is served with
-by default once an evaluation showed it keeps quality: recommend_serving).
+by default at each weight precision (precision_key) where an evaluation showed it keeps quality and decodes
+faster than the exact model: recommend_serving). A "serving" entry written before it was keyed by precision (one
+"settings" of its own) is read as the "as stored" one.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ PREDICTORS = "hire_predictors.safetensors"
 META = "hire_predictors.json"
 # Issue 5's quality targets for HiRE, against the exact model: what makes a setting the serving default.
 SERVING_TARGETS = {"perplexity_ratio": 1.01, "top1_agreement": 0.99, "recall": 0.99}
+AS_STORED = "as stored"
 
 
 def softmax_kernel(cfg: ModelConfig, params: dict) -> jax.Array:
@@ -123,14 +126,26 @@ def exact_settings(folder: str | Path) -> dict[str, str]:
     return {"softmax": "dense", "ffn": "group-topk" if trained == "group-topk" else "dense"}
 
 
-def serving_settings(folder: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The HiRE overrides to serve the model in `folder` with: its recommended setting
-    (recommend_serving), if it has one and its predictors are there, then `overrides` (the command
-    line's) on top."""
+def precision_key(dtype: str | None = None, quantize: str | None = None) -> str:
+    """The key a serving default is kept under: the --dtype and --quantize the model runs with, as given
+    ("dtype=float32 quantize=none"; AS_STORED when neither is)."""
+    return " ".join(f"{k}={v}" for k, v in (("dtype", dtype), ("quantize", quantize)) if v) or AS_STORED
+
+
+def serving_entries(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """hire_predictors.json's serving defaults by precision_key (an unkeyed one, written before keys: AS_STORED)."""
+    serving = meta.get("serving", {})
+    return {AS_STORED: serving} if "settings" in serving else serving
+
+
+def serving_settings(folder: str | Path, overrides: dict[str, Any] | None = None, dtype: str | None = None,
+                     quantize: str | None = None) -> dict[str, Any]:
+    """The HiRE overrides to serve the model in `folder` with at `dtype` and `quantize` (as given on the command
+    line): the setting recommended for that precision (recommend_serving), if there is one and its predictors are
+    there, then `overrides` (the command line's) on top."""
     meta = Path(folder) / META
-    recommended = read_json(meta).get("serving", {}).get("settings", {}) \
-        if meta.is_file() and (Path(folder) / PREDICTORS).is_file() else {}
-    return {**recommended, **(overrides or {})}
+    entries = serving_entries(read_json(meta)) if meta.is_file() and (Path(folder) / PREDICTORS).is_file() else {}
+    return {**entries.get(precision_key(dtype, quantize), {}).get("settings", {}), **(overrides or {})}
 
 
 def quality_misses(result: dict[str, Any]) -> list[str]:
@@ -148,15 +163,23 @@ def quality_misses(result: dict[str, Any]) -> list[str]:
     return misses
 
 
-def recommend_serving(folder: str | Path, cfg: ModelConfig, result: dict[str, Any]) -> list[str]:
-    """Make `cfg`'s HiRE settings the serving default of the model in `folder` if `result` (its `hire eval` with
-    them) meets every quality target: written into hire_predictors.json as "serving", with the evidence.
-    Returns the targets missed (nothing is written then)."""
-    if misses := quality_misses(result):
-        return misses
+def speed_misses(speeds: list[dict[str, Any]], min_speedup: float) -> list[str]:
+    """The batch sizes where HiRE decoded under `min_speedup` x the exact model (hire.bench.bench_decode results
+    with a speedup), each as a short sentence."""
+    return [f"batch {r['batch']}: {r['speedup']}x the exact model's decode speed, below {min_speedup}"
+            for r in speeds if r["speedup"] < min_speedup]
+
+
+def recommend_serving(folder: str | Path, cfg: ModelConfig, result: dict[str, Any], precision: str,
+                      min_speedup: float) -> None:
+    """Make `cfg`'s HiRE settings the serving default of the model in `folder` at `precision` (precision_key), with
+    the weights' dtype and quantization, the targets met (`min_speedup` among them) and `result` (its `hire eval`
+    with them, speeds included) as the evidence: written into hire_predictors.json under "serving" and that key,
+    the other precisions' defaults kept."""
     path = Path(folder) / META
     meta = read_json(path) if path.is_file() else {}
-    meta["serving"] = {"settings": {f: getattr(cfg, f) for f in HIRE_FIELDS}, "targets": SERVING_TARGETS,
-                       "eval": result}
+    entry = {"settings": {f: getattr(cfg, f) for f in HIRE_FIELDS},
+             "weights": {"dtype": cfg.dtype, "quantize": cfg.quantize},
+             "targets": SERVING_TARGETS | {"min_speedup": min_speedup}, "eval": result}
+    meta["serving"] = serving_entries(meta) | {precision: entry}
     path.write_text(json.dumps(meta, indent=2) + "\n")
-    return []

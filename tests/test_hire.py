@@ -328,15 +328,30 @@ def test_cli_calibrate_generate_eval_bench(run, tmp_path):
     assert row["bytes_per_token"] < row["dense_bytes_per_token"]
 
 
+def test_a_serving_default_written_before_precision_keys_is_the_as_stored_one():
+    """stdlib-9m's hire_predictors.json has one unkeyed "serving" entry: it serves the model as stored only."""
+    from hire.checkpoint import model_folder
+    from hire.predictor_files import serving_settings
+
+    folder = model_folder("stdlib-9m")
+    assert "settings" in json.loads((folder / "hire_predictors.json").read_text())["serving"]
+    assert serving_settings(folder)["ffn"] == "group-sparse"
+    assert serving_settings(folder, {"softmax": "dense"}, quantize="int8") == {"softmax": "dense"}
+
+
 def test_a_group_topk_model_recommends_hire_and_serves_with_it(run, tmp_path):
     """A model whose config says it was trained with the group-topk mask (stories260K's weights, 43 groups of 4,
     k = 8): calibrate measures recall at its k and eval compares HiRE with its exact-mask forward; --recommend
-    records a setting that keeps quality (and refuses one that does not); the Serve app's engine and the gRPC
-    server then run that setting by default, generating what the exact-mask model generates."""
+    times decoding against the exact model at batch 1 and 8 and records a setting that keeps quality and is fast
+    enough (--min-speedup 0: any speed; the default 1.0: as its measured ratios say), under the precision it ran
+    at, and refuses one that does not keep quality or is too slow; the Serve app's engine, the gRPC server and hire
+    generate then run that setting by default at that precision only, generating what the exact-mask model
+    generates."""
     from cluster.config import ServeConfig
     from cluster.grpc_server import GrpcServer
     from cluster.requests import Served
     from cluster.serve_app import EngineServer
+    from hire.evaluate import SPEED_BATCHES
     from hire.formats.native import save_native
     from hire.predictor_files import serving_settings
     from protos import inference_pb2 as pb
@@ -351,23 +366,45 @@ def test_a_group_topk_model_recommends_hire_and_serves_with_it(run, tmp_path):
     assert {(r["ffn_group"], r["ffn_k"]) for r in meta["recall"]["int8"]} == {(4, 8)}
     every = ["--softmax", "hire-q", "--ffn", "group-sparse", "--hire", "ffn_predictor=q", "--hire", "ffn_oversample=6",
              "--hire", "softmax_oversample=16"]  # all 512 rows and 43 groups computed, the top 8 groups kept
-    scores = json.loads(run("eval", "--model", str(model), "--text", str(text), "--context", "64", *every,
-                            "--recommend").stdout)
-    masked = json.loads(run("eval", "--model", str(model), "--text", str(text), "--context", "64").stdout)
-    dense = json.loads(run("eval", "--model", str(model), "--text", str(text), "--context", "64", "--ffn",
-                           "dense").stdout)
+    evaluate = ["eval", "--model", str(model), "--text", str(text), "--context", "64"]
+    scores = json.loads(run(*evaluate, *every, "--recommend", "--min-speedup", "0").stdout)
+    masked = json.loads(run(*evaluate).stdout)
+    dense = json.loads(run(*evaluate, "--ffn", "dense").stdout)
     assert scores["loss"] == pytest.approx(scores["dense_loss"], abs=1e-5)  # the reference: the exact mask
     assert scores["dense_loss"] == pytest.approx(masked["loss"], abs=1e-6)
     assert abs(masked["loss"] - dense["loss"]) > 1e-3
+    assert ServeConfig().slots in SPEED_BATCHES and SPEED_BATCHES == tuple(r["batch"] for r in scores["speed"])
+    assert all(r["tokens_per_s"] > 0 and r["dense_tokens_per_s"] > 0 and r["speedup"] > 0 for r in scores["speed"])
     served = json.loads((model / "hire_predictors.json").read_text())["serving"]
-    assert served["settings"]["ffn"] == "group-sparse" and served["settings"]["ffn_keep_k"] is True
-    assert served["eval"]["top1_agreement"] == 1
-    bad = CliRunner().invoke(main, ["eval", "--model", str(model), "--text", str(text), "--context", "64",
-                                    "--softmax", "hire-lr", "--hire", "softmax_oversample=1", "--recommend"])
+    assert list(served) == ["as stored"] and served["as stored"]["targets"]["min_speedup"] == 0
+    assert served["as stored"]["weights"] == {"dtype": "float32", "quantize": "none"}
+    settings = served["as stored"]["settings"]
+    assert settings["ffn"] == "group-sparse" and settings["ffn_keep_k"] is True
+    assert served["as stored"]["eval"]["top1_agreement"] == 1 and served["as stored"]["eval"]["speed"]
+
+    # at the default threshold the decision is the measured ratios'; one out of reach names each batch it missed
+    timed = CliRunner().invoke(main, [*evaluate, *every, "--recommend"])
+    ratios = {r["batch"]: r["speedup"] for r in json.loads(timed.stdout)["speed"]}
+    assert timed.exit_code == (0 if min(ratios.values()) >= 1 else 1), timed.output
+    for b, ratio in ratios.items():
+        assert (f"batch {b}: {ratio}x the exact model" in timed.output) == (ratio < 1)
+    served = json.loads((model / "hire_predictors.json").read_text())["serving"]
+    slow = CliRunner().invoke(main, [*evaluate, *every, "--recommend", "--min-speedup", "1000"])
+    assert slow.exit_code == 1 and all(f"batch {b}: " in slow.output for b in SPEED_BATCHES), slow.output
+    bad = CliRunner().invoke(main, [*evaluate, "--softmax", "hire-lr", "--hire", "softmax_oversample=1",
+                                    "--recommend"])
     assert bad.exit_code == 1 and "not made the serving default" in bad.output, bad.output
-    assert "softmax_recall" in bad.output.splitlines()[-1]
+    assert "softmax_recall" in bad.output.splitlines()[-1] and "speed" not in json.loads(bad.stdout)  # not timed
     assert json.loads((model / "hire_predictors.json").read_text())["serving"] == served  # unchanged
     assert not load_model(model, **serving_settings(model, {"softmax": "dense", "ffn": "group-topk"})).cfg.sparse
+
+    # the as-stored default is not another precision's: --dtype float32 (stored so) or --quantize int8 run exactly
+    assert serving_settings(model, dtype="float32") == serving_settings(model, quantize="int8") == {}
+    assert not ServeConfig(model=str(model), dtype="float32").load()[0].cfg.sparse
+    assert "[HiRE: softmax hire-q, ffn group-sparse]" in run("generate", "--model", str(model), "--prompt", "a",
+                                                              "--max-tokens", "2").stderr
+    assert "[HiRE" not in run("generate", "--model", str(model), "--prompt", "a", "--max-tokens", "2",
+                              "--dtype", "float32").stderr
     for command in ("serve-grpc", "serve"):  # a bad setting is refused before anything starts
         result = CliRunner().invoke(main, [command, "--model", str(model), "--hire", "ffn_k=99"])
         assert result.exit_code == 2 and "ffn_k must be in [1, 43]" in result.output, result.output

@@ -461,17 +461,18 @@ class ShardedEngine:
         self.group.shutdown()
 
 
-def check_servable(model: str, lora: dict[str, str] | None = None, hire: dict[str, Any] | None = None) -> None:
+def check_servable(model: str, lora: dict[str, str] | None = None, hire: dict[str, Any] | None = None,
+                   dtype: str | None = None) -> None:
     """ValueError, its message starting with the option's name, for what a sharded engine cannot serve: LoRA
     adapters, a checkpoint not in hire's format, a HiRE setting (`hire`: the command line's HiRE overrides, on
-    the folder's recommended one) that is not valid or has no predictors."""
+    the folder's recommended one at `dtype`) that is not valid or has no predictors."""
     if lora:
         raise ValueError("lora: LoRA adapters are not served over several hosts; serve them with --hosts 1")
     folder = model_folder(model)
     if detect_format(folder) != "hire":
         raise ValueError(f"model: {folder} is not in hire's format, which a sharded engine reads (write one with "
                          "`hire convert`)")
-    settings = serving_settings(folder, hire)
+    settings = serving_settings(folder, hire, dtype)
     try:
         cfg = with_hire(read_config(folder), settings)
     except ValueError as e:
@@ -487,7 +488,7 @@ def serving_engine(model: str, hosts: int, devices_per_host: int = 1, placement:
     """The ShardedEngine of `hire serve --hosts N` (cluster.serve_app.EngineServer), after `check_servable`, with
     the model's serving HiRE setting under `hire` (hire.predictor_files.serving_settings) and its compiled programs kept
     in hire's compilation cache."""
-    check_servable(model, lora, hire)
+    check_servable(model, lora, hire, dtype)
     return ShardedEngine(model, hosts, devices_per_host, slots, max_len, dtype, strategy=placement,
                          compilation_cache=compilation_cache_folder(),
-                         hire=serving_settings(model_folder(model), hire), **group)
+                         hire=serving_settings(model_folder(model), hire, dtype), **group)

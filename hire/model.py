@@ -15,7 +15,11 @@ length, head_dim]; the token at position p is written at index p, and a step may
 entries when no position reaches further. Sliding layers keep the same layout and mask what lies
 outside their window. One forward pass serves prefill (many tokens),
 decode (one token) and block verification (a few tokens): new keys are scattered at their
-positions, then queries attend to every cached key at a position not after their own.
+positions, then queries attend to every cached key at a position not after their own. With `stepwise`
+(verification), each token attends on its own, in products shaped as a one-token step's: XLA:CPU sums a product
+over 128+ keys in an order that depends on its number of query rows, and with quantized weights (each activation
+re-quantized to int8) that last bit grows into different logits; stepwise, a pass over T tokens gives a one-token
+step's logits bit for bit wherever the weights' products are row-independent (hire.quant's CPU kernel).
 """
 from __future__ import annotations
 
@@ -148,7 +152,7 @@ class Attention(nn.Module):
     window: int = 0
 
     @nn.compact
-    def __call__(self, x, positions, cache, lora, inv_freq, kv_len=None):
+    def __call__(self, x, positions, cache, lora, inv_freq, kv_len=None, stepwise=False):
         cfg = self.cfg
         B, T, _ = x.shape
         H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -174,15 +178,25 @@ class Attention(nn.Module):
         visible = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
         if self.window:
             visible &= key_pos[:, None, :] > positions[:, :, None] - self.window
-        qg = q.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4).reshape(B, K, -1, D)  # [B, K, G*T, D]
-        scores = jnp.einsum("bkqd,bkds->bkqs", qg, keys, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(cfg.query_scale or D)
-        scores = scores.reshape(B, K, H // K, T, -1)
-        scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype).reshape(B, K, H // K * T, -1)
-        out = jnp.einsum("bkqs,bksd->bkqd", probs, values).reshape(B, K, H // K, T, D)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)
-        return Linear(cfg.dim, cfg, False, "o", name="o")(out, lora), cache
+        if stepwise:  # each token's products shaped as a one-token step's: XLA sums them in the same order
+            out = jnp.concatenate([attend(cfg, q[:, t:t + 1], keys, values, visible[:, t:t + 1]) for t in range(T)], 1)
+        else:
+            out = attend(cfg, q, keys, values, visible)
+        return Linear(cfg.dim, cfg, False, "o", name="o")(out.reshape(B, T, H * D), lora), cache
+
+
+def attend(cfg: ModelConfig, q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array) -> jax.Array:
+    """softmax(q k / sqrt(d)) v for q [B, T, H, D], keys [B, K, D, S], values [B, K, S, D], visible [B, T, S]."""
+    B, T, H, D = q.shape
+    K = keys.shape[1]
+    qg = q.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4).reshape(B, K, -1, D)  # [B, K, G*T, D]
+    scores = jnp.einsum("bkqd,bkds->bkqs", qg, keys, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(cfg.query_scale or D)
+    scores = scores.reshape(B, K, H // K, T, -1)
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype).reshape(B, K, H // K * T, -1)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, values).reshape(B, K, H // K, T, D)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 
 
 def activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
@@ -253,10 +267,10 @@ class Block(nn.Module):
     window: int = 0
 
     @nn.compact
-    def __call__(self, x, positions, cache, lora, inv_freq, kv_len):
+    def __call__(self, x, positions, cache, lora, inv_freq, kv_len, stepwise=False):
         cfg = self.cfg
         h, cache = Attention(cfg, self.window, name="attn")(norm(cfg, "attn_norm")(x), positions, cache, lora,
-                                                            inv_freq, kv_len)
+                                                            inv_freq, kv_len, stepwise)
         if cfg.post_norms:
             h = norm(cfg, "post_attn_norm")(h)
         x = x + h
@@ -278,13 +292,15 @@ class Transformer(nn.Module):
     Applied with `mutable=["intermediates"]`, it also returns the residual stream [B, T, dim] as
     intermediates "hidden_0" (the embeddings) to "hidden_{n_layers}" (the last block's output, before
     the final norm): the representations a tandem drafter reads. Otherwise nothing is kept.
+    `stepwise`: attention one token at a time (see the module's docstring).
     """
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None,
-                 adapter: jax.Array | None = None, logit_index: jax.Array | None = None, kv_len: int | None = None):
+                 adapter: jax.Array | None = None, logit_index: jax.Array | None = None, kv_len: int | None = None,
+                 stepwise: bool = False):
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         embed = self.param("embed", weight_init(cfg.embed_quantize, table=True), (cfg.vocab_size, cfg.dim), dt)
@@ -304,7 +320,7 @@ class Transformer(nn.Module):
             layer_cache = None if cache is None else cache[i]
             window = cfg.layer_window(i)
             x, c = Block(cfg, window, name=f"layers_{i}")(x, positions, layer_cache, lora, inv_freq[window > 0],
-                                                          kv_len)
+                                                          kv_len, stepwise)
             self.sow("intermediates", f"hidden_{i + 1}", x)
             new_cache.append(c)
         x = norm(cfg, "norm")(x)

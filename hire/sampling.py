@@ -108,5 +108,10 @@ def sample(logits: jax.Array, rows: RowSampling, positions: jax.Array) -> tuple[
     """
     logits = logits.astype(jnp.float32)
     tokens = jax.lax.cond(jnp.any(rows.temperature > 0), _draw, lambda x, *_: argmax(x), logits, rows, positions)
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], -1)[:, 0]
-    return tokens, logprobs
+    return tokens, token_logprobs(logits, tokens)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log softmax(logits [B, V]) at tokens [B]. (Over [B, T, V] at once XLA:CPU may sum another way: a block's
+    tokens each go through this to get a one-token step's logprobs bit for bit.)"""
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], -1)[:, 0]

@@ -43,7 +43,7 @@ from hire.engine import DecodeState, Engine
 from hire.loaded import LoadedModel
 from hire.model import KVCache, Transformer
 from hire.request import Completion, Event, Request, make_requests
-from hire.sampling import RowSampling, SamplingParams, argmax, filter_logits, sample, scale
+from hire.sampling import RowSampling, SamplingParams, argmax, filter_logits, sample, scale, token_logprobs
 from hire.scheduler import run as run_scheduler
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,14 +126,15 @@ def put_row(tree: Any, row: Any, slot: jax.Array) -> Any:
 
 def run_model(cfg: ModelConfig, variables: dict, tokens: jax.Array, positions: jax.Array, cache: KVCache | None,
               adapter: jax.Array | None = None, logit_index: jax.Array | None = None, kv_len: int | None = None,
-              hidden: Sequence[int] = ()) -> tuple[jax.Array, KVCache | None, jax.Array | None]:
-    """hire.model.Transformer's forward pass, plus the hidden states `hidden` names, stacked to
-    [B, T, len(hidden), dim] (None when it names none)."""
+              hidden: Sequence[int] = (), stepwise: bool = False
+              ) -> tuple[jax.Array, KVCache | None, jax.Array | None]:
+    """hire.model.Transformer's forward pass (`stepwise`: attention one token at a time), plus the hidden states
+    `hidden` names, stacked to [B, T, len(hidden), dim] (None when it names none)."""
     net = Transformer(cfg)
     adapter = adapter if cfg.lora_adapters else None
     if not hidden:
-        return (*net.apply(variables, tokens, positions, cache, adapter, logit_index, kv_len), None)
-    (logits, cache), inter = net.apply(variables, tokens, positions, cache, adapter, logit_index, kv_len,
+        return (*net.apply(variables, tokens, positions, cache, adapter, logit_index, kv_len, stepwise), None)
+    (logits, cache), inter = net.apply(variables, tokens, positions, cache, adapter, logit_index, kv_len, stepwise,
                                        mutable=["intermediates"])
     states = inter["intermediates"]
     return logits, cache, jnp.stack([states[f"hidden_{i}"][0] for i in hidden], axis=2)
@@ -388,7 +389,7 @@ def verify_block(cfg: ModelConfig, wants_hidden: tuple[int, ...], lengths: tuple
     def run(length: int):
         def verify_length(cache: KVCache) -> tuple[jax.Array, KVCache, jax.Array | None]:
             logits, cache, hidden = run_model(cfg, tvars, block_tokens[:, :length], block_pos[:, :length], cache,
-                                              t.adapter, None, kv_len, wants_hidden)
+                                              t.adapter, None, kv_len, wants_hidden, stepwise=True)
             pad = lambda a: jnp.pad(a, [(0, 0), (0, gamma + 1 - length)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
             return pad(logits), cache, None if hidden is None else pad(hidden)
         return verify_length
@@ -410,7 +411,7 @@ def verify_block(cfg: ModelConfig, wants_hidden: tuple[int, ...], lengths: tuple
 
     row = jnp.arange(drafts.shape[0])
     out = jnp.concatenate([drafts, jnp.zeros_like(drafts[:, :1])], axis=1).at[row, accepted].set(final)
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), out[..., None], -1)[..., 0]
+    logprobs = jnp.stack([token_logprobs(logits[:, i], out[:, i]) for i in range(gamma + 1)], axis=1)
     target = t._replace(cache=cache, tokens=final, positions=t.positions + accepted + 1)
     return target, Verdict(out, logprobs, accepted, hidden, jnp.array(lengths)[choice])
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
+from hire import quant
 from hire.checkpoint import load_model, resolve_model
 from hire.config import ModelConfig
 from hire.drafters import ModelDrafter, NGramDrafter
@@ -102,6 +103,62 @@ def test_verification_over_part_of_a_longer_cache(stories, drafters):
     outs, stats = speculative_generate(engine, drafters["ngram"], PROMPTS, params, gamma=2)
     assert [o.tokens for o in outs] == [o.tokens for o in alone] and all(len(o.tokens) == 40 for o in outs)
     assert stats.accepted > 0
+
+
+def smol_attention(quantize: str, scale: float = 1.0, tokenizer=None) -> LoadedModel:
+    """Random weights (times `scale`) with SmolLM2-135M's attention shape, 3 query heads of 64 per KV head, kept
+    quantized (hire.quant) as SmolLM2 is pulled: int8 or int4 kernels, an int8 embedding table."""
+    cfg = ModelConfig(vocab_size=512, dim=192, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=64, ffn_dim=256,
+                      max_seq_len=256)
+    params = jax.tree.map(lambda x: x * scale, init_params(cfg)["params"])
+    if quantize == "none":
+        return LoadedModel(cfg, {"params": params}, tokenizer)
+    table = quant.EMBED_BESIDE.get(quantize, quantize)
+    return LoadedModel(cfg.replace(quantize=quantize, quantize_embed=table),
+                       {"params": quant.quantize_params(params, quantize, table)}, tokenizer)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _pass(cfg: ModelConfig, variables: dict, tokens: jax.Array, positions: jax.Array, cache, kv_len: int,
+          stepwise: bool):
+    return run_model(cfg, variables, tokens, positions, cache, kv_len=kv_len, stepwise=stepwise)[:2]
+
+
+@pytest.mark.parametrize("quantize,batch", [("int8", 1), ("int4", 1), ("int8", 3), ("int4", 3), ("none", 3)])
+def test_verification_pass_equals_one_token_steps(quantize, batch):
+    """Over an attention span of 128 and of 256 (where XLA's float32 attention sums in an order that depends on the
+    query rows a product has, and int8 re-quantization of the activations grows that last bit), the (γ+1)-token
+    verification pass gives the logits of γ+1 one-token steps bit for bit. (Float32 at batch 1 is not bit-identical:
+    XLA multiplies one row by a dense kernel in another order than several.)"""
+    model = smol_attention(quantize)
+    cfg, T = model.cfg, 5
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, 512, (batch, 256)), jnp.int32)
+    at = lambda start, n: jnp.broadcast_to(start + jnp.arange(n), (batch, n))  # noqa: E731
+    cache = _pass(cfg, model.variables, tokens[:, :120], at(0, 120), init_cache(cfg, batch, 256), 128, False)[1]
+    for span, n in ((128, 120), (256, 248)):
+        if n > 120:
+            cache = _pass(cfg, model.variables, tokens[:, 120:n], at(120, n - 120), cache, span, False)[1]
+        block = _pass(cfg, model.variables, tokens[:, n:n + T], at(n, T), cache, span, True)[0]
+        steps, c = [], cache
+        for i in range(T):
+            logits, c = _pass(cfg, model.variables, tokens[:, n + i:n + i + 1], at(n + i, 1), c, span, False)
+            steps.append(logits[:, 0])
+        np.testing.assert_array_equal(np.asarray(block), np.stack(steps, axis=1), err_msg=f"span {span}")
+
+
+def test_greedy_equals_model_alone_with_quantized_weights(stories):
+    """Three prompts of 100 tokens in two slots, 60 greedy tokens each (attention spans 128 then 256), int4 weights:
+    the model drafting for itself (every pass γ+1 tokens) and prompt lookup (passes of 1 to γ+1) give the same
+    tokens and log-probabilities, bit for bit, as plain greedy decoding."""
+    model = smol_attention("int4", scale=6.0, tokenizer=stories.tokenizer)
+    prompts = [list(map(int, p)) for p in np.random.default_rng(1).integers(3, 512, (3, 100))]
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, logprobs=True)
+    engine = Engine(model, slots=2, max_len=256)
+    alone = generate(engine, prompts, params)
+    for drafter in (ModelDrafter(model), NGramDrafter(512)):
+        outs, stats = speculative_generate(engine, drafter, prompts, params, gamma=4)
+        assert [(o.tokens, o.logprobs) for o in outs] == [(o.tokens, o.logprobs) for o in alone]
+        assert all(len(o.tokens) == 60 for o in outs) and stats.proposed > 0
 
 
 def with_adapters(model: LoadedModel) -> LoadedModel:

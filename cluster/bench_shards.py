@@ -1,6 +1,7 @@
 """Benchmarks of a model sharded over Ray hosts (workers.shards.ShardedEngine), docs/cluster.md:
-`python -m cluster.bench_shards bench` measures decode over the hosts against one process, `restart` the time a
-rebuild takes, `collectives` the collectives in one compiled decode step.
+`python -m cluster.bench_shards bench` measures decode over the hosts against one process, `sampler` sampling
+through DA-TOP-k against gathering all logits over the hosts (docs/hire.md), `restart` the time a rebuild takes,
+`collectives` the collectives in one compiled decode step.
 """
 from __future__ import annotations
 
@@ -112,17 +113,86 @@ def bench(model: str, hosts: int, devices_per_host: int, slots: int, steps: int,
 
 
 @contextlib.contextmanager
-def _local_ray(cpus: int) -> Iterator[None]:
-    """A local one-node Ray with `cpus` CPUs for the duration, unless one is already up."""
+def _local_ray(cpus: int, temp_dir: str | None = None) -> Iterator[None]:
+    """A local one-node Ray with `cpus` CPUs (its files under `temp_dir`, if given) for the duration, unless one is
+    already up."""
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=cpus, include_dashboard=False,  # its own, even beside another Ray
-                 log_to_driver=False)  # keep the hosts' logs off stdout
+                 log_to_driver=False, _temp_dir=temp_dir)  # keep the hosts' logs off stdout
     try:
         yield
     finally:
         if started:
             ray.shutdown()
+
+
+def text_prompts(tokenizer: Any, text: str, count: int) -> list[list[int]]:
+    """`count` prompts of PROMPT_LEN tokens from evenly spaced places in `text`."""
+    starts = np.linspace(0, len(text) - 2000, count).astype(int)
+    prompts = [tokenizer.encode(text[s: s + 2000])[:PROMPT_LEN] for s in starts]
+    if any(len(p) < PROMPT_LEN for p in prompts):
+        raise ValueError(f"the text is too short for {count} prompts of {PROMPT_LEN} tokens")
+    return prompts
+
+
+SAMPLERS = {"greedy": dict(temperature=0.0), "top-k 40": dict(temperature=1.0, top_k=40)}  # DA-TOP-k serves both
+
+
+def bench_sampler(model: str, hosts: int, devices_per_host: int, slots: int, steps: int, chunk: int, repeats: int,
+                  text: str, hire: str = "exact", temp_dir: str | None = None) -> dict[str, Any]:
+    """Decode over `hosts` Ray hosts (a local Ray) sampling through DA-TOP-k (hire.sharding.sample_sharded) against
+    the same group gathering all logits (ShardedEngine(gather_logits=True)): both groups up at once, each of
+    SAMPLERS run on both in turn `repeats` times (after an untimed run that compiles), from `slots` prompts of
+    `text`, the same seeds. `ms_per_step`: median over every call of `chunk` steps, over its steps; `same_tokens`:
+    the share of generated tokens (every step, slot and run) that are the gathered path's; `logprob_error` the
+    largest difference of their logprobs."""
+    if steps % chunk:
+        raise ValueError("steps must be a multiple of chunk")
+    load = [round(x, 2) for x in os.getloadavg()]
+    out: dict[str, Any] = {"model": model, "hire": hire_setting(model, hire), "hosts": hosts,
+                           "devices_per_host": devices_per_host, "slots": slots, "steps": steps, "chunk": chunk,
+                           "repeats": repeats, "cpus": os.cpu_count(), "samplers": {}}
+    with _local_ray(2 * hosts, temp_dir):
+        engines: dict[str, ShardedEngine] = {}
+        try:
+            for name in ("da_top_k", "gather"):
+                engines[name] = ShardedEngine(model, hosts, devices_per_host, slots, bench_len(steps),
+                                              hire=hire_setting(model, hire), start_timeout=900,
+                                              call_timeout=900, gather_logits=name == "gather")
+            prompts = text_prompts(engines["gather"].tokenizer, text, slots)
+            for sampler, fields in SAMPLERS.items():
+                params = [SamplingParams(**fields, seed=slot) for slot in range(slots)]
+                calls: dict[str, list[float]] = {name: [] for name in engines}
+                tokens: dict[str, list[np.ndarray]] = {name: [] for name in engines}
+                logprobs: dict[str, list[np.ndarray]] = {name: [] for name in engines}
+                for run in range(repeats + 1):
+                    for name in sorted(engines, reverse=run % 2 == 1):  # alternate which goes first
+                        engine, state = engines[name], engines[name].init_state()
+                        for slot, (prompt, p) in enumerate(zip(prompts, params)):
+                            state = engine.insert(engine.prefill(prompt, p), state, slot)
+                        for done in range(0, steps, chunk):
+                            start = time.perf_counter()
+                            state, got = engine.generate_steps(state, chunk, PROMPT_LEN + done + chunk)
+                            if run:  # run 0 compiles
+                                calls[name].append((time.perf_counter() - start) / chunk)
+                                tokens[name].append(np.asarray(got.tokens))
+                                logprobs[name].append(np.asarray(got.logprobs))
+                ms = {name: statistics.median(calls[name]) * 1e3 for name in engines}
+                out["samplers"][sampler] = {
+                    "ms_per_step": {name: round(v, 2) for name, v in ms.items()},
+                    "speedup": round(ms["gather"] / ms["da_top_k"], 3),
+                    "calls": len(calls["gather"]),
+                    "same_tokens": float(np.mean(np.concatenate(tokens["da_top_k"]) == np.concatenate(
+                        tokens["gather"]))),
+                    "logprob_error": float(np.max(np.abs(np.concatenate(logprobs["da_top_k"]) - np.concatenate(
+                        logprobs["gather"])))),
+                    "text": engines["gather"].tokenizer.decode(
+                        np.concatenate(tokens["da_top_k"][: steps // chunk])[:, 0].tolist())}
+        finally:
+            for engine in engines.values():
+                engine.shutdown()
+    return out | {"load_avg": {"start": load, "end": [round(x, 2) for x in os.getloadavg()]}}
 
 
 def measure_restart(model: str, hosts: int, devices_per_host: int, slots: int, chunk: int) -> dict[str, Any]:
@@ -213,9 +283,10 @@ def count_collectives(model: str, slots: int, max_len: int, hire: str = "serving
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cluster.bench_shards", description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("bench", "local", "restart", "collectives"),
-                        help="bench: decode over all three paths; local: this process only; restart: rebuild times; "
-                        "collectives: per decode step over hosts x devices-per-host devices of this process")
+    parser.add_argument("what", choices=("bench", "sampler", "local", "restart", "collectives"),
+                        help="bench: decode over all three paths; sampler: DA-TOP-k against gathering the logits over "
+                        "the hosts; local: this process only; restart: rebuild times; collectives: per decode step "
+                        "over hosts x devices-per-host devices of this process")
     parser.add_argument("--model", default="stories260K")
     parser.add_argument("--hosts", type=int, default=2)
     parser.add_argument("--devices-per-host", type=int, default=2)
@@ -225,10 +296,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--hire", choices=("serving", "exact"), default="serving",
                         help="serving: the HiRE setting the model's folder recommends, if any; exact: no predictors")
+    parser.add_argument("--text", default="docs/cluster.md", help="sampler: where its prompts come from")
+    parser.add_argument("--temp-dir", help="sampler: the local Ray's folder (default: Ray's)")
     a = parser.parse_args(argv)
     if a.what == "collectives":
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.hosts * a.devices_per_host}"
         print(json.dumps(count_collectives(a.model, a.slots, bench_len(a.steps), a.hire)))
+    elif a.what == "sampler":
+        text = open(a.text, encoding="utf-8").read()
+        print(json.dumps(bench_sampler(a.model, a.hosts, a.devices_per_host, a.slots, a.steps, a.chunk, a.repeats, text,
+                                       a.hire, a.temp_dir)))
     elif a.what == "restart":
         print(json.dumps(measure_restart(a.model, a.hosts, a.devices_per_host, a.slots, a.chunk)))
     elif a.what == "local":

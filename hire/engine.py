@@ -118,11 +118,12 @@ class Engine:
     `net` replaces Transformer(model.cfg) (anything with its `cfg` and `apply`: hire.flash.OnDiskNet). With a `mesh`,
     the variables are arrays sharded over it (hire.sharding.load_sharded), the cache is split over it too and
     everything else replicated; with jax.distributed, every process builds this same engine
-    and makes the same calls in the same order (workers.shards drives that).
+    and makes the same calls in the same order (workers.shards drives that). `gather_logits` (with a mesh) samples
+    every batch from the gathered logits (hire.sampling.sample on all of them), the baseline DA-TOP-k replaces.
     """
 
     def __init__(self, model: LoadedModel, slots: int = 8, max_len: int | None = None, mesh: Mesh | None = None,
-                 net: Transformer | None = None):
+                 net: Transformer | None = None, gather_logits: bool = False):
         self.cfg = model.cfg
         self.variables = model.variables
         self.tokenizer = model.tokenizer
@@ -132,7 +133,8 @@ class Engine:
         net, layout = Transformer(model.cfg) if net is None else net, _layouts(model.cfg, mesh)
         # over a mesh, sampling reads the vocabulary-sharded logits through DA-TOP-k where it can, and the model's
         # HiRE operators run sharded (traced on the mesh: hire.sharded_sparse)
-        sampler = sample if mesh is None else functools.partial(sharding.sample_sharded, mesh=mesh)
+        sampler = sample if mesh is None else functools.partial(sharding.sample_sharded, mesh=mesh,
+                                                                path="gather" if gather_logits else None)
         self._prefill = jax.jit(sharding.on_mesh(functools.partial(_prefill, net, sampler), mesh), **layout["prefix"])
         self._insert = jax.jit(_insert, donate_argnums=1, **layout["state"])
         self._generate_steps = jax.jit(sharding.on_mesh(functools.partial(_steps, net, sampler), mesh),

@@ -72,6 +72,19 @@ def test_sampler_paths_on_four_devices():
     assert out["collectives"]["gather"].get("all-reduce", 0) + out["collectives"]["gather"].get("all-gather", 0) > 1
 
 
+def test_engine_gather_logits_switch():
+    """Engine(gather_logits=True) on 4 devices (the baseline of cluster.bench_shards sampler) draws the default
+    engine's tokens, greedy and top-k, and its decode step has no DA-TOP-k all-gather (of each device's candidates),
+    only that of the whole logits [slots, vocab] (the default step has both: its switch keeps the fallback)."""
+    out = finish(subprocess.Popen([sys.executable, __file__, "engine"], env=os.environ | {
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    assert out["same_tokens"] and out["logprob_error"] < 1e-4, out
+    slots_vocab = [4, out["vocab"]]
+    assert out["all_gathers"]["gather"] == [slots_vocab], out
+    assert slots_vocab in out["all_gathers"]["da_top_k"] and [4, 4, 2 * 64 + 2] in out["all_gathers"]["da_top_k"], out
+
+
 def gemma3_hire_model(folder: Path) -> Path:
     """tests/test_hf_parity.py's random Gemma 3 (MQA, local and global layers, sandwich norms) in hire's format in
     `folder`, with predictors as hire_model's."""
@@ -157,6 +170,28 @@ def sampler_paths() -> dict:
     return out
 
 
+def all_gathers(text: str) -> list[list[int]]:
+    """The result shape of each all-gather in a compiled program's text."""
+    return [[int(d) for d in dims.split(",")] for dims in re.findall(r"= \w+\[([\d,]*)\]\S* all-gather", text)]
+
+
+def gather_switch() -> dict:
+    """What test_engine_gather_logits_switch checks, run here with this process's devices."""
+    mesh = sharding.make_mesh()
+    engines = {name: Engine(sharding.load_sharded("stories260K", mesh), slots=4, max_len=16, mesh=mesh,
+                            gather_logits=name == "gather") for name in ("da_top_k", "gather")}
+    params = [SamplingParams(temperature=0.0, max_tokens=8, logprobs=True),
+              SamplingParams(temperature=0.9, top_k=5, max_tokens=8, seed=1, logprobs=True)] * 2
+    want, got = (generate(engines[name], HIRE_PROMPTS, params, chunk=8) for name in ("da_top_k", "gather"))
+    return {"vocab": engines["gather"].cfg.vocab_size,
+            "same_tokens": all(g.tokens == w.tokens for g, w in zip(got, want)),
+            "logprob_error": max(float(np.max(np.abs(np.subtract(g.logprobs, w.logprobs)))) for g, w in zip(got, want)),
+            "all_gathers": {name: all_gathers(e._generate_steps.lower(
+                e.variables, e.init_state(), 8, 16).compile().as_text()) for name, e in engines.items()}}
+
+
 
 if __name__ == "__main__":
-    print(json.dumps(hire_engines(sys.argv[2]) if sys.argv[1:2] == ["hire"] else sampler_paths()))
+    what = sys.argv[1:2]
+    print(json.dumps(hire_engines(sys.argv[2]) if what == ["hire"] else gather_switch() if what == ["engine"]
+                     else sampler_paths()))

@@ -62,10 +62,12 @@ class ShardWorker:
         return f"{ray.util.get_node_ip_address()}:{port}"
 
     def start(self, coordinator: str, model: str, slots: int, max_len: int | None, dtype: str | None,
-              timeout: int, compilation_cache: str | None, hire: dict[str, Any]) -> dict[str, Any]:
+              timeout: int, compilation_cache: str | None, hire: dict[str, Any], gather_logits: bool = False
+              ) -> dict[str, Any]:
         """Join the JAX program, load this host's slice of `model` (with the HiRE overrides `hire`) and build the
-        engine over the global mesh; compiled programs are kept in `compilation_cache`, when given, for the next
-        start. `seconds`: how long each step took (importing jax, joining the program, loading the slice)."""
+        engine over the global mesh (`gather_logits`: hire.engine.Engine's); compiled programs are kept in
+        `compilation_cache`, when given, for the next start. `seconds`: how long each step took (importing jax,
+        joining the program, loading the slice)."""
         laps = Laps()
         import jax
 
@@ -84,7 +86,7 @@ class ShardWorker:
         self.mesh = sharding.make_mesh()
         laps.done("join")
         loaded = sharding.load_sharded(model, self.mesh, dtype, **hire)
-        self.engine = Engine(loaded, slots, max_len, mesh=self.mesh)
+        self.engine = Engine(loaded, slots, max_len, mesh=self.mesh, gather_logits=gather_logits)
         laps.done("load")
         return {"rank": self.rank, "node": ray.get_runtime_context().get_node_id(),
                 "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),

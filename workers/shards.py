@@ -99,7 +99,8 @@ class ShardGroup:
     hosts left (at least `min_hosts`, and enough that each host's share fits its node's memory) and a later one grows
     back to `hosts`.
     `compilation_cache`, a folder every host can reach, keeps compiled programs across (re)starts. `hire` overrides
-    the model's HiRE fields (hire.sharding.load_sharded). `name` names the placement group, so that whoever kills the
+    the model's HiRE fields (hire.sharding.load_sharded); `gather_logits` samples from the gathered logits instead of
+    through DA-TOP-k (hire.engine.Engine's: the baseline). `name` names the placement group, so that whoever kills the
     group's driver can free it (`remove_named_group`): the hosts die with the actor that made them, their placement
     group does not.
     """
@@ -108,7 +109,7 @@ class ShardGroup:
                  dtype: str | None = None, strategy: str | None = None, resource: str = "hire_host",
                  call_timeout: float = 120.0, start_timeout: float = 120.0, compilation_cache: str | None = None,
                  hire: dict[str, Any] | None = None, name: str = "", min_hosts: int = 1, heartbeat: float = 0.5,
-                 heartbeat_timeout: float = 2.0):
+                 heartbeat_timeout: float = 2.0, gather_logits: bool = False):
         if strategy is not None and strategy not in STRATEGIES:
             raise ValueError(f"strategy: {strategy!r} is not one of {STRATEGIES}")
         if hosts < 1 or devices_per_host < 1 or not 1 <= min_hosts <= hosts:
@@ -118,7 +119,7 @@ class ShardGroup:
         self.slots, self.max_len, self.dtype, self.hire = slots, max_len, dtype, dict(hire or {})
         self.strategy, self.resource, self.name, self.min_hosts = strategy, resource, name, min_hosts
         self.call_timeout, self.start_timeout, self.compilation_cache = call_timeout, start_timeout, compilation_cache
-        self.heartbeat, self.heartbeat_timeout = heartbeat, heartbeat_timeout
+        self.heartbeat, self.heartbeat_timeout, self.gather_logits = heartbeat, heartbeat_timeout, gather_logits
         self.workers: list[Any] = []
         self.info: list[dict[str, Any]] = []  # what each host's `start` returned, by rank
         self.generation = 0  # starts so far: handles made before the last start name nothing
@@ -206,7 +207,8 @@ class ShardGroup:
             coordinator = self._get([self.workers[0].address.remote()], self.start_timeout)[0]
             laps.done("processes")
             self.info = self._get([w.start.remote(coordinator, self.model, self.slots, self.max_len, self.dtype,
-                                                  int(self.start_timeout), self.compilation_cache, self.hire)
+                                                  int(self.start_timeout), self.compilation_cache, self.hire,
+                                                  self.gather_logits)
                                   for w in self.workers], self.start_timeout)
             self._held = sum(i["held_bytes"] for i in self.info)
             laps.done("start")

@@ -146,7 +146,7 @@ def bench_sampler(model: str, hosts: int, devices_per_host: int, slots: int, ste
     SAMPLERS run on both in turn `repeats` times (after an untimed run that compiles), from `slots` prompts of
     `text`, the same seeds. `ms_per_step`: median over every call of `chunk` steps, over its steps; `same_tokens`:
     the share of generated tokens (every step, slot and run) that are the gathered path's; `logprob_error` the
-    largest difference of their logprobs."""
+    largest difference of their logprobs. Each sampler's row also goes to stderr as it is done."""
     if steps % chunk:
         raise ValueError("steps must be a multiple of chunk")
     load = [round(x, 2) for x in os.getloadavg()]
@@ -189,6 +189,7 @@ def bench_sampler(model: str, hosts: int, devices_per_host: int, slots: int, ste
                         logprobs["gather"])))),
                     "text": engines["gather"].tokenizer.decode(
                         np.concatenate(tokens["da_top_k"][: steps // chunk])[:, 0].tolist())}
+                print(json.dumps({sampler: out["samplers"][sampler]}), file=sys.stderr, flush=True)  # progress
         finally:
             for engine in engines.values():
                 engine.shutdown()

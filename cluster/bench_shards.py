@@ -140,13 +140,14 @@ SAMPLERS = {"greedy": dict(temperature=0.0), "top-k 40": dict(temperature=1.0, t
 
 
 def bench_sampler(model: str, hosts: int, devices_per_host: int, slots: int, steps: int, chunk: int, repeats: int,
-                  text: str, hire: str = "exact", temp_dir: str | None = None) -> dict[str, Any]:
+                  text: str, hire: str = "exact", temp_dir: str | None = None, samplers: list[str] | None = None
+                  ) -> dict[str, Any]:
     """Decode over `hosts` Ray hosts (a local Ray) sampling through DA-TOP-k (hire.sharding.sample_sharded) against
     the same group gathering all logits (ShardedEngine(gather_logits=True)): both groups up at once, each of
-    SAMPLERS run on both in turn `repeats` times (after an untimed run that compiles), from `slots` prompts of
-    `text`, the same seeds. `ms_per_step`: median over every call of `chunk` steps, over its steps; `same_tokens`:
-    the share of generated tokens (every step, slot and run) that are the gathered path's; `logprob_error` the
-    largest difference of their logprobs. Each sampler's row also goes to stderr as it is done."""
+    SAMPLERS (or of `samplers`) run on both in turn `repeats` times (after an untimed run that compiles), from
+    `slots` prompts of `text`, the same seeds. `ms_per_step`: median over every call of `chunk` steps, over its
+    steps; `same_tokens`: the share of generated tokens (every step, slot and run) that are the gathered path's;
+    `logprob_error` the largest difference of their logprobs. Each sampler's row also goes to stderr as it is done."""
     if steps % chunk:
         raise ValueError("steps must be a multiple of chunk")
     load = [round(x, 2) for x in os.getloadavg()]
@@ -161,7 +162,8 @@ def bench_sampler(model: str, hosts: int, devices_per_host: int, slots: int, ste
                                               hire=hire_setting(model, hire), start_timeout=900,
                                               call_timeout=900, gather_logits=name == "gather")
             prompts = text_prompts(engines["gather"].tokenizer, text, slots)
-            for sampler, fields in SAMPLERS.items():
+            for sampler in samplers or SAMPLERS:
+                fields = SAMPLERS[sampler]
                 params = [SamplingParams(**fields, seed=slot) for slot in range(slots)]
                 calls: dict[str, list[float]] = {name: [] for name in engines}
                 tokens: dict[str, list[np.ndarray]] = {name: [] for name in engines}
@@ -299,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="serving: the HiRE setting the model's folder recommends, if any; exact: no predictors")
     parser.add_argument("--text", default="docs/cluster.md", help="sampler: where its prompts come from")
     parser.add_argument("--temp-dir", help="sampler: the local Ray's folder (default: Ray's)")
+    parser.add_argument("--sampler", action="append", choices=SAMPLERS, help="sampler: run only these (repeatable)")
     a = parser.parse_args(argv)
     if a.what == "collectives":
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.hosts * a.devices_per_host}"
@@ -306,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     elif a.what == "sampler":
         text = open(a.text, encoding="utf-8").read()
         print(json.dumps(bench_sampler(a.model, a.hosts, a.devices_per_host, a.slots, a.steps, a.chunk, a.repeats, text,
-                                       a.hire, a.temp_dir)))
+                                       a.hire, a.temp_dir, a.sampler)))
     elif a.what == "restart":
         print(json.dumps(measure_restart(a.model, a.hosts, a.devices_per_host, a.slots, a.chunk)))
     elif a.what == "local":

@@ -16,10 +16,11 @@ entries when no position reaches further. Sliding layers keep the same layout an
 outside their window. One forward pass serves prefill (many tokens),
 decode (one token) and block verification (a few tokens): new keys are scattered at their
 positions, then queries attend to every cached key at a position not after their own. With `stepwise`
-(verification), each token attends on its own, in products shaped as a one-token step's: XLA:CPU sums a product
-over 128+ keys in an order that depends on its number of query rows, and with quantized weights (each activation
-re-quantized to int8) that last bit grows into different logits; stepwise, a pass over T tokens gives a one-token
-step's logits bit for bit wherever the weights' products are row-independent (hire.quant's CPU kernel).
+(verification), each token attends, and is RMS-normed, on its own, in ops shaped as a one-token step's: XLA:CPU
+sums a product over 128+ keys, and a norm's row, in an order that depends on how many rows the op has, and with
+quantized weights (each activation re-quantized to int8) that last bit grows into different logits; stepwise, a
+pass over T tokens gives a one-token step's logits bit for bit wherever the weights' products are row-independent
+(hire.quant's CPU kernel).
 """
 from __future__ import annotations
 
@@ -89,8 +90,14 @@ class RMSNorm(nn.Module):
     offset: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, stepwise: bool = False) -> jax.Array:
+        """x [B, T, ...]; `stepwise`: each token on its own (XLA:CPU's reduction order depends on the row count)."""
         w = self.param("weight", nn.initializers.constant(1 - self.offset), (x.shape[-1],), jnp.dtype(self.dtype))
+        if stepwise and x.shape[1] > 1:
+            return jnp.concatenate([self._normed(x[:, t:t + 1], w) for t in range(x.shape[1])], axis=1)
+        return self._normed(x, w)
+
+    def _normed(self, x: jax.Array, w: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         if self.offset:
@@ -161,7 +168,7 @@ class Attention(nn.Module):
                                  Linear(K * D, cfg, bias, "v", name="v")], x, lora)
         q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, K, D), v.reshape(B, T, K, D)
         if cfg.qk_norm:
-            q, k = norm(cfg, "q_norm")(q), norm(cfg, "k_norm")(k)
+            q, k = norm(cfg, "q_norm")(q, stepwise), norm(cfg, "k_norm")(k, stepwise)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
         if cache is None:  # attend within this call only
@@ -269,12 +276,12 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, positions, cache, lora, inv_freq, kv_len, stepwise=False):
         cfg = self.cfg
-        h, cache = Attention(cfg, self.window, name="attn")(norm(cfg, "attn_norm")(x), positions, cache, lora,
-                                                            inv_freq, kv_len, stepwise)
+        h, cache = Attention(cfg, self.window, name="attn")(norm(cfg, "attn_norm")(x, stepwise), positions, cache,
+                                                            lora, inv_freq, kv_len, stepwise)
         if cfg.post_norms:
-            h = norm(cfg, "post_attn_norm")(h)
+            h = norm(cfg, "post_attn_norm")(h, stepwise)
         x = x + h
-        y = norm(cfg, "ffn_norm")(x)
+        y = norm(cfg, "ffn_norm")(x, stepwise)
         if cfg.n_experts:
             y = MoE(cfg, name="moe")(y, lora)
         elif cfg.ffn == "group-sparse":
@@ -282,7 +289,7 @@ class Block(nn.Module):
         else:
             y = FFN(cfg, name="ffn")(y, lora)
         if cfg.post_norms:
-            y = norm(cfg, "post_ffn_norm")(y)
+            y = norm(cfg, "post_ffn_norm")(y, stepwise)
         return x + y, cache
 
 
@@ -323,7 +330,7 @@ class Transformer(nn.Module):
                                                           kv_len, stepwise)
             self.sow("intermediates", f"hidden_{i + 1}", x)
             new_cache.append(c)
-        x = norm(cfg, "norm")(x)
+        x = norm(cfg, "norm")(x, stepwise)
         if logit_index is not None:
             x = x[jnp.arange(x.shape[0]), logit_index]
         weight = embed if cfg.tie_embeddings else self.param("lm_head", weight_init(cfg.embed_quantize),

@@ -25,6 +25,7 @@ pass over T tokens gives a one-token step's logits bit for bit wherever the weig
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -93,9 +94,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jax.Array, stepwise: bool = False) -> jax.Array:
         """x [B, T, ...]; `stepwise`: each token on its own (XLA:CPU's reduction order depends on the row count)."""
         w = self.param("weight", nn.initializers.constant(1 - self.offset), (x.shape[-1],), jnp.dtype(self.dtype))
-        if stepwise and x.shape[1] > 1:
-            return jnp.concatenate([self._normed(x[:, t:t + 1], w) for t in range(x.shape[1])], axis=1)
-        return self._normed(x, w)
+        return per_token(lambda x: self._normed(x, w), x) if stepwise else self._normed(x, w)
 
     def _normed(self, x: jax.Array, w: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -185,11 +184,15 @@ class Attention(nn.Module):
         visible = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
         if self.window:
             visible &= key_pos[:, None, :] > positions[:, :, None] - self.window
-        if stepwise:  # each token's products shaped as a one-token step's: XLA sums them in the same order
-            out = jnp.concatenate([attend(cfg, q[:, t:t + 1], keys, values, visible[:, t:t + 1]) for t in range(T)], 1)
-        else:
-            out = attend(cfg, q, keys, values, visible)
+        # stepwise: each token's products shaped as a one-token step's, which XLA sums in the same order
+        out = per_token(lambda q, visible: attend(cfg, q, keys, values, visible), q, visible) if stepwise \
+            else attend(cfg, q, keys, values, visible)
         return Linear(cfg.dim, cfg, False, "o", name="o")(out.reshape(B, T, H * D), lora), cache
+
+
+def per_token(fn: Callable[..., jax.Array], *xs: jax.Array) -> jax.Array:
+    """fn over each token of xs [B, T, ...] on its own (ops shaped as a one-token step's), joined back along T."""
+    return jnp.concatenate([fn(*(x[:, t:t + 1] for x in xs)) for t in range(xs[0].shape[1])], axis=1)
 
 
 def attend(cfg: ModelConfig, q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array) -> jax.Array:
